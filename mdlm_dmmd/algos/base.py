@@ -1,0 +1,199 @@
+"""The one shared LightningModule: config, backbone, EMA, optimiser, validation NLL, sampling.
+
+Every built-in algo (and any third-party one that wants it) subclasses `AlgoBase` once and
+supplies `loss(batch) -> (sum of per-token losses, token count)`; SDTT/D-MMD/IDLM add their
+extra networks by composition. The host calls algos only through this surface:
+
+    algo = AlgoClass(config)              # config: the composed, resolved Hydra tree as a dict
+    trainer.fit(algo, train_loader, valid_loader)
+    algo.generate(num_samples, steps=..., generator=...)   # [B, L] token ids, via algo.pipeline()
+
+Checkpoints carry, next to Lightning's own keys, `ckpt["mdlm_dmmd"]` (backbone config, the
+state-dict prefix of the network to sample, process/schedule names) and `ckpt["ema"]` (named
+EMA shadow), so `mdlm_dmmd.checkpoints.load_backbone` can restore a sampler without this class.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator, Mapping
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.models.dit import DiT, DiTConfig
+from mdlm_dmmd.models.ema import EMA
+from mdlm_dmmd.pipeline import Pipeline
+
+
+def backbone_config(cfg: DictConfig, vocab_size: int, *, causal: bool = False, noise_dim: int = 0) -> DiTConfig:
+    """DiTConfig from the Hydra `model` node; `vocab_size` includes a mask token if any."""
+    m = cfg.model
+    length = m.get("length")
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise UserError(f"model.length must be a positive int, got {length!r}")
+    config = DiTConfig(
+        vocab_size=vocab_size,
+        length=length,
+        hidden_dim=m.hidden_dim,
+        cond_dim=m.cond_dim,
+        n_blocks=m.n_blocks,
+        n_heads=m.n_heads,
+        dropout=m.dropout,
+        causal=causal,
+        attn_backend=m.get("attn_backend", "auto"),
+        noise_dim=noise_dim,
+    )
+    config.validate()
+    return config
+
+
+def antithetic_times(n: int, eps: float, antithetic: bool, device, generator=None) -> Tensor:
+    """t ∈ [eps, 1] for n sequences; antithetic draws are stratified over the batch (MDLM)."""
+    u = torch.rand(n, device=device, generator=generator)
+    if antithetic:
+        u = (u / n + torch.arange(n, device=device) / n) % 1
+    return (1 - eps) * u + eps
+
+
+def algo_section(config: Mapping[str, Any]) -> dict:
+    """The `algo` node of a composed config (DictConfig or plain dict) as a plain dict."""
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config.algo, resolve=True)
+    return dict(config["algo"])
+
+
+def process_meta(process, time_conditioning: bool) -> dict:
+    """Checkpoint fields that let `Pipeline.from_checkpoint` rebuild a diffusion process."""
+    return {
+        "process": process.name,
+        "mask_id": process.mask_id,
+        "schedule": process.schedule.name,
+        "schedule_eps": process.schedule.eps,
+        "time_conditioning": time_conditioning,
+    }
+
+
+class AlgoBase(L.LightningModule):
+    """Shared plumbing; subclasses set `self.backbone` (and `self.process` if diffusion)."""
+
+    backbone_prefix = "backbone."  # the network `generate` samples from, as named in state_dict
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__()
+        if isinstance(config, DictConfig):
+            config = OmegaConf.to_container(config, resolve=True)
+        self.save_hyperparameters({"config": config})
+        self.cfg = OmegaConf.create(config)
+        vocab = self.cfg.get("vocab")
+        if vocab is None or vocab.get("size") is None:
+            raise UserError("config has no vocab.size; build the algo through the CLI or set vocab.size")
+        self.data_vocab_size = int(vocab.size)
+        self.ema: EMA | None = None
+
+    # -- networks ---------------------------------------------------------------------------
+    def init_ema(self, module: torch.nn.Module) -> None:
+        decay = float(self.cfg.training.get("ema", 0.0))
+        self.ema = EMA(module, decay) if decay > 0 else None
+
+    def ema_module(self) -> torch.nn.Module:
+        """The module whose weights the EMA tracks (the backbone; D-MMD: the generator)."""
+        return self.backbone
+
+    @contextmanager
+    def evaluation_weights(self) -> Iterator[torch.nn.Module]:
+        """The EMA module in eval mode for a block; live weights and mode restored after."""
+        module = self.ema_module()
+        was_training = module.training
+        module.eval()
+        try:
+            with self.ema.swapped_in(module) if self.ema is not None else nullcontext():
+                yield module
+        finally:
+            module.train(was_training)
+
+    # -- training ---------------------------------------------------------------------------
+    def loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(Σ per-token loss, number of tokens) for one batch; implemented by each algo."""
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        total, count = self.loss(batch)
+        loss = total / count.clamp_min(1)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema is not None and self.automatic_optimization:
+            self.ema.update(self.ema_module())
+
+    def on_validation_epoch_start(self):
+        self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_count = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_weights = self.evaluation_weights()
+        self._val_weights.__enter__()
+
+    def validation_step(self, batch, batch_idx):
+        total, count = self.loss(batch)
+        self._val_sum += total.double()
+        self._val_count += count.double()
+
+    def on_validation_epoch_end(self):
+        self._val_weights.__exit__(None, None, None)
+        nll = (self._val_sum / self._val_count.clamp_min(1)).float()
+        self.log("val/nll", nll, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(nll.clamp(max=50)), sync_dist=True)
+
+    def configure_optimizers(self):
+        return self.build_optimizer(self.ema_module().parameters(), self.cfg.optim)
+
+    def build_optimizer(self, params, optim: DictConfig) -> dict:
+        """AdamW with linear warmup to a constant rate (MDLM/Duo `constant_warmup`)."""
+        opt = torch.optim.AdamW(
+            params,
+            lr=optim.lr,
+            betas=(optim.beta1, optim.beta2),
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+        )
+        warmup = max(int(optim.warmup_steps), 0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "trainer/lr"}}
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def checkpoint_meta(self) -> dict:
+        """What `load_backbone` needs to rebuild the sampling network without this class."""
+        return {
+            "backbone_prefix": self.backbone_prefix,
+            "backbone_config": self.backbone.config.to_hf_dict(),
+            "algo": self.cfg.algo.name,
+            "vocab": OmegaConf.to_container(self.cfg.vocab),
+            "data": OmegaConf.to_container(self.cfg.data),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mdlm_dmmd"] = self.checkpoint_meta()
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+
+    # -- sampling ---------------------------------------------------------------------------
+    def pipeline(self, network: torch.nn.Module) -> Pipeline:
+        """The sampling pipeline around `network` (an evaluation copy of the sampled network)."""
+        raise NotImplementedError
+
+    def generate(self, num_samples: int, *, steps: int, generator: torch.Generator | None = None,
+                 temperature: float = 1.0, top_p: float = 1.0, batch_size: int | None = None,
+                 progress: bool = False) -> Tensor:
+        """[num_samples, L] token ids from the EMA weights in eval mode."""
+        with self.evaluation_weights() as network:
+            return self.pipeline(network).generate(
+                num_samples, steps=steps, generator=generator, temperature=temperature, top_p=top_p,
+                batch_size=batch_size, progress=progress,
+            )

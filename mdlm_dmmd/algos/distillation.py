@@ -1,0 +1,215 @@
+"""Shared plumbing of teacher → few-step generator distillation (D-MMD now; IDLM/SDTT reuse it).
+
+Three networks on one DiT class: a frozen teacher θ loaded from a checkpoint, a generator η and
+an auxiliary model φ, both copied from the teacher (the generator optionally with a zero-init
+noise input, so it equals the teacher at initialisation). Updates alternate between generator
+and auxiliary with manual optimisation; `PhaseSchedule` says which network an optimiser update
+belongs to, counted in updates (not micro-batches), so gradient accumulation never splits an
+update across phases. Non-finite losses are skipped and counted (`NonFiniteGuard`).
+
+Checkpoints hold generator, auxiliary, EMA and optimisers but not the teacher, which is
+reloaded from `algo.teacher`; the generator is the network that `load_backbone` and sampling
+see (`backbone_prefix = "generator."`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from mdlm_dmmd.algos.base import AlgoBase, antithetic_times, process_meta
+from mdlm_dmmd.checkpoints import LoadedBackbone, load_backbone, load_backbone_weights
+from mdlm_dmmd.diffusion.masked import MaskedProcess
+from mdlm_dmmd.diffusion.schedules import LogLinear
+from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.models.dit import DiT
+from mdlm_dmmd.pipeline import Pipeline
+
+PHASES = ("gen", "aux")
+
+
+@dataclass(frozen=True)
+class PhaseSchedule:
+    """Which network optimiser update i trains: `aux_per_gen` aux updates per generator update.
+
+    first="gen" with aux_per_gen=1 is Algorithm 1's parity rule (i even → generator).
+    """
+
+    first: str = "gen"
+    aux_per_gen: int = 1
+
+    def phase(self, update: int) -> str:
+        position = update % (self.aux_per_gen + 1)
+        if self.first == "gen":
+            return "gen" if position == 0 else "aux"
+        return "gen" if position == self.aux_per_gen else "aux"
+
+
+class NonFiniteGuard:
+    """Counts consecutive non-finite losses; past `limit` in a row, training stops with a message."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_a_row = 0
+        self.total = 0
+
+    def ok(self, loss: Tensor) -> bool:
+        if torch.isfinite(loss).all():
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row >= self.limit:
+            raise UserError(
+                f"loss was NaN/Inf for {self.in_a_row} steps in a row ({self.total} in total); "
+                "lower optim.lr or algo.lr_*, or check the teacher (algo.max_nonfinite_steps sets the limit)"
+            )
+        return False
+
+
+def load_teacher(path: str | None, *, data_vocab_size: int, length: int) -> LoadedBackbone:
+    """The frozen teacher, checked against the data: vocab (+ mask) and sequence length."""
+    if not path:
+        raise UserError("algo.teacher is required: a teacher checkpoint (.ckpt) or exported directory")
+    teacher = load_backbone(path)
+    meta = teacher.meta
+    if meta.get("process", "masked") != "masked":
+        raise UserError(
+            f"algo.teacher {path} is a '{meta.get('process')}' model; this version distils masked teachers only"
+        )
+    expected = data_vocab_size + 1  # real tokens + mask
+    if teacher.config.vocab_size != expected:
+        raise UserError(
+            f"algo.teacher vocab_size {teacher.config.vocab_size} does not match the data "
+            f"({data_vocab_size} tokens + mask = {expected}); distil on the data the teacher was trained on"
+        )
+    if teacher.config.length != length:
+        raise UserError(f"model.length ({length}) must equal the teacher's length ({teacher.config.length})")
+    teacher.model.requires_grad_(False).eval()
+    return teacher
+
+
+def copy_of(teacher: DiT, *, noise_dim: int = 0) -> DiT:
+    """A trainable copy of the teacher; with noise_dim > 0 it gains a zero-init noise input."""
+    network = DiT(replace(teacher.config, noise_dim=noise_dim))
+    load_backbone_weights(network, teacher.state_dict(), allow_missing_noise=True, source="teacher")
+    return network.train()
+
+
+class DistillationBase(AlgoBase):
+    """Teacher/generator/aux setup, alternating manual optimisation, EMA on the generator."""
+
+    backbone_prefix = "generator."
+
+    def __init__(self, config: Mapping[str, Any], *, noise_dim: int, schedule: PhaseSchedule, max_nonfinite: int):
+        super().__init__(config)
+        self.automatic_optimization = False
+        loaded = load_teacher(self.cfg.algo.get("teacher"), data_vocab_size=self.data_vocab_size,
+                              length=self.cfg.model.length)
+        self.teacher_meta = loaded.meta
+        self.teacher = loaded.model
+        self.generator = copy_of(self.teacher, noise_dim=noise_dim)
+        self.aux = copy_of(self.teacher)
+        schedule_eps = float(loaded.meta.get("schedule_eps", 1e-3))
+        self.process = MaskedProcess(LogLinear(eps=schedule_eps), mask_id=int(loaded.meta.get("mask_id", self.data_vocab_size)))
+        self.time_conditioning = bool(loaded.meta.get("time_conditioning", False))
+        self.phases = schedule
+        self.guard = NonFiniteGuard(max_nonfinite)
+        self.accumulate = int(self.cfg.trainer.get("accumulate_grad_batches", 1) or 1)
+        self.micro_step = 0
+        self.init_ema(self.generator)
+
+    # The generator is what base-class helpers (checkpoint meta, EMA, sampling) call "backbone".
+    @property
+    def backbone(self) -> DiT:
+        return self.generator
+
+    def ema_module(self) -> torch.nn.Module:
+        return self.generator
+
+    def train(self, mode: bool = True):
+        """Lightning switches every submodule to train mode; the teacher stays in eval (no dropout)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def log_probs(self, network: DiT, z: Tensor, t: Tensor) -> Tensor:
+        """x̂(z) of one of the three networks as SUBS log-probs [B, L, V] (fresh generator noise)."""
+        return self.pipeline(network).log_probs(z, t)
+
+    def pipeline(self, network: torch.nn.Module) -> Pipeline:
+        # Students sample with the generator rule of Algorithm 1 (hard x, then the posterior).
+        return Pipeline(network, self.process, self.time_conditioning, rule="generator")
+
+    def data_time(self, x: Tensor) -> Tensor:
+        training = self.cfg.training
+        return antithetic_times(x.shape[0], training.sampling_eps, training.antithetic_sampling, x.device)
+
+    # -- training: phases, accumulation, skipping -------------------------------------------
+    def update_index(self) -> int:
+        """Optimiser updates completed so far (each update is one network's step)."""
+        return self.micro_step // self.accumulate
+
+    def phase_loss(self, batch: Mapping[str, Tensor], phase: str) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss to minimise in `phase` ("gen" or "aux") and scalars to log."""
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        phase = self.phases.phase(self.update_index())
+        optimizer = self.optimizers()[0 if phase == "gen" else 1]
+        network = self.generator if phase == "gen" else self.aux
+        loss, logs = self.phase_loss(batch, phase)
+        if self.guard.ok(loss):
+            self.manual_backward(loss / self.accumulate)
+        self.micro_step += 1
+        if self.micro_step % self.accumulate == 0:
+            clip = self.cfg.trainer.get("gradient_clip_val")
+            if clip:
+                torch.nn.utils.clip_grad_norm_(network.parameters(), float(clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.lr_schedulers()[0 if phase == "gen" else 1].step()
+            if phase == "gen" and self.ema is not None:
+                self.ema.update(self.generator)
+        self.log(f"train/loss_{phase}", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        for key, value in logs.items():
+            self.log(f"train/{key}", value, on_step=True, on_epoch=False)
+        self.log("train/nonfinite_steps", float(self.guard.total), on_step=True, on_epoch=False)
+
+    def configure_optimizers(self):
+        algo = self.cfg.algo
+        gen = self.build_optimizer(self.generator.parameters(), {**self.cfg.optim, "lr": algo.lr_generator})
+        aux = self.build_optimizer(self.aux.parameters(), {**self.cfg.optim, "lr": algo.lr_aux})
+        return [gen["optimizer"], aux["optimizer"]], [gen["lr_scheduler"]["scheduler"], aux["lr_scheduler"]["scheduler"]]
+
+    # -- validation: the generator as a one-step denoiser (a drift diagnostic) --------------
+    def loss(self, batch):
+        x = batch["input_ids"]
+        t = self.data_time(x)
+        z_t = self.process.corrupt(x, t)
+        per_token = self.process.nelbo(self.log_probs(self.generator, z_t, t), x, z_t, t)
+        return per_token.sum(), torch.tensor(float(x.numel()), device=x.device)
+
+    # -- checkpoints: the teacher is reloaded from algo.teacher, not stored -----------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        checkpoint["distillation"] = {"micro_step": self.micro_step, "nonfinite_total": self.guard.total}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        state = checkpoint.get("distillation", {})
+        self.micro_step = int(state.get("micro_step", 0))
+        self.guard.total = int(state.get("nonfinite_total", 0))
+
+    def checkpoint_meta(self) -> dict:
+        return {
+            **super().checkpoint_meta(),
+            **process_meta(self.process, self.time_conditioning),
+            "sampling_rule": "generator",
+            "teacher": str(self.cfg.algo.teacher),
+        }

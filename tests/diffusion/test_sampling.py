@@ -1,0 +1,79 @@
+"""Shared sampler: oracle denoisers, chi-square on a uniform denoiser, top-p/temperature rules."""
+
+import pytest
+import torch
+
+from mdlm_dmmd.diffusion.masked import MaskedProcess
+from mdlm_dmmd.diffusion.sampling import adjust, sample, sample_autoregressive, sample_categorical, top_p_mask
+from mdlm_dmmd.diffusion.schedules import LogLinear
+from mdlm_dmmd.errors import UserError
+
+MASK = 5
+process = MaskedProcess(LogLinear(), mask_id=MASK)
+
+
+def oracle(x):
+    """Denoiser that always predicts the fixed sequence x (SUBS-consistent)."""
+    def denoise(z_t, t):
+        return process.log_probs(torch.nn.functional.one_hot(x, MASK + 1).float() * 50, z_t)
+    return denoise
+
+
+@pytest.mark.parametrize("steps", [1, 3, 16])
+@pytest.mark.parametrize("rule", ["ancestral", "generator"])
+def test_oracle_denoiser_reproduces_x(steps, rule):
+    x = torch.randint(0, MASK, (3, 12), generator=torch.Generator().manual_seed(steps))
+    out = sample(oracle(x), process, steps=steps, shape=(3, 12), generator=torch.Generator().manual_seed(0), rule=rule)
+    assert torch.equal(out, x)
+
+
+def test_uniform_denoiser_frequencies_chi_square():
+    def uniform(z_t, t):
+        return process.log_probs(torch.zeros(*z_t.shape, MASK + 1), z_t)
+    out = sample(uniform, process, steps=4, shape=(400, 25), generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(out.flatten(), minlength=MASK + 1).double()
+    assert counts[MASK] == 0
+    expected = out.numel() / MASK
+    chi2 = ((counts[:MASK] - expected) ** 2 / expected).sum().item()
+    assert chi2 < 18.47  # 99.9% quantile of chi-square with 4 degrees of freedom
+
+
+def test_sample_categorical_frequencies():
+    p = torch.tensor([0.1, 0.6, 0.3]).expand(30000, 3)
+    draws = sample_categorical(p, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=3).double() / 30000
+    assert torch.allclose(freq, torch.tensor([0.1, 0.6, 0.3], dtype=torch.float64), atol=0.01)
+
+
+def test_top_p_one_is_identity_and_nucleus_keeps_crossing_token():
+    log_p = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.allclose(adjust(log_p, top_p=1.0), log_p.exp().double())
+    assert top_p_mask(log_p, 0.7).tolist() == [[True, True, False, False]]  # 0.5 < 0.7, crosses at 0.8
+    assert top_p_mask(log_p, 0.45).tolist() == [[True, False, False, False]]
+    assert torch.allclose(adjust(log_p, top_p=0.7), torch.tensor([[0.625, 0.375, 0, 0]], dtype=torch.float64))
+
+
+def test_temperature_zero_is_argmax_and_small_temperature_approaches_it():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.stack([torch.randperm(9, generator=gen) for _ in range(28)]).view(4, 7, 9) * 0.1  # gaps >= 0.1
+    log_p = torch.log_softmax(logits.float(), -1)
+    greedy = adjust(log_p, temperature=0)
+    assert torch.equal(greedy.argmax(-1), log_p.argmax(-1)) and torch.all(greedy.max(-1).values == 1)
+    assert torch.allclose(adjust(log_p, temperature=1e-3), greedy, atol=1e-6)
+
+
+def test_bad_sampling_arguments():
+    for kwargs, key in [({"steps": 0}, "sampling.steps"), ({"steps": 2, "top_p": 0.0}, "sampling.top_p"),
+                        ({"steps": 2, "temperature": -1}, "sampling.temperature"), ({"steps": 2, "rule": "x"}, "sampling.rule")]:
+        with pytest.raises(UserError, match=key):
+            sample(oracle(torch.zeros(1, 2, dtype=torch.long)), process, shape=(1, 2), **kwargs)
+
+
+def test_autoregressive_sampler_follows_the_chain():
+    """A causal 'model' that always predicts previous token + 1 (mod 5) yields that chain."""
+    def next_log_probs(inputs):
+        prev = inputs.clone()
+        prev[prev == 5] = 4  # start id behaves like token 4, so the first token is 0
+        return torch.log(torch.nn.functional.one_hot((prev + 1) % 5, 5).float() + 1e-12)
+    out = sample_autoregressive(next_log_probs, shape=(2, 7), start_id=5, generator=torch.Generator().manual_seed(0))
+    assert out[0].tolist() == [0, 1, 2, 3, 4, 0, 1]

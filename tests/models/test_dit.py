@@ -1,0 +1,323 @@
+"""DiT backbone: public-fixture logits, soft input, causality, attention backends, noise input, config."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.models.dit import DiT, DiTConfig, flash_attn_available, flex_attention, flex_block_mask, sdpa_attention
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def fixture_dir() -> Path:
+    """`shared/fixtures/mdlm-dit/` next to the repo; skip when this checkout has none."""
+    path = REPO_ROOT / ".." / "shared" / "fixtures" / "mdlm-dit"
+    if not path.is_dir():
+        pytest.skip(f"public DiT fixture not found at {path.resolve()}")
+    return path
+
+
+def tiny_config(**overrides) -> DiTConfig:
+    fields = dict(vocab_size=13, length=10, hidden_dim=32, cond_dim=16, n_blocks=2, n_heads=4, dropout=0.0)
+    fields.update(overrides)
+    return DiTConfig(**fields)
+
+
+def random_model(config: DiTConfig, seed: int = 0) -> DiT:
+    """A DiT with every parameter random, so zero-inits (adaLN, head) hide nothing."""
+    model = DiT(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def tokens(config: DiTConfig, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.vocab_size, (batch, config.length), generator=g)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference fixture from the public MDLM code
+
+
+def load_fixture():
+    folder = fixture_dir()
+    state_dict = load_file(str(folder / "mdlm_tiny_state_dict.safetensors"))
+    io = load_file(str(folder / "mdlm_tiny_io.safetensors"))
+    config = DiTConfig(vocab_size=101, length=32, hidden_dim=64, cond_dim=32, n_blocks=2, n_heads=4, dropout=0.0)
+    return config, state_dict, io
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "auto"])
+def test_reproduces_public_mdlm_logits(backend):
+    config, state_dict, io = load_fixture()
+    config.attn_backend = backend
+    model = DiT(config).eval()
+    model.load_state_dict(state_dict, strict=True)
+    with torch.no_grad():
+        logits = model(io["indices"], io["sigma"])
+    assert logits.dtype == torch.float32
+    assert (logits - io["logits"]).abs().max().item() <= 1e-5
+
+
+def test_state_dict_keys_and_parameter_order_are_public():
+    config, state_dict, _ = load_fixture()
+    model = DiT(config)
+    assert set(model.state_dict()) == set(state_dict)
+    names = [name for name, _ in model.named_parameters()]
+    # Upstream registration order (EMA shadow_params lists depend on it), host-pattern §3.1.
+    assert names[:5] == ["vocab_embed.embedding", "sigma_map.mlp.0.weight", "sigma_map.mlp.0.bias",
+                         "sigma_map.mlp.2.weight", "sigma_map.mlp.2.bias"]
+    assert names[5:16] == [f"blocks.0.{n}" for n in ["norm1.weight", "attn_qkv.weight", "attn_out.weight",
+                                                     "norm2.weight", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight",
+                                                     "mlp.2.bias", "adaLN_modulation.weight",
+                                                     "adaLN_modulation.bias"]] + ["blocks.1.norm1.weight"]
+    assert names[-5:] == ["output_layer.norm_final.weight", "output_layer.linear.weight", "output_layer.linear.bias",
+                          "output_layer.adaLN_modulation.weight", "output_layer.adaLN_modulation.bias"]
+
+
+def test_init_is_adaln_zero():
+    model = DiT(tiny_config())
+    for block in model.blocks:
+        assert not block.adaLN_modulation.weight.any() and not block.adaLN_modulation.bias.any()
+    assert not model.output_layer.linear.weight.any() and not model.output_layer.linear.bias.any()
+    assert model.vocab_embed.embedding.std() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def test_one_hot_soft_input_equals_hard_input():
+    config = tiny_config()
+    model = random_model(config)
+    x = tokens(config)
+    sigma = torch.tensor([0.0, 2.0])
+    probs = F.one_hot(x, config.vocab_size).float()  # [B, L, V]
+    with torch.no_grad():
+        assert torch.equal(model(probs, sigma), model(x, sigma))
+
+
+def test_soft_input_is_differentiable():
+    config = tiny_config()
+    model = random_model(config)
+    logits = torch.randn(2, config.length, config.vocab_size, requires_grad=True)
+    model(logits.softmax(-1), torch.zeros(2)).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_scalar_sigma_broadcasts():
+    config = tiny_config()
+    model = random_model(config)
+    x = tokens(config)
+    with torch.no_grad():
+        assert torch.equal(model(x, torch.tensor(0.5)), model(x, torch.full((2,), 0.5)))
+
+
+def test_bad_input_shapes_raise():
+    config = tiny_config()
+    model = random_model(config)
+    with pytest.raises(ValueError, match="soft input"):
+        model(torch.rand(2, config.length, config.vocab_size + 1), torch.zeros(2))
+    with pytest.raises(ValueError, match="sigma"):
+        model(tokens(config), torch.zeros(3))
+
+
+def test_bf16_params_return_fp32_logits():
+    config = tiny_config()
+    model = random_model(config).to(torch.bfloat16)
+    logits = model(tokens(config), torch.zeros(2))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+def plain_attention(qkv: torch.Tensor, causal: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d)) V written out; qkv [B, L, 3, H, hd] -> [B, L, H, hd]."""
+    q, k, v = qkv.unbind(2)  # [B, L, H, hd]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    L = qkv.shape[1]
+    allowed = torch.ones(L, L, dtype=torch.bool)
+    if causal:
+        allowed = allowed.tril()
+    if mask is not None:
+        allowed = allowed & mask
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+
+
+def random_mask(L: int) -> torch.Tensor:
+    mask = torch.rand(L, L, generator=torch.Generator().manual_seed(3)) > 0.5
+    mask.fill_diagonal_(True)  # every query keeps at least itself
+    return mask
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_attention_backends_match_plain_softmax(causal, with_mask, backend):
+    qkv = torch.randn(2, 12, 3, 4, 8, generator=torch.Generator().manual_seed(0))
+    mask = random_mask(12) if with_mask else None
+    if backend == "sdpa":
+        out = sdpa_attention(qkv, causal=causal, attn_mask=mask)
+    else:
+        out = flex_attention(qkv, block_mask=flex_block_mask(12, causal=causal, attn_mask=mask, device=qkv.device))
+    torch.testing.assert_close(out, plain_attention(qkv, causal, mask), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_causal_position_ignores_later_positions(backend):
+    config = tiny_config(causal=True, attn_backend=backend)
+    model = random_model(config)
+    x = tokens(config)
+    j = 6
+    x_perturbed = x.clone()
+    x_perturbed[:, j:] = (x[:, j:] + 1) % config.vocab_size
+    with torch.no_grad():
+        a, b = model(x, torch.zeros(2)), model(x_perturbed, torch.zeros(2))
+    assert torch.equal(a[:, :j], b[:, :j])
+    assert not torch.allclose(a[:, j:], b[:, j:])
+
+
+def test_non_causal_positions_see_the_future():
+    config = tiny_config()
+    model = random_model(config)
+    x = tokens(config)
+    x_perturbed = x.clone()
+    x_perturbed[:, -1] = (x[:, -1] + 1) % config.vocab_size
+    with torch.no_grad():
+        assert not torch.allclose(model(x, torch.zeros(2))[:, 0], model(x_perturbed, torch.zeros(2))[:, 0])
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_explicit_mask_hook(backend):
+    """A lower-triangular attn_mask on a bidirectional model equals the causal model."""
+    config = tiny_config(attn_backend=backend)
+    model = random_model(config)
+    causal_model = random_model(tiny_config(causal=True))
+    x, sigma = tokens(config), torch.zeros(2)
+    tril = torch.ones(config.length, config.length, dtype=torch.bool).tril()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, sigma, attn_mask=tril), causal_model(x, sigma), atol=1e-5, rtol=1e-5)
+
+
+def test_flex_matches_sdpa_on_a_model():
+    x, sigma = tokens(tiny_config()), torch.tensor([0.1, 3.0])
+    for causal in (False, True):
+        sdpa = random_model(tiny_config(causal=causal, attn_backend="sdpa"))
+        flex = random_model(tiny_config(causal=causal, attn_backend="flex"))
+        with torch.no_grad():
+            torch.testing.assert_close(flex(x, sigma), sdpa(x, sigma), atol=1e-5, rtol=1e-5)
+
+
+def test_flash_is_refused_without_cuda_or_flash_attn():
+    config = tiny_config(attn_backend="flash")
+    if not flash_attn_available():
+        with pytest.raises(UserError, match="flash-attn"):
+            DiT(config)
+    elif not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA"):
+            DiT(config)(tokens(config), torch.zeros(2))
+    else:
+        pytest.skip("flash-attn and CUDA present; covered by the GPU run")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generator noise input (D-MMD §6.5)
+
+
+def test_zero_init_noise_input_equals_model_without_noise():
+    base = random_model(tiny_config())
+    noisy = DiT(tiny_config(noise_dim=5)).eval()
+    missing, unexpected = noisy.load_state_dict(base.state_dict(), strict=False)
+    assert missing == ["noise_proj.weight"] and unexpected == []
+    x, sigma = tokens(base.config), torch.tensor([0.3, 1.0])
+    noise = noisy.draw_noise(2, base.config.length, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(noisy(x, sigma, noise), base(x, sigma))
+        noisy.noise_proj.weight.normal_()
+        assert not torch.allclose(noisy(x, sigma, noise), base(x, sigma))
+
+
+def test_noise_is_required_and_refused_as_declared():
+    config = tiny_config(noise_dim=3)
+    noisy, plain = DiT(config), DiT(tiny_config())
+    x, sigma = tokens(config), torch.zeros(2)
+    with pytest.raises(ValueError, match="noise=None"):
+        noisy(x, sigma)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        noisy(x, sigma, torch.randn(2, config.length, 4))
+    with pytest.raises(ValueError, match="noise_dim=0"):
+        plain(x, sigma, torch.randn(2, config.length, 3))
+
+
+def test_draw_noise():
+    noisy = DiT(tiny_config(noise_dim=3))
+    a = noisy.draw_noise(4, 7, generator=torch.Generator().manual_seed(5))
+    b = noisy.draw_noise(4, 7, generator=torch.Generator().manual_seed(5))
+    assert a.shape == (4, 7, 3) and torch.equal(a, b)
+    assert DiT(tiny_config()).draw_noise(4, 7) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(hidden_dim=96, n_heads=5), r"model.hidden_dim \(96\) must be divisible by model.n_heads \(5\)"),
+        (dict(length=-3), "model.length must be a positive int, got -3"),
+        (dict(attn_backend="xformers"), "model.attn_backend must be one of auto, sdpa, flash, flex; got 'xformers'"),
+        (dict(dropout=1.5), "model.dropout"),
+        (dict(noise_dim=-1), "model.noise_dim"),
+        (dict(hidden_dim=36, n_heads=4), "must be even for rotary"),
+        (dict(n_blocks=True), "model.n_blocks must be a positive int"),
+    ],
+)
+def test_validate_names_the_key(overrides, message):
+    with pytest.raises(UserError, match=message):
+        tiny_config(**overrides).validate()
+    with pytest.raises(UserError, match=message):
+        DiT(tiny_config(**overrides))
+
+
+def test_validate_reports_every_problem_on_one_line():
+    with pytest.raises(UserError) as err:
+        tiny_config(length=0, vocab_size=-1).validate()
+    assert "model.length" in str(err.value) and "model.vocab_size" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_hf_dict_round_trip_and_public_fields():
+    config = tiny_config(noise_dim=4, causal=True, attn_backend="sdpa")
+    hf = config.to_hf_dict()
+    assert hf["model_length"] == config.length and "length" not in hf
+    assert DiTConfig.from_hf_dict(hf) == config
+
+    public_mdlm = {  # kuleshov-group/mdlm-owt config.json, sizes shrunk
+        "architectures": ["MDLM"], "auto_map": {"AutoConfig": "configuration_mdlm.MDLMConfig"},
+        "model_type": "mdlm", "vocab_size": 101, "model_length": 32, "hidden_dim": 64, "cond_dim": 32,
+        "n_blocks": 2, "n_heads": 4, "dropout": 0.1, "time_conditioning": False, "return_dict": False,
+        "torch_dtype": "float32",
+    }
+    config = DiTConfig.from_hf_dict(public_mdlm)
+    assert (config.vocab_size, config.length, config.hidden_dim, config.cond_dim) == (101, 32, 64, 32)
+    assert config.attn_backend == "auto" and config.noise_dim == 0 and not config.causal
+
+    bd3lm = dict(public_mdlm, attn_backend="flash_attn", block_size=4, var_min=True, cross_attn=True)
+    assert DiTConfig.from_hf_dict(bd3lm).attn_backend == "flash"
+
+
+def test_from_hf_dict_names_missing_fields():
+    with pytest.raises(UserError, match="missing required field.*model_length.*cond_dim"):
+        DiTConfig.from_hf_dict({"vocab_size": 10, "hidden_dim": 32, "n_blocks": 1, "n_heads": 2})
