@@ -84,7 +84,22 @@ def compose(overrides: Sequence[str]):
         raise UserError(f"mode must be one of {', '.join(MODES)}, got '{cfg.mode}'")
     for name in cfg.eval.get("metrics", []) or []:
         registry.check_metric_name(name)
+    _check_sampling(cfg)
     return cfg
+
+
+def _check_sampling(cfg) -> None:
+    """Validate `sampling.*` now: train mode samples only after fitting, which is too late."""
+    from mdlm_dmmd.diffusion.sampling import check_sampling_args
+
+    s = cfg.sampling
+    numbers = {}
+    for key in ("temperature", "top_p"):
+        value = s.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"sampling.{key} must be a number, got {value!r}")
+        numbers[key] = float(value)
+    check_sampling_args(s.get("steps"), numbers["temperature"], numbers["top_p"], "ancestral")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

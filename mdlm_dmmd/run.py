@@ -55,6 +55,24 @@ def existing_checkpoint(cfg: DictConfig, *, required: bool) -> str | None:
     return str(path)
 
 
+def check_resume(path: str, algo: L.LightningModule) -> None:
+    """A resume checkpoint must be a Lightning .ckpt whose weights fit `algo`; checked before the
+    run folder exists, since Lightning would only fail inside `fit`, with a traceback."""
+    from mdlm_dmmd.checkpoints import _torch_load
+
+    if Path(path).is_dir():
+        raise UserError(f"checkpoint '{path}': resuming training needs a .ckpt written by mdlm-dmmd, not a directory")
+    state = _torch_load(Path(path))["state_dict"]
+    expected = algo.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        first = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
+                 else f"shape of {shapes[0]}: checkpoint {tuple(state[shapes[0]].shape)} vs model {tuple(expected[shapes[0]].shape)}")
+        raise UserError(f"checkpoint '{path}' does not fit this config ({first}); resume with the config it was trained with")
+
+
 def build_logger(cfg: DictConfig, run_dir: Path):
     kind = cfg.get("logger", "csv")
     if kind in (None, "none", False):
@@ -162,6 +180,8 @@ def train(cfg: DictConfig) -> None:
     config = OmegaConf.to_container(cfg, resolve=True)
     config["vocab"] = vocab_info(data)
     algo = algo_cls(config)
+    if resume is not None:
+        check_resume(resume, algo)
     train_loader, valid_loader = make_loaders(
         data, batch_size=cfg.loader.batch_size, eval_batch_size=cfg.loader.eval_batch_size,
         num_workers=cfg.loader.num_workers, seed=int(cfg.seed),

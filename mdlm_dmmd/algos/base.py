@@ -150,11 +150,12 @@ class AlgoBase(L.LightningModule):
     def configure_optimizers(self):
         return self.build_optimizer(self.ema_module().parameters(), self.cfg.optim)
 
-    def build_optimizer(self, params, optim: DictConfig) -> dict:
-        """AdamW with linear warmup to a constant rate (MDLM/Duo `constant_warmup`)."""
+    def build_optimizer(self, params, optim: DictConfig, lr: float | None = None) -> dict:
+        """AdamW with linear warmup to a constant rate (MDLM/Duo `constant_warmup`); `lr`
+        overrides `optim.lr` (distillation gives each network its own rate)."""
         opt = torch.optim.AdamW(
             params,
-            lr=optim.lr,
+            lr=optim.lr if lr is None else lr,
             betas=(optim.beta1, optim.beta2),
             eps=optim.eps,
             weight_decay=optim.weight_decay,

@@ -14,7 +14,7 @@ see (`backbone_prefix = "generator."`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 import torch
@@ -46,6 +46,53 @@ class PhaseSchedule:
         if self.first == "gen":
             return "gen" if position == 0 else "aux"
         return "gen" if position == self.aux_per_gen else "aux"
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class DistillationConfig:
+    """The `algo.*` keys every distillation algo shares; subclasses add their own and extend
+    `problems()`. Built from the composed `algo` node with `from_mapping`, validated once."""
+
+    name: str = ""
+    teacher: str | None = None
+    first_step: str = "gen"
+    aux_steps_per_gen_step: int = 1
+    noise_input: bool = True
+    noise_dim: int = 64
+    lr_generator: float = 1e-4
+    lr_aux: float = 1e-4
+    max_nonfinite_steps: int = 10
+
+    @classmethod
+    def from_mapping(cls, algo: Mapping[str, Any]):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(algo) - known)
+        if unknown:
+            raise UserError(f"algo.{unknown[0]} is not a {algo.get('name', 'distillation')} key; accepted: {', '.join(sorted(known))}")
+        config = cls(**dict(algo))
+        problems = config.problems()
+        if problems:
+            raise UserError("; ".join(problems))
+        return config
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.first_step not in PHASES:
+            found.append(f"algo.first_step must be gen or aux, got {self.first_step!r}")
+        if not is_int(self.aux_steps_per_gen_step) or self.aux_steps_per_gen_step < 1:
+            found.append(f"algo.aux_steps_per_gen_step must be an int >= 1, got {self.aux_steps_per_gen_step!r}")
+        if self.noise_input and (not is_int(self.noise_dim) or self.noise_dim < 1):
+            found.append(f"algo.noise_dim must be an int >= 1 when algo.noise_input is true, got {self.noise_dim!r}")
+        for key in ("lr_generator", "lr_aux"):
+            if not getattr(self, key) > 0:
+                found.append(f"algo.{key} must be > 0, got {getattr(self, key)}")
+        if not is_int(self.max_nonfinite_steps) or self.max_nonfinite_steps < 1:
+            found.append(f"algo.max_nonfinite_steps must be an int >= 1, got {self.max_nonfinite_steps!r}")
+        return found
 
 
 class NonFiniteGuard:
@@ -104,20 +151,20 @@ class DistillationBase(AlgoBase):
 
     backbone_prefix = "generator."
 
-    def __init__(self, config: Mapping[str, Any], *, noise_dim: int, schedule: PhaseSchedule, max_nonfinite: int):
+    def __init__(self, config: Mapping[str, Any], settings: DistillationConfig):
         super().__init__(config)
+        self.settings = settings
         self.automatic_optimization = False
-        loaded = load_teacher(self.cfg.algo.get("teacher"), data_vocab_size=self.data_vocab_size,
-                              length=self.cfg.model.length)
+        loaded = load_teacher(settings.teacher, data_vocab_size=self.data_vocab_size, length=self.cfg.model.length)
         self.teacher_meta = loaded.meta
         self.teacher = loaded.model
-        self.generator = copy_of(self.teacher, noise_dim=noise_dim)
+        self.generator = copy_of(self.teacher, noise_dim=settings.noise_dim if settings.noise_input else 0)
         self.aux = copy_of(self.teacher)
         schedule_eps = float(loaded.meta.get("schedule_eps", 1e-3))
         self.process = MaskedProcess(LogLinear(eps=schedule_eps), mask_id=int(loaded.meta.get("mask_id", self.data_vocab_size)))
         self.time_conditioning = bool(loaded.meta.get("time_conditioning", False))
-        self.phases = schedule
-        self.guard = NonFiniteGuard(max_nonfinite)
+        self.phases = PhaseSchedule(settings.first_step, settings.aux_steps_per_gen_step)
+        self.guard = NonFiniteGuard(settings.max_nonfinite_steps)
         self.accumulate = int(self.cfg.trainer.get("accumulate_grad_batches", 1) or 1)
         self.micro_step = 0
         self.init_ema(self.generator)
@@ -180,9 +227,8 @@ class DistillationBase(AlgoBase):
         self.log("train/nonfinite_steps", float(self.guard.total), on_step=True, on_epoch=False)
 
     def configure_optimizers(self):
-        algo = self.cfg.algo
-        gen = self.build_optimizer(self.generator.parameters(), {**self.cfg.optim, "lr": algo.lr_generator})
-        aux = self.build_optimizer(self.aux.parameters(), {**self.cfg.optim, "lr": algo.lr_aux})
+        gen = self.build_optimizer(self.generator.parameters(), self.cfg.optim, lr=self.settings.lr_generator)
+        aux = self.build_optimizer(self.aux.parameters(), self.cfg.optim, lr=self.settings.lr_aux)
         return [gen["optimizer"], aux["optimizer"]], [gen["lr_scheduler"]["scheduler"], aux["lr_scheduler"]["scheduler"]]
 
     # -- validation: the generator as a one-step denoiser (a drift diagnostic) --------------
@@ -211,5 +257,5 @@ class DistillationBase(AlgoBase):
             **super().checkpoint_meta(),
             **process_meta(self.process, self.time_conditioning),
             "sampling_rule": "generator",
-            "teacher": str(self.cfg.algo.teacher),
+            "teacher": str(self.settings.teacher),
         }

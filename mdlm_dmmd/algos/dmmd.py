@@ -22,14 +22,14 @@ z_s (elsewhere SUBS makes teacher and aux agree exactly) and divided by B·L, as
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
 from mdlm_dmmd.algos.base import algo_section
-from mdlm_dmmd.algos.distillation import DistillationBase, PhaseSchedule
+from mdlm_dmmd.algos.distillation import DistillationBase, DistillationConfig, is_int
 from mdlm_dmmd.diffusion.sampling import sample_categorical, top_p_mask
 from mdlm_dmmd.errors import UserError
 
@@ -37,66 +37,32 @@ WEIGHTINGS = ("constant", "elbo")
 
 
 @dataclass
-class DMMDConfig:
-    """Mirror of configs/algo/dmmd.yaml, validated once."""
+class DMMDConfig(DistillationConfig):
+    """Mirror of configs/algo/dmmd.yaml (shared keys in DistillationConfig), validated once."""
 
     name: str = "dmmd"
-    teacher: str | None = None
     sampling_steps: int = 8
     aux_target: str = "soft"
-    first_step: str = "gen"
-    aux_steps_per_gen_step: int = 1
     weighting: str = "constant"
-    noise_input: bool = True
-    noise_dim: int = 64
     teacher_temperature: float = 1.0
     teacher_top_p: float = 1.0
     top_p_delta: float = 2.0
-    lr_generator: float = 1e-4
-    lr_aux: float = 1e-4
-    max_nonfinite_steps: int = 10
 
-    @classmethod
-    def from_mapping(cls, algo: Mapping[str, Any]) -> "DMMDConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(algo) - known)
-        if unknown:
-            raise UserError(f"algo.{unknown[0]} is not a dmmd key; accepted: {', '.join(sorted(known))}")
-        config = cls(**dict(algo))
-        config.validate()
-        return config
-
-    def validate(self) -> None:
-        problems = []
-        if not _is_int(self.sampling_steps) or self.sampling_steps < 1:
-            problems.append(f"algo.sampling_steps must be an int >= 1, got {self.sampling_steps!r}")
+    def problems(self) -> list[str]:
+        found = super().problems()
+        if not is_int(self.sampling_steps) or self.sampling_steps < 1:
+            found.append(f"algo.sampling_steps must be an int >= 1, got {self.sampling_steps!r}")
         if self.aux_target not in ("soft", "hard"):
-            problems.append(f"algo.aux_target must be soft or hard, got {self.aux_target!r}")
-        if self.first_step not in ("gen", "aux"):
-            problems.append(f"algo.first_step must be gen or aux, got {self.first_step!r}")
-        if not _is_int(self.aux_steps_per_gen_step) or self.aux_steps_per_gen_step < 1:
-            problems.append(f"algo.aux_steps_per_gen_step must be an int >= 1, got {self.aux_steps_per_gen_step!r}")
+            found.append(f"algo.aux_target must be soft or hard, got {self.aux_target!r}")
         if self.weighting not in WEIGHTINGS:
-            problems.append(f"algo.weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
-        if self.noise_input and (not _is_int(self.noise_dim) or self.noise_dim < 1):
-            problems.append(f"algo.noise_dim must be an int >= 1 when algo.noise_input is true, got {self.noise_dim!r}")
+            found.append(f"algo.weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         if not self.teacher_temperature > 0:
-            problems.append(f"algo.teacher_temperature must be > 0, got {self.teacher_temperature}")
+            found.append(f"algo.teacher_temperature must be > 0, got {self.teacher_temperature}")
         if not 0 < self.teacher_top_p <= 1:
-            problems.append(f"algo.teacher_top_p must be in (0, 1], got {self.teacher_top_p}")
+            found.append(f"algo.teacher_top_p must be in (0, 1], got {self.teacher_top_p}")
         if not self.top_p_delta >= 0:
-            problems.append(f"algo.top_p_delta must be >= 0, got {self.top_p_delta}")
-        for key in ("lr_generator", "lr_aux"):
-            if not getattr(self, key) > 0:
-                problems.append(f"algo.{key} must be > 0, got {getattr(self, key)}")
-        if not _is_int(self.max_nonfinite_steps) or self.max_nonfinite_steps < 1:
-            problems.append(f"algo.max_nonfinite_steps must be an int >= 1, got {self.max_nonfinite_steps!r}")
-        if problems:
-            raise UserError("; ".join(problems))
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+            found.append(f"algo.top_p_delta must be >= 0, got {self.top_p_delta}")
+        return found
 
 
 # -- losses: pure functions on tensors ------------------------------------------------------
@@ -140,15 +106,10 @@ def output_entropy(p: Tensor, where: Tensor) -> Tensor:
 
 
 class DMMD(DistillationBase):
+    settings: DMMDConfig
+
     def __init__(self, config: Mapping[str, Any]):
-        settings = DMMDConfig.from_mapping(algo_section(config))
-        super().__init__(
-            config,
-            noise_dim=settings.noise_dim if settings.noise_input else 0,
-            schedule=PhaseSchedule(settings.first_step, settings.aux_steps_per_gen_step),
-            max_nonfinite=settings.max_nonfinite_steps,
-        )
-        self.settings = settings
+        super().__init__(config, DMMDConfig.from_mapping(algo_section(config)))
 
     def weight(self, s: Tensor) -> Tensor:
         """w(s) per sequence [B, 1]. Not from the paper: constant 1 by default, or the ELBO 1/s."""

@@ -56,7 +56,7 @@ def test_diagonal_closed_form():
 
 
 def test_commuting_covariances_closed_form():
-    # Σ1 = Q diag(a) Qᵀ and Σ2 = Q diag(b) Qᵀ share eigenvectors, so the trace term is Σ(√a − √b)².
+    # Σ1 = Q diag(a) Qᵀ, Σ2 = Q diag(b) Qᵀ share eigenvectors: the trace term is Σ(√a − √b)².
     rng = np.random.default_rng(1)
     q = _rotation(rng, 4)
     a, b = np.array([0.5, 1.0, 2.0, 7.0]), np.array([3.0, 0.1, 2.0, 1.0])
@@ -119,13 +119,15 @@ def test_classifier_accuracy_and_cache():
 
 def test_classifier_training_is_deterministic():
     # A fresh training (no cache) reproduces the cached weights bit for bit, and leaves the
-    # caller's global RNG and determinism flag as they were.
+    # caller's global RNG, determinism flag and thread count as they were.
     cached, _ = fd.load_classifier()
     rng_before = torch.random.get_rng_state()
     deterministic_before = torch.are_deterministic_algorithms_enabled()
+    threads_before = torch.get_num_threads()
     fresh, _ = fd.train_classifier()
     assert torch.equal(torch.random.get_rng_state(), rng_before)
     assert torch.are_deterministic_algorithms_enabled() == deterministic_before
+    assert torch.get_num_threads() == threads_before
     for key, value in cached.state_dict().items():
         assert torch.equal(value, fresh.state_dict()[key]), key
 
@@ -215,3 +217,14 @@ def test_bad_samples_are_refused(samples, match):
 def test_bad_options_are_refused(kwargs, match):
     with pytest.raises(UserError, match=match):
         fd.frechet(torch.zeros(4, 64, dtype=torch.long), **kwargs)
+
+
+def test_unreadable_cache_file_is_retrained(tmp_path):
+    path = tmp_path / "frechet" / "digits_classifier_v1.pt"
+    path.parent.mkdir()
+    path.write_bytes(b"not a checkpoint")
+    model, accuracy = fd._load_classifier.__wrapped__(str(path))
+    cached, cached_accuracy = fd.load_classifier()
+    assert accuracy == cached_accuracy
+    assert torch.equal(model.head.weight, cached.head.weight)
+    assert torch.load(path, weights_only=True)["accuracy"] == accuracy  # rewritten in place
