@@ -3,6 +3,7 @@
     mdlm-dmmd algo=NAME [group=option ...] [key=value ...]      # mode=train (default)
     mdlm-dmmd mode=sample checkpoint=runs/x/checkpoints/last.ckpt sampling.steps=16
     mdlm-dmmd mode=eval checkpoint=... eval.metrics=[entropy]
+    mdlm-dmmd experiment=quickstart        # mode=study: teacher, D-MMD students, table and plots
 
 The host knows no algo by name: `algo=NAME` is checked against the `mdlm.algos` entry points,
 and the class is loaded from there. Every user mistake ends in one line on stderr and exit
@@ -18,7 +19,7 @@ from typing import Sequence
 
 from mdlm_dmmd.errors import UserError
 
-MODES = ("train", "sample", "eval")
+MODES = ("train", "sample", "eval", "study")
 
 
 def config_dir() -> Path:
@@ -99,7 +100,16 @@ def _check_sampling(cfg) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"sampling.{key} must be a number, got {value!r}")
         numbers[key] = float(value)
-    check_sampling_args(s.get("steps"), numbers["temperature"], numbers["top_p"], "ancestral")
+    steps = s.get("steps")  # null: the checkpoint's own k, resolved when sampling
+    check_sampling_args(1 if steps is None else steps, numbers["temperature"], numbers["top_p"], "ancestral")
+    least = 0 if cfg.mode == "train" else 1  # train: 0 = no samples after fitting
+    for key, low, optional in (("num_samples", least, False), ("batch_size", 1, True), ("seed", None, False)):
+        value = s.get(key)
+        if optional and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+            kind = "an int" if low is None else f"an int >= {low}"
+            raise UserError(f"sampling.{key} must be {kind}, got {value!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

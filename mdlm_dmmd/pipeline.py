@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from mdlm_dmmd.diffusion.masked import MaskedProcess
+from mdlm_dmmd.diffusion import MaskedProcess, UniformProcess, process_from_meta
 from mdlm_dmmd.diffusion.sampling import Denoiser, sample, sample_autoregressive
-from mdlm_dmmd.diffusion.schedules import LogLinear
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT
 
@@ -24,7 +23,7 @@ from mdlm_dmmd.models.dit import DiT
 @dataclass
 class Pipeline:
     network: DiT
-    process: MaskedProcess | None  # None: autoregressive (the `ar` algo)
+    process: MaskedProcess | UniformProcess | None  # None: autoregressive (the `ar` algo)
     time_conditioning: bool = False
     rule: str = "ancestral"  # "generator" for distilled students (D-MMD Algorithm 1)
     vocab_size: int | None = None  # real tokens; AR only (its start id is vocab_size)
@@ -37,14 +36,9 @@ class Pipeline:
         loaded = load_backbone(path, use_ema=use_ema)
         meta = loaded.meta
         network = loaded.model.to(device).eval()
-        kind = meta.get("process", "masked")
-        if kind == "autoregressive":
+        if meta.get("process") == "autoregressive":
             return cls(network, None, vocab_size=int(meta["start_id"]), meta=meta)
-        if kind != "masked":
-            raise UserError(f"checkpoint {path}: process '{kind}' is not supported by this version; accepted: masked, autoregressive")
-        schedule = LogLinear(eps=float(meta.get("schedule_eps", 1e-3)))
-        process = MaskedProcess(schedule, mask_id=int(meta.get("mask_id", network.config.vocab_size - 1)))
-        time_conditioning = bool(meta.get("time_conditioning", False))
+        process, time_conditioning = process_from_meta(meta, network.config.vocab_size, source=f"checkpoint {path}")
         return cls(network, process, time_conditioning, meta.get("sampling_rule", "ancestral"), meta=meta)
 
     def sigma(self, t: Tensor) -> Tensor:
@@ -74,6 +68,7 @@ class Pipeline:
         top_p: float = 1.0,
         batch_size: int | None = None,
         progress: bool = False,
+        noise_removal: str = "ancestral",
     ) -> Tensor:
         """[num_samples, L] token ids, drawn `batch_size` sequences at a time."""
         if not isinstance(num_samples, int) or num_samples < 1:
@@ -92,7 +87,7 @@ class Pipeline:
             else:
                 chunk = sample(
                     self.denoiser(generator), self.process, steps=steps, shape=shape, generator=generator,
-                    device=device, temperature=temperature, top_p=top_p, rule=self.rule, progress=progress,
+                    device=device, temperature=temperature, top_p=top_p, rule=self.rule, noise_removal=noise_removal, progress=progress,
                 )
             chunks.append(chunk)
         return torch.cat(chunks)

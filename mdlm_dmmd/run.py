@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,15 @@ from mdlm_dmmd import registry
 from mdlm_dmmd.errors import UserError
 
 
+DEFAULT_STEPS = 128
+
+
 def dispatch(cfg: DictConfig) -> None:
+    if cfg.mode == "study":
+        from mdlm_dmmd.eval.study import run_study
+
+        run_study(cfg)
+        return
     {"train": train, "sample": sample, "eval": evaluate}[cfg.mode](cfg)
 
 
@@ -115,6 +124,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, algo: L.LightningModule) -> L.
         ),
         SaveOnCrash(ckpt_dir),
     ]
+    logger = build_logger(cfg, run_dir)
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if not algo.automatic_optimization:
         # Manual-optimisation algos (distillation) read both keys from the config and do the
@@ -122,24 +132,34 @@ def build_trainer(cfg: DictConfig, run_dir: Path, algo: L.LightningModule) -> L.
         kwargs.pop("accumulate_grad_batches", None)
         kwargs.pop("gradient_clip_val", None)
     try:
-        return L.Trainer(**kwargs, default_root_dir=str(run_dir), callbacks=callbacks, logger=build_logger(cfg, run_dir))
+        return L.Trainer(**kwargs, default_root_dir=str(run_dir), callbacks=callbacks, logger=logger)
     except (TypeError, ValueError) as err:  # Lightning's own messages name the argument
         raise UserError(f"bad trainer config: {err}") from err
 
 
-def generate(pipeline_or_algo, cfg: DictConfig, *, progress: bool = True) -> torch.Tensor:
+def sampling_steps(cfg: DictConfig, meta: dict | None = None) -> int:
+    """`sampling.steps`, or when null the checkpoint's own k (a D-MMD student), else 128."""
+    if cfg.sampling.steps is not None:
+        return int(cfg.sampling.steps)
+    return int((meta or {}).get("sampling_steps") or DEFAULT_STEPS)
+
+
+def generate(pipeline_or_algo, cfg: DictConfig, steps: int, *, progress: bool = True) -> torch.Tensor:
+    """`sampling.num_samples` sequences in `steps` steps, seeded with `sampling.seed`."""
     s = cfg.sampling
     generator = torch.Generator(device="cpu").manual_seed(int(s.seed))
     return pipeline_or_algo.generate(
-        int(s.num_samples), steps=int(s.steps), generator=generator, temperature=float(s.temperature),
-        top_p=float(s.top_p), batch_size=int(s.batch_size), progress=progress,
+        int(s.num_samples), steps=steps, generator=generator, temperature=float(s.temperature),
+        top_p=float(s.top_p), noise_removal=str(s.noise_removal), batch_size=int(s.batch_size), progress=progress,
     )
 
 
 def compute_metrics(cfg: DictConfig, samples: torch.Tensor) -> dict[str, Any]:
     results = {}
+    options = cfg.eval.get("metric_options") or {}
     for name in cfg.eval.get("metrics", []) or []:
-        value = registry.load_metric(name)(samples, data_config=cfg.data)
+        extra = OmegaConf.to_container(options[name], resolve=True) if name in options else {}
+        value = registry.load_metric(name)(samples, data_config=cfg.data, **extra)
         results[name] = {k: v for k, v in value.items() if k != "per_sample"}
     return results
 
@@ -170,7 +190,20 @@ def write_report(run_dir: Path, title: str, rows: dict[str, Any], files: list[st
 
 
 # -- modes -------------------------------------------------------------------------------
-def train(cfg: DictConfig) -> None:
+@dataclass
+class Fitted:
+    """What a finished training run leaves behind, for recipes that chain runs."""
+
+    run_dir: Path
+    checkpoint: Path
+    algo: L.LightningModule
+    data: Any
+    trainer: L.Trainer
+    minutes: float
+
+
+def fit(cfg: DictConfig) -> Fitted | None:
+    """Train `cfg.algo` on `cfg.data`; None if training was interrupted (crash.ckpt is saved)."""
     from mdlm_dmmd.data import build_data, make_loaders
 
     resume = existing_checkpoint(cfg, required=False)
@@ -186,24 +219,33 @@ def train(cfg: DictConfig) -> None:
         data, batch_size=cfg.loader.batch_size, eval_batch_size=cfg.loader.eval_batch_size,
         num_workers=cfg.loader.num_workers, seed=int(cfg.seed),
     )
+    # The trainer (and logger) may still refuse their arguments: build them before writing.
+    trainer = build_trainer(cfg, Path(cfg.run_dir), algo)
     run_dir = make_run_dir(cfg)
-    trainer = build_trainer(cfg, run_dir, algo)
     started = time.time()
     trainer.fit(algo, train_loader, valid_loader, ckpt_path=resume)
     if trainer.interrupted:
+        return None
+    checkpoint = run_dir / "checkpoints" / "final.ckpt"
+    trainer.save_checkpoint(str(checkpoint), weights_only=False)
+    return Fitted(run_dir, checkpoint, algo, data, trainer, (time.time() - started) / 60)
+
+
+def train(cfg: DictConfig) -> None:
+    fitted = fit(cfg)
+    if fitted is None:
         return
-    trainer.save_checkpoint(str(run_dir / "checkpoints" / "final.ckpt"))
-    rows: dict[str, Any] = {"algo": cfg.algo.name, "data": cfg.data.name, "optimizer steps": trainer.global_step,
-                            "train minutes": (time.time() - started) / 60}
-    rows.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+    rows: dict[str, Any] = {"algo": cfg.algo.name, "data": cfg.data.name,
+                            "optimizer steps": fitted.trainer.global_step, "train minutes": fitted.minutes}
+    rows.update({k: float(v) for k, v in fitted.trainer.callback_metrics.items() if k.startswith("val/")})
     files = ["checkpoints/final.ckpt"]
     if int(cfg.sampling.num_samples) > 0:
-        samples = generate(algo, cfg)
-        rows["sampling steps"] = int(cfg.sampling.steps)
+        rows["sampling steps"] = sampling_steps(cfg)
+        samples = generate(fitted.algo, cfg, rows["sampling steps"])
         rows.update(compute_metrics(cfg, samples))
-        files += write_samples(run_dir, samples, data)
-    write_report(run_dir, f"{cfg.algo.name} on {cfg.data.name}", rows, files)
-    print(f"run written to {run_dir}")
+        files += write_samples(fitted.run_dir, samples, fitted.data)
+    write_report(fitted.run_dir, f"{cfg.algo.name} on {cfg.data.name}", rows, files)
+    print(f"run written to {fitted.run_dir}")
 
 
 def _load_pipeline(cfg: DictConfig):
@@ -225,15 +267,16 @@ def _write_pipeline_samples(cfg: DictConfig, pipeline, samples: torch.Tensor) ->
 
 def sample(cfg: DictConfig) -> None:
     pipeline, _ = _load_pipeline(cfg)
-    samples = generate(pipeline, cfg)
+    samples = generate(pipeline, cfg, sampling_steps(cfg, pipeline.meta))
     run_dir, files = _write_pipeline_samples(cfg, pipeline, samples)
     print(f"{len(samples)} samples written to {run_dir} ({', '.join(files)})")
 
 
 def evaluate(cfg: DictConfig) -> None:
     pipeline, path = _load_pipeline(cfg)
-    samples = generate(pipeline, cfg)
-    rows = {"checkpoint": path, "sampling steps": int(cfg.sampling.steps), "samples": len(samples)}
+    steps = sampling_steps(cfg, pipeline.meta)
+    samples = generate(pipeline, cfg, steps)
+    rows = {"checkpoint": path, "sampling steps": steps, "samples": len(samples)}
     rows.update(compute_metrics(cfg, samples))
     run_dir, files = _write_pipeline_samples(cfg, pipeline, samples)
     write_report(run_dir, f"evaluation of {path}", rows, files)

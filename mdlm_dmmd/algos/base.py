@@ -68,13 +68,7 @@ def algo_section(config: Mapping[str, Any]) -> dict:
 
 def process_meta(process, time_conditioning: bool) -> dict:
     """Checkpoint fields that let `Pipeline.from_checkpoint` rebuild a diffusion process."""
-    return {
-        "process": process.name,
-        "mask_id": process.mask_id,
-        "schedule": process.schedule.name,
-        "schedule_eps": process.schedule.eps,
-        "time_conditioning": time_conditioning,
-    }
+    return {**process.meta(), "time_conditioning": time_conditioning}
 
 
 class AlgoBase(L.LightningModule):
@@ -126,8 +120,12 @@ class AlgoBase(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.ema is not None and self.automatic_optimization:
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: that hook runs after the checkpoint callbacks (whose
+        # file would miss this step's update) and after every micro-batch of an accumulation.
+        # Manual-optimisation algos never reach this hook and update their EMA themselves.
+        if self.ema is not None:
             self.ema.update(self.ema_module())
 
     def on_validation_epoch_start(self):
@@ -190,11 +188,11 @@ class AlgoBase(L.LightningModule):
         raise NotImplementedError
 
     def generate(self, num_samples: int, *, steps: int, generator: torch.Generator | None = None,
-                 temperature: float = 1.0, top_p: float = 1.0, batch_size: int | None = None,
-                 progress: bool = False) -> Tensor:
+                 temperature: float = 1.0, top_p: float = 1.0, noise_removal: str = "ancestral",
+                 batch_size: int | None = None, progress: bool = False) -> Tensor:
         """[num_samples, L] token ids from the EMA weights in eval mode."""
         with self.evaluation_weights() as network:
             return self.pipeline(network).generate(
                 num_samples, steps=steps, generator=generator, temperature=temperature, top_p=top_p,
-                batch_size=batch_size, progress=progress,
+                noise_removal=noise_removal, batch_size=batch_size, progress=progress,
             )

@@ -14,6 +14,7 @@ see (`backbone_prefix = "generator."`).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
@@ -22,13 +23,13 @@ from torch import Tensor
 
 from mdlm_dmmd.algos.base import AlgoBase, antithetic_times, process_meta
 from mdlm_dmmd.checkpoints import LoadedBackbone, load_backbone, load_backbone_weights
-from mdlm_dmmd.diffusion.masked import MaskedProcess
-from mdlm_dmmd.diffusion.schedules import LogLinear
+from mdlm_dmmd.diffusion import MaskedProcess, UniformProcess, process_from_meta
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT
 from mdlm_dmmd.pipeline import Pipeline
 
 PHASES = ("gen", "aux")
+Process = MaskedProcess | UniformProcess
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class DistillationConfig:
     teacher: str | None = None
     first_step: str = "gen"
     aux_steps_per_gen_step: int = 1
-    noise_input: bool = True
+    noise_input: bool | None = None  # None: on for masked teachers, off for uniform (paper §6.5)
     noise_dim: int = 64
     lr_generator: float = 1e-4
     lr_aux: float = 1e-4
@@ -79,13 +80,24 @@ class DistillationConfig:
             raise UserError("; ".join(problems))
         return config
 
+    def for_teacher(self, process: str, teacher_meta: dict):
+        """A copy with teacher-dependent defaults filled in, checked against the teacher."""
+        resolved = replace(self, noise_input=(process == "masked") if self.noise_input is None else self.noise_input)
+        problems = resolved.teacher_problems(process, teacher_meta)
+        if problems:
+            raise UserError("; ".join(problems))
+        return resolved
+
+    def teacher_problems(self, process: str, teacher_meta: dict) -> list[str]:
+        return []
+
     def problems(self) -> list[str]:
         found = []
         if self.first_step not in PHASES:
             found.append(f"algo.first_step must be gen or aux, got {self.first_step!r}")
         if not is_int(self.aux_steps_per_gen_step) or self.aux_steps_per_gen_step < 1:
             found.append(f"algo.aux_steps_per_gen_step must be an int >= 1, got {self.aux_steps_per_gen_step!r}")
-        if self.noise_input and (not is_int(self.noise_dim) or self.noise_dim < 1):
+        if self.noise_input is not False and (not is_int(self.noise_dim) or self.noise_dim < 1):
             found.append(f"algo.noise_dim must be an int >= 1 when algo.noise_input is true, got {self.noise_dim!r}")
         for key in ("lr_generator", "lr_aux"):
             if not getattr(self, key) > 0:
@@ -117,26 +129,26 @@ class NonFiniteGuard:
         return False
 
 
-def load_teacher(path: str | None, *, data_vocab_size: int, length: int) -> LoadedBackbone:
-    """The frozen teacher, checked against the data: vocab (+ mask) and sequence length."""
+def load_teacher(path: str | None, *, data_vocab_size: int, length: int) -> tuple[LoadedBackbone, Process, bool]:
+    """(frozen teacher, its process, time conditioning), checked against the data."""
     if not path:
         raise UserError("algo.teacher is required: a teacher checkpoint (.ckpt) or exported directory")
     teacher = load_backbone(path)
-    meta = teacher.meta
-    if meta.get("process", "masked") != "masked":
-        raise UserError(
-            f"algo.teacher {path} is a '{meta.get('process')}' model; this version distils masked teachers only"
-        )
-    expected = data_vocab_size + 1  # real tokens + mask
+    if teacher.meta.get("process") == "autoregressive":
+        raise UserError(f"algo.teacher {path} is an autoregressive model; distillation needs a diffusion teacher")
+    process, time_conditioning = process_from_meta(teacher.meta, teacher.config.vocab_size, source=f"algo.teacher {path}")
+    # masked: real tokens + the mask id; uniform: the real tokens only
+    expected = data_vocab_size + 1 if process.name == "masked" else data_vocab_size
     if teacher.config.vocab_size != expected:
         raise UserError(
-            f"algo.teacher vocab_size {teacher.config.vocab_size} does not match the data "
-            f"({data_vocab_size} tokens + mask = {expected}); distil on the data the teacher was trained on"
+            f"algo.teacher vocab_size {teacher.config.vocab_size} does not match the data ({data_vocab_size} tokens"
+            f"{' + mask' if process.name == 'masked' else ''} = {expected} for a {process.name} teacher); "
+            "distil on the data the teacher was trained on"
         )
     if teacher.config.length != length:
         raise UserError(f"model.length ({length}) must equal the teacher's length ({teacher.config.length})")
     teacher.model.requires_grad_(False).eval()
-    return teacher
+    return teacher, process, time_conditioning
 
 
 def copy_of(teacher: DiT, *, noise_dim: int = 0) -> DiT:
@@ -153,20 +165,21 @@ class DistillationBase(AlgoBase):
 
     def __init__(self, config: Mapping[str, Any], settings: DistillationConfig):
         super().__init__(config)
-        self.settings = settings
         self.automatic_optimization = False
-        loaded = load_teacher(settings.teacher, data_vocab_size=self.data_vocab_size, length=self.cfg.model.length)
+        loaded, self.process, self.time_conditioning = load_teacher(
+            settings.teacher, data_vocab_size=self.data_vocab_size, length=self.cfg.model.length
+        )
+        # Open choices that depend on the teacher (e.g. noise input on for masked, off for uniform).
+        self.settings = settings = settings.for_teacher(self.process.name, loaded.meta)
         self.teacher_meta = loaded.meta
         self.teacher = loaded.model
         self.generator = copy_of(self.teacher, noise_dim=settings.noise_dim if settings.noise_input else 0)
         self.aux = copy_of(self.teacher)
-        schedule_eps = float(loaded.meta.get("schedule_eps", 1e-3))
-        self.process = MaskedProcess(LogLinear(eps=schedule_eps), mask_id=int(loaded.meta.get("mask_id", self.data_vocab_size)))
-        self.time_conditioning = bool(loaded.meta.get("time_conditioning", False))
         self.phases = PhaseSchedule(settings.first_step, settings.aux_steps_per_gen_step)
         self.guard = NonFiniteGuard(settings.max_nonfinite_steps)
         self.accumulate = int(self.cfg.trainer.get("accumulate_grad_batches", 1) or 1)
         self.micro_step = 0
+        self.recent_gen_entropy: deque[float] = deque(maxlen=100)
         self.init_ema(self.generator)
 
     # The generator is what base-class helpers (checkpoint meta, EMA, sampling) call "backbone".
@@ -221,10 +234,16 @@ class DistillationBase(AlgoBase):
             self.lr_schedulers()[0 if phase == "gen" else 1].step()
             if phase == "gen" and self.ema is not None:
                 self.ema.update(self.generator)
+        if "gen_entropy" in logs:
+            self.recent_gen_entropy.append(float(logs["gen_entropy"]))
         self.log(f"train/loss_{phase}", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         for key, value in logs.items():
             self.log(f"train/{key}", value, on_step=True, on_epoch=False)
         self.log("train/nonfinite_steps", float(self.guard.total), on_step=True, on_epoch=False)
+
+    def mean_gen_entropy(self) -> float:
+        """Generator output entropy (paper Table 6) averaged over the last 100 training steps."""
+        return sum(self.recent_gen_entropy) / max(len(self.recent_gen_entropy), 1)
 
     def configure_optimizers(self):
         gen = self.build_optimizer(self.generator.parameters(), self.cfg.optim, lr=self.settings.lr_generator)
@@ -243,7 +262,8 @@ class DistillationBase(AlgoBase):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
-        checkpoint["distillation"] = {"micro_step": self.micro_step, "nonfinite_total": self.guard.total}
+        checkpoint["distillation"] = {"micro_step": self.micro_step, "nonfinite_total": self.guard.total,
+                                      "recent_gen_entropy": list(self.recent_gen_entropy)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -251,6 +271,7 @@ class DistillationBase(AlgoBase):
         state = checkpoint.get("distillation", {})
         self.micro_step = int(state.get("micro_step", 0))
         self.guard.total = int(state.get("nonfinite_total", 0))
+        self.recent_gen_entropy.extend(state.get("recent_gen_entropy", []))
 
     def checkpoint_meta(self) -> dict:
         return {

@@ -22,7 +22,7 @@ z_s (elsewhere SUBS makes teacher and aux agree exactly) and divided by B·L, as
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import torch
@@ -34,6 +34,7 @@ from mdlm_dmmd.diffusion.sampling import sample_categorical, top_p_mask
 from mdlm_dmmd.errors import UserError
 
 WEIGHTINGS = ("constant", "elbo")
+LOSS_SPACES = ("auto", "x0", "posterior")
 
 
 @dataclass
@@ -42,7 +43,9 @@ class DMMDConfig(DistillationConfig):
 
     name: str = "dmmd"
     sampling_steps: int = 8
-    aux_target: str = "soft"
+    loss_space: str = "auto"
+    posterior_ds: float = 1e-3
+    aux_target: str | None = None
     weighting: str = "constant"
     teacher_temperature: float = 1.0
     teacher_top_p: float = 1.0
@@ -52,8 +55,12 @@ class DMMDConfig(DistillationConfig):
         found = super().problems()
         if not is_int(self.sampling_steps) or self.sampling_steps < 1:
             found.append(f"algo.sampling_steps must be an int >= 1, got {self.sampling_steps!r}")
-        if self.aux_target not in ("soft", "hard"):
-            found.append(f"algo.aux_target must be soft or hard, got {self.aux_target!r}")
+        if self.aux_target not in (None, "soft", "hard"):
+            found.append(f"algo.aux_target must be soft or hard (or null: soft for masked, hard for uniform), got {self.aux_target!r}")
+        if self.loss_space not in LOSS_SPACES:
+            found.append(f"algo.loss_space must be one of {', '.join(LOSS_SPACES)}, got {self.loss_space!r}")
+        if not 0 < self.posterior_ds < 1:
+            found.append(f"algo.posterior_ds must be in (0, 1), got {self.posterior_ds}")
         if self.weighting not in WEIGHTINGS:
             found.append(f"algo.weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         if not self.teacher_temperature > 0:
@@ -62,6 +69,24 @@ class DMMDConfig(DistillationConfig):
             found.append(f"algo.teacher_top_p must be in (0, 1], got {self.teacher_top_p}")
         if not self.top_p_delta >= 0:
             found.append(f"algo.top_p_delta must be >= 0, got {self.top_p_delta}")
+        return found
+
+    def for_teacher(self, process: str, teacher_meta: dict) -> "DMMDConfig":
+        resolved = super().for_teacher(process, teacher_meta)
+        # An ELBO-trained uniform teacher's x̂ is not E[x | z_t] (App. D): its losses live in
+        # posterior space. Masked and CE-trained uniform teachers use eqs. 11-12 (x0 space).
+        elbo_uniform = process == "uniform" and teacher_meta.get("loss", "elbo") != "ce"
+        space = ("posterior" if elbo_uniform else "x0") if self.loss_space == "auto" else self.loss_space
+        target = ("soft" if process == "masked" else "hard") if self.aux_target is None else self.aux_target
+        return replace(resolved, loss_space=space, aux_target=target)
+
+    def teacher_problems(self, process: str, teacher_meta: dict) -> list[str]:
+        found = []
+        if process == "uniform" and self.aux_target == "soft":
+            found.append("algo.aux_target=soft is only valid for masked teachers (paper §3.2); use hard for uniform")
+        if self.loss_space == "x0" and process == "uniform" and teacher_meta.get("loss", "elbo") != "ce":
+            found.append("algo.loss_space=x0 needs a masked teacher or a uniform one trained with algo.loss=ce; "
+                         "this uniform teacher was trained with the ELBO: use algo.loss_space=posterior (App. D)")
         return found
 
 
@@ -111,6 +136,10 @@ class DMMD(DistillationBase):
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config, DMMDConfig.from_mapping(algo_section(config)))
 
+    def checkpoint_meta(self) -> dict:
+        # k travels with the student, so `mode=sample` uses it unless sampling.steps is given.
+        return {**super().checkpoint_meta(), "sampling_steps": self.settings.sampling_steps}
+
     def weight(self, s: Tensor) -> Tensor:
         """w(s) per sequence [B, 1]. Not from the paper: constant 1 by default, or the ELBO 1/s."""
         if self.settings.weighting == "elbo":
@@ -121,25 +150,45 @@ class DMMD(DistillationBase):
         st = self.settings
         x_data = batch["input_ids"]  # [B, L]
         B, L = x_data.shape
+        # 1. times, z_t ~ q(z_t | x_data), generator prediction, hard x, z_s ~ q(z_s | z_t, x)
         s, t = distillation_times(B, st.sampling_steps, x_data.device)
         z_t = self.process.corrupt(x_data, t)
         with torch.set_grad_enabled(phase == "gen"):
             p_gen = self.log_probs(self.generator, z_t, t).exp()  # [B, L, V]
-        x = sample_categorical(p_gen.detach())  # hard sample, float64
+        x = sample_categorical(p_gen.detach())  # float64 draw
         z_s = self.process.sample_posterior(z_t, x, t, s)
-        still_masked = (z_s == self.process.mask_id).float()  # [B, L]
+        # 2. teacher (tempered / nucleus-lowered, §3.3) and auxiliary at z_s
         with torch.no_grad():
             log_p_teacher = modified_teacher(self.log_probs(self.teacher, z_s, s), st.teacher_temperature,
                                              st.teacher_top_p, st.top_p_delta)
         with torch.set_grad_enabled(phase == "aux"):
             log_p_aux = self.log_probs(self.aux, z_s, s)
-        w = self.weight(s)
+        # 3. the phase's loss, in x0 space (eqs. 11-12) or posterior space (App. D, eqs. 24-26)
         if phase == "gen":
-            per_token = generator_loss(p_gen, log_p_teacher, log_p_aux, w)
+            target = p_gen
+        elif st.aux_target == "soft":
+            target = p_gen.detach()
         else:
-            one_hot = torch.nn.functional.one_hot(x, p_gen.shape[-1]).to(p_gen.dtype)
-            target = p_gen.detach() if st.aux_target == "soft" else one_hot
-            per_token = aux_loss(target, log_p_teacher.exp(), log_p_aux, w)
-        loss = (per_token * still_masked).sum() / (B * L)
-        masked_t = (z_t == self.process.mask_id).float()
-        return loss, {"gen_entropy": output_entropy(p_gen.detach(), masked_t), "s": s.mean()}
+            target = torch.nn.functional.one_hot(x, p_gen.shape[-1]).to(p_gen.dtype)
+        w = self.weight(s)
+        if st.loss_space == "posterior":
+            s_prev = (s - st.posterior_ds).clamp_min(0)
+            target = self.to_posterior(target, z_s, s, s_prev)
+            teacher_probs = self.to_posterior(log_p_teacher.exp(), z_s, s, s_prev)
+            log_p_aux = torch.log(self.to_posterior(log_p_aux.exp(), z_s, s, s_prev).clamp_min(1e-300))
+            log_p_teacher = torch.log(teacher_probs.clamp_min(1e-300))
+            w = w / st.posterior_ds
+        else:
+            teacher_probs = log_p_teacher.exp()
+        if phase == "gen":
+            per_token = generator_loss(target, log_p_teacher, log_p_aux, w)
+        else:
+            per_token = aux_loss(target, teacher_probs, log_p_aux, w)
+        where = self.process.denoising_positions(z_s).to(per_token.dtype)
+        loss = ((per_token * where).sum() / (B * L)).float()
+        noisy_t = self.process.denoising_positions(z_t).float()
+        return loss, {"gen_entropy": output_entropy(p_gen.detach(), noisy_t), "s": s.mean()}
+
+    def to_posterior(self, probs: Tensor, z_s: Tensor, s: Tensor, s_prev: Tensor) -> Tensor:
+        """π(x̂, z_s) = q(z_{s−ds} | z_s, x̂), eq. 4 from s to s − ds (App. D). [B, L, V] float64"""
+        return self.process.posterior_probs(z_s, probs, s, s_prev)

@@ -67,18 +67,14 @@ def build_digits(cfg: Mapping, length: int, *, seed: int = 0) -> DataBundle:
                       bos_id=None, eos_id=None, image_shape=DIGITS_SHAPE)
 
 
-def save_image_grid(tokens: Tensor | np.ndarray, path: str | os.PathLike, *, nrow: int = 8,
-                    max_value: int = 16, image_shape: tuple[int, int] = DIGITS_SHAPE,
-                    scale: int = 4) -> Path:
-    """Write token images [N, H*W] as a PNG grid, `nrow` images per row; returns the path.
+def image_grid(tokens: Tensor | np.ndarray, *, nrow: int = 8, max_value: int = 16,
+               image_shape: tuple[int, int] = DIGITS_SHAPE, scale: int = 1) -> np.ndarray:
+    """Token images [N, H*W] laid out `nrow` per row as an RGB array in [0, 1].
 
     Ink is dark on white (pixel value / max_value, like sklearn's own plots). Tokens above
     `max_value`, i.e. mask ids left in a sample, are drawn red so they are not mistaken for ink.
-    Each pixel is repeated `scale` times so that an 8x8 image is visible at all.
+    Each pixel is repeated `scale` times.
     """
-    # matplotlib.image.imsave renders without a figure or GUI backend (same result as Agg).
-    from matplotlib.image import imsave
-
     tokens = np.asarray(torch.as_tensor(tokens).cpu(), dtype=np.int64)
     h, w = image_shape
     if tokens.ndim != 2 or tokens.shape[1] != h * w or len(tokens) == 0:
@@ -95,7 +91,17 @@ def save_image_grid(tokens: Tensor | np.ndarray, path: str | os.PathLike, *, nro
         r, c = divmod(i, ncol)
         top, left = pad + r * (h + pad), pad + c * (w + pad)
         canvas[top: top + h, left: left + w] = rgb
-    canvas = np.repeat(np.repeat(canvas, scale, axis=0), scale, axis=1)
+    return np.repeat(np.repeat(canvas, scale, axis=0), scale, axis=1)
+
+
+def save_image_grid(tokens: Tensor | np.ndarray, path: str | os.PathLike, *, nrow: int = 8,
+                    max_value: int = 16, image_shape: tuple[int, int] = DIGITS_SHAPE,
+                    scale: int = 4) -> Path:
+    """Write token images [N, H*W] as a PNG grid (`image_grid`, 4x enlarged); returns the path."""
+    # matplotlib.image.imsave renders without a figure or GUI backend (same result as Agg).
+    from matplotlib.image import imsave
+
+    canvas = image_grid(tokens, nrow=nrow, max_value=max_value, image_shape=image_shape, scale=scale)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     imsave(path, canvas, format="png")

@@ -1,0 +1,29 @@
+"""Forward processes, schedules and samplers: pure tensor code, no networks or training."""
+
+from __future__ import annotations
+
+from mdlm_dmmd.diffusion.masked import MaskedProcess
+from mdlm_dmmd.diffusion.schedules import LogLinear
+from mdlm_dmmd.diffusion.uniform import UniformProcess
+from mdlm_dmmd.errors import UserError
+
+PROCESSES = ("masked", "uniform")
+
+
+def process_from_meta(meta: dict, network_vocab: int, source: str = "checkpoint") -> tuple[MaskedProcess | UniformProcess, bool]:
+    """(process, time_conditioning) recorded in a checkpoint's metadata (`process.meta()`).
+
+    Public checkpoints without our metadata: MDLM/BD3-LM are masked with the mask as the last
+    id and no time conditioning; Duo is uniform over the whole vocabulary and conditioned on σ.
+    """
+    kind = meta.get("process", "masked")
+    if kind not in PROCESSES:
+        raise UserError(f"{source}: process '{kind}' is not a diffusion process; accepted: {', '.join(PROCESSES)}")
+    if meta.get("schedule", "loglinear") != "loglinear":
+        raise UserError(f"{source}: schedule '{meta['schedule']}' is not supported; accepted: loglinear")
+    schedule = LogLinear(eps=float(meta.get("schedule_eps", 1e-3)))
+    if kind == "uniform":
+        process = UniformProcess(schedule, vocab_size=int(meta.get("vocab_size") or network_vocab))
+        return process, bool(meta.get("time_conditioning", True))
+    process = MaskedProcess(schedule, mask_id=int(meta.get("mask_id", network_vocab - 1)))
+    return process, bool(meta.get("time_conditioning", False))

@@ -29,6 +29,15 @@ class MaskedProcess:
     mask_id: int
     name: str = "masked"
 
+    def meta(self) -> dict:
+        """What a checkpoint records to rebuild this process (`diffusion.process_from_meta`)."""
+        return {"process": self.name, "mask_id": self.mask_id, "schedule": self.schedule.name,
+                "schedule_eps": self.schedule.eps}
+
+    def denoising_positions(self, z: Tensor) -> Tensor:
+        """Tokens whose clean value is still unknown in z: the masked ones. [B, L] bool"""
+        return z == self.mask_id
+
     # 1. forward process --------------------------------------------------------------------
     def corrupt(self, x: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """z_t ~ q(z_t | x): each token is masked independently with probability 1 − α_t."""
@@ -36,8 +45,8 @@ class MaskedProcess:
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=alpha_t.dtype)
         return torch.where(u < alpha_t, x, self.mask_id)
 
-    def prior(self, shape: tuple[int, int], device: torch.device | str = "cpu") -> Tensor:
-        """z_1: every token masked."""
+    def prior(self, shape: tuple[int, int], device: torch.device | str = "cpu", generator=None) -> Tensor:
+        """z_1: every token masked (deterministic: `generator` is unused)."""
         return torch.full(shape, self.mask_id, dtype=torch.long, device=device)
 
     # 2. posterior q(z_s | z_t, x), s < t --------------------------------------------------

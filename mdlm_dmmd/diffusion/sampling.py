@@ -25,10 +25,11 @@ from mdlm_dmmd.errors import UserError
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (z_t [B, L], t [B]) -> log-probs [B, L, V]
 RULES = ("ancestral", "generator")
+NOISE_REMOVALS = ("ancestral", "greedy")
 
 
 class Process(Protocol):
-    def prior(self, shape: tuple[int, int], device: torch.device | str = "cpu") -> Tensor: ...
+    def prior(self, shape: tuple[int, int], device: torch.device | str = "cpu", generator=None) -> Tensor: ...
     def posterior_probs(self, z_t: Tensor, x_probs: Tensor, t: Tensor, s: Tensor) -> Tensor: ...
     def sample_posterior(self, z_t: Tensor, x: Tensor, t: Tensor, s: Tensor, generator=None) -> Tensor: ...
 
@@ -72,7 +73,7 @@ def adjust(log_p: Tensor, temperature: float = 1.0, top_p: float = 1.0) -> Tenso
     return torch.softmax(log_p, dim=-1)
 
 
-def check_sampling_args(steps: int, temperature: float, top_p: float, rule: str) -> None:
+def check_sampling_args(steps: int, temperature: float, top_p: float, rule: str, noise_removal: str = "ancestral") -> None:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise UserError(f"sampling.steps must be a positive int, got {steps!r}")
     if temperature < 0:
@@ -81,6 +82,8 @@ def check_sampling_args(steps: int, temperature: float, top_p: float, rule: str)
         raise UserError(f"sampling.top_p must be in (0, 1], got {top_p}")
     if rule not in RULES:
         raise UserError(f"sampling.rule '{rule}' is not supported; accepted: {', '.join(RULES)}")
+    if noise_removal not in NOISE_REMOVALS:
+        raise UserError(f"sampling.noise_removal '{noise_removal}' is not supported; accepted: {', '.join(NOISE_REMOVALS)}")
 
 
 @torch.no_grad()
@@ -95,17 +98,24 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     rule: str = "ancestral",
+    noise_removal: str = "ancestral",
     progress: bool = False,
 ) -> Tensor:
-    """Draw `shape[0]` sequences of length `shape[1]` in `steps` denoising steps. [B, L] int64."""
-    check_sampling_args(steps, temperature, top_p, rule)
-    z = process.prior(shape, device=device)
+    """Draw `shape[0]` sequences of length `shape[1]` in `steps` denoising steps. [B, L] int64.
+
+    `noise_removal="greedy"` (Duo's greedy tail, Sahoo et al. 2025 §4.2): the last step returns
+    argmax x̂ instead of sampling; still `steps` network calls.
+    """
+    check_sampling_args(steps, temperature, top_p, rule, noise_removal)
+    z = process.prior(shape, device=device, generator=generator)
     times = torch.linspace(1.0, 0.0, steps + 1, device=device)
     for j in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
         t = times[j].expand(shape[0])
         s = times[j + 1].expand(shape[0])
         probs = adjust(denoise(z, t), temperature, top_p)  # [B, L, V] float64
-        if rule == "generator":
+        if noise_removal == "greedy" and j == steps - 1:
+            z = probs.argmax(dim=-1)  # argmax is unchanged by temperature > 0 and top-p
+        elif rule == "generator":
             x = sample_categorical(probs, generator)
             z = process.sample_posterior(z, x, t, s, generator)
         else:

@@ -13,11 +13,13 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from mdlm_dmmd.errors import UserError
+
 
 class EMA:
     def __init__(self, module: nn.Module, decay: float):
         if not 0 <= decay < 1:
-            raise ValueError(f"training.ema must be in [0, 1), got {decay}")
+            raise UserError(f"training.ema must be in [0, 1), got {decay}")
         self.decay = decay
         self.num_updates = 0
         self.shadow = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}

@@ -1,0 +1,160 @@
+"""The uniform-state process of UDLM/Duo: q(z_t | x) = Cat(α_t x + (1 − α_t) π), π = 1/V.
+
+A frozen value with the same method names as `MaskedProcess`, so the shared sampler, the
+pipeline and the algos swap one for the other by config. There is no mask token: V is the data
+vocabulary and every id is a real token, at every noise level. Times are per sequence [B] or per
+token [B, L]; every method accepts both.
+
+The posterior is D-MMD paper eq. (4) (= Sahoo et al. 2024; Appendix D eq. 23 repeats it with
+typos: α_t for α_{t|s}, a missing z_t in the denominator). For a probability vector x̂ in place
+of x, eq. (4) is Bayes' rule with x̂ as a *prior* over x,
+
+    q(z_s | z_t, x̂) = q(z_t | z_s) Σ_x x̂(x) q(z_s | x) / Σ_x x̂(x) q(z_t | x),
+
+which is not the mixture Σ_x x̂(x) q(z_s | z_t, x): unlike the masked process, eq. (4) is not
+linear in x. The `ancestral` sampling rule uses the former, the `generator` rule (D-MMD
+Algorithm 1: hard x ~ x̂, then z_s ~ q(z_s | z_t, x)) the latter. Duo's closed form
+(`DUO_BASE._compute_posterior`) is eq. (4) multiplied out by V; the tests check both agree.
+
+The NELBO is Duo's continuous-time `nll_per_token` (UDLM, Schiff et al. 2025), the dt → 0 limit
+of KL(q(z_s | z_t, x) ‖ q(z_s | z_t, x̂)) / dt with s = t − dt (checked numerically in the tests).
+Its minimiser is x̂ ∝ E_q[x | z_t] / q(z_t | x), not E_q[x | z_t] (paper Appendix D).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mdlm_dmmd.diffusion.masked import per_token
+from mdlm_dmmd.diffusion.schedules import LogLinear
+
+
+@dataclass(frozen=True)
+class UniformProcess:
+    schedule: LogLinear
+    vocab_size: int  # V: the number of classes; π = 1/V on every one of them
+    name: str = "uniform"
+
+    def meta(self) -> dict:
+        """What a checkpoint records to rebuild this process (`diffusion.process_from_meta`)."""
+        return {"process": self.name, "vocab_size": self.vocab_size, "schedule": self.schedule.name,
+                "schedule_eps": self.schedule.eps}
+
+    def denoising_positions(self, z: Tensor) -> Tensor:
+        """Tokens whose clean value is still unknown in z: all of them (any may be noise). [B, L]"""
+        return torch.ones_like(z, dtype=torch.bool)
+
+    def _alphas(self, z_t: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """α_t and α_s per token, float64, with a trailing class axis. Two [B, L, 1]."""
+        alpha_t = self.schedule.alpha(per_token(t, z_t)).double()[..., None]
+        alpha_s = self.schedule.alpha(per_token(s, z_t)).double()[..., None]
+        return alpha_t, alpha_s
+
+    # 1. forward process --------------------------------------------------------------------
+    def corrupt(self, x: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """z_t ~ q(z_t | x): with probability 1 − α_t a token is redrawn uniformly (maybe as x)."""
+        alpha_t = self.schedule.alpha(per_token(t, x))
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=alpha_t.dtype)
+        noise = torch.randint(0, self.vocab_size, x.shape, generator=generator, device=x.device)
+        return torch.where(u < alpha_t, x, noise)
+
+    def prior(
+        self, shape: tuple[int, int], device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> Tensor:
+        """z_1 ~ π: independent uniform tokens. (α_1 = ε > 0, so q(z_1 | x) is π only up to ε.)"""
+        return torch.randint(0, self.vocab_size, shape, generator=generator, device=device)
+
+    # 2. posterior q(z_s | z_t, x), s < t: eq. (4) --------------------------------------------
+    def posterior_probs(self, z_t: Tensor, x_probs: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        """q(z_s | z_t, x) of eq. (4) for x one-hot or a probability vector x̂. [B, L, V] float64.
+
+        With x̂ this is Bayes' rule under the prior x ~ x̂ (see the module docstring), which
+        is what D-MMD's π_{s−ds}(x̂) of Appendix D means: call it with (z_s, x̂, s, s − ds).
+        """
+        alpha_t, alpha_s = self._alphas(z_t, t, s)
+        alpha_ts = alpha_t / alpha_s  # α_{t|s}
+        x = x_probs.double()
+        z_t_onehot = torch.nn.functional.one_hot(z_t, self.vocab_size).double()
+        # 1. q(z_t | z_s) as a function of z_s: α_{t|s} [z_s = z_t] + (1 − α_{t|s}) π(z_t)
+        forward_ts = alpha_ts * z_t_onehot + (1 - alpha_ts) / self.vocab_size
+        # 2. q(z_s | x) = α_s x + (1 − α_s) π
+        marginal_s = alpha_s * x + (1 - alpha_s) / self.vocab_size
+        # 3. normaliser q(z_t | x) = α_t z_tᵀx + (1 − α_t) z_tᵀπ; rows then sum to 1 exactly
+        #    because Σ_{z_s} q(z_t | z_s) q(z_s | x) = q(z_t | x) (α_{t|s} α_s = α_t)
+        evidence = alpha_t * x.gather(-1, z_t[..., None]) + (1 - alpha_t) / self.vocab_size
+        return forward_ts * marginal_s / evidence
+
+    def sample_posterior(
+        self, z_t: Tensor, x: Tensor, t: Tensor, s: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """z_s ~ q(z_s | z_t, x) for a hard x [B, L], without building [B, L, V].
+
+        For one-hot x, eq. (4) is a constant c on every class plus extra mass on z_t and on x:
+            q(v) = c + p_keep [v = z_t] + p_data [v = x],  with N = α_t [x = z_t] + (1 − α_t)/V,
+            c = (1 − α_{t|s})(1 − α_s)/V² / N,
+            p_keep = α_{t|s} ((1 − α_s)/V + α_s [x = z_t]) / N,   p_data = (1 − α_{t|s}) α_s / V / N.
+        So: with prob p_keep keep z_t, else with prob p_data take x, else a uniform token
+        (V·c = 1 − p_keep − p_data). O(B·L) memory instead of float64 [B, L, V], which matters
+        at V = 50258. One float64 uniform per token decides the branch.
+        """
+        alpha_t, alpha_s = (a[..., 0] for a in self._alphas(z_t, t, s))  # [B, L]
+        alpha_ts = alpha_t / alpha_s
+        V = self.vocab_size
+        same = (x == z_t).double()
+        evidence = alpha_t * same + (1 - alpha_t) / V
+        p_keep = alpha_ts * ((1 - alpha_s) / V + alpha_s * same) / evidence
+        p_data = (1 - alpha_ts) * alpha_s / V / evidence
+        u = torch.rand(z_t.shape, generator=generator, device=z_t.device, dtype=torch.float64)
+        uniform = torch.randint(0, V, z_t.shape, generator=generator, device=z_t.device)
+        return torch.where(u < p_keep, z_t, torch.where(u < p_keep + p_data, x, uniform))
+
+    # 3. parameterisation and loss -----------------------------------------------------------
+    def log_probs(self, logits: Tensor, z_t: Tensor) -> Tensor:
+        """Duo's "mean" parameterisation: log_softmax over all V classes. [B, L, V] float32.
+
+        `z_t` is unused (no carry-over: a token of z_t may be noise at any t); kept so that the
+        process is interchangeable with `MaskedProcess`.
+        """
+        del z_t
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def nelbo(self, log_p: Tensor, x: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
+        """Per-token continuous-time NELBO of uniform-state diffusion (Duo `nll_per_token`). [B, L]
+
+        With x̄_θ = V α_t x̂ + (1 − α_t) (V times q(z_t | ·) under the prior x̂), x̄ the same
+        for the data one-hot, and c = (1 − α_t)/(V α_t + 1 − α_t) = x̄[z_t]/x̄[x] when x ≠ z_t:
+
+            loss = α'_t/(V α_t) · (term1 − term2)
+            term1 = V (1/x̄[z_t] − 1/x̄_θ[z_t])
+            term2 = −(c [x = z_t] + [x ≠ z_t]) (Σ_v log x̄_θ[v] − V log x̄_θ[z_t])
+                    − V α_t/(1 − α_t) (log x̄_θ[x] − log x̄_θ[z_t]) [x ≠ z_t]
+                    + ((V − 1) c [x = z_t] − [x ≠ z_t]/c) log c
+
+        Computed in the dtype of `log_p` (float32 in training, as Duo); needs 0 < α_t < 1.
+        """
+        V = self.vocab_size
+        alpha_t = self.schedule.alpha(per_token(t, x)).to(log_p.dtype)  # [B, L]
+        dalpha_t = self.schedule.dalpha(per_token(t, x)).to(log_p.dtype)
+        same = (x == z_t).to(log_p.dtype)
+        differ = 1 - same
+        # 1. x̄ for the model (log) and the data, read at z_t and x
+        log_xbar_theta = torch.log(V * alpha_t[..., None] * log_p.exp() + (1 - alpha_t[..., None]))  # [B, L, V]
+        log_xbar_theta_zt = log_xbar_theta.gather(-1, z_t[..., None])[..., 0]
+        log_xbar_theta_x = log_xbar_theta.gather(-1, x[..., None])[..., 0]
+        xbar_zt = (1 - alpha_t) + V * alpha_t * same
+        # 2. the two terms of Duo's expression
+        term1 = V * (1 / xbar_zt - torch.exp(-log_xbar_theta_zt))
+        c = (1 - alpha_t) / (V * alpha_t + 1 - alpha_t)
+        term2 = (
+            -(same * c + differ) * (log_xbar_theta.sum(-1) - V * log_xbar_theta_zt)
+            - V * alpha_t / (1 - alpha_t) * (log_xbar_theta_x - log_xbar_theta_zt) * differ
+            + ((V - 1) * c * same - differ / c) * torch.log(c)
+        )
+        return dalpha_t / (V * alpha_t) * (term1 - term2)
+
+    def cross_entropy(self, log_p: Tensor, x: Tensor) -> Tensor:
+        """−log x̂_θ(x | z_t) per token, unweighted (the `ce` teacher loss; D-MMD eq. 5, w = 1). [B, L]"""
+        return -log_p.gather(-1, x[..., None])[..., 0]

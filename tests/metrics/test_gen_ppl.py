@@ -1,0 +1,216 @@
+"""Generative perplexity (Duo convention) and the reference loader.
+
+Expected perplexities are computed here by hand from the reference's logits, with the first-EOS
+mask written out position by position.
+"""
+
+import math
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+from mdlm_dmmd.checkpoints import save_backbone
+from mdlm_dmmd.diffusion.sampling import shift_right
+from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.metrics import reference as ref
+from mdlm_dmmd.metrics.gen_ppl import gen_ppl_metric, generative_perplexity
+from mdlm_dmmd.models.dit import DiT, DiTConfig
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Many tiny matmuls: on a busy CPU, threads waiting for each other make them ~20x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_gpt2(vocab=10, seed=0, bos=None, eos=None, n_positions=64):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab,
+                                          n_positions=n_positions, bos_token_id=bos, eos_token_id=eos))
+
+
+def hand_ppl(model, rows, masks):
+    """exp(Σ nll·mask / Σ mask); rows as fed (BOS included), masks over targets rows[1:]."""
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for row, mask in zip(rows, masks):
+            ids = torch.tensor([row])
+            log_p = model(ids).logits[0, :-1].double().log_softmax(-1)  # [T-1, V]
+            for t, keep in enumerate(mask):
+                if keep:
+                    total -= log_p[t, row[t + 1]].item()
+                    count += 1
+    return math.exp(total / count), count
+
+
+def test_first_eos_mask_without_bos():
+    model = tiny_gpt2(eos=9)
+    samples = torch.tensor([[9, 1, 2, 9, 9],   # leading EOS is the first EOS (context, not a target)
+                            [1, 2, 9, 3, 9]])  # its first EOS is a target and counts; the second not
+    expected, count = hand_ppl(model, samples.tolist(), [[1, 1, 0, 0], [1, 1, 1, 0]])
+    result = generative_perplexity(model, samples)
+    assert result.num_tokens == count == 5
+    assert result.value == pytest.approx(expected, rel=1e-6)
+    assert result.nll == pytest.approx(math.log(expected), rel=1e-6)
+    assert len(result.per_sample_nll) == 2
+
+
+def test_first_eos_mask_with_a_prepended_bos():
+    model = tiny_gpt2(bos=8, eos=9)
+    samples = torch.tensor([[9, 1, 2, 9, 9], [1, 2, 9, 3, 9]])
+    fed = [[8, 9, 1, 2, 9, 9], [8, 1, 2, 9, 3, 9]]  # BOS 8 prepended: the first token is scored
+    expected, count = hand_ppl(model, fed, [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    result = generative_perplexity(model, samples)
+    assert result.num_tokens == count == 7
+    assert result.value == pytest.approx(expected, rel=1e-6)
+    # BOS = EOS (GPT-2): rows already starting with it are fed as they are, Duo's exact input
+    gpt2_like = tiny_gpt2(bos=9, eos=9)
+    expected, _ = hand_ppl(gpt2_like, [[9, 1, 2, 9, 9], [9, 1, 2, 9, 3, 9]], [[1, 1, 0, 0], [1, 1, 0, 1, 0]])
+    assert generative_perplexity(gpt2_like, samples).value == pytest.approx(expected, rel=1e-6)
+
+
+def test_stderr_and_batching():
+    model = tiny_gpt2(seed=1)
+    samples = torch.randint(0, 9, (6, 7), generator=torch.Generator().manual_seed(0))
+    one = generative_perplexity(model, samples, batch_size=1)
+    many = generative_perplexity(model, samples, batch_size=4)  # the last batch is partial: kept
+    assert many.value == pytest.approx(one.value, rel=1e-6) and many.num_tokens == 6 * 6
+    per_sample = torch.tensor(one.per_sample_nll, dtype=torch.float64)
+    # equal token counts: the ratio estimator's stderr is the plain stderr of per-sample NLLs
+    assert one.nll == pytest.approx(per_sample.mean().item(), rel=1e-9)
+    assert one.nll_stderr == pytest.approx(per_sample.std().item() / math.sqrt(6), rel=1e-9)
+    assert one.stderr == pytest.approx(one.value * one.nll_stderr, rel=1e-12)
+    assert math.isnan(generative_perplexity(model, samples[:1]).nll_stderr)
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    from mdlm_dmmd.data.tokenizers import gpt2_tokenizer, train_bpe
+
+    sentences = ["the cat sat on the mat", "a big red dog ran on the mat", "the dog sat"] * 4
+    return gpt2_tokenizer(), train_bpe(sentences, 300, tmp_path_factory.mktemp("bpe"))
+
+
+def test_retokenized_equals_pre_retokenized(tokenizers):
+    gpt2, bpe = tokenizers
+    eot = bpe.convert_tokens_to_ids("<|endoftext|>")
+    model = tiny_gpt2(vocab=len(bpe), bos=eot, eos=eot)
+    texts = ["<|endoftext|> the cat sat on the mat<|endoftext|> a dog", " the tree house ran",
+             " a red water<|endoftext|><|endoftext|>"]
+    samples = [gpt2.encode(t) for t in texts]
+    ours = generative_perplexity(model, samples, tokenizer=gpt2, reference_tokenizer=bpe, batch_size=2)
+    pre = [bpe.encode(gpt2.decode(row), add_special_tokens=False) for row in samples]
+    assert pre[0][0] == eot and pre[0].count(eot) == 2
+    expected = generative_perplexity(model, pre, batch_size=2)
+    assert ours.value == pytest.approx(expected.value, rel=1e-9)
+    assert ours.num_tokens == expected.num_tokens
+    with pytest.raises(UserError, match="1 of 2 samples rows decode to empty or whitespace-only"):
+        generative_perplexity(model, [samples[0], gpt2.encode("  \n ")], tokenizer=gpt2,
+                              reference_tokenizer=bpe)
+
+
+def test_bad_inputs():
+    model = tiny_gpt2(n_positions=16)
+    long = torch.randint(0, 9, (2, 20), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="2 samples rows of up to 20 reference tokens are longer than "
+                                         "the reference context of 16; truncated to 16"):
+        truncated = generative_perplexity(model, long)
+    assert truncated.value == pytest.approx(generative_perplexity(model, long[:, :16]).value, rel=1e-9)
+    with pytest.raises(UserError, match="outside the reference's 10 ids"):
+        generative_perplexity(model, torch.tensor([[1, 2, 10]]))
+    with pytest.raises(UserError, match="no token to score"):
+        generative_perplexity(model, [[3]])
+    bert = BertForMaskedLM(BertConfig(vocab_size=10, hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(UserError, match="BertForMaskedLM is not a causal LM"):
+        generative_perplexity(bert, long)
+
+
+# ----------------------------------------------------------------------------- reference loading
+
+
+def test_hub_reference_offline_is_a_user_error():
+    with pytest.raises(UserError, match=r"^reference 'no-such-org/no-such-model' needs the Hugging Face "
+                                        r"hub or a local copy; pass a local directory or a checkpoint "
+                                        r"of this package's `ar` algo$"):
+        ref.load_reference("no-such-org/no-such-model")
+    with pytest.raises(UserError, match="does not exist"):
+        ref.load_reference("./missing/model.ckpt")
+
+
+def test_local_hf_directory_round_trip_and_cache(tmp_path, tokenizers):
+    _, bpe = tokenizers
+    model = tiny_gpt2(vocab=len(bpe), seed=2)
+    model.save_pretrained(tmp_path / "tiny")
+    bpe.save_pretrained(tmp_path / "tiny")
+    loaded, tokenizer = ref.load_reference(str(tmp_path / "tiny"))
+    assert not loaded.training and all(p.requires_grad for p in loaded.parameters())
+    assert tokenizer.get_vocab() == bpe.get_vocab()
+    assert ref.load_reference(str(tmp_path / "tiny"))[0] is loaded
+    ids = torch.randint(0, len(bpe), (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits)
+
+
+def test_a_saved_masked_lm_is_refused_by_the_causality_probe(tmp_path):
+    bert = BertForMaskedLM(BertConfig(vocab_size=10, hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=64))
+    bert.save_pretrained(tmp_path / "bert")
+    # AutoModelForCausalLM opens it as a BertLMHeadModel without is_decoder: bidirectional
+    with pytest.raises(UserError, match="is not causal"):
+        ref.load_reference(str(tmp_path / "bert"))
+
+
+def write_ar_checkpoint(directory, vocab, length, seed=0):
+    config = DiTConfig(vocab_size=vocab + 1, length=length, hidden_dim=16, cond_dim=8, n_blocks=1,
+                       n_heads=2, dropout=0.0, causal=True)
+    model = DiT(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    save_backbone(directory, model, {"process": "autoregressive", "start_id": vocab})
+    return directory
+
+
+def test_registered_metric_with_ar_reference_equals_the_ar_loss(tmp_path):
+    path = write_ar_checkpoint(tmp_path / "ar", vocab=17, length=64)
+    samples = torch.randint(0, 17, (5, 64), generator=torch.Generator().manual_seed(0))
+    out = gen_ppl_metric(samples, data_config={"name": "digits"}, reference=str(path), batch_size=2,
+                         device="cpu")
+    model, _ = ref.load_reference(str(path))
+    with torch.no_grad():  # the `ar` algo's loss: every one of the L tokens, start token as context
+        log_p = model.pipeline.next_token_log_probs(shift_right(samples, 17))
+        nll = -log_p.gather(-1, samples[..., None]).double().mean().item()
+    assert out["value"] == pytest.approx(math.exp(nll), rel=1e-5)
+    assert out["num_tokens"] == 5 * 64 and len(out["per_sample"]) == 5
+    assert set(out) >= {"value", "stderr", "nll", "nll_stderr"}
+
+
+def test_registered_metric_retokenizes_text_data(tmp_path, tokenizers):
+    _, bpe = tokenizers
+    for i in range(3):
+        (tmp_path / f"doc{i}.txt").write_text(f"the cat sat on the mat {i}\n\na big red dog ran far\n" * 3)
+    data_config = {"name": "text_files", "paths": [str(tmp_path / "doc*.txt")], "valid_fraction": 0.34}
+    model = tiny_gpt2(vocab=len(bpe), seed=3)
+    model.save_pretrained(tmp_path / "ref")
+    bpe.save_pretrained(tmp_path / "ref")
+    from mdlm_dmmd.data import build_data
+
+    bundle = build_data(data_config, 16)
+    samples = torch.stack([bundle.train[i]["input_ids"] for i in range(4)])
+    out = gen_ppl_metric(samples, data_config=data_config, reference=str(tmp_path / "ref"),
+                         device="cpu")
+    loaded, tokenizer = ref.load_reference(str(tmp_path / "ref"))
+    expected = generative_perplexity(loaded, samples, tokenizer=bundle.tokenizer,
+                                     reference_tokenizer=tokenizer)
+    assert out["value"] == pytest.approx(expected.value, rel=1e-9)
+    with pytest.raises(UserError, match="scores text, but the image data has no tokenizer"):
+        gen_ppl_metric(torch.zeros(2, 64, dtype=torch.long), data_config={"name": "digits"},
+                       reference=str(tmp_path / "ref"), device="cpu")

@@ -1,0 +1,244 @@
+"""The command line: every wrong input is one line on stderr naming the key, exit code 2, no
+traceback, and nothing written to disk. Runs `cli.main` in-process (fast) and the installed
+console script once."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mdlm_dmmd.checkpoints import load_backbone, save_backbone
+from mdlm_dmmd.cli import main
+
+TINY = ["debug=cpu", "data=digits", "model.length=64"]  # configs/debug/cpu.yaml: seconds on CPU
+
+
+def fails(capsys, args, *needles, run_dir=None):
+    """Run the CLI on `args`; assert exit 2, one stderr line naming every needle, nothing written."""
+    code = main(args)
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2, (out, err)
+    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("mdlm-dmmd: error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    if run_dir is not None:
+        assert not run_dir.exists(), f"{run_dir} was written although the input was rejected"
+    return lines[0]
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    return tmp_path / "run"
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tmp_path_factory) -> Path:
+    """A real checkpoint of a one-step `debug=cpu` run on digits (hidden_dim 32)."""
+    root = tmp_path_factory.mktemp("trained")
+    args = TINY + ["trainer.max_steps=1", "trainer.limit_val_batches=0", "sampling.num_samples=0",
+                   f"run_dir={root}"]
+    assert main(args) == 0
+    return root / "checkpoints" / "final.ckpt"
+
+
+# -- unknown names -----------------------------------------------------------------------------
+def test_unknown_algo_lists_installed_and_suggests(capsys, run_dir):
+    line = fails(capsys, ["algo=mdml", f"run_dir={run_dir}"], "unknown algo 'mdml'", "installed:",
+                 "did you mean 'mdlm'?", run_dir=run_dir)
+    installed = line.split("installed: ")[1].split(" (")[0].split(", ")
+    assert {"mdlm", "ar"} <= set(installed)
+
+
+def test_unknown_metric(capsys, run_dir):
+    fails(capsys, ["eval.metrics=[nope]", f"run_dir={run_dir}"], "unknown metric 'nope'", "entropy",
+          run_dir=run_dir)
+    fails(capsys, ["eval.metrics=[entrpy]", f"run_dir={run_dir}"], "did you mean 'entropy'?", run_dir=run_dir)
+
+
+@pytest.mark.parametrize("group, available", [
+    ("data", "digits"), ("model", "tiny"), ("experiment", "quickstart"), ("debug", "cpu"),
+    ("noise", "loglinear"), ("trainer", "default"),
+])
+def test_unknown_group_option(capsys, run_dir, group, available):
+    fails(capsys, [f"{group}=nope", f"run_dir={run_dir}"], f"unknown {group} 'nope'", available,
+          run_dir=run_dir)
+
+
+def test_close_data_name_is_suggested(capsys, run_dir):
+    fails(capsys, ["data=digit", f"run_dir={run_dir}"], "did you mean 'digits'?", run_dir=run_dir)
+
+
+def test_bad_mode(capsys, run_dir):
+    fails(capsys, ["mode=fit", f"run_dir={run_dir}"], "mode must be one of train, sample, eval", "'fit'",
+          run_dir=run_dir)
+
+
+def test_unknown_key_is_a_config_error(capsys, run_dir):
+    fails(capsys, TINY + ["model.lenght=64", f"run_dir={run_dir}"], "model.lenght", run_dir=run_dir)
+
+
+# -- bad values ------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["-3", "0", "abc", "1.5"])
+@pytest.mark.parametrize("algo", ["mdlm", "ar"])
+def test_model_length_must_be_positive_int(capsys, run_dir, value, algo):
+    fails(capsys, TINY + [f"algo={algo}", f"model.length={value}", f"run_dir={run_dir}"],
+          "model.length must be a positive int", run_dir=run_dir)
+
+
+def test_digits_needs_length_64(capsys, run_dir):
+    fails(capsys, ["debug=cpu", "data=digits", "model.length=32", f"run_dir={run_dir}"],
+          "model.length must be 64", "digits", run_dir=run_dir)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("sampling.top_p=1.5", "sampling.top_p"),
+    ("sampling.top_p=0", "sampling.top_p"),
+    ("sampling.steps=0", "sampling.steps"),
+    ("sampling.steps=2.5", "sampling.steps"),
+    ("sampling.temperature=-1", "sampling.temperature"),
+    ("sampling.temperature=hot", "sampling.temperature"),
+    ("sampling.num_samples=abc", "sampling.num_samples"),
+    ("sampling.batch_size=0", "sampling.batch_size"),
+])
+def test_bad_sampling_values_fail_before_training(capsys, run_dir, override, key):
+    # Train mode samples after fitting: the value must be refused before anything runs.
+    fails(capsys, TINY + [override, f"run_dir={run_dir}"], key, run_dir=run_dir)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("+trainer.no_such_arg=1", "no_such_arg"),
+    ("trainer.precision=bogus", "bogus"),
+    ("logger=bogus", "logger"),
+    ("training.ema=2", "training.ema"),
+    ("model.n_heads=3", "model.n_heads"),
+    ("loader.batch_size=100000", "batch size"),
+])
+def test_bad_training_values(capsys, run_dir, override, needle):
+    fails(capsys, TINY + ["logger=csv", override, f"run_dir={run_dir}"], needle, run_dir=run_dir)
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["sample", "eval"])
+def test_sample_needs_checkpoint(capsys, run_dir, mode):
+    fails(capsys, [f"mode={mode}", f"run_dir={run_dir}"], f"mode={mode} needs checkpoint=PATH", run_dir=run_dir)
+
+
+@pytest.mark.parametrize("mode", ["train", "sample", "eval"])
+def test_missing_checkpoint(capsys, tmp_path, run_dir, mode):
+    missing = tmp_path / "nope.ckpt"
+    fails(capsys, TINY + [f"mode={mode}", f"checkpoint={missing}", f"run_dir={run_dir}"],
+          "checkpoint", str(missing), "does not exist", run_dir=run_dir)
+
+
+@pytest.mark.parametrize("mode", ["train", "sample", "eval"])
+def test_text_file_is_not_a_checkpoint(capsys, tmp_path, run_dir, mode):
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    fails(capsys, TINY + [f"mode={mode}", f"checkpoint={text}", f"run_dir={run_dir}"],
+          str(text), "is not a checkpoint", run_dir=run_dir)
+
+
+def test_exported_dir_whose_shapes_do_not_match_its_config(capsys, tmp_path, run_dir, trained_ckpt):
+    loaded = load_backbone(trained_ckpt)
+    exported = save_backbone(tmp_path / "export", loaded.model, loaded.meta)
+    assert main(["mode=sample", f"checkpoint={exported}", "sampling.steps=2", "sampling.num_samples=2",
+                 f"run_dir={tmp_path / 'ok'}"]) == 0  # the untouched export samples
+    capsys.readouterr()
+    config = json.loads((exported / "config.json").read_text())
+    assert config["hidden_dim"] == 32
+    config["hidden_dim"] = 64
+    (exported / "config.json").write_text(json.dumps(config))
+    for mode in ("sample", "eval"):
+        fails(capsys, [f"mode={mode}", f"checkpoint={exported}", f"run_dir={run_dir}"],
+              str(exported), "shape mismatch", run_dir=run_dir)
+
+
+def test_resume_from_checkpoint_of_another_config(capsys, run_dir, trained_ckpt):
+    fails(capsys, TINY + ["model.hidden_dim=64", f"checkpoint={trained_ckpt}", f"run_dir={run_dir}"],
+          str(trained_ckpt), "does not fit this config", run_dir=run_dir)
+
+
+def test_resume_from_exported_dir_is_refused(capsys, tmp_path, run_dir, trained_ckpt):
+    loaded = load_backbone(trained_ckpt)
+    exported = save_backbone(tmp_path / "export", loaded.model, loaded.meta)
+    fails(capsys, TINY + [f"checkpoint={exported}", f"run_dir={run_dir}"], str(exported), ".ckpt",
+          run_dir=run_dir)
+
+
+# -- text files ----------------------------------------------------------------------------
+@pytest.fixture
+def good_text(tmp_path) -> Path:
+    path = tmp_path / "good.txt"
+    path.write_text("To be, or not to be, that is the question.\n" * 40, encoding="utf-8")
+    return path
+
+
+def text_files_args(run_dir, *paths):
+    listed = ",".join(str(p) for p in paths)
+    return ["debug=cpu", "data=text_files", f"data.paths=[{listed}]", "model.length=16", f"run_dir={run_dir}"]
+
+
+def test_text_files_empty_file(capsys, tmp_path, run_dir, good_text):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n")
+    fails(capsys, text_files_args(run_dir, empty, good_text), "data.paths", str(empty), "is empty", run_dir=run_dir)
+
+
+def test_text_files_binary_file(capsys, tmp_path, run_dir, good_text):
+    binary = tmp_path / "image.txt"
+    binary.write_bytes(bytes(range(256)))
+    fails(capsys, text_files_args(run_dir, binary, good_text), "data.paths", str(binary), "not UTF-8",
+          run_dir=run_dir)
+
+
+def test_text_files_missing_file(capsys, tmp_path, run_dir, good_text):
+    missing = tmp_path / "missing.txt"
+    fails(capsys, text_files_args(run_dir, good_text, missing), "data.paths", str(missing), "does not exist",
+          run_dir=run_dir)
+
+
+def test_text_files_without_paths(capsys, run_dir):
+    fails(capsys, ["debug=cpu", "data=text_files", f"run_dir={run_dir}"], "data.paths", run_dir=run_dir)
+
+
+# -- the real entry points -----------------------------------------------------------------
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("MDLM_DMMD_DEBUG", None)
+    return env
+
+
+def test_console_script_unknown_algo(tmp_path):
+    script = Path(sys.executable).parent / "mdlm-dmmd"
+    if not script.exists():
+        pytest.skip(f"console script not installed next to {sys.executable}")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([str(script), "algo=nope", f"run_dir={run_dir}"], capture_output=True, text=True,
+                          cwd=tmp_path, env=_env(), timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mdlm-dmmd: error: unknown algo 'nope'"), proc.stderr
+    assert not run_dir.exists()
+    assert list(tmp_path.iterdir()) == []  # not even a Hydra outputs/ folder
+
+
+def test_python_m_help(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mdlm_dmmd", "--help"], capture_output=True, text=True,
+                          cwd=tmp_path, env=_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "mdlm-dmmd algo=NAME" in proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_debug_env_shows_the_traceback(monkeypatch):
+    from mdlm_dmmd.errors import UserError
+
+    monkeypatch.setenv("MDLM_DMMD_DEBUG", "1")
+    with pytest.raises(UserError, match="unknown algo"):
+        main(["algo=nope"])

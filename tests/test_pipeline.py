@@ -1,0 +1,158 @@
+"""Pipelines from checkpoints written by a real (tiny) CLI run: same samples as the algo that
+wrote them, `mode=sample` / `mode=eval` outputs, and resuming training from a checkpoint."""
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from mdlm_dmmd import registry
+from mdlm_dmmd.checkpoints import load_backbone, save_backbone
+from mdlm_dmmd.cli import main
+from mdlm_dmmd.pipeline import Pipeline
+
+TINY = ["debug=cpu", "data=digits", "model.length=64"]  # 4 steps, checkpoints every 2, 4 samples
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """`mdlm-dmmd debug=cpu data=digits model.length=64`: 4 steps, then 4 samples of 4 steps."""
+    run_dir = tmp_path_factory.mktemp("train") / "run"
+    assert main(TINY + [f"run_dir={run_dir}"]) == 0
+    return run_dir
+
+
+def algo_from_checkpoint(path: Path):
+    """The algo class from the registry, rebuilt from the checkpoint's stored config and state."""
+    ckpt = load(path)
+    algo = registry.load_algo(ckpt["mdlm_dmmd"]["algo"])(ckpt["hyper_parameters"]["config"])
+    algo.load_state_dict(ckpt["state_dict"])
+    algo.on_load_checkpoint(ckpt)
+    return algo
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_train_run_writes_everything(run):
+    for name in ("config.yaml", "report.md", "metrics.json", "samples.pt", "samples.png",
+                 "checkpoints/final.ckpt", "checkpoints/last.ckpt", "checkpoints/step2.ckpt",
+                 "checkpoints/step4.ckpt"):
+        assert (run / name).is_file(), name
+    assert not (run / "checkpoints" / "crash.ckpt").exists()
+    assert load(run / "checkpoints" / "final.ckpt")["global_step"] == 4
+    rows = json.loads((run / "metrics.json").read_text())
+    assert rows["optimizer steps"] == 4 and rows["algo"] == "mdlm" and "entropy" in rows
+
+
+def test_pipeline_from_checkpoint_reproduces_the_algo(run):
+    ckpt = run / "checkpoints" / "final.ckpt"
+    algo = algo_from_checkpoint(ckpt)
+    pipe = Pipeline.from_checkpoint(ckpt)
+    assert pipe.meta["ema"] is True and pipe.process.mask_id == 17
+    expected = algo.generate(5, steps=6, generator=seeded(3))
+    assert torch.equal(pipe.generate(5, steps=6, generator=seeded(3)), expected)
+    # the samples the training run wrote: sampling.seed = seed = 1, 4 samples, 4 steps
+    written = torch.load(run / "samples.pt", weights_only=True)
+    assert torch.equal(pipe.generate(4, steps=4, generator=seeded(1)), written)
+
+
+def test_pipeline_from_exported_dir_reproduces_the_checkpoint(run, tmp_path):
+    ckpt = run / "checkpoints" / "final.ckpt"
+    loaded = load_backbone(ckpt)
+    exported = save_backbone(tmp_path / "export", loaded.model, loaded.meta)
+    a = Pipeline.from_checkpoint(ckpt).generate(3, steps=5, generator=seeded(0))
+    b = Pipeline.from_checkpoint(exported).generate(3, steps=5, generator=seeded(0))
+    assert torch.equal(a, b)
+
+
+def test_mode_sample_writes_samples(run, tmp_path):
+    out = tmp_path / "sampled"
+    ckpt = run / "checkpoints" / "final.ckpt"
+    assert main(["mode=sample", f"checkpoint={ckpt}", "sampling.num_samples=3", "sampling.steps=5",
+                 "sampling.seed=11", f"run_dir={out}"]) == 0
+    samples = torch.load(out / "samples.pt", weights_only=True)
+    assert samples.shape == (3, 64) and samples.min() >= 0 and samples.max() <= 16
+    assert (out / "samples.png").is_file()  # digits: a picture, decoded with the checkpoint's data config
+    assert torch.equal(samples, Pipeline.from_checkpoint(ckpt).generate(3, steps=5, generator=seeded(11)))
+
+
+def test_mode_eval_writes_report_with_requested_metrics(run, tmp_path):
+    out = tmp_path / "evaluated"
+    ckpt = run / "checkpoints" / "final.ckpt"
+    assert main(["mode=eval", f"checkpoint={ckpt}", "eval.metrics=[entropy]", "sampling.num_samples=6",
+                 "sampling.steps=4", f"run_dir={out}"]) == 0
+    for name in ("report.md", "metrics.json", "samples.pt", "samples.png"):
+        assert (out / name).is_file(), name
+    rows = json.loads((out / "metrics.json").read_text())
+    assert rows["samples"] == 6 and rows["sampling steps"] == 4 and rows["checkpoint"] == str(ckpt)
+    samples = torch.load(out / "samples.pt", weights_only=True)
+    by_hand = []
+    for row in samples.tolist():
+        counts = Counter(row)
+        by_hand.append(-sum(c / 64 * math.log(c / 64) for c in counts.values()))
+    assert rows["entropy"]["value"] == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-9)
+    assert "per_sample" not in rows["entropy"]
+    assert "| entropy |" in (out / "report.md").read_text()
+
+
+# -- resume --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def half(tmp_path_factory) -> Path:
+    """The same run stopped after 2 steps."""
+    run_dir = tmp_path_factory.mktemp("half") / "run"
+    assert main(TINY + ["trainer.max_steps=2", "sampling.num_samples=0", f"run_dir={run_dir}"]) == 0
+    return run_dir
+
+
+def assert_same_state(a: dict, b: dict, what: str) -> None:
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=1e-6,
+                                   msg=f"{what}: {key}")
+    assert a["ema"]["num_updates"] == b["ema"]["num_updates"]
+    for key in a["ema"]["shadow"]:
+        torch.testing.assert_close(a["ema"]["shadow"][key], b["ema"]["shadow"][key], rtol=0, atol=1e-6,
+                                   msg=f"{what}: ema {key}")
+
+
+def test_first_steps_are_deterministic(run, half):
+    """Same seed, same first two steps: the straight run's step-2 file equals the short run's."""
+    assert_same_state(load(run / "checkpoints" / "step2.ckpt"), load(half / "checkpoints" / "last.ckpt"), "step 2")
+
+
+def test_resume_restores_weights_ema_and_optimizer(half, tmp_path):
+    """Resuming at the checkpoint's own step trains nothing and hands back exactly its state."""
+    last = half / "checkpoints" / "last.ckpt"
+    out = tmp_path / "resumed"
+    assert main(TINY + [f"checkpoint={last}", "trainer.max_steps=2", "sampling.num_samples=0",
+                        f"run_dir={out}"]) == 0
+    before, after = load(last), load(out / "checkpoints" / "final.ckpt")
+    assert before["global_step"] == 2 and before["ema"]["num_updates"] == 2  # the file has step 2's EMA update
+    assert after["global_step"] == 2 and after["ema"]["num_updates"] == 2
+    assert_same_state(before, after, "resume at step 2")
+    for a, b in zip(before["optimizer_states"][0]["state"].values(), after["optimizer_states"][0]["state"].values()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(a[key], b[key])
+    assert after["lr_schedulers"][0]["last_epoch"] == before["lr_schedulers"][0]["last_epoch"] == 2
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "resume is not bit-exact yet: the train DataLoader is not resumable (Lightning restarts the "
+    "epoch at batch 0 instead of batch 2) and the global torch RNG that draws t and z_t is "
+    "re-seeded instead of restored (and validation draws from it between checkpoint and next step)"))
+def test_resume_equals_straight_run(run, half, tmp_path):
+    out = tmp_path / "resumed"
+    assert main(TINY + [f"checkpoint={half / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=4",
+                        "sampling.num_samples=0", f"run_dir={out}"]) == 0
+    straight, resumed = load(run / "checkpoints" / "final.ckpt"), load(out / "checkpoints" / "final.ckpt")
+    assert resumed["global_step"] == straight["global_step"] == 4
+    assert_same_state(straight, resumed, "4 straight vs 2 + resume 2")
