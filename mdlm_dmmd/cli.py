@@ -4,6 +4,7 @@
     mdlm-dmmd mode=sample checkpoint=runs/x/checkpoints/last.ckpt sampling.steps=16
     mdlm-dmmd mode=eval checkpoint=... eval.metrics=[entropy]
     mdlm-dmmd experiment=quickstart        # mode=study: teacher, D-MMD students, table and plots
+    mdlm-dmmd mode=sweep data=... sweep.methods='[{name: A, checkpoint: PATH, steps: [32, 64]}]'   # NFE x top-p tables
 
 The host knows no algo by name: `algo=NAME` is checked against the `mdlm.algos` entry points,
 and the class is loaded from there. Every user mistake ends in one line on stderr and exit
@@ -19,7 +20,7 @@ from typing import Sequence
 
 from mdlm_dmmd.errors import UserError
 
-MODES = ("train", "sample", "eval", "study")
+MODES = ("train", "sample", "eval", "study", "sweep")
 
 
 def config_dir() -> Path:

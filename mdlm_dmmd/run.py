@@ -31,6 +31,11 @@ def dispatch(cfg: DictConfig) -> None:
 
         run_study(cfg)
         return
+    if cfg.mode == "sweep":
+        from mdlm_dmmd.eval.sweep import run_sweep
+
+        run_sweep(cfg)
+        return
     {"train": train, "sample": sample, "eval": evaluate}[cfg.mode](cfg)
 
 
@@ -72,7 +77,8 @@ def check_resume(path: str, algo: L.LightningModule) -> None:
     if Path(path).is_dir():
         raise UserError(f"checkpoint '{path}': resuming training needs a .ckpt written by mdlm-dmmd, not a directory")
     state = _torch_load(Path(path))["state_dict"]
-    expected = algo.state_dict()
+    left_out = tuple(getattr(algo, "not_in_checkpoint", ()))  # put back by the algo on load
+    expected = {k: v for k, v in algo.state_dict().items() if not k.startswith(left_out)}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]

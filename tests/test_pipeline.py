@@ -145,14 +145,62 @@ def test_resume_restores_weights_ema_and_optimizer(half, tmp_path):
     assert after["lr_schedulers"][0]["last_epoch"] == before["lr_schedulers"][0]["last_epoch"] == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "resume is not bit-exact yet: the train DataLoader is not resumable (Lightning restarts the "
-    "epoch at batch 0 instead of batch 2) and the global torch RNG that draws t and z_t is "
-    "re-seeded instead of restored (and validation draws from it between checkpoint and next step)"))
+def assert_identical(a: dict, b: dict, what: str) -> None:
+    """Bit for bit: weights, EMA, optimiser moments, LR schedules, and the train loader's position
+    (the same position also shows that Lightning did not restart or skip within the epoch)."""
+    assert a["global_step"] == b["global_step"], what
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), f"{what}: {key}"
+    assert a["ema"]["num_updates"] == b["ema"]["num_updates"]
+    for key in a["ema"]["shadow"]:
+        assert torch.equal(a["ema"]["shadow"][key], b["ema"]["shadow"][key]), f"{what}: ema {key}"
+    assert len(a["optimizer_states"]) == len(b["optimizer_states"])
+    for opt_a, opt_b in zip(a["optimizer_states"], b["optimizer_states"]):
+        for state_a, state_b in zip(opt_a["state"].values(), opt_b["state"].values()):
+            for key in state_a:
+                assert torch.equal(state_a[key], state_b[key]), f"{what}: optimizer {key}"
+    assert [s["last_epoch"] for s in a["lr_schedulers"]] == [s["last_epoch"] for s in b["lr_schedulers"]]
+    position = a["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert position == b["loops"]["fit_loop"]["state_dict"]["combined_loader"], what
+
+
 def test_resume_equals_straight_run(run, half, tmp_path):
+    """STYLE §7: 4 steps straight vs 2 steps, stop, resume to 4 → identical state."""
     out = tmp_path / "resumed"
     assert main(TINY + [f"checkpoint={half / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=4",
                         "sampling.num_samples=0", f"run_dir={out}"]) == 0
     straight, resumed = load(run / "checkpoints" / "final.ckpt"), load(out / "checkpoints" / "final.ckpt")
     assert resumed["global_step"] == straight["global_step"] == 4
-    assert_same_state(straight, resumed, "4 straight vs 2 + resume 2")
+    assert straight["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 4}]
+    assert_identical(straight, resumed, "4 straight vs 2 + resume 2")
+
+
+def straight_and_resumed(tmp_path: Path, overrides: list[str], resume_from: str) -> tuple[dict, dict]:
+    """Final checkpoints of a straight run and of a run resumed from its `resume_from` file
+    (written mid-run, as if the run had been killed right after it)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = TINY + overrides + ["sampling.num_samples=0"]
+    assert main(args + [f"run_dir={straight}"]) == 0
+    assert main(args + [f"checkpoint={straight / 'checkpoints' / resume_from}", f"run_dir={resumed}"]) == 0
+    return load(straight / "checkpoints" / "final.ckpt"), load(resumed / "checkpoints" / "final.ckpt")
+
+
+@pytest.mark.parametrize("overrides, resume_from, batches", [
+    (["trainer.accumulate_grad_batches=2"], "step2.ckpt", 8),
+    # 3 batches per epoch: step 3 ends epoch 0, so the resumed run starts epoch 1 from its top
+    (["loader.batch_size=512", "trainer.val_check_interval=3", "trainer.max_steps=5"], "step3.ckpt", 2),
+], ids=["accumulate_grad_batches=2", "resume_at_epoch_end"])
+def test_resume_equals_straight_run_mdlm(tmp_path, overrides, resume_from, batches):
+    straight, resumed = straight_and_resumed(tmp_path, overrides, resume_from)
+    assert straight["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == batches
+    assert_identical(straight, resumed, " ".join(overrides))
+
+
+def test_resume_equals_straight_run_dmmd(run, tmp_path):
+    """D-MMD (manual optimisation, two optimisers, micro_step) distilling the tiny MDLM run."""
+    teacher = run / "checkpoints" / "final.ckpt"
+    straight, resumed = straight_and_resumed(
+        tmp_path, ["algo=dmmd", f"algo.teacher={teacher}", "algo.noise_dim=8"], "step2.ckpt")
+    assert len(straight["optimizer_states"]) == 2 and straight["distillation"] == resumed["distillation"]
+    assert_identical(straight, resumed, "dmmd")

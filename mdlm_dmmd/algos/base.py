@@ -59,6 +59,33 @@ def antithetic_times(n: int, eps: float, antithetic: bool, device, generator=Non
     return (1 - eps) * u + eps
 
 
+def rng_state() -> dict[str, Any]:
+    """The global torch RNG (CPU, and CUDA where it is in use): it draws t, z_t, dropout, noise."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Undo of `rng_state`; CUDA states are set for the devices that both runs have."""
+    torch.set_rng_state(state["cpu"])
+    if torch.cuda.is_available():
+        for index, device_state in enumerate(state.get("cuda", [])[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
+
+
+@contextmanager
+def isolated_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Global RNG seeded with `seed` inside the block, and exactly as before it after the block."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
+
+
 def algo_section(config: Mapping[str, Any]) -> dict:
     """The `algo` node of a composed config (DictConfig or plain dict) as a plain dict."""
     if isinstance(config, DictConfig):
@@ -75,6 +102,9 @@ class AlgoBase(L.LightningModule):
     """Shared plumbing; subclasses set `self.backbone` (and `self.process` if diffusion)."""
 
     backbone_prefix = "backbone."  # the network `generate` samples from, as named in state_dict
+    # state_dict prefixes that checkpoints leave out and `on_load_checkpoint` puts back
+    # (distillation: the frozen teacher, reloaded from algo.teacher); resume checks skip them
+    not_in_checkpoint: tuple[str, ...] = ()
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__()
@@ -87,6 +117,7 @@ class AlgoBase(L.LightningModule):
             raise UserError("config has no vocab.size; build the algo through the CLI or set vocab.size")
         self.data_vocab_size = int(vocab.size)
         self.ema: EMA | None = None
+        self._rng_to_restore: Mapping[str, Any] | None = None
 
     # -- networks ---------------------------------------------------------------------------
     def init_ema(self, module: torch.nn.Module) -> None:
@@ -128,11 +159,23 @@ class AlgoBase(L.LightningModule):
         if self.ema is not None:
             self.ema.update(self.ema_module())
 
+    def on_train_start(self):
+        # Here and not in on_load_checkpoint: Lightning seeds and builds everything before this
+        # point, and loading a checkpoint outside `fit` should not move the caller's RNG.
+        if self._rng_to_restore is not None:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
     def on_validation_epoch_start(self):
         self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._val_count = torch.zeros((), dtype=torch.float64, device=self.device)
         self._val_weights = self.evaluation_weights()
         self._val_weights.__enter__()
+        # Every validation draws the same t and z_t (seed = the run's seed), from an RNG of its
+        # own: validating neither moves the training noise nor depends on where training is, so
+        # a resumed run (which skips the validation it resumed after) stays identical.
+        self._val_rng = isolated_rng(int(self.cfg.get("seed", 0) or 0), self.device)
+        self._val_rng.__enter__()
 
     def validation_step(self, batch, batch_idx):
         total, count = self.loss(batch)
@@ -140,6 +183,7 @@ class AlgoBase(L.LightningModule):
         self._val_count += count.double()
 
     def on_validation_epoch_end(self):
+        self._val_rng.__exit__(None, None, None)
         self._val_weights.__exit__(None, None, None)
         nll = (self._val_sum / self._val_count.clamp_min(1)).float()
         self.log("val/nll", nll, prog_bar=True, sync_dist=True)
@@ -177,10 +221,15 @@ class AlgoBase(L.LightningModule):
         checkpoint["mdlm_dmmd"] = self.checkpoint_meta()
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
+        # A resumed run is re-seeded from the config; the RNG as it was at this step makes its
+        # next steps draw what the uninterrupted run draws (the data order is the train loader's
+        # state, which Lightning stores itself).
+        checkpoint["rng"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
+        self._rng_to_restore = checkpoint.get("rng")  # set in on_train_start
 
     # -- sampling ---------------------------------------------------------------------------
     def pipeline(self, network: torch.nn.Module) -> Pipeline:

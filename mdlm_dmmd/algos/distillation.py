@@ -162,6 +162,7 @@ class DistillationBase(AlgoBase):
     """Teacher/generator/aux setup, alternating manual optimisation, EMA on the generator."""
 
     backbone_prefix = "generator."
+    not_in_checkpoint = ("teacher.",)
 
     def __init__(self, config: Mapping[str, Any], settings: DistillationConfig):
         super().__init__(config)
@@ -261,7 +262,8 @@ class DistillationBase(AlgoBase):
     # -- checkpoints: the teacher is reloaded from algo.teacher, not stored -----------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith(self.not_in_checkpoint)}
         checkpoint["distillation"] = {"micro_step": self.micro_step, "nonfinite_total": self.guard.total,
                                       "recent_gen_entropy": list(self.recent_gen_entropy)}
 

@@ -138,7 +138,8 @@ class DMMD(DistillationBase):
 
     def checkpoint_meta(self) -> dict:
         # k travels with the student, so `mode=sample` uses it unless sampling.steps is given.
-        return {**super().checkpoint_meta(), "sampling_steps": self.settings.sampling_steps}
+        return {**super().checkpoint_meta(), "sampling_steps": self.settings.sampling_steps,
+                "teacher_top_p": self.settings.teacher_top_p, "teacher_temperature": self.settings.teacher_temperature}
 
     def weight(self, s: Tensor) -> Tensor:
         """w(s) per sequence [B, 1]. Not from the paper: constant 1 by default, or the ELBO 1/s."""

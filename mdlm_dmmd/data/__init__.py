@@ -51,11 +51,12 @@ from __future__ import annotations
 import difflib
 import importlib
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mdlm_dmmd.errors import UserError
 
@@ -146,22 +147,119 @@ def build_data(cfg: Mapping, length: int, *, seed: int = 0) -> DataBundle:
     return getattr(importlib.import_module(module), builder)(cfg, length, seed=seed)
 
 
+class EpochShuffle(DistributedSampler):
+    """Indices of `size` rows in a shuffled order that depends only on (seed, epoch).
+
+    Unlike `shuffle=True` with a generator (whose order depends on how many epochs that generator
+    has already drawn), any epoch's order can be recomputed after a restart, and `skip_next`
+    starts the next pass part-way through it. The epoch is set from outside with `set_epoch`,
+    as for torch's DistributedSampler; Lightning calls it before each training epoch.
+
+    It is a DistributedSampler so that Lightning keeps it under DDP instead of wrapping it: the
+    rank's share (every `world`-th index of the first size // world * world, the same count on
+    every rank) is worked out when iterating, after the processes have started.
+    """
+
+    def __init__(self, size: int, seed: int = 0):
+        # DistributedSampler.__init__ is skipped on purpose: it needs torch.distributed at build time.
+        self.size = int(size)
+        self.seed = int(seed)
+        self.epoch = 0
+        self._skip = 0
+
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def skip_next(self, count: int) -> None:
+        """Make the next pass (only) leave out the first `count` indices of its order."""
+        self._skip = int(count)
+
+    def order(self, epoch: int) -> Tensor:
+        """This rank's full index order of `epoch`."""
+        world, rank = self._world()
+        # SeedSequence mixes (seed, epoch) so that e.g. seed 2 / epoch 0 and seed 1 / epoch 1 differ.
+        mixed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0])
+        generator = torch.Generator().manual_seed(mixed)
+        permutation = torch.randperm(self.size, generator=generator)
+        return permutation[: self.size // world * world][rank::world]
+
+    def __iter__(self) -> Iterator[int]:
+        start, self._skip = self._skip, 0
+        return iter(self.order(self.epoch)[start:].tolist())
+
+    def __len__(self) -> int:
+        return self.size // self._world()[0]
+
+
+class ResumableLoader(DataLoader):
+    """The training loader: `EpochShuffle` order, `drop_last`, and a position that survives restarts.
+
+    `state_dict()` is {"epoch", "batches"}: batches handed out so far in that epoch, counted as
+    they leave the loader (workers fetch ahead, so counting in the sampler would overshoot).
+    Lightning's fit loop stores it in every checkpoint (loaders with `state_dict` /
+    `load_state_dict` count as stateful) and hands it back before iterating on resume, so a run
+    resumed mid-epoch sees exactly the batches that a run without the restart would have seen.
+    """
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, seed: int = 0, num_workers: int = 0):
+        # The generator only draws the workers' base seed, so that no pass of this loader takes
+        # numbers from the global torch RNG (which draws training noise).
+        super().__init__(dataset, batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed),
+                         drop_last=True, num_workers=num_workers, persistent_workers=num_workers > 0,
+                         generator=torch.Generator().manual_seed(seed))
+        self._position = (0, 0)  # (epoch, batches of it handed out)
+        self._resuming = False  # set by load_state_dict: the next pass continues `_position`
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._serve()
+
+    def _serve(self) -> Iterator[Any]:
+        # A generator, so nothing starts before the first batch is asked for: when resuming,
+        # Lightning calls iter() before set_epoch, and the pass must use the epoch set after.
+        epoch, (saved_epoch, saved_batches) = self.sampler.epoch, self._position
+        skip = saved_batches if self._resuming and saved_epoch == epoch else 0
+        self._resuming = False
+        self.sampler.skip_next(skip * self.batch_size)
+        self._position = (epoch, skip)
+        for batch in super().__iter__():
+            self._position = (epoch, self._position[1] + 1)
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self._position
+        if epoch != self.sampler.epoch:  # set_epoch has moved on; that pass has not begun
+            epoch, batches = self.sampler.epoch, 0
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if batches >= len(self):  # saved at the end of an epoch: the next one starts from its top
+            epoch, batches = epoch + 1, 0
+        self.sampler.set_epoch(epoch)  # what Lightning sets too; matters when used without it
+        self._position, self._resuming = (epoch, batches), True
+
+
 def make_loaders(bundle: DataBundle, *, batch_size: int, eval_batch_size: int,
-                 num_workers: int = 0, seed: int = 0) -> tuple[DataLoader, DataLoader]:
-    """Train loader (seeded shuffle, drop_last) and valid loader (fixed order, keeps the tail)."""
+                 num_workers: int = 0, seed: int = 0) -> tuple[ResumableLoader, DataLoader]:
+    """Train loader (`ResumableLoader`: seeded per-epoch shuffle, drop_last, resumable mid-epoch)
+    and valid loader (fixed order, keeps the tail)."""
     if len(bundle.train) < batch_size:
         raise UserError(f"batch size {batch_size} is larger than the {len(bundle.train)} training "
                         f"sequences of this dataset; lower the batch size or use more data")
-    # The generator fixes the shuffle order (and the workers' base seed) for a given seed.
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    persistent = num_workers > 0
-    train = DataLoader(bundle.train, batch_size=batch_size, shuffle=True, generator=generator,
-                       drop_last=True, num_workers=num_workers, persistent_workers=persistent)
+    train = ResumableLoader(bundle.train, batch_size=batch_size, seed=seed, num_workers=num_workers)
+    # A generator here too: even an unshuffled loader draws a base seed on every pass, from the
+    # global RNG without one, and validation must not move the training noise.
     valid = DataLoader(bundle.valid, batch_size=eval_batch_size, shuffle=False, drop_last=False,
-                       num_workers=num_workers, persistent_workers=persistent)
+                       num_workers=num_workers, persistent_workers=num_workers > 0,
+                       generator=torch.Generator().manual_seed(seed))
     return train, valid
 
 
-__all__ = ["DataBundle", "TokenDataset", "available_datasets", "build_data", "make_loaders",
-           "option"]
+__all__ = ["DataBundle", "EpochShuffle", "ResumableLoader", "TokenDataset", "available_datasets", "build_data",
+           "make_loaders", "option"]

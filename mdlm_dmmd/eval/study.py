@@ -56,16 +56,23 @@ def teacher_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[Path, str]:
     return fitted.checkpoint, f"trained here in {fitted.minutes:.1f} min ({int(cfg.trainer.max_steps)} steps)"
 
 
-def student_config(cfg: DictConfig, teacher: Path, steps: int, noise: bool, run_dir: Path) -> DictConfig:
-    """The teacher's config with `algo` replaced by dmmd.yaml plus `study.student_algo`."""
+LABELS = {None: "D-MMD", True: "D-MMD (noise input)", False: "D-MMD (no noise input)"}
+FOLDER_NAMES = {None: "default", True: "noise", False: "nonoise"}
+
+
+def student_config(cfg: DictConfig, teacher: Path, steps: int, noise: bool | None, run_dir: Path) -> DictConfig:
+    """The teacher's config with `algo` replaced by dmmd.yaml plus `study.student_algo`.
+
+    noise None keeps dmmd's default (noise input on for masked teachers, off for uniform).
+    """
     from mdlm_dmmd.cli import config_dir
 
     algo = OmegaConf.merge(OmegaConf.load(config_dir() / "algo" / "dmmd.yaml"), cfg.study.get("student_algo") or {})
-    algo.teacher, algo.sampling_steps, algo.noise_input = str(teacher), int(steps), bool(noise)
+    algo.teacher, algo.sampling_steps, algo.noise_input = str(teacher), int(steps), noise
     student = cfg.copy()
     student.algo = algo
     student.mode = "train"
-    student.run_dir = str(run_dir / f"dmmd_k{steps}_{'noise' if noise else 'nonoise'}")
+    student.run_dir = str(run_dir / f"dmmd_k{steps}_{FOLDER_NAMES[noise]}")
     student.trainer.max_steps = int(cfg.study.student_max_steps)
     student.training.ema = float(cfg.study.student_ema)
     return student
@@ -99,8 +106,8 @@ def run_study(cfg: DictConfig) -> Path:
             if fitted is None:
                 raise UserError("student training was interrupted; its crash.ckpt is in the student folder")
             metrics, samples = evaluate(cfg, fitted.checkpoint, steps)
-            label = "D-MMD" + ("" if noise else " (no noise)")
-            rows.append({"method": label, "steps": int(steps), "noise_input": bool(noise), **flatten(metrics),
+            label = LABELS[noise]
+            rows.append({"method": label, "steps": int(steps), "noise_input": fitted.algo.settings.noise_input, **flatten(metrics),
                          "gen_output_entropy": fitted.algo.mean_gen_entropy(), "train_minutes": round(fitted.minutes, 2)})
             grids[f"{label}, {steps} steps"] = samples
             print(f"[study] {label} @ {steps} steps: {rows[-1]}")
@@ -170,20 +177,7 @@ def save_panels(grids: dict[str, torch.Tensor], path: Path, per_panel: int = 36)
 
 
 def save_pareto(rows: list[dict], metric: str, path: Path) -> None:
-    import matplotlib
+    """`metric` against steps, one line per method (eval/plots.py, shared with mode=sweep)."""
+    from mdlm_dmmd.eval.plots import metric_vs_steps
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        points = sorted((r["steps"], r[metric]) for r in rows if r["method"] == method and metric in r)
-        if points:
-            ax.plot(*zip(*points), marker="o", label=method)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("sampling steps (NFE)")
-    ax.set_ylabel(metric)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    metric_vs_steps(rows, metric, path, group="method")

@@ -1,0 +1,222 @@
+"""mode=sweep: methods × steps × top-p rows, the Data / AR / quoted rows, tables and pictures, and
+one-line refusals (a reference model that would judge itself, bad entries) that write nothing."""
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mdlm_dmmd import registry
+from mdlm_dmmd.cli import compose, main
+from mdlm_dmmd.data import build_data
+from mdlm_dmmd.eval import sweep
+from mdlm_dmmd.pipeline import Pipeline
+
+TINY = ["data=digits", "debug=cpu", "model.length=64"]
+SWEEP = ["mode=sweep", "data=digits", "model.length=64", "seed=3", "sweep.num_samples=8"]
+
+
+def train(root: Path, *extra) -> Path:
+    assert main([*TINY, f"run_dir={root}", "sampling.num_samples=0", *extra]) == 0
+    return root / "checkpoints" / "final.ckpt"
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return train(tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="module")
+def ar(tmp_path_factory) -> Path:
+    return train(tmp_path_factory.mktemp("ar"), "algo=ar")
+
+
+def methods(*entries: dict) -> str:
+    """`sweep.methods=[...]` in Hydra's override grammar (paths quoted)."""
+    def value(v):
+        if isinstance(v, (str, Path)):
+            return f"'{v}'"
+        if isinstance(v, list):
+            return "[" + ", ".join(map(str, v)) + "]"
+        return "null" if v is None else str(v)
+
+    return "sweep.methods=[" + ", ".join("{" + ", ".join(f"{k}: {value(v)}" for k, v in e.items()) + "}"
+                                         for e in entries) + "]"
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def fails(capsys, args, *needles, run_dir: Path):
+    """Exit 2, one stderr line naming every needle, and nothing written."""
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("mdlm-dmmd: error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not run_dir.exists()
+
+
+# -- the sweep --------------------------------------------------------------------------------------
+def test_sweep_table_matches_direct_sampling_and_scoring(teacher, tmp_path):
+    literature = tmp_path / "literature.csv"
+    literature.write_text("method,steps,frechet,frechet_stderr,entropy,note\nOld method,8,123.5,4.5,,Table 9\n")
+    run_dir = tmp_path / "sweep"
+    grid = {"checkpoint": teacher, "steps": [2, 4], "top_p": [1.0, 0.9]}
+    assert main([*SWEEP, f"run_dir={run_dir}", "eval.metrics=[entropy,frechet]", f"sweep.literature_csv={literature}",
+                 methods({"name": "Teacher", **grid}, {"name": "Copy", **grid})]) == 0
+    rows = read_rows(run_dir)
+
+    # 1. one row per method x steps x top-p in config order, then Data, then the quoted row
+    expected = [(m, s, p) for m in ("Teacher", "Copy") for s in ("2", "4") for p in ("1.0", "0.9")]
+    assert [(r["method"], r["steps"], r["top_p"]) for r in rows[:8]] == expected
+    assert [(r["method"], r["source"]) for r in rows[8:]] == [("Data", "data"), ("Old method", "quoted")]
+    for column in ("label", "distill_top_p", "temperature", "entropy", "entropy_stderr", "frechet", "checkpoint"):
+        assert column in rows[0]
+    assert rows[1]["label"] == "Teacher (p = 0.90)" and rows[1]["distill_top_p"] == ""
+
+    # 2. a row equals sampling through Pipeline with the same seed and scoring directly
+    samples = Pipeline.from_checkpoint(teacher).generate(8, steps=4, generator=torch.Generator().manual_seed(3), top_p=0.9)
+    data_cfg = compose(["data=digits"]).data
+    row = rows[3]
+    assert float(row["entropy"]) == pytest.approx(registry.load_metric("entropy")(samples)["value"], rel=1e-12)
+    assert float(row["frechet"]) == pytest.approx(registry.load_metric("frechet")(samples, data_config=data_cfg)["value"], rel=1e-9)
+    # every row uses the same seed: the same checkpoint under another name gives the same numbers
+    assert [r["entropy"] for r in rows[:4]] == [r["entropy"] for r in rows[4:8]]
+
+    # 3. the Data row scores 8 held-out images drawn with the seed; far closer to data than the model
+    valid = build_data(data_cfg, 64).valid
+    index = torch.randperm(len(valid), generator=torch.Generator().manual_seed(3))[:8]
+    data = torch.stack([valid[int(i)]["input_ids"] for i in index])
+    data_row = rows[8]
+    assert data_row["steps"] == "" and data_row["num_samples"] == "8"
+    assert float(data_row["entropy"]) == pytest.approx(registry.load_metric("entropy")(data)["value"], rel=1e-12)
+    assert float(data_row["frechet"]) < min(float(r["frechet"]) for r in rows[:8])
+
+    # 4. the quoted row keeps its numbers and is marked
+    quoted = rows[9]
+    assert quoted["label"] == "Old method (quoted)" and quoted["steps"] == "8"
+    assert float(quoted["frechet"]) == 123.5 and float(quoted["frechet_stderr"]) == 4.5 and quoted["entropy"] == ""
+
+    # 5. results.md: one NFE table per metric (Table 2's shape) and every row with ± stderr
+    report = (run_dir / "results.md").read_text()
+    assert "## frechet vs NFE" in report and "## entropy vs NFE" in report
+    assert "| method | 2 | 4 | 8 | — |" in report  # frechet: NFE columns, then the Data column
+    assert f"| Teacher (p = 0.90) | {sweep._fmt(float(rows[1]['frechet']))} | {sweep._fmt(float(rows[3]['frechet']))} |  |  |" in report
+    assert "| Old method (quoted) |  |  | 123.5 |  |" in report
+    assert f"| Data |  |  |  |  | {sweep._fmt(float(data_row['entropy']))} ± " in report  # NFE, top-p, T blank
+    for name in ("nfe_entropy.png", "nfe_frechet.png", "config.yaml"):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "gen_ppl_vs_entropy.png").exists()  # no gen-PPL measured
+
+
+def test_judge_metrics_trade_off_pictures(teacher, ar, tmp_path):
+    """GM and gen-PPL with an `ar` reference on digits: every metric, all three pictures."""
+    run_dir = tmp_path / "sweep"
+    assert main([*SWEEP, f"run_dir={run_dir}", "eval.metrics=[entropy,gen_ppl,gradient_moment]",
+                 f"+eval.metric_options.gen_ppl.reference='{ar}'", f"+eval.metric_options.gradient_moment.reference='{ar}'",
+                 "+eval.metric_options.gradient_moment.batch_size=2",
+                 methods({"name": "Teacher", "checkpoint": teacher, "steps": [2, 4]})]) == 0
+    rows = read_rows(run_dir)
+    assert [r["method"] for r in rows] == ["Teacher", "Teacher", "Data"]
+    assert all(float(r[m]) == float(r[m]) for r in rows for m in ("gen_ppl", "gradient_moment", "entropy"))
+    for name in ("nfe_gen_ppl.png", "nfe_gradient_moment.png", "gen_ppl_vs_entropy.png", "gm_vs_gen_ppl.png"):
+        assert (run_dir / name).is_file(), name
+
+
+def test_ar_baseline_is_sampled_with_length_steps(teacher, ar, tmp_path):
+    run_dir = tmp_path / "sweep"
+    assert main([*SWEEP, f"run_dir={run_dir}", "eval.metrics=[entropy]", "sweep.reference_rows=false",
+                 f"sweep.ar_baseline='{ar}'", methods({"name": "Teacher", "checkpoint": teacher, "steps": [2]})]) == 0
+    rows = read_rows(run_dir)
+    assert [(r["method"], r["steps"], r["top_p"]) for r in rows] == [("Teacher", "2", "1.0"), ("AR baseline", "64", "1.0")]
+    expected = Pipeline.from_checkpoint(ar).generate(8, steps=64, generator=torch.Generator().manual_seed(3))
+    assert float(rows[1]["entropy"]) == pytest.approx(registry.load_metric("entropy")(expected)["value"], rel=1e-12)
+
+
+def test_student_at_its_own_k_keeps_its_distillation_top_p(teacher, tmp_path):
+    student = train(tmp_path / "student", "algo=dmmd", f"algo.teacher={teacher}", "algo.sampling_steps=2",
+                    "algo.teacher_top_p=0.9", "trainer.max_steps=2", "trainer.limit_val_batches=0")
+    run_dir = tmp_path / "sweep"
+    assert main([*SWEEP, f"run_dir={run_dir}", "eval.metrics=[entropy]", "sweep.reference_rows=false",
+                 methods({"name": "D-MMD", "checkpoint": student, "steps": None, "top_p": [1.0, 0.8], "distill_top_p": 0.9})]) == 0
+    rows = read_rows(run_dir)
+    assert [(r["steps"], r["distill_top_p"], r["top_p"], r["label"]) for r in rows] == [
+        ("2", "0.9", "1.0", "D-MMD (p = 0.90/1.00)"), ("2", "0.9", "0.8", "D-MMD (p = 0.90/0.80)")]
+
+
+def test_plots_without_steps_or_with_quoted_rows(tmp_path):
+    rows = [
+        {"method": "A", "label": "A", "source": "measured", "steps": 4, "gen_ppl": 30.0, "entropy": 5.1, "gradient_moment": 0.3,
+         "gradient_moment_stderr": 0.02},
+        {"method": "A", "label": "A", "source": "measured", "steps": 8, "gen_ppl": 25.0, "entropy": 5.2, "gradient_moment": 0.2},
+        {"method": "B", "label": "B (quoted)", "source": "quoted", "steps": 4, "gen_ppl": 80.0, "entropy": 5.0},
+        {"method": "Data", "label": "Data", "source": "data", "steps": "", "gen_ppl": 15.4, "entropy": 5.44, "gradient_moment": 0.0},
+    ]
+    written = sweep.write_plots(tmp_path, rows, ["gradient_moment", "gen_ppl", "entropy"])
+    assert written == ["nfe_gradient_moment.png", "nfe_gen_ppl.png", "nfe_entropy.png",
+                       "gen_ppl_vs_entropy.png", "gm_vs_gen_ppl.png"]
+    assert all((tmp_path / name).stat().st_size > 0 for name in written)
+
+
+# -- refusals ---------------------------------------------------------------------------------------
+def test_reference_model_never_judges_itself(teacher, ar, tmp_path, capsys):
+    run_dir = tmp_path / "sweep"
+    # the AR baseline is the GM reference
+    fails(capsys, [*SWEEP, f"run_dir={run_dir}", "eval.metrics=[entropy,gradient_moment]",
+                   f"+eval.metric_options.gradient_moment.reference='{ar}'", f"sweep.ar_baseline='{ar}'",
+                   methods({"name": "Teacher", "checkpoint": teacher, "steps": [2]})],
+          "eval.metric_options.gradient_moment.reference", "sweep.ar_baseline", "must not judge itself", run_dir=run_dir)
+    # a judged checkpoint reached through a link is the same file
+    link = tmp_path / "link.ckpt"
+    os.symlink(teacher, link)
+    fails(capsys, [*SWEEP, f"run_dir={run_dir}", "eval.metrics=[gen_ppl]", f"+eval.metric_options.gen_ppl.reference='{link}'",
+                   methods({"name": "Teacher", "checkpoint": teacher, "steps": [2]})],
+          "eval.metric_options.gen_ppl.reference", "sweep.methods.0.checkpoint", run_dir=run_dir)
+
+
+def bad_cases(teacher: Path, ar: Path, tmp: Path):
+    ok = {"name": "T", "checkpoint": teacher, "steps": [2]}
+    bad_csv = tmp / "bad.csv"
+    bad_csv.write_text("method,steps,fid\nX,4,1.0\n")
+    return {
+        "missing checkpoint": ([methods({**ok, "checkpoint": tmp / "nope.ckpt"})], ["sweep.methods.0.checkpoint", "does not exist"]),
+        "no checkpoint": ([methods({"name": "T", "steps": [2]})], ["sweep.methods.0.checkpoint is required"]),
+        "empty methods": (["sweep.methods=[]"], ["sweep.methods is empty"]),
+        "steps < 1": ([methods({**ok, "steps": [2, 0]})], ["sweep.methods.0.steps", "ints >= 1"]),
+        "top_p > 1": ([methods({**ok, "top_p": [1.0, 1.5]})], ["sweep.methods.0.top_p", "(0, 1]", "1.5"]),
+        "top_p = 0": ([methods({**ok, "top_p": [0.0]})], ["sweep.methods.0.top_p", "(0, 1]"]),
+        "unknown key": ([methods({**ok, "stpes": [2]})], ["sweep.methods.0", "unknown key(s) stpes", "accepted:"]),
+        "teacher without steps": ([methods({**ok, "steps": None})], ["sweep.methods.0.steps is null", "not a distilled student"]),
+        "distill top-p on a teacher": ([methods({**ok, "distill_top_p": 0.9})], ["sweep.methods.0.distill_top_p"]),
+        "ar as a method": ([methods({**ok, "checkpoint": ar})], ["sweep.methods.0.checkpoint", "sweep.ar_baseline"]),
+        "diffusion as ar baseline": ([methods(ok), f"sweep.ar_baseline='{teacher}'"], ["sweep.ar_baseline", "not one of the `ar` algo"]),
+        "other data": ([methods(ok), "data=shakespeare"], ["trained on data 'digits'", "data=digits"]),
+        "duplicate rows": ([methods(ok, ok)], ["two rows 'T (p = 1.00)' at 2 steps"]),
+        "num_samples": ([methods(ok), "sweep.num_samples=0"], ["sweep.num_samples"]),
+        "literature column": ([methods(ok), f"sweep.literature_csv={bad_csv}"], ["sweep.literature_csv", "unknown column(s) fid"]),
+        "two problems at once": ([methods({**ok, "steps": [0], "top_p": [2.0]})], ["sweep.methods.0.steps", "sweep.methods.0.top_p"]),
+    }
+
+
+CASES = list(bad_cases(Path("t"), Path("a"), Path("/tmp")))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_sweep_input_is_one_line_and_writes_nothing(case, teacher, ar, tmp_path, capsys):
+    args, needles = bad_cases(teacher, ar, tmp_path)[case]
+    run_dir = tmp_path / "sweep"
+    fails(capsys, [*SWEEP, f"run_dir={run_dir}", "eval.metrics=[entropy]", *args], *needles, run_dir=run_dir)
+
+
+def test_sweep_refuses_to_write_into_a_training_run(teacher, capsys):
+    run_dir = teacher.parent.parent
+    before = (run_dir / "config.yaml").read_text()
+    code = main([*SWEEP, f"run_dir={run_dir}", "eval.metrics=[entropy]", methods({"name": "T", "checkpoint": teacher, "steps": [2]})])
+    assert code == 2 and "holds a training run" in capsys.readouterr().err
+    assert (run_dir / "config.yaml").read_text() == before and not (run_dir / "results.csv").exists()
