@@ -10,7 +10,9 @@ extra networks by composition. The host calls algos only through this surface:
 
 Checkpoints carry, next to Lightning's own keys, `ckpt["mdlm_dmmd"]` (backbone config, the
 state-dict prefix of the network to sample, process/schedule names) and `ckpt["ema"]` (named
-EMA shadow), so `mdlm_dmmd.checkpoints.load_backbone` can restore a sampler without this class.
+EMA shadow), so `mdlm_dmmd.checkpoints.load_backbone` can restore a sampler without this class,
+and `ckpt["rng"]`, the global torch RNG at the save, so that a resumed run draws the same noise
+as one that never stopped (the train loader's position is in Lightning's own loop state).
 """
 
 from __future__ import annotations
