@@ -41,6 +41,10 @@ class Pipeline:
         process, time_conditioning = process_from_meta(meta, network.config.vocab_size, source=f"checkpoint {path}")
         return cls(network, process, time_conditioning, meta.get("sampling_rule", "ancestral"), meta=meta)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
     def sigma(self, t: Tensor) -> Tensor:
         return self.process.schedule.sigma(t) if self.time_conditioning else torch.zeros_like(t)
 
@@ -73,7 +77,7 @@ class Pipeline:
         """[num_samples, L] token ids, drawn `batch_size` sequences at a time."""
         if not isinstance(num_samples, int) or num_samples < 1:
             raise UserError(f"sampling.num_samples must be a positive int, got {num_samples!r}")
-        device = next(self.network.parameters()).device
+        device = self.device
         length = self.network.config.length
         batch_size = batch_size or num_samples
         chunks = []

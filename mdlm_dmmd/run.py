@@ -1,4 +1,4 @@
-"""The three host modes on a composed config: train, sample, eval.
+"""The host modes on a composed config: train, sample, eval (study and sweep live in `eval/`).
 
 Everything a run writes goes under `run_dir`: `config.yaml`, `checkpoints/` (periodic, `last`,
 and `crash.ckpt` if training dies), `samples.pt` with `samples.png` (images) or `samples.txt`
@@ -153,7 +153,8 @@ def sampling_steps(cfg: DictConfig, meta: dict | None = None) -> int:
 def generate(pipeline_or_algo, cfg: DictConfig, steps: int, *, progress: bool = True) -> torch.Tensor:
     """`sampling.num_samples` sequences in `steps` steps, seeded with `sampling.seed`."""
     s = cfg.sampling
-    generator = torch.Generator(device="cpu").manual_seed(int(s.seed))
+    # The generator must live where the samples are drawn (a CPU generator cannot feed CUDA draws).
+    generator = torch.Generator(device=pipeline_or_algo.device).manual_seed(int(s.seed))
     return pipeline_or_algo.generate(
         int(s.num_samples), steps=steps, generator=generator, temperature=float(s.temperature),
         top_p=float(s.top_p), noise_removal=str(s.noise_removal), batch_size=int(s.batch_size), progress=progress,
@@ -246,7 +247,7 @@ def train(cfg: DictConfig) -> None:
     rows.update({k: float(v) for k, v in fitted.trainer.callback_metrics.items() if k.startswith("val/")})
     files = ["checkpoints/final.ckpt"]
     if int(cfg.sampling.num_samples) > 0:
-        rows["sampling steps"] = sampling_steps(cfg)
+        rows["sampling steps"] = sampling_steps(cfg, fitted.algo.checkpoint_meta())
         samples = generate(fitted.algo, cfg, rows["sampling steps"])
         rows.update(compute_metrics(cfg, samples))
         files += write_samples(fitted.run_dir, samples, fitted.data)
