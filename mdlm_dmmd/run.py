@@ -183,6 +183,20 @@ def write_samples(run_dir: Path, samples: torch.Tensor, data) -> list[str]:
     return ["samples.pt", "samples.txt"]
 
 
+def log_samples(logger, samples: torch.Tensor, data, step: int) -> None:
+    """Samples into W&B next to the run's curves: a table of texts, or a picture of images."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger):
+        return  # CSV/TensorBoard: the samples files in run_dir are the record
+    if data.modality == "image":
+        from mdlm_dmmd.data.images import image_grid
+
+        logger.log_image("samples", images=[image_grid(samples.cpu(), max_value=data.vocab_size - 1, scale=4)], step=step)
+    else:
+        logger.log_text("samples", columns=["sample"], data=[[text] for text in data.decode(samples.cpu())], step=step)
+
+
 def write_report(run_dir: Path, title: str, rows: dict[str, Any], files: list[str]) -> None:
     lines = [f"# {title}", "", "| quantity | value |", "|---|---|"]
     for key, value in rows.items():
@@ -251,6 +265,7 @@ def train(cfg: DictConfig) -> None:
         samples = generate(fitted.algo, cfg, rows["sampling steps"])
         rows.update(compute_metrics(cfg, samples))
         files += write_samples(fitted.run_dir, samples, fitted.data)
+        log_samples(fitted.trainer.logger, samples, fitted.data, fitted.trainer.global_step)
     write_report(fitted.run_dir, f"{cfg.algo.name} on {cfg.data.name}", rows, files)
     print(f"run written to {fitted.run_dir}")
 

@@ -204,3 +204,20 @@ def test_resume_equals_straight_run_dmmd(run, tmp_path):
         tmp_path, ["algo=dmmd", f"algo.teacher={teacher}", "algo.noise_dim=8"], "step2.ckpt")
     assert len(straight["optimizer_states"]) == 2 and straight["distillation"] == resumed["distillation"]
     assert_identical(straight, resumed, "dmmd")
+
+
+@pytest.mark.parametrize("data,kind", [(["data=digits", "model.length=64"], "image"),
+                                       (["data=shakespeare", "data.max_documents=3", "model.length=32"], "text")])
+def test_samples_are_logged_to_wandb_as_table_or_image(tmp_path, monkeypatch, data, kind):
+    """logger=wandb (offline-safe: WANDB_MODE=disabled in tests) receives the final samples."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from mdlm_dmmd import cli
+
+    calls = []
+    monkeypatch.setattr(WandbLogger, "log_image", lambda self, key, images, step=None: calls.append((key, "image", images[0].shape)))
+    monkeypatch.setattr(WandbLogger, "log_text", lambda self, key, columns, data, step=None: calls.append((key, "text", len(data))))
+    code = cli.main([*data, "debug=cpu", "logger=wandb", f"run_dir={tmp_path / 'run'}"])
+    assert code == 0
+    assert calls and calls[-1][:2] == ("samples", kind)
+    assert calls[-1][2] == 4 if kind == "text" else calls[-1][2][-1] == 3  # 4 texts / an RGB grid

@@ -64,8 +64,8 @@ class DistillationConfig:
     aux_steps_per_gen_step: int = 1
     noise_input: bool | None = None  # None: on for masked teachers, off for uniform (paper §6.5)
     noise_dim: int = 64
-    lr_generator: float = 1e-4
-    lr_aux: float = 1e-4
+    lr_generator: float = 1e-5
+    lr_aux: float = 1e-5
     max_nonfinite_steps: int = 10
 
     @classmethod
