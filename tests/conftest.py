@@ -31,3 +31,15 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"shared fixtures not found at {SHARED}")
     return SHARED
+
+
+def random_model(config, seed: int = 0):
+    """A DiT with every parameter random, so zero-inits (adaLN, head, noise input) hide nothing."""
+    from mdlm_dmmd.models.dit import DiT
+
+    model = DiT(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model

@@ -11,6 +11,8 @@ from mdlm_dmmd.checkpoints import LoadedBackbone, load_backbone, load_backbone_w
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT, DiTConfig
 
+from conftest import random_model
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,15 +54,6 @@ def tiny_config(**overrides) -> DiTConfig:
     fields = dict(vocab_size=11, length=8, hidden_dim=16, cond_dim=8, n_blocks=1, n_heads=2, dropout=0.0)
     fields.update(overrides)
     return DiTConfig(**fields)
-
-
-def random_model(config: DiTConfig, seed: int = 0) -> DiT:
-    model = DiT(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def logits_of(model: DiT, noise: torch.Tensor | None = None) -> torch.Tensor:

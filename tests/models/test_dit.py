@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT, DiTConfig, flash_attn_available, flex_attention, flex_block_mask, sdpa_attention
 
+from conftest import random_model
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -26,16 +28,6 @@ def tiny_config(**overrides) -> DiTConfig:
     fields = dict(vocab_size=13, length=10, hidden_dim=32, cond_dim=16, n_blocks=2, n_heads=4, dropout=0.0)
     fields.update(overrides)
     return DiTConfig(**fields)
-
-
-def random_model(config: DiTConfig, seed: int = 0) -> DiT:
-    """A DiT with every parameter random, so zero-inits (adaLN, head) hide nothing."""
-    model = DiT(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def tokens(config: DiTConfig, batch: int = 2, seed: int = 1) -> torch.Tensor:
