@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mdlm_dmmd import registry
+from mdlm_dmmd.algos.base import AlgoBase
 from mdlm_dmmd.errors import UserError
 
 
@@ -76,7 +77,14 @@ def check_resume(path: str, algo: L.LightningModule) -> None:
 
     if Path(path).is_dir():
         raise UserError(f"checkpoint '{path}': resuming training needs a .ckpt written by mdlm-dmmd, not a directory")
-    state = _torch_load(Path(path))["state_dict"]
+    ckpt = _torch_load(Path(path))
+    state = ckpt["state_dict"]
+    recorded = ckpt.get("mdlm_dmmd") or {}
+    current = algo.checkpoint_meta() if isinstance(algo, AlgoBase) else {}  # third-party modules: no meta
+    for key in ("algo", "process", "schedule", "schedule_eps"):
+        if key in recorded and key in current and recorded[key] != current[key]:
+            raise UserError(f"checkpoint '{path}' was trained with {key}={recorded[key]!r} but this config has "
+                            f"{key}={current[key]!r}; resume with the config it was trained with")
     left_out = tuple(getattr(algo, "not_in_checkpoint", ()))  # put back by the algo on load
     expected = {k: v for k, v in algo.state_dict().items() if not k.startswith(left_out)}
     missing = [k for k in expected if k not in state]

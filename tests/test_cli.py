@@ -163,6 +163,14 @@ def test_resume_from_checkpoint_of_another_config(capsys, run_dir, trained_ckpt)
           str(trained_ckpt), "does not fit this config", run_dir=run_dir)
 
 
+@pytest.mark.parametrize("override,message", [
+    ("noise.eps=0.01", "trained with schedule_eps=0.001 but this config has schedule_eps=0.01"),
+    ("algo=udlm", "trained with algo='mdlm' but this config has algo='udlm'"),
+])
+def test_resume_with_another_process_or_schedule(capsys, run_dir, trained_ckpt, override, message):
+    fails(capsys, TINY + [override, f"checkpoint={trained_ckpt}", f"run_dir={run_dir}"], message, run_dir=run_dir)
+
+
 def test_resume_from_exported_dir_is_refused(capsys, tmp_path, run_dir, trained_ckpt):
     loaded = load_backbone(trained_ckpt)
     exported = save_backbone(tmp_path / "export", loaded.model, loaded.meta)

@@ -24,6 +24,7 @@ from torch import Tensor
 from mdlm_dmmd.algos.base import AlgoBase, antithetic_times, process_meta
 from mdlm_dmmd.checkpoints import LoadedBackbone, load_backbone, load_backbone_weights
 from mdlm_dmmd.diffusion import MaskedProcess, UniformProcess, process_from_meta
+from mdlm_dmmd.diffusion.schedules import build_schedule
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT
 from mdlm_dmmd.pipeline import Pipeline
@@ -170,6 +171,13 @@ class DistillationBase(AlgoBase):
         loaded, self.process, self.time_conditioning = load_teacher(
             settings.teacher, data_vocab_size=self.data_vocab_size, length=self.cfg.model.length
         )
+        configured = build_schedule(self.cfg.noise)
+        if configured != self.process.schedule:
+            raise UserError(
+                f"noise ({configured.name}, eps={configured.eps}) disagrees with the teacher's schedule "
+                f"({self.process.schedule.name}, eps={self.process.schedule.eps}); students use the teacher's "
+                "schedule: drop the noise override"
+            )
         # Open choices that depend on the teacher (e.g. noise input on for masked, off for uniform).
         self.settings = settings = settings.for_teacher(self.process.name, loaded.meta)
         self.teacher_meta = loaded.meta

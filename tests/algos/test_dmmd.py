@@ -282,3 +282,10 @@ def test_cli_distils_a_teacher_and_student_checkpoint_restores_noise(tmp_path, t
     assert (run_dir / "samples.png").is_file()
     raw = torch.load(ckpt, weights_only=True)
     assert not any(k.startswith("teacher.") for k in raw["state_dict"])  # reloaded from algo.teacher
+
+
+def test_noise_schedule_must_match_the_teacher(teacher_dir):
+    config = dmmd_config(teacher_dir)
+    config["noise"] = {"type": "loglinear", "eps": 0.01}
+    with pytest.raises(UserError, match=r"noise \(loglinear, eps=0.01\) disagrees with the teacher's schedule \(loglinear, eps=0.001\)"):
+        DMMD(config)
