@@ -110,3 +110,44 @@ def test_full_quickstart(tmp_path):
     assert "| teacher |" in report and "| D-MMD |" in report and "frechet" in report
     assert (run_dir / "samples.png").is_file()
     print(f"full quickstart: {(time.time() - started) / 60:.1f} min")
+
+
+TOY_PYPROJECT = """
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "toy-algo"
+version = "0.1"
+
+[project.entry-points."mdlm.algos"]
+toy = "toy_algo.algo:ToyAlgo"
+
+[tool.setuptools]
+packages = ["toy_algo"]
+
+[tool.setuptools.package-data]
+toy_algo = ["configs/algo/*.yaml"]
+"""
+
+
+def test_a_real_installed_plugin_package_runs_through_the_host(installed, tmp_path):
+    """pluggy-style: a separately built and installed package adds algo=toy; mdlm_dmmd is unchanged."""
+    from test_registry import make_toy_package
+
+    source = tmp_path / "toy_src"
+    make_toy_package(source)
+    (source / "pyproject.toml").write_text(TOY_PYPROJECT)
+    pip("install", "--target", str(installed["target"]), str(source), cwd=tmp_path)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = offline_env(PYTHONPATH=str(installed["target"]), MDLM_DMMD_CACHE=str(tmp_path / "cache"))
+    run = [sys.executable, "-m", "mdlm_dmmd", "algo=toy", "data=digits", "debug=cpu", "model.length=64",
+           f"run_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(run, cwd=outside, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "report.md").is_file()
+    listed = subprocess.run([sys.executable, "-m", "mdlm_dmmd", "algo=nope"], cwd=outside, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 2 and "toy" in listed.stderr  # the installed plugin is listed
