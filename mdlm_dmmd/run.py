@@ -185,7 +185,8 @@ def write_samples(run_dir: Path, samples: torch.Tensor, data) -> list[str]:
     if data.modality == "image":
         from mdlm_dmmd.data.images import save_image_grid
 
-        save_image_grid(samples.cpu(), run_dir / "samples.png", max_value=data.vocab_size - 1)
+        # the first 64 as a picture (all of them are in samples.pt)
+        save_image_grid(samples[:64].cpu(), run_dir / "samples.png", max_value=data.vocab_size - 1)
         return ["samples.pt", "samples.png"]
     (run_dir / "samples.txt").write_text("\n\n=====\n\n".join(data.decode(samples.cpu())), encoding="utf-8")
     return ["samples.pt", "samples.txt"]
