@@ -81,7 +81,8 @@ def check_resume(path: str, algo: L.LightningModule) -> None:
     state = ckpt["state_dict"]
     recorded = ckpt.get("mdlm_dmmd") or {}
     current = algo.checkpoint_meta() if isinstance(algo, AlgoBase) else {}  # third-party modules: no meta
-    for key in ("algo", "process", "schedule", "schedule_eps"):
+    for key in ("algo", "process", "schedule", "schedule_eps", "schedule_gamma_min", "schedule_gamma_max",
+                "schedule_num_points", "schedule_vocab_size"):
         if key in recorded and key in current and recorded[key] != current[key]:
             raise UserError(f"checkpoint '{path}' was trained with {key}={recorded[key]!r} but this config has "
                             f"{key}={current[key]!r}; resume with the config it was trained with")

@@ -171,12 +171,12 @@ class DistillationBase(AlgoBase):
         loaded, self.process, self.time_conditioning = load_teacher(
             settings.teacher, data_vocab_size=self.data_vocab_size, length=self.cfg.model.length
         )
-        configured = build_schedule(self.cfg.noise)
+        configured = build_schedule(self.cfg.noise, self.data_vocab_size)
         if configured != self.process.schedule:
             raise UserError(
-                f"noise ({configured.name}, eps={configured.eps}) disagrees with the teacher's schedule "
-                f"({self.process.schedule.name}, eps={self.process.schedule.eps}); students use the teacher's "
-                "schedule: drop the noise override"
+                f"noise ({configured.describe()}) disagrees with the teacher's schedule "
+                f"({self.process.schedule.describe()}); students use the teacher's schedule: "
+                f"pass noise={self.process.schedule.name} with the teacher's parameters"
             )
         # Open choices that depend on the teacher (e.g. noise input on for masked, off for uniform).
         self.settings = settings = settings.for_teacher(self.process.name, loaded.meta)

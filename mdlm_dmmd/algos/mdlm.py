@@ -1,8 +1,10 @@
 """MDLM: the masked diffusion teacher (Sahoo et al. 2024).
 
-Log-linear schedule, SUBS parameterisation, continuous-time NELBO −log p_θ(x | z_t)/t on masked
-tokens, antithetic time sampling, EMA, AdamW with warmup; k-step ancestral sampling through the
-shared sampler. Config: `configs/algo/mdlm.yaml`. Run: `mdlm-dmmd algo=mdlm data=digits ...`.
+Log-linear schedule (`noise=duo` is refused: Duo's α_t is the argmax marginal of a Gaussian over
+the V token classes, a uniform-state quantity with α(0) < 1, not a masking rate), SUBS
+parameterisation, continuous-time NELBO −log p_θ(x | z_t)/t on masked tokens, antithetic time
+sampling, EMA, AdamW with warmup; k-step ancestral sampling through the shared sampler.
+Config: `configs/algo/mdlm.yaml`. Run: `mdlm-dmmd algo=mdlm data=digits ...`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import Tensor
 from mdlm_dmmd.algos.base import AlgoBase, antithetic_times, backbone_config, process_meta
 from mdlm_dmmd.diffusion.masked import MaskedProcess
 from mdlm_dmmd.diffusion.schedules import build_schedule
+from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT
 from mdlm_dmmd.pipeline import Pipeline
 
@@ -22,6 +25,9 @@ from mdlm_dmmd.pipeline import Pipeline
 class MDLM(AlgoBase):
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
+        if self.cfg.noise.get("type") == "duo":
+            raise UserError("noise=duo is a uniform-state schedule (the argmax of a Gaussian over the V tokens) and "
+                            "does not apply to the masked process of algo=mdlm; use noise=loglinear, or algo=udlm noise=duo")
         # The mask token is appended after the real vocabulary: V = vocab.size + 1.
         self.process = MaskedProcess(build_schedule(self.cfg.noise), mask_id=self.data_vocab_size)
         self.backbone = DiT(backbone_config(self.cfg, self.data_vocab_size + 1))

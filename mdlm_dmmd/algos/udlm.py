@@ -1,6 +1,7 @@
 """UDLM: the uniform-state diffusion teacher (Schiff et al. 2025; Duo's `DUO_BASE`, Sahoo et al. 2025).
 
-Log-linear schedule, uniform noise over the V data tokens (no mask slot), Duo's "mean"
+Log-linear schedule (or Duo's Gaussian-argmax schedule with `noise=duo`; the discrete process only,
+not Duo's Gaussian curriculum), uniform noise over the V data tokens (no mask slot), Duo's "mean"
 parameterisation (a plain softmax over V), the DiT conditioned on σ(t) = −log α_t, antithetic
 time sampling, EMA, AdamW with warmup; k-step sampling through the shared sampler with the
 posterior of D-MMD paper eq. (4). Config: `configs/algo/udlm.yaml`.
@@ -63,7 +64,7 @@ class UDLM(AlgoBase):
         super().__init__(config)
         self.settings = UDLMConfig.from_mapping(algo_section(config))
         # No mask token: the model vocabulary is the data vocabulary, V = vocab.size.
-        self.process = UniformProcess(build_schedule(self.cfg.noise), vocab_size=self.data_vocab_size)
+        self.process = UniformProcess(build_schedule(self.cfg.noise, self.data_vocab_size), vocab_size=self.data_vocab_size)
         self.backbone = DiT(backbone_config(self.cfg, self.data_vocab_size))
         self.time_conditioning = self.settings.time_conditioning
         self.init_ema(self.backbone)

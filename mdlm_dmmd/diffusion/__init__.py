@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mdlm_dmmd.diffusion.masked import MaskedProcess
-from mdlm_dmmd.diffusion.schedules import LogLinear
+from mdlm_dmmd.diffusion.schedules import schedule_from_meta
 from mdlm_dmmd.diffusion.uniform import UniformProcess
 from mdlm_dmmd.errors import UserError
 
@@ -19,11 +19,14 @@ def process_from_meta(meta: dict, network_vocab: int, source: str = "checkpoint"
     kind = meta.get("process", "masked")
     if kind not in PROCESSES:
         raise UserError(f"{source}: process '{kind}' is not a diffusion process; accepted: {', '.join(PROCESSES)}")
-    if meta.get("schedule", "loglinear") != "loglinear":
-        raise UserError(f"{source}: schedule '{meta['schedule']}' is not supported; accepted: loglinear")
-    schedule = LogLinear(eps=float(meta.get("schedule_eps", 1e-3)))
     if kind == "uniform":
-        process = UniformProcess(schedule, vocab_size=int(meta.get("vocab_size") or network_vocab))
-        return process, bool(meta.get("time_conditioning", True))
+        vocab_size = int(meta.get("vocab_size") or network_vocab)
+        schedule = schedule_from_meta(meta, vocab_size, source)
+        if getattr(schedule, "vocab_size", vocab_size) != vocab_size:
+            raise UserError(f"{source}: schedule vocab_size {schedule.vocab_size} differs from the process's {vocab_size}")
+        return UniformProcess(schedule, vocab_size=vocab_size), bool(meta.get("time_conditioning", True))
+    schedule = schedule_from_meta(meta, network_vocab - 1, source)
+    if schedule.name == "duo":
+        raise UserError(f"{source}: schedule 'duo' is uniform-state only but the process is masked; accepted for masked: loglinear")
     process = MaskedProcess(schedule, mask_id=int(meta.get("mask_id", network_vocab - 1)))
     return process, bool(meta.get("time_conditioning", False))

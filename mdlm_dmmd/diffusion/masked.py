@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mdlm_dmmd.diffusion.schedules import LogLinear
+from mdlm_dmmd.diffusion.schedules import Schedule
 
 NEG_INF = -1e6  # SUBS "−∞" of MDLM: finite so that 0 · NEG_INF stays 0 in the losses
 
@@ -25,14 +25,13 @@ def per_token(t: Tensor, x: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class MaskedProcess:
-    schedule: LogLinear
+    schedule: Schedule
     mask_id: int
     name: str = "masked"
 
     def meta(self) -> dict:
         """What a checkpoint records to rebuild this process (`diffusion.process_from_meta`)."""
-        return {"process": self.name, "mask_id": self.mask_id, "schedule": self.schedule.name,
-                "schedule_eps": self.schedule.eps}
+        return {"process": self.name, "mask_id": self.mask_id, **self.schedule.meta()}
 
     def denoising_positions(self, z: Tensor) -> Tensor:
         """Tokens whose clean value is still unknown in z: the masked ones. [B, L] bool"""

@@ -29,19 +29,18 @@ import torch
 from torch import Tensor
 
 from mdlm_dmmd.diffusion.masked import per_token
-from mdlm_dmmd.diffusion.schedules import LogLinear
+from mdlm_dmmd.diffusion.schedules import Schedule
 
 
 @dataclass(frozen=True)
 class UniformProcess:
-    schedule: LogLinear
+    schedule: Schedule
     vocab_size: int  # V: the number of classes; π = 1/V on every one of them
     name: str = "uniform"
 
     def meta(self) -> dict:
         """What a checkpoint records to rebuild this process (`diffusion.process_from_meta`)."""
-        return {"process": self.name, "vocab_size": self.vocab_size, "schedule": self.schedule.name,
-                "schedule_eps": self.schedule.eps}
+        return {"process": self.name, "vocab_size": self.vocab_size, **self.schedule.meta()}
 
     def denoising_positions(self, z: Tensor) -> Tensor:
         """Tokens whose clean value is still unknown in z: all of them (any may be noise). [B, L]"""
