@@ -157,3 +157,14 @@ class UniformProcess:
     def cross_entropy(self, log_p: Tensor, x: Tensor) -> Tensor:
         """−log x̂_θ(x | z_t) per token, unweighted (the `ce` teacher loss; D-MMD eq. 5, w = 1). [B, L]"""
         return -log_p.gather(-1, x[..., None])[..., 0]
+
+
+def latent_input(latent: Tensor, temperature: float = 1.0) -> Tensor:
+    """Duo's continuous input: a Gaussian latent over the vocabulary [B, L, V] as the soft token
+    softmax(latent / τ) that the DiT embeds as probs @ W (Duo's `EmbeddingLayer` on 3-D input).
+
+    τ is Duo's Gumbel-τ curriculum temperature; τ → 0 approaches the hard token argmax(latent).
+    """
+    if temperature <= 0:
+        raise ValueError(f"latent_input: temperature must be > 0, got {temperature}")
+    return torch.softmax(latent.float() / temperature, dim=-1)

@@ -228,3 +228,23 @@ def test_nelbo_per_token_times_and_float32():
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     one = process.nelbo(log_p[:, 3:4], x[:, 3:4], z_t[:, 3:4], t[0, 3:4])
     assert torch.allclose(out[0, 3], one[0, 0], rtol=1e-5)
+
+
+def test_latent_input_is_duos_soft_embedding():
+    """softmax(latent/τ) @ W as Duo embeds its Gaussian latents; small τ → the argmax token."""
+    from mdlm_dmmd.diffusion.uniform import latent_input
+    from conftest import random_model
+    from mdlm_dmmd.models.dit import DiTConfig
+
+    g = torch.Generator().manual_seed(0)
+    # every weight random: a zero-init head would make any two inputs agree
+    model = random_model(DiTConfig(vocab_size=7, length=5, hidden_dim=16, cond_dim=8, n_blocks=1, n_heads=2, dropout=0.0))
+    latent = torch.randn(2, 5, 7, generator=g)
+    by_hand = torch.softmax(latent / 0.5, -1) @ model.vocab_embed.embedding
+    assert torch.allclose(model.vocab_embed(latent_input(latent, 0.5)), by_hand, atol=1e-6)
+    sigma = torch.zeros(2)
+    hard = model(latent.argmax(-1), sigma)
+    assert torch.allclose(model(latent_input(latent * 1000, 1.0), sigma), hard, atol=1e-4)
+    assert not torch.allclose(model(latent_input(latent, 1.0), sigma), hard, atol=1e-2)
+    with pytest.raises(ValueError, match="temperature"):
+        latent_input(latent, 0.0)
