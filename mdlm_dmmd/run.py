@@ -8,6 +8,7 @@ the folder is created, so a wrong input leaves nothing half-written.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from dataclasses import dataclass
@@ -108,6 +109,8 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     if kind == "tensorboard":
         return loggers.TensorBoardLogger(save_dir=str(run_dir), name="logs", version="")
     if kind == "wandb":
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError("logger=wandb needs wandb: pip install 'mdlm-dmmd[wandb]' torch==2.13.0 (or use logger=csv)")
         return loggers.WandbLogger(save_dir=str(run_dir), project="mdlm-dmmd", config=OmegaConf.to_container(cfg))
     raise UserError(f"logger must be one of csv, tensorboard, wandb, none; got '{kind}'")
 

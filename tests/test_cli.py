@@ -250,3 +250,13 @@ def test_debug_env_shows_the_traceback(monkeypatch):
     monkeypatch.setenv("MDLM_DMMD_DEBUG", "1")
     with pytest.raises(UserError, match="unknown algo"):
         main(["algo=nope"])
+
+
+def test_wandb_logger_without_wandb_installed(capsys, run_dir, monkeypatch):
+    import importlib.util
+
+    from mdlm_dmmd import run
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(run.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    fails(capsys, TINY + ["logger=wandb", f"run_dir={run_dir}"], "logger=wandb needs wandb", run_dir=run_dir)
