@@ -43,6 +43,18 @@ def _groups(rows: Iterable[dict], group: str) -> dict[str, list[dict]]:
     return out
 
 
+def _finish(plt, fig, ax, path: Path, x_label: str, y_label: str, title: str | None, legend_size: int) -> None:
+    """Labels, optional title, legend; write the PNG and free the figure."""
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def metric_vs_steps(rows: list[dict], metric: str, path: Path, *, group: str = "method",
                     errorbars: bool = False, title: str | None = None) -> None:
     """`metric` against sampling steps (NFE, log2 axis), one line per `group` value.
@@ -67,14 +79,7 @@ def metric_vs_steps(rows: list[dict], metric: str, path: Path, *, group: str = "
         for value in flat:
             ax.axhline(value, linestyle="--", linewidth=1, color="black", label=label)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("sampling steps (NFE)")
-    ax.set_ylabel(metric)
-    if title:
-        ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, "sampling steps (NFE)", metric, title, legend_size=8)
 
 
 def tradeoff(rows: list[dict], x_metric: str, y_metric: str, path: Path, *, group: str = "method",
@@ -96,11 +101,4 @@ def tradeoff(rows: list[dict], x_metric: str, y_metric: str, path: Path, *, grou
         for x, y, steps, _ in points:
             if _number(steps) is not None:
                 ax.annotate(str(int(steps)), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
-    ax.set_xlabel(x_metric)
-    ax.set_ylabel(y_metric)
-    if title:
-        ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, x_metric, y_metric, title, legend_size=7)

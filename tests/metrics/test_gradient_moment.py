@@ -26,15 +26,6 @@ from mdlm_dmmd.metrics.gradient_moment import (
 from mdlm_dmmd.models.dit import DiT, DiTConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Hundreds of tiny matmuls: on a busy CPU, threads waiting for each other make them ~20x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_gpt2(vocab=16, seed=0, bos=None, n_positions=64):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
