@@ -39,7 +39,10 @@ COMMON = ["data=shakespeare", "data.tokenizer=bpe", "data.bpe_vocab_size=2048", 
 
 
 def train(out: Path, name: str, algo: str, seed: int, steps: int) -> Path:
+    """Train (or, when `out/name` already holds a finished run, reuse) one model."""
     run_dir = out / name
+    if (run_dir / "checkpoints" / "final.ckpt").is_file():
+        return run_dir / "checkpoints" / "final.ckpt"
     code = cli.main([f"algo={algo}", *COMMON, f"seed={seed}", f"trainer.max_steps={steps}", f"run_dir={run_dir}"])
     if code != 0:
         raise SystemExit(f"training {name} failed")
@@ -64,9 +67,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=800, help="optimiser steps for the reference AR and the teacher")
     parser.add_argument("--samples", type=int, default=256, help="samples per sweep row")
+    parser.add_argument("--out", type=Path, default=None, help="results folder; finished trainings in it are reused")
     args = parser.parse_args()
     started = time.time()
-    out = Path("benchmarks/results") / f"gm_text_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
+    out = args.out or Path("benchmarks/results") / f"gm_text_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
     reference = train(out, "reference_ar", "ar", seed=2, steps=args.steps)
     teacher = train(out, "teacher_mdlm", "mdlm", seed=1, steps=args.steps)
     metrics = "eval.metrics=[gradient_moment,gen_ppl,entropy]"
@@ -75,11 +79,11 @@ def main() -> None:
     methods = (f"sweep.methods=[{{name: 'Masked teacher', checkpoint: '{teacher}', steps: [4, 16, 64, 256], top_p: [1.0]}}, "
                f"{{name: 'Masked teacher, 64 steps', checkpoint: '{teacher}', steps: [64], top_p: [1.0, 0.95, 0.9, 0.8, 0.6, 0.4]}}]")
     code = cli.main(["mode=sweep", *COMMON, metrics, options, methods, f"sweep.num_samples={args.samples}",
-                     "sampling.batch_size=256", f"run_dir={out / 'sweep'}"])
+                     "sampling.num_samples=1", "sampling.batch_size=256", f"run_dir={out / 'sweep'}"])
     shuffled = shuffled_gm(reference, args.samples)
     (out / "shuffled.json").write_text(json.dumps(shuffled, indent=2))
     info = {
-        "command": f"python benchmarks/gm_text.py --steps {args.steps} --samples {args.samples}",
+        "command": f"python benchmarks/gm_text.py --steps {args.steps} --samples {args.samples} --out {out}",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
         "versions": {p: version(p) for p in ("torch", "lightning", "mdlm-dmmd")},

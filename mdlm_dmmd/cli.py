@@ -63,6 +63,18 @@ def _check_group_overrides(overrides: Sequence[str], search_paths: Sequence[str]
             raise UserError(f"mode must be one of {', '.join(MODES)}, got '{value}'")
 
 
+# Free-form dicts whose keys are not known in advance (per-metric options, per-student algo
+# overrides): a plain `key=value` under them may add keys, as if written `++key=value`.
+FREE_FORM = ("eval.metric_options", "study.student_algo")
+
+
+def _allow_new_keys(override: str) -> str:
+    key = override.partition("=")[0]
+    if override[:1] in "+~" or not any(key == f or key.startswith(f + ".") for f in FREE_FORM):
+        return override
+    return "++" + override
+
+
 def compose(overrides: Sequence[str]):
     """The composed config (a DictConfig) for command-line `overrides`."""
     from hydra import compose as hydra_compose
@@ -77,7 +89,7 @@ def compose(overrides: Sequence[str]):
     extra = [f"hydra.searchpath=[{','.join(search_paths)}]"] if search_paths else []
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-            cfg = hydra_compose("config", overrides=list(overrides) + extra)
+            cfg = hydra_compose("config", overrides=[_allow_new_keys(o) for o in overrides] + extra)
     except (HydraException, OmegaConfBaseException) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"bad config override: {first}") from err

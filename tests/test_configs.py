@@ -142,3 +142,13 @@ def test_hub_dataset_offline_is_one_line_user_error(name):
     message = str(info.value)
     assert "\n" not in message
     assert name in message and "hub" in message.lower()
+
+
+def test_free_form_option_nodes_accept_new_keys():
+    from mdlm_dmmd.cli import compose
+
+    cfg = compose(["eval.metric_options={gradient_moment: {reference: 'a/b.ckpt', batch_size: 8}}",
+                   "eval.metric_options.frechet.num_bootstrap=5", "study.student_algo.lr_generator=3e-4"])
+    assert cfg.eval.metric_options.gradient_moment.reference == "a/b.ckpt"
+    assert cfg.eval.metric_options.frechet.num_bootstrap == 5
+    assert cfg.study.student_algo.lr_generator == 3e-4
