@@ -155,6 +155,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, algo: L.LightningModule) -> L.
         raise UserError(f"bad trainer config: {err}") from err
 
 
+def default_device() -> str:
+    """Where loaded checkpoints sample: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def sampling_steps(cfg: DictConfig, meta: dict | None = None) -> int:
     """`sampling.steps`, or when null the checkpoint's own k (a D-MMD student), else 128."""
     if cfg.sampling.steps is not None:
@@ -287,8 +292,7 @@ def _load_pipeline(cfg: DictConfig):
     from mdlm_dmmd.pipeline import Pipeline
 
     path = existing_checkpoint(cfg, required=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Pipeline.from_checkpoint(path, device=device), path
+    return Pipeline.from_checkpoint(path, device=default_device()), path
 
 
 def _write_pipeline_samples(cfg: DictConfig, pipeline, samples: torch.Tensor) -> tuple[Path, list[str]]:

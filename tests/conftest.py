@@ -43,3 +43,17 @@ def random_model(config, seed: int = 0):
         for p in model.parameters():
             p.copy_(0.3 * torch.randn(p.shape, generator=g))
     return model
+
+
+def write_ar_checkpoint(directory, vocab=17, length=64, seed=0, process="autoregressive"):
+    """A random tiny causal DiT saved as an exported directory: an `ar` checkpoint of this
+    package (or, with process="masked", a diffusion one that a reference loader must refuse)."""
+    from mdlm_dmmd.checkpoints import save_backbone
+    from mdlm_dmmd.models.dit import DiTConfig
+
+    model = random_model(DiTConfig(vocab_size=vocab + 1, length=length, hidden_dim=16, cond_dim=8, n_blocks=1,
+                                   n_heads=2, dropout=0.0, causal=True), seed=seed)
+    meta = {"process": process, "start_id": vocab} if process == "autoregressive" else \
+        {"process": process, "mask_id": vocab, "schedule": "loglinear", "time_conditioning": False}
+    save_backbone(directory, model, meta)
+    return directory

@@ -343,10 +343,6 @@ def _check_unique(rows: list[dict]) -> None:
         seen.add(key)
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def measure(cfg: DictConfig, method: Method, steps: int, top_p: float) -> dict:
     """Sample one (method, steps, top-p) with `sweep.num_samples` and `sampling.seed`, and score it."""
     sampling_cfg = OmegaConf.merge(cfg, {"sampling": {"num_samples": int(cfg.sweep.num_samples),
@@ -402,7 +398,7 @@ def run_sweep(cfg: DictConfig) -> Path:
 
     # 2. sample and score, one row at a time (results.csv rewritten after each)
     run_dir = run.make_run_dir(cfg)
-    device = _device()
+    device = run.default_device()
     rows: list[dict] = []
     total = len(jobs) + int(bool(cfg.sweep.reference_rows))
     with tqdm(total=total, desc="sweep", unit="row") as bar:

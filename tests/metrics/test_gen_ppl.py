@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
-from mdlm_dmmd.checkpoints import save_backbone
 from mdlm_dmmd.diffusion.sampling import shift_right
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.metrics import reference as ref
 from mdlm_dmmd.metrics.gen_ppl import gen_ppl_metric, generative_perplexity
-from mdlm_dmmd.models.dit import DiT, DiTConfig
+
+from conftest import write_ar_checkpoint
 
 
 def tiny_gpt2(vocab=10, seed=0, bos=None, eos=None, n_positions=64):
@@ -156,18 +156,6 @@ def test_a_saved_masked_lm_is_refused_by_the_causality_probe(tmp_path):
     # AutoModelForCausalLM opens it as a BertLMHeadModel without is_decoder: bidirectional
     with pytest.raises(UserError, match="is not causal"):
         ref.load_reference(str(tmp_path / "bert"))
-
-
-def write_ar_checkpoint(directory, vocab, length, seed=0):
-    config = DiTConfig(vocab_size=vocab + 1, length=length, hidden_dim=16, cond_dim=8, n_blocks=1,
-                       n_heads=2, dropout=0.0, causal=True)
-    model = DiT(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    save_backbone(directory, model, {"process": "autoregressive", "start_id": vocab})
-    return directory
 
 
 def test_registered_metric_with_ar_reference_equals_the_ar_loss(tmp_path):

@@ -14,7 +14,6 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
-from mdlm_dmmd.checkpoints import save_backbone
 from mdlm_dmmd.diffusion.sampling import shift_right
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.metrics import reference as ref
@@ -23,7 +22,8 @@ from mdlm_dmmd.metrics.gradient_moment import (
     gradient_moment,
     gradient_moment_metric,
 )
-from mdlm_dmmd.models.dit import DiT, DiTConfig
+
+from conftest import write_ar_checkpoint
 
 
 def tiny_gpt2(vocab=16, seed=0, bos=None, n_positions=64):
@@ -371,20 +371,6 @@ def test_over_long_rows_warn_and_truncate():
 
 
 # ----------------------------------------------------------------------------- `ar` reference
-
-
-def write_ar_checkpoint(directory, vocab=17, length=64, seed=0, process="autoregressive"):
-    config = DiTConfig(vocab_size=vocab + 1, length=length, hidden_dim=16, cond_dim=8, n_blocks=1,
-                       n_heads=2, dropout=0.0, causal=True)
-    model = DiT(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    meta = {"process": process, "start_id": vocab} if process == "autoregressive" else \
-        {"process": process, "mask_id": vocab, "schedule": "loglinear", "time_conditioning": False}
-    save_backbone(directory, model, meta)
-    return directory
 
 
 def test_ar_checkpoint_reference_scores_the_same_ids(tmp_path):
