@@ -10,16 +10,13 @@ student at or below the 64-step teacher's Fréchet distance; noise input helping
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import platform
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 from mdlm_dmmd import cli
+
+from run_info import run_info, write_run_info  # benchmarks/ is on sys.path when run as a script
 
 
 def main(overrides: list[str]) -> int:
@@ -27,18 +24,9 @@ def main(overrides: list[str]) -> int:
     cfg = cli.compose(["experiment=dmmd_digits", *overrides])
     run_dir = Path(cfg.run_dir)
     code = cli.main(["experiment=dmmd_digits", f"run_dir={run_dir}", *overrides])
-    info = {
-        "command": " ".join(["python", "benchmarks/dmmd_digits.py", *overrides]),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs".strip(),
-        "python": platform.python_version(),
-        "versions": {p: version(p) for p in ("torch", "lightning", "mdlm-dmmd")},
-        "wall_minutes": round((time.time() - started) / 60, 1),
-        "exit_code": code,
-    }
+    command = " ".join(["python", "benchmarks/dmmd_digits.py", *overrides])
     if run_dir.is_dir():
-        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
-    print(json.dumps(info, indent=2))
+        write_run_info(run_dir, run_info(command, started, exit_code=code))
     return code
 
 

@@ -103,7 +103,7 @@ def load_backbone_weights(
     if unexpected:
         hint = ""
         if "noise_proj.weight" in unexpected:
-            hint = f" (the checkpoint has a noise input, noise_dim={state_dict['noise_proj.weight'].shape[1]})"
+            hint = f" (the checkpoint has a noise input of width {state_dict['noise_proj.weight'].shape[1]})"
         raise UserError(f"{source}: unexpected key(s) {_few(unexpected)} for this DiT config{hint}")
     if missing:
         raise UserError(f"{source}: missing key(s) {_few(missing)}")
@@ -111,7 +111,7 @@ def load_backbone_weights(
         if key in state_dict and state_dict[key].shape != want.shape:
             raise UserError(
                 f"{source}: shape mismatch for {key}: checkpoint {tuple(state_dict[key].shape)} "
-                f"vs model {tuple(want.shape)} (check hidden_dim, cond_dim, n_heads, noise_dim)"
+                f"vs model {tuple(want.shape)} (check hidden_dim, cond_dim, n_heads, noise_dim, noise_grid)"
             )
     model.load_state_dict(state_dict, strict=False)
 

@@ -117,9 +117,9 @@ def test_unprefixed_keys_and_compiled_prefix_load(tmp_path):
 # save_backbone round trip
 
 
-@pytest.mark.parametrize("noise_dim", [0, 3])
-def test_save_load_round_trip(tmp_path, noise_dim):
-    model = random_model(tiny_config(noise_dim=noise_dim, attn_backend="sdpa"))
+@pytest.mark.parametrize("noise_dim, noise_grid", [(0, None), (3, None), (3, [2, 4])])
+def test_save_load_round_trip(tmp_path, noise_dim, noise_grid):
+    model = random_model(tiny_config(noise_dim=noise_dim, noise_grid=noise_grid, attn_backend="sdpa"))
     meta = {"process": "masked", "mask_id": 10, "schedule": "loglinear", "time_conditioning": False}
     path = save_backbone(tmp_path / "out", model, meta)
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
@@ -294,5 +294,5 @@ def test_missing_and_unexpected_keys(tmp_path):
 def test_noise_checkpoint_into_plain_config_hints_noise_dim(tmp_path):
     model = random_model(tiny_config(noise_dim=3))
     directory = write_public_dir(tmp_path / "d", tiny_config().to_hf_dict(), model.state_dict())
-    with pytest.raises(UserError, match="noise_dim=3"):
+    with pytest.raises(UserError, match="has a noise input of width 3"):
         load_backbone(directory)

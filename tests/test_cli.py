@@ -117,6 +117,8 @@ def test_bad_sampling_values_fail_before_training(capsys, run_dir, override, key
     ("training.ema=2", "training.ema"),
     ("model.n_heads=3", "model.n_heads"),
     ("loader.batch_size=100000", "batch size"),
+    ("data.train_shard=[2,2]", "data.train_shard must be [index, count] with 0 <= index < count, got [2, 2]"),
+    ("data.train_shard=[0,5000]", "data.train_shard [0, 5000] is empty"),
 ])
 def test_bad_training_values(capsys, run_dir, override, needle):
     fails(capsys, TINY + ["logger=csv", override, f"run_dir={run_dir}"], needle, run_dir=run_dir)

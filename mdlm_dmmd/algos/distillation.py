@@ -65,6 +65,7 @@ class DistillationConfig:
     aux_steps_per_gen_step: int = 1
     noise_input: bool | None = None  # None: on for masked teachers, off for uniform (paper §6.5)
     noise_dim: int = 64
+    noise_pyramid: bool | None = None  # None: a 2D noise pyramid for image tokens, white noise for text (§6.5)
     lr_generator: float = 1e-5
     lr_aux: float = 1e-5
     max_nonfinite_steps: int = 10
@@ -98,6 +99,8 @@ class DistillationConfig:
             found.append(f"algo.first_step must be gen or aux, got {self.first_step!r}")
         if not is_int(self.aux_steps_per_gen_step) or self.aux_steps_per_gen_step < 1:
             found.append(f"algo.aux_steps_per_gen_step must be an int >= 1, got {self.aux_steps_per_gen_step!r}")
+        if self.noise_pyramid not in (None, True, False):
+            found.append(f"algo.noise_pyramid must be true, false or null, got {self.noise_pyramid!r}")
         if self.noise_input is not False and (not is_int(self.noise_dim) or self.noise_dim < 1):
             found.append(f"algo.noise_dim must be an int >= 1 when algo.noise_input is true, got {self.noise_dim!r}")
         for key in ("lr_generator", "lr_aux"):
@@ -152,9 +155,10 @@ def load_teacher(path: str | None, *, data_vocab_size: int, length: int) -> tupl
     return teacher, process, time_conditioning
 
 
-def copy_of(teacher: DiT, *, noise_dim: int = 0) -> DiT:
-    """A trainable copy of the teacher; with noise_dim > 0 it gains a zero-init noise input."""
-    network = DiT(replace(teacher.config, noise_dim=noise_dim))
+def copy_of(teacher: DiT, *, noise_dim: int = 0, noise_grid: list[int] | None = None) -> DiT:
+    """A trainable copy of the teacher; with noise_dim > 0 it gains a zero-init noise input
+    (a pyramid over the token grid `noise_grid` = (H, W) when given)."""
+    network = DiT(replace(teacher.config, noise_dim=noise_dim, noise_grid=noise_grid))
     load_backbone_weights(network, teacher.state_dict(), allow_missing_noise=True, source="teacher")
     return network.train()
 
@@ -182,7 +186,10 @@ class DistillationBase(AlgoBase):
         self.settings = settings = settings.for_teacher(self.process.name, loaded.meta)
         self.teacher_meta = loaded.meta
         self.teacher = loaded.model
-        self.generator = copy_of(self.teacher, noise_dim=settings.noise_dim if settings.noise_input else 0)
+        if settings.noise_input:
+            self.generator = copy_of(self.teacher, noise_dim=settings.noise_dim, noise_grid=self.noise_grid(settings))
+        else:
+            self.generator = copy_of(self.teacher)
         self.aux = copy_of(self.teacher)
         self.phases = PhaseSchedule(settings.first_step, settings.aux_steps_per_gen_step)
         self.guard = NonFiniteGuard(settings.max_nonfinite_steps)
@@ -190,6 +197,16 @@ class DistillationBase(AlgoBase):
         self.micro_step = 0
         self.recent_gen_entropy: deque[float] = deque(maxlen=100)
         self.init_ema(self.generator)
+
+    def noise_grid(self, settings: DistillationConfig) -> list[int] | None:
+        """(H, W) of the data's token grid when the noise input is a pyramid (images), else None."""
+        image_shape = self.cfg.vocab.get("image_shape")
+        if settings.noise_pyramid is False or (settings.noise_pyramid is None and not image_shape):
+            return None
+        if not image_shape:
+            raise UserError("algo.noise_pyramid=true needs image tokens (data with an image shape); "
+                            "this data is text: use algo.noise_pyramid=false or null")
+        return [int(n) for n in image_shape]
 
     # The generator is what base-class helpers (checkpoint meta, EMA, sampling) call "backbone".
     @property

@@ -11,6 +11,10 @@ Config keys read per dataset (`data.<key>`, default in brackets; null means "use
     name               one of `available_datasets()` (required)
     split_seed   [0]   seed of the train/valid permutation. Deliberately not the training seed,
                        so runs with different seeds are scored on the same validation set.
+    train_shard  [null] [i, n]: train on the i-th (0-based) of n contiguous parts of the training
+                       rows only; the validation split and any tokenizer are unchanged. Two
+                       models with different shards never see the same training rows, e.g. a
+                       GM reference LM and the AR baseline it judges (issue: disjoint split).
 
   digits (sklearn 8x8 digits, bundled; model.length must be 64; vocab 17 = pixel values 0..16)
     valid_fraction [0.1]
@@ -50,13 +54,13 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from mdlm_dmmd.errors import UserError
 
@@ -143,8 +147,24 @@ def build_data(cfg: Mapping, length: int, *, seed: int = 0) -> DataBundle:
         raise UserError(f"unknown data '{name}'; available: {', '.join(names)}{hint}")
     if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
         raise UserError(f"model.length must be a positive int, got {length!r}")
+    shard = cfg.get("train_shard", None)
+    if shard is not None:
+        shard = list(shard)
+        if len(shard) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in shard) \
+                or not 0 <= shard[0] < shard[1]:
+            raise UserError(f"data.train_shard must be [index, count] with 0 <= index < count, got {shard!r}")
     module, builder = _BUILDERS[name]
-    return getattr(importlib.import_module(module), builder)(cfg, length, seed=seed)
+    bundle = getattr(importlib.import_module(module), builder)(cfg, length, seed=seed)
+    return bundle if shard is None else training_shard(bundle, *shard)
+
+
+def training_shard(bundle: DataBundle, index: int, count: int) -> DataBundle:
+    """The bundle with only the `index`-th of `count` contiguous parts of its training rows."""
+    rows = len(bundle.train)
+    low, high = rows * index // count, rows * (index + 1) // count
+    if high == low:
+        raise UserError(f"data.train_shard [{index}, {count}] is empty: the training split has only {rows} rows")
+    return replace(bundle, train=Subset(bundle.train, range(low, high)))
 
 
 class EpochShuffle(DistributedSampler):

@@ -68,14 +68,24 @@ class MaskedProcess:
         carry = torch.nn.functional.one_hot(z_t, x_probs.shape[-1]).double()
         return torch.where(clean[..., None], carry, probs)
 
+    def draw_updated_positions(
+        self, z_t: Tensor, t: Tensor, s: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """The masked tokens of z_t that z_s reveals, drawn before x is known. [B, L] bool
+
+        Whether a token is revealed between t and s does not depend on x, so a sampler can draw
+        this first and sample x only where it is revealed: per step that is ~L/k rows of
+        float64 work instead of L (`sampling.sample`).
+        """
+        reveal = self.reveal_probability(z_t, t, s)
+        u = torch.rand(z_t.shape, generator=generator, device=z_t.device, dtype=torch.float64)
+        return (z_t == self.mask_id) & (u < reveal)
+
     def sample_posterior(
         self, z_t: Tensor, x: Tensor, t: Tensor, s: Tensor, generator: torch.Generator | None = None
     ) -> Tensor:
         """z_s ~ q(z_s | z_t, x) for a hard x [B, L]: masked tokens become x_i w.p. reveal."""
-        reveal = self.reveal_probability(z_t, t, s)
-        u = torch.rand(z_t.shape, generator=generator, device=z_t.device, dtype=torch.float64)
-        masked = z_t == self.mask_id
-        return torch.where(masked & (u < reveal), x, z_t)
+        return torch.where(self.draw_updated_positions(z_t, t, s, generator), x, z_t)
 
     # 3. parameterisation and loss -----------------------------------------------------------
     def log_probs(self, logits: Tensor, z_t: Tensor) -> Tensor:

@@ -9,6 +9,10 @@ caller, inside the denoiser closure. Two step rules:
   For the masked process both rules give the same distribution; for uniform diffusion they do
   not (eq. 4 is not linear in x), and distilled students always use this rule.
 
+A process that can say which tokens change before x is drawn (`draw_updated_positions`; the
+masked process: the revealed ones) gets x sampled at those positions only, the rest of the
+float64 work per step is skipped. Uniform diffusion returns None and takes the full path.
+
 Time grid: t_j = j/k, stepping from 1 to 0; the last step has s = 0 (α_s = 1), which reveals
 every token, so k steps cost exactly k network evaluations.
 """
@@ -30,6 +34,7 @@ NOISE_REMOVALS = ("ancestral", "greedy")
 
 class Process(Protocol):
     def prior(self, shape: tuple[int, int], device: torch.device | str = "cpu", generator=None) -> Tensor: ...
+    def draw_updated_positions(self, z_t: Tensor, t: Tensor, s: Tensor, generator=None) -> Tensor | None: ...
     def posterior_probs(self, z_t: Tensor, x_probs: Tensor, t: Tensor, s: Tensor) -> Tensor: ...
     def sample_posterior(self, z_t: Tensor, x: Tensor, t: Tensor, s: Tensor, generator=None) -> Tensor: ...
 
@@ -112,15 +117,38 @@ def sample(
     for j in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
         t = times[j].expand(shape[0])
         s = times[j + 1].expand(shape[0])
-        probs = adjust(denoise(z, t), temperature, top_p)  # [B, L, V] float64
+        log_p = denoise(z, t)
         if noise_removal == "greedy" and j == steps - 1:
-            z = probs.argmax(dim=-1)  # argmax is unchanged by temperature > 0 and top-p
-        elif rule == "generator":
-            x = sample_categorical(probs, generator)
-            z = process.sample_posterior(z, x, t, s, generator)
+            z = log_p.argmax(dim=-1)  # argmax is unchanged by temperature > 0 and top-p
         else:
-            z = sample_categorical(process.posterior_probs(z, probs, t, s), generator)
+            z = step(process, log_p, z, t, s, rule=rule, temperature=temperature, top_p=top_p, generator=generator)
     return z
+
+
+def step(
+    process: Process,
+    log_p: Tensor,
+    z_t: Tensor,
+    t: Tensor,
+    s: Tensor,
+    *,
+    rule: str = "ancestral",
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """z_s given z_t and the denoiser's log-probs x̂(z_t) [B, L, V]: one step of `sample`. [B, L]"""
+    updated = process.draw_updated_positions(z_t, t, s, generator)
+    if updated is not None:
+        # Masked: which tokens change does not depend on x and the posterior is linear in x,
+        # so both rules reduce to drawing x at the revealed positions only.
+        z_s = z_t.clone()
+        z_s[updated] = sample_categorical(adjust(log_p[updated], temperature, top_p), generator)
+        return z_s
+    probs = adjust(log_p, temperature, top_p)  # [B, L, V] float64
+    if rule == "generator":
+        return process.sample_posterior(z_t, sample_categorical(probs, generator), t, s, generator)
+    return sample_categorical(process.posterior_probs(z_t, probs, t, s), generator)
 
 
 def shift_right(x: Tensor, start_id: int) -> Tensor:

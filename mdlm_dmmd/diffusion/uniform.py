@@ -86,6 +86,10 @@ class UniformProcess:
         evidence = alpha_t * x.gather(-1, z_t[..., None]) + (1 - alpha_t) / self.vocab_size
         return forward_ts * marginal_s / evidence
 
+    def draw_updated_positions(self, z_t: Tensor, t: Tensor, s: Tensor, generator=None) -> None:
+        """None: every token of z_s depends on x, so nothing can be drawn before it (cf. masked)."""
+        return None
+
     def sample_posterior(
         self, z_t: Tensor, x: Tensor, t: Tensor, s: Tensor, generator: torch.Generator | None = None
     ) -> Tensor:

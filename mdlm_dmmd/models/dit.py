@@ -10,7 +10,9 @@ Additions over the public DiT, none of which change its numbers:
 - soft input: probabilities [B, L, V] instead of token ids (embedding = probs @ W);
 - `causal=True` for the `ar` baseline (same keys; the public AR variant drops adaLN, we keep it);
 - `noise_dim > 0`: a zero-initialised projection of Gaussian noise added to the residual stream,
-  the generator noise input of D-MMD (paper §6.5);
+  the generator noise input of D-MMD (paper §6.5): white noise per token, or with `noise_grid`
+  = (H, W) a 2D Gaussian noise pyramid over the image's token grid (the paper's choice for
+  images: coarse levels give every token a shared source of randomness);
 - attention backends `sdpa` / `flash` / `flex`, and an `attn_mask` hook for block diffusion.
 
 Processes, losses and what sigma means for a given algo live elsewhere (`diffusion/`, `algos/`).
@@ -310,6 +312,7 @@ _HF_FIELDS = {
     "causal": "causal",
     "attn_backend": "attn_backend",
     "noise_dim": "noise_dim",
+    "noise_grid": "noise_grid",
 }
 _HF_REQUIRED = ("vocab_size", "length", "hidden_dim", "cond_dim", "n_blocks", "n_heads")
 # BD3-LM spells its flash backend `flash_attn`.
@@ -330,6 +333,7 @@ class DiTConfig:
     causal: bool = False  # causal attention (the `ar` algo)
     attn_backend: str = "auto"  # auto | sdpa | flash | flex
     noise_dim: int = 0  # >0: generator noise input (D-MMD §6.5)
+    noise_grid: list[int] | None = None  # (H, W), H·W = length: the noise input is a 2D pyramid
 
     def validate(self) -> None:
         """Raise one UserError listing every bad field, each named as its `model.*` key."""
@@ -340,6 +344,12 @@ class DiTConfig:
                 problems.append(f"model.{name} must be a positive int, got {value!r}")
         if not _is_int(self.noise_dim) or self.noise_dim < 0:
             problems.append(f"model.noise_dim must be an int >= 0 (0 = no noise input), got {self.noise_dim!r}")
+        if self.noise_grid is not None:
+            grid = list(self.noise_grid)
+            if len(grid) != 2 or not all(_is_int(n) and n > 0 for n in grid) or grid[0] * grid[1] != self.length:
+                problems.append(f"model.noise_grid must be [H, W] with H·W = model.length ({self.length}), got {self.noise_grid!r}")
+            elif not self.noise_dim:
+                problems.append("model.noise_grid needs a noise input (model.noise_dim > 0)")
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
             problems.append(f"model.dropout must be a float in [0, 1), got {self.dropout!r}")
         if not isinstance(self.causal, bool):
@@ -361,6 +371,23 @@ class DiTConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_dim // self.n_heads
+
+    @property
+    def noise_levels(self) -> list[tuple[int, int]]:
+        """Grid sizes of the noise pyramid, fine to coarse, halving (rounding up) down to 1×1."""
+        if self.noise_grid is None:
+            return []
+        h, w = self.noise_grid
+        levels = [(h, w)]
+        while levels[-1] != (1, 1):
+            h, w = -(-h // 2), -(-w // 2)
+            levels.append((h, w))
+        return levels
+
+    @property
+    def noise_features(self) -> int:
+        """Width of the noise input per token: noise_dim, times the pyramid's number of levels."""
+        return self.noise_dim * max(len(self.noise_levels), 1)
 
     def to_hf_dict(self) -> dict:
         """Fields under the public config.json names (`model_length`, not `length`)."""
@@ -419,7 +446,7 @@ class DiT(nn.Module):
         self.output_layer = FinalLayer(D, V, C)
         # Registered last so the parameters before it keep the public order; used right after
         # the embedding in forward.
-        self.noise_proj = nn.Linear(config.noise_dim, D, bias=False) if config.noise_dim > 0 else None
+        self.noise_proj = nn.Linear(config.noise_features, D, bias=False) if config.noise_dim > 0 else None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -445,12 +472,25 @@ class DiT(nn.Module):
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
     ) -> Tensor | None:
-        """Standard normal generator noise [B, L, noise_dim], or None when the model takes none."""
+        """Generator noise [B, L, noise_features], or None when the model takes none.
+
+        White: standard normal per token. Pyramid (`noise_grid`): standard normal on every level,
+        each coarse cell copied to the tokens it covers (nearest upsampling), levels stacked
+        along the features, tokens in raster order.
+        """
         if self.noise_proj is None:
             return None
         if device is None:
             device = generator.device if generator is not None else self.vocab_embed.embedding.device
-        return torch.randn(batch, length, self.config.noise_dim, generator=generator, device=device)
+        dim = self.config.noise_dim
+        if self.config.noise_grid is None:
+            return torch.randn(batch, length, dim, generator=generator, device=device)
+        h, w = self.config.noise_grid
+        if h * w != length:
+            raise ValueError(f"DiT: a noise pyramid over {h}x{w} tokens needs length {h * w}, got {length}")
+        levels = [torch.randn(batch, dim, *size, generator=generator, device=device) for size in self.config.noise_levels]
+        upsampled = [F.interpolate(level, size=(h, w), mode="nearest") for level in levels]
+        return torch.cat(upsampled, dim=1).flatten(2).transpose(1, 2)  # [B, H·W, dim · levels]
 
     def _attention_backend(self, device: torch.device, has_mask: bool) -> str:
         backend = self.config.attn_backend
@@ -476,7 +516,7 @@ class DiT(nn.Module):
 
         x: token ids [B, L] (int) or probabilities [B, L, V] (float).
         sigma: noise level [B] (a scalar is broadcast), as the algo defines it.
-        noise: [B, L, noise_dim], required iff config.noise_dim > 0 (see `draw_noise`).
+        noise: [B, L, noise_features], required iff config.noise_dim > 0 (see `draw_noise`).
         attn_mask: optional bool [L, L], True = may attend; combined with `causal`. A hook for
             block diffusion; None means full (or causal) attention.
         Returns float32 logits [B, L, V], computed in the parameters' dtype.
@@ -501,9 +541,9 @@ class DiT(nn.Module):
                     f"DiT has a noise input (noise_dim={self.config.noise_dim}) but got noise=None; "
                     "a noise-conditioned generator must be given noise, e.g. model.draw_noise(B, L)"
                 )
-            if noise.shape != (B, L, self.config.noise_dim):
+            if noise.shape != (B, L, self.config.noise_features):
                 raise ValueError(
-                    f"DiT: noise must have shape {(B, L, self.config.noise_dim)}, got {tuple(noise.shape)}"
+                    f"DiT: noise must have shape {(B, L, self.config.noise_features)}, got {tuple(noise.shape)}"
                 )
             h = h + self.noise_proj(noise.to(h.dtype))  # [B, L, D]
         elif noise is not None:

@@ -277,6 +277,7 @@ def test_cli_distils_a_teacher_and_student_checkpoint_restores_noise(tmp_path, t
     ckpt = run_dir / "checkpoints" / "final.ckpt"
     student = load_backbone(ckpt)
     assert student.config.noise_dim == 8 and student.meta["sampling_rule"] == "generator"
+    assert student.config.noise_grid == [8, 8]  # image tokens: the noise input is a pyramid (§6.5)
     with pytest.raises(ValueError, match="noise"):
         student.model(torch.zeros(1, LENGTH, dtype=torch.long), torch.zeros(1))  # never silently noiseless
     assert (run_dir / "samples.png").is_file()
@@ -289,3 +290,15 @@ def test_noise_schedule_must_match_the_teacher(teacher_dir):
     config["noise"] = {"type": "loglinear", "eps": 0.01}
     with pytest.raises(UserError, match=r"noise \(loglinear, eps=0.01\) disagrees with the teacher's schedule \(loglinear, eps=0.001\)"):
         DMMD(config)
+
+
+def test_noise_pyramid_follows_the_data_and_refuses_text(teacher_dir):
+    config = dmmd_config(teacher_dir)
+    assert DMMD(config).generator.config.noise_grid is None  # no image shape: white noise per token
+    image = config | {"vocab": {"size": VOCAB, "modality": "image", "image_shape": [8, 8]}}
+    assert DMMD(image).generator.config.noise_grid == [8, 8]
+    assert DMMD(image | {"algo": config["algo"] | {"noise_pyramid": False}}).generator.config.noise_grid is None
+    with pytest.raises(UserError, match="algo.noise_pyramid=true needs image tokens"):
+        DMMD(config | {"algo": config["algo"] | {"noise_pyramid": True}})
+    with pytest.raises(UserError, match="algo.noise_pyramid must be true, false or null, got 'yes'"):
+        DMMD(config | {"algo": config["algo"] | {"noise_pyramid": "yes"}})

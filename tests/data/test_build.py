@@ -65,3 +65,19 @@ def test_loaders_are_seeded_and_drop_last():
 def test_batch_larger_than_data():
     with pytest.raises(UserError, match="batch size 11 is larger than the 10 training"):
         make_loaders(_bundle(), batch_size=11, eval_batch_size=2)
+
+
+def test_train_shards_are_disjoint_and_cover_the_training_split():
+    full = build_data({"name": "digits"}, 64)
+    shards = [build_data({"name": "digits", "train_shard": [i, 3]}, 64) for i in range(3)]
+    rows = [torch.stack([s.train[j]["input_ids"] for j in range(len(s.train))]) for s in shards]
+    assert [len(r) for r in rows] == [539, 539, 539]  # 1617 training images in three parts
+    assert torch.equal(torch.cat(rows), torch.stack([full.train[j]["input_ids"] for j in range(len(full.train))]))
+    for shard in shards:  # the validation split does not move
+        assert torch.equal(shard.valid[0]["input_ids"], full.valid[0]["input_ids"]) and len(shard.valid) == len(full.valid)
+
+
+@pytest.mark.parametrize("shard", [[1, 1], [-1, 2], [0], [0.5, 2], [True, 2]])
+def test_bad_train_shard(shard):
+    with pytest.raises(UserError, match=r"data.train_shard must be \[index, count\] with 0 <= index < count"):
+        build_data({"name": "digits", "train_shard": shard}, 64)

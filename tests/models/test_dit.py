@@ -260,6 +260,36 @@ def test_draw_noise():
     assert DiT(tiny_config()).draw_noise(4, 7) is None
 
 
+def test_noise_pyramid_levels_share_noise_over_their_cells():
+    """3x4 grid: levels 3x4, 2x2, 1x1. A coarse cell's noise is copied to the tokens it covers
+    (nearest upsampling: rows 0,1 | 2 and columns 0,1 | 2,3 for the 2x2 level)."""
+    config = tiny_config(length=12, noise_dim=2, noise_grid=[3, 4])
+    assert config.noise_levels == [(3, 4), (2, 2), (1, 1)] and config.noise_features == 6
+    noise = DiT(config).draw_noise(5, 12, generator=torch.Generator().manual_seed(0))
+    assert noise.shape == (5, 12, 6)
+    grid = noise.view(5, 3, 4, 6)  # raster order
+    fine, mid, top = grid[..., 0:2], grid[..., 2:4], grid[..., 4:6]
+    assert torch.equal(top, top[:, :1, :1].expand_as(top))  # one value for the whole image
+    cells = {(0, 0): [(0, 0), (0, 1), (1, 0), (1, 1)], (0, 1): [(0, 2), (0, 3), (1, 2), (1, 3)],
+             (1, 0): [(2, 0), (2, 1)], (1, 1): [(2, 2), (2, 3)]}
+    for members in cells.values():
+        for r, c in members:
+            assert torch.equal(mid[:, r, c], mid[:, members[0][0], members[0][1]])
+    assert not torch.equal(mid[:, 0, 0], mid[:, 2, 2])
+    assert len({tuple(fine[0, r, c].tolist()) for r in range(3) for c in range(4)}) == 12  # white per token
+    with pytest.raises(ValueError, match="needs length 12"):
+        DiT(config).draw_noise(1, 10)
+
+
+def test_zero_init_pyramid_generator_equals_model_without_noise():
+    base = random_model(tiny_config(length=12)).eval()
+    noisy = DiT(tiny_config(length=12, noise_dim=2, noise_grid=[3, 4])).eval()
+    noisy.load_state_dict(base.state_dict(), strict=False)
+    x, sigma = tokens(base.config), torch.tensor([0.1, 1.0])
+    with torch.no_grad():
+        assert torch.equal(noisy(x, sigma, noisy.draw_noise(2, 12)), base(x, sigma))
+
+
 # ---------------------------------------------------------------------------------------------
 # Config
 
@@ -272,6 +302,8 @@ def test_draw_noise():
         (dict(attn_backend="xformers"), "model.attn_backend must be one of auto, sdpa, flash, flex; got 'xformers'"),
         (dict(dropout=1.5), "model.dropout"),
         (dict(noise_dim=-1), "model.noise_dim"),
+        (dict(noise_dim=2, noise_grid=[3, 3]), r"model.noise_grid must be \[H, W\] with H·W = model.length \(10\)"),
+        (dict(noise_grid=[2, 5]), r"model.noise_grid needs a noise input"),
         (dict(hidden_dim=36, n_heads=4), "must be even for rotary"),
         (dict(n_blocks=True), "model.n_blocks must be a positive int"),
     ],

@@ -1,0 +1,32 @@
+"""What every benchmark writes next to its results: command, date, machine, versions, wall time."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+
+def run_info(command: str, started: float, **extra) -> dict:
+    """A `run_info.json` record; `started` is the `time.time()` at the benchmark's start."""
+    return {
+        "command": command,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+        "python": platform.python_version(),
+        "versions": {p: version(p) for p in ("torch", "lightning", "mdlm-dmmd")},
+        "wall_minutes": round((time.time() - started) / 60, 1),
+        **extra,
+    }
+
+
+def write_run_info(folder: Path, info: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run_info.json").write_text(json.dumps(info, indent=2))
+    print(json.dumps(info, indent=2))
