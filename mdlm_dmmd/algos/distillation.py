@@ -68,6 +68,7 @@ class DistillationConfig:
     noise_pyramid: bool | None = None  # None: a 2D noise pyramid for image tokens, white noise for text (§6.5)
     lr_generator: float = 1e-5
     lr_aux: float = 1e-5
+    lr_noise_input: float | None = None  # the generator's noise projection; None: lr_generator
     max_nonfinite_steps: int = 10
 
     @classmethod
@@ -106,6 +107,8 @@ class DistillationConfig:
         for key in ("lr_generator", "lr_aux"):
             if not getattr(self, key) > 0:
                 found.append(f"algo.{key} must be > 0, got {getattr(self, key)}")
+        if self.lr_noise_input is not None and not self.lr_noise_input > 0:
+            found.append(f"algo.lr_noise_input must be > 0 or null (= lr_generator), got {self.lr_noise_input}")
         if not is_int(self.max_nonfinite_steps) or self.max_nonfinite_steps < 1:
             found.append(f"algo.max_nonfinite_steps must be an int >= 1, got {self.max_nonfinite_steps!r}")
         return found
@@ -271,8 +274,21 @@ class DistillationBase(AlgoBase):
         """Generator output entropy (paper Table 6) averaged over the last 100 training steps."""
         return sum(self.recent_gen_entropy) / max(len(self.recent_gen_entropy), 1)
 
+    def generator_param_groups(self) -> list[dict]:
+        """The generator's parameters, its noise projection (if any) in a group of its own rate.
+
+        A zero-init projection of pure noise gets gradients of random sign, which Adam turns
+        into steps of full size: its weights random-walk unless their rate is kept small.
+        """
+        noise = [p for n, p in self.generator.named_parameters() if n.startswith("noise_proj.")]
+        rest = [p for n, p in self.generator.named_parameters() if not n.startswith("noise_proj.")]
+        groups = [{"params": rest}]
+        if noise:
+            groups.append({"params": noise, "lr": self.settings.lr_noise_input or self.settings.lr_generator})
+        return groups
+
     def configure_optimizers(self):
-        gen = self.build_optimizer(self.generator.parameters(), self.cfg.optim, lr=self.settings.lr_generator)
+        gen = self.build_optimizer(self.generator_param_groups(), self.cfg.optim, lr=self.settings.lr_generator)
         aux = self.build_optimizer(self.aux.parameters(), self.cfg.optim, lr=self.settings.lr_aux)
         return [gen["optimizer"], aux["optimizer"]], [gen["lr_scheduler"]["scheduler"], aux["lr_scheduler"]["scheduler"]]
 

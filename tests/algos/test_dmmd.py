@@ -302,3 +302,19 @@ def test_noise_pyramid_follows_the_data_and_refuses_text(teacher_dir):
         DMMD(config | {"algo": config["algo"] | {"noise_pyramid": True}})
     with pytest.raises(UserError, match="algo.noise_pyramid must be true, false or null, got 'yes'"):
         DMMD(config | {"algo": config["algo"] | {"noise_pyramid": "yes"}})
+
+
+def test_noise_projection_has_its_own_learning_rate(teacher_dir):
+    config = dmmd_config(teacher_dir, lr_generator=1e-4, lr_noise_input=1e-6)
+    algo = DMMD(config)
+    (gen_opt, aux_opt), _ = algo.configure_optimizers()
+    main, noise = gen_opt.param_groups
+    assert (main["lr"], noise["lr"]) == (1e-4, 1e-6)
+    assert noise["params"] == [algo.generator.noise_proj.weight]
+    assert len(main["params"]) + 1 == len(list(algo.generator.parameters()))
+    default = DMMD(dmmd_config(teacher_dir, lr_generator=1e-4)).configure_optimizers()[0][0]
+    assert [g["lr"] for g in default.param_groups] == [1e-4, 1e-4]
+    plain = DMMD(dmmd_config(teacher_dir, noise_input=False)).configure_optimizers()[0][0]
+    assert len(plain.param_groups) == 1
+    with pytest.raises(UserError, match="algo.lr_noise_input must be > 0 or null"):
+        DMMD(dmmd_config(teacher_dir, lr_noise_input=0))
