@@ -45,6 +45,10 @@ class Pipeline:
     def device(self) -> torch.device:
         return next(self.network.parameters()).device
 
+    @property
+    def length(self) -> int:
+        return self.network.config.length
+
     def sigma(self, t: Tensor) -> Tensor:
         return self.process.schedule.sigma(t) if self.time_conditioning else torch.zeros_like(t)
 
@@ -73,25 +77,29 @@ class Pipeline:
         batch_size: int | None = None,
         progress: bool = False,
         noise_removal: str = "ancestral",
+        prompts: Tensor | None = None,
     ) -> Tensor:
-        """[num_samples, L] token ids, drawn `batch_size` sequences at a time."""
+        """[num_samples, L] token ids, drawn `batch_size` sequences at a time; with `prompts`
+        [num_samples, P], row i continues prompt i."""
         if not isinstance(num_samples, int) or num_samples < 1:
             raise UserError(f"sampling.num_samples must be a positive int, got {num_samples!r}")
         device = self.device
-        length = self.network.config.length
+        length = self.length
         batch_size = batch_size or num_samples
         chunks = []
         for start in range(0, num_samples, batch_size):
             shape = (min(batch_size, num_samples - start), length)
+            prompt = None if prompts is None else prompts[start: start + shape[0]].to(device)
             if self.process is None:
                 chunk = sample_autoregressive(
                     self.next_token_log_probs, shape=shape, start_id=self.vocab_size, generator=generator,
-                    device=device, temperature=temperature, top_p=top_p, progress=progress,
+                    device=device, temperature=temperature, top_p=top_p, prompt=prompt, progress=progress,
                 )
             else:
                 chunk = sample(
                     self.denoiser(generator), self.process, steps=steps, shape=shape, generator=generator,
-                    device=device, temperature=temperature, top_p=top_p, rule=self.rule, noise_removal=noise_removal, progress=progress,
+                    device=device, temperature=temperature, top_p=top_p, rule=self.rule, noise_removal=noise_removal,
+                    prompt=prompt, progress=progress,
                 )
             chunks.append(chunk)
         return torch.cat(chunks)

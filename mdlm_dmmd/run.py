@@ -9,6 +9,7 @@ the folder is created, so a wrong input leaves nothing half-written.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import time
 from dataclasses import dataclass
@@ -167,23 +168,63 @@ def sampling_steps(cfg: DictConfig, meta: dict | None = None) -> int:
     return int((meta or {}).get("sampling_steps") or DEFAULT_STEPS)
 
 
-def generate(pipeline_or_algo, cfg: DictConfig, steps: int, *, progress: bool = True) -> torch.Tensor:
-    """`sampling.num_samples` sequences in `steps` steps, seeded with `sampling.seed`."""
+def held_out_rows(cfg: DictConfig, length: int, count: int) -> torch.Tensor:
+    """Up to `count` validation rows [N, L], drawn at random with `sampling.seed`."""
+    from mdlm_dmmd.data import build_data
+
+    valid = build_data(cfg.data, length).valid
+    index = torch.randperm(len(valid), generator=torch.Generator().manual_seed(int(cfg.sampling.seed)))[:count]
+    return torch.stack([valid[int(i)]["input_ids"] for i in index])
+
+
+def prompt_length(cfg: DictConfig, length: int) -> int:
+    value = cfg.sampling.get("prompt_length") or 0
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < length:
+        raise UserError(f"sampling.prompt_length must be an int in [0, {length}) (model length {length}), got {value!r}")
+    return value
+
+
+def prompt_rows(cfg: DictConfig, length: int) -> torch.Tensor | None:
+    """The held-out rows [num_samples, L] whose first `sampling.prompt_length` tokens prompt the
+    samples (row i prompts sample i), or None for unconditional sampling."""
+    if prompt_length(cfg, length) == 0:
+        return None
+    count = int(cfg.sampling.num_samples)
+    rows = held_out_rows(cfg, length, count)
+    if len(rows) < count:
+        raise UserError(f"sampling.prompt_length needs one held-out row per sample: {count} samples "
+                        f"but data={cfg.data.name} has {len(rows)} validation rows")
+    return rows
+
+
+def generate(pipeline_or_algo, cfg: DictConfig, steps: int, *, prompt_rows: torch.Tensor | None = None,
+             progress: bool = True) -> torch.Tensor:
+    """`sampling.num_samples` sequences in `steps` steps, seeded with `sampling.seed`; with
+    `prompt_rows` (see `prompt_rows`), sample i continues the first `sampling.prompt_length`
+    tokens of row i."""
     s = cfg.sampling
+    prompts = None if prompt_rows is None else prompt_rows[:, : int(s.prompt_length)]
     # The generator must live where the samples are drawn (a CPU generator cannot feed CUDA draws).
     generator = torch.Generator(device=pipeline_or_algo.device).manual_seed(int(s.seed))
     return pipeline_or_algo.generate(
         int(s.num_samples), steps=steps, generator=generator, temperature=float(s.temperature),
         top_p=float(s.top_p), noise_removal=str(s.noise_removal), batch_size=int(s.batch_size), progress=progress,
+        prompts=prompts,
     )
 
 
-def compute_metrics(cfg: DictConfig, samples: torch.Tensor) -> dict[str, Any]:
+def compute_metrics(cfg: DictConfig, samples: torch.Tensor, *, prompt_rows: torch.Tensor | None = None) -> dict[str, Any]:
+    """`eval.metrics` of `samples`. With the `prompt_rows` the samples continue, metrics that
+    take them (gradient_moment: conditional GM, paper §5) compare with those rows; the others
+    score the whole sequences."""
     results = {}
     options = cfg.eval.get("metric_options") or {}
     for name in cfg.eval.get("metrics", []) or []:
         extra = OmegaConf.to_container(options[name], resolve=True) if name in options else {}
-        value = registry.load_metric(name)(samples, data_config=cfg.data, **extra)
+        metric = registry.load_metric(name)
+        if prompt_rows is not None and "prompt_rows" in inspect.signature(metric).parameters:
+            extra.update(prompt_rows=prompt_rows, prompt_length=int(cfg.sampling.prompt_length))
+        value = metric(samples, data_config=cfg.data, **extra)
         results[name] = {k: v for k, v in value.items() if k != "per_sample"}
     return results
 
@@ -280,8 +321,9 @@ def train(cfg: DictConfig) -> None:
     files = ["checkpoints/final.ckpt"]
     if int(cfg.sampling.num_samples) > 0:
         rows["sampling steps"] = sampling_steps(cfg, fitted.algo.checkpoint_meta())
-        samples = generate(fitted.algo, cfg, rows["sampling steps"])
-        rows.update(compute_metrics(cfg, samples))
+        prompts = prompt_rows(cfg, fitted.algo.length)
+        samples = generate(fitted.algo, cfg, rows["sampling steps"], prompt_rows=prompts)
+        rows.update(compute_metrics(cfg, samples, prompt_rows=prompts))
         files += write_samples(fitted.run_dir, samples, fitted.data)
         log_samples(fitted.trainer.logger, samples, fitted.data, fitted.trainer.global_step)
     write_report(fitted.run_dir, f"{cfg.algo.name} on {cfg.data.name}", rows, files)
@@ -306,7 +348,7 @@ def _write_pipeline_samples(cfg: DictConfig, pipeline, samples: torch.Tensor) ->
 
 def sample(cfg: DictConfig) -> None:
     pipeline, _ = _load_pipeline(cfg)
-    samples = generate(pipeline, cfg, sampling_steps(cfg, pipeline.meta))
+    samples = generate(pipeline, cfg, sampling_steps(cfg, pipeline.meta), prompt_rows=prompt_rows(cfg, pipeline.length))
     run_dir, files = _write_pipeline_samples(cfg, pipeline, samples)
     print(f"{len(samples)} samples written to {run_dir} ({', '.join(files)})")
 
@@ -314,9 +356,12 @@ def sample(cfg: DictConfig) -> None:
 def evaluate(cfg: DictConfig) -> None:
     pipeline, path = _load_pipeline(cfg)
     steps = sampling_steps(cfg, pipeline.meta)
-    samples = generate(pipeline, cfg, steps)
+    prompts = prompt_rows(cfg, pipeline.length)
+    samples = generate(pipeline, cfg, steps, prompt_rows=prompts)
     rows = {"checkpoint": path, "sampling steps": steps, "samples": len(samples)}
-    rows.update(compute_metrics(cfg, samples))
+    if prompts is not None:
+        rows["prompt length"] = int(cfg.sampling.prompt_length)
+    rows.update(compute_metrics(cfg, samples, prompt_rows=prompts))
     run_dir, files = _write_pipeline_samples(cfg, pipeline, samples)
     write_report(run_dir, f"evaluation of {path}", rows, files)
     print(json.dumps(rows, indent=2, default=str))

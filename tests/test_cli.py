@@ -117,6 +117,9 @@ def test_bad_sampling_values_fail_before_training(capsys, run_dir, override, key
     ("training.ema=2", "training.ema"),
     ("model.n_heads=3", "model.n_heads"),
     ("loader.batch_size=100000", "batch size"),
+    ("sampling.prompt_length=64", "sampling.prompt_length must be an int in [0, 64) (model length 64), got 64"),
+    ("sampling.prompt_length=-1", "sampling.prompt_length must be an int in [0, 64)"),
+    ("sampling.prompt_length=half", "sampling.prompt_length must be an int in [0, 64)"),
     ("data.train_shard=[2,2]", "data.train_shard must be [index, count] with 0 <= index < count, got [2, 2]"),
     ("data.train_shard=[0,5000]", "data.train_shard [0, 5000] is empty"),
 ])
@@ -262,3 +265,28 @@ def test_wandb_logger_without_wandb_installed(capsys, run_dir, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(run.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     fails(capsys, TINY + ["logger=wandb", f"run_dir={run_dir}"], "logger=wandb needs wandb", run_dir=run_dir)
+
+
+# -- prompted sampling and conditional GM -------------------------------------------------------
+def test_eval_with_prompts_continues_held_out_rows_and_scores_conditional_gm(tmp_path, trained_ckpt):
+    import torch
+    from conftest import write_ar_checkpoint
+    from omegaconf import OmegaConf
+
+    from mdlm_dmmd import run
+
+    reference = write_ar_checkpoint(tmp_path / "reference")
+    out_dir = tmp_path / "eval"
+    args = TINY + ["mode=eval", f"checkpoint={trained_ckpt}", f"run_dir={out_dir}", "sampling.steps=4",
+                   "sampling.num_samples=16", "sampling.prompt_length=40", "eval.metrics=[gradient_moment,entropy]",
+                   f"eval.metric_options={{gradient_moment: {{reference: '{reference}', batch_size: 4, device: cpu}}}}"]
+    assert main(args) == 0
+    samples = torch.load(out_dir / "samples.pt")
+    cfg = OmegaConf.load(out_dir / "config.yaml")
+    rows = run.held_out_rows(cfg, 64, 16)
+    assert torch.equal(samples[:, :40], rows[:, :40]) and not torch.equal(samples, rows)
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["prompt length"] == 40 and metrics["gradient_moment"]["split"] == "prompts"
+    fails_eval = main(TINY + ["mode=eval", f"checkpoint={trained_ckpt}", f"run_dir={tmp_path / 'e2'}",
+                              "sampling.num_samples=1000", "sampling.prompt_length=8", "sampling.steps=2"])
+    assert fails_eval == 2  # more samples than the 180 held-out digits that could prompt them

@@ -240,10 +240,14 @@ class AlgoBase(L.LightningModule):
 
     def generate(self, num_samples: int, *, steps: int, generator: torch.Generator | None = None,
                  temperature: float = 1.0, top_p: float = 1.0, noise_removal: str = "ancestral",
-                 batch_size: int | None = None, progress: bool = False) -> Tensor:
-        """[num_samples, L] token ids from the EMA weights in eval mode."""
+                 batch_size: int | None = None, progress: bool = False, prompts: Tensor | None = None) -> Tensor:
+        """[num_samples, L] token ids from the EMA weights in eval mode (`Pipeline.generate`)."""
         with self.evaluation_weights() as network:
             return self.pipeline(network).generate(
                 num_samples, steps=steps, generator=generator, temperature=temperature, top_p=top_p,
-                noise_removal=noise_removal, batch_size=batch_size, progress=progress,
+                noise_removal=noise_removal, batch_size=batch_size, progress=progress, prompts=prompts,
             )
+
+    @property
+    def length(self) -> int:
+        return self.backbone.config.length

@@ -104,15 +104,19 @@ def sample(
     top_p: float = 1.0,
     rule: str = "ancestral",
     noise_removal: str = "ancestral",
+    prompt: Tensor | None = None,
     progress: bool = False,
 ) -> Tensor:
     """Draw `shape[0]` sequences of length `shape[1]` in `steps` denoising steps. [B, L] int64.
 
     `noise_removal="greedy"` (Duo's greedy tail, Sahoo et al. 2025 §4.2): the last step returns
     argmax x̂ instead of sampling; still `steps` network calls.
+    `prompt` [B, P]: the first P tokens are given (clean from the start and after every step;
+    masked diffusion carries them over anyway, uniform diffusion would re-noise them).
     """
     check_sampling_args(steps, temperature, top_p, rule, noise_removal)
-    z = process.prior(shape, device=device, generator=generator)
+    check_prompt(prompt, shape)
+    z = keep_prompt(process.prior(shape, device=device, generator=generator), prompt)
     times = torch.linspace(1.0, 0.0, steps + 1, device=device)
     for j in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
         t = times[j].expand(shape[0])
@@ -122,6 +126,24 @@ def sample(
             z = log_p.argmax(dim=-1)  # argmax is unchanged by temperature > 0 and top-p
         else:
             z = step(process, log_p, z, t, s, rule=rule, temperature=temperature, top_p=top_p, generator=generator)
+        z = keep_prompt(z, prompt)
+    return z
+
+
+def check_prompt(prompt: Tensor | None, shape: tuple[int, int]) -> None:
+    if prompt is None:
+        return
+    if prompt.dim() != 2 or prompt.shape[0] != shape[0] or not 0 < prompt.shape[1] < shape[1] or prompt.is_floating_point():
+        raise UserError(f"a prompt must be token ids [B={shape[0]}, P] with 0 < P < L={shape[1]}, "
+                        f"got {prompt.dtype} of shape {tuple(prompt.shape)}")
+
+
+def keep_prompt(z: Tensor, prompt: Tensor | None) -> Tensor:
+    """z with its first P tokens set to the prompt [B, P] (z itself when there is none)."""
+    if prompt is None:
+        return z
+    z = z.clone()
+    z[:, : prompt.shape[1]] = prompt.to(z.device)
     return z
 
 
@@ -166,15 +188,19 @@ def sample_autoregressive(
     device: torch.device | str = "cpu",
     temperature: float = 1.0,
     top_p: float = 1.0,
+    prompt: Tensor | None = None,
     progress: bool = False,
 ) -> Tensor:
     """Left-to-right sampling for a causal model fed [start, x_0, …, x_{L−2}]. [B, L] int64.
 
     `next_log_probs(inputs [B, L]) -> [B, L, V]`; position i of the output predicts x_i.
+    `prompt` [B, P]: the first P tokens are given and sampling starts at position P.
     """
     check_sampling_args(1, temperature, top_p, "ancestral")
-    x = torch.full(shape, start_id, dtype=torch.long, device=device)
-    for i in tqdm(range(shape[1]), desc="sampling", disable=not progress, leave=False):
+    check_prompt(prompt, shape)
+    x = keep_prompt(torch.full(shape, start_id, dtype=torch.long, device=device), prompt)
+    first = 0 if prompt is None else prompt.shape[1]
+    for i in tqdm(range(first, shape[1]), desc="sampling", disable=not progress, leave=False):
         log_p = next_log_probs(shift_right(x, start_id))[:, i]  # [B, V]
         x[:, i] = sample_categorical(adjust(log_p, temperature, top_p), generator)
     return x

@@ -8,6 +8,8 @@ sample entropy on text; Fréchet distance on digits). Optional extra rows:
 
 - "Data" (`sweep.reference_rows`): the metrics of held-out data sequences (`data.valid`)
   themselves, the floor every model is compared with (GM of data ≈ 0, Table 5's "Data" row);
+  left out when `sampling.prompt_length` > 0 (samples then continue held-out prompts and GM is
+  the conditional GM against those very rows, which have no second data continuation);
 - "AR baseline" (`sweep.ar_baseline`): an `ar` checkpoint, sampled token by token (NFE = L);
 - quoted rows (`sweep.literature_csv`): numbers copied from papers, marked "(quoted)" in the
   tables and drawn with an `x` marker, never mistaken for something measured here.
@@ -43,7 +45,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -347,10 +348,12 @@ def measure(cfg: DictConfig, method: Method, steps: int, top_p: float) -> dict:
     """Sample one (method, steps, top-p) with `sweep.num_samples` and `sampling.seed`, and score it."""
     sampling_cfg = OmegaConf.merge(cfg, {"sampling": {"num_samples": int(cfg.sweep.num_samples),
                                                       "top_p": float(top_p), "temperature": method.temperature}})
+    prompts = run.prompt_rows(sampling_cfg, method.pipeline.length)
     started = time.time()
-    samples = run.generate(method.pipeline, sampling_cfg, int(steps), progress=False)
+    samples = run.generate(method.pipeline, sampling_cfg, int(steps), prompt_rows=prompts, progress=False)
     seconds = time.time() - started
-    return {**_row_keys(method, steps, top_p), **flatten(run.compute_metrics(cfg, samples)),
+    metrics = run.compute_metrics(sampling_cfg, samples, prompt_rows=prompts)
+    return {**_row_keys(method, steps, top_p), **flatten(metrics),
             "num_samples": int(cfg.sweep.num_samples), "sample_seconds": round(seconds, 3)}
 
 
@@ -360,18 +363,8 @@ def _row_keys(method: Method, steps: int, top_p: float) -> dict:
             "top_p": float(top_p), "temperature": method.temperature, "checkpoint": method.checkpoint}
 
 
-def data_rows(cfg: DictConfig, length: int) -> torch.Tensor:
-    """Up to `sweep.num_samples` held-out sequences [N, L], drawn at random with `sampling.seed`."""
-    from mdlm_dmmd.data import build_data
-
-    valid = build_data(cfg.data, length).valid
-    count = min(len(valid), int(cfg.sweep.num_samples))
-    index = torch.randperm(len(valid), generator=torch.Generator().manual_seed(int(cfg.sampling.seed)))[:count]
-    return torch.stack([valid[int(i)]["input_ids"] for i in index])
-
-
 def measure_data(cfg: DictConfig, length: int) -> dict:
-    rows = data_rows(cfg, length)
+    rows = run.held_out_rows(cfg, length, int(cfg.sweep.num_samples))
     return {"method": "Data", "source": "data", "steps": "", "distill_top_p": "", "top_p": "", "temperature": "",
             **flatten(run.compute_metrics(cfg, rows)), "num_samples": len(rows), "sample_seconds": "",
             "checkpoint": f"data={cfg.data.name} (valid split)"}
@@ -400,7 +393,8 @@ def run_sweep(cfg: DictConfig) -> Path:
     run_dir = run.make_run_dir(cfg)
     device = run.default_device()
     rows: list[dict] = []
-    total = len(jobs) + int(bool(cfg.sweep.reference_rows))
+    data_row = bool(cfg.sweep.reference_rows) and not cfg.sampling.get("prompt_length")
+    total = len(jobs) + int(data_row)
     with tqdm(total=total, desc="sweep", unit="row") as bar:
         for i, (method, steps, top_p) in enumerate(jobs):
             bar.set_postfix_str(f"{method.name}, {steps} steps, top-p {top_p:g}")
@@ -411,7 +405,7 @@ def run_sweep(cfg: DictConfig) -> Path:
             logger.info("sweep: %s", rows[-1])
             write_csv(run_dir, rows + quoted, columns)
             bar.update()
-        if cfg.sweep.reference_rows:
+        if data_row:  # (prompted sampling: no second data continuation of a prompt exists)
             bar.set_postfix_str("Data (held-out sequences)")
             rows.append(measure_data(cfg, length))
             write_csv(run_dir, rows + quoted, columns)

@@ -359,12 +359,16 @@ def gradient_moment_metric(samples: Tensor, *, data_config: Mapping | None = Non
                            reference: str = "gpt2", num_pairs: int | None = None,
                            batch_size: int = 8, split: str = "train", seed: int = 0,
                            max_length: int | None = None, device: str | None = None,
+                           prompt_rows: Tensor | None = None, prompt_length: int = 0,
                            progress: bool = False, **_) -> dict:
     """Registered metric `gradient_moment`: GM of `samples` [N, L] against N random data rows.
 
     Options (`eval.metric_options.gradient_moment`): reference (hub id, HF directory or `ar`
     checkpoint; default gpt2), num_pairs, batch_size, split (train | valid), seed (which data
     rows), max_length (cap on the reference context), device (default cuda when available).
+    Conditional GM (the host passes these with `sampling.prompt_length`): sample i continues the
+    first `prompt_length` tokens of `prompt_rows[i]`, which is its data row; the loss counts the
+    continuation tokens only.
     """
     if split not in ("train", "valid"):
         raise UserError(f"{_NAME}: split must be train or valid, got {split!r}")
@@ -373,13 +377,21 @@ def gradient_moment_metric(samples: Tensor, *, data_config: Mapping | None = Non
         raise UserError(f"{_NAME}: samples must be token ids [N, L], got shape {tuple(samples_in.shape)}")
     bundle = data_bundle(data_config, samples_in.shape[1], _NAME)
     samples = check_samples(samples_in, bundle.vocab_size, _NAME)
-    dataset = getattr(bundle, split)
-    count = min(len(dataset), len(samples))
-    index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(int(seed)))[:count]
-    data = torch.stack([dataset[int(i)]["input_ids"] for i in index])  # [n, L]
+    if prompt_rows is not None:
+        data = torch.as_tensor(prompt_rows)
+        if data.shape != samples.shape:
+            raise UserError(f"{_NAME}: prompt_rows must match the samples' shape {tuple(samples.shape)}, "
+                            f"got {tuple(data.shape)}")
+        split = "prompts"
+    else:
+        dataset = getattr(bundle, split)
+        count = min(len(dataset), len(samples))
+        index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(int(seed)))[:count]
+        data = torch.stack([dataset[int(i)]["input_ids"] for i in index])  # [n, L]
     model, tokenizer, reference_tokenizer = reference_for(reference, bundle, device, _NAME)
     result = gradient_moment(model, samples, data, tokenizer=tokenizer,
                              reference_tokenizer=reference_tokenizer, batch_size=batch_size,
-                             num_pairs=num_pairs, max_length=max_length, progress=progress)
+                             num_pairs=num_pairs, max_length=max_length, progress=progress,
+                             prefixes=int(prompt_length) if prompt_rows is not None else None)
     return {"value": result.mean, "stderr": result.stderr, "num_pairs": result.num_pairs,
             "batch_size": result.batch_size, "reference": str(reference), "split": split}

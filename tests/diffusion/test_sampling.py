@@ -99,3 +99,40 @@ def test_masked_step_draws_the_exact_posterior(rule):
         expected = n * exact[i][support]
         chi2 = ((counts[support] - expected) ** 2 / expected).sum().item()
         assert chi2 < 22.5, (i, chi2)  # 99.9% quantile, <= 6 degrees of freedom
+
+
+@pytest.mark.parametrize("rule", ["ancestral", "generator"])
+def test_prompt_is_kept_and_the_rest_is_sampled(rule):
+    from mdlm_dmmd.diffusion.uniform import UniformProcess
+
+    prompt = torch.tensor([[1, 2, 3], [4, 0, 4]])
+    def uniform_masked(z_t, t):
+        return process.log_probs(torch.zeros(*z_t.shape, MASK + 1), z_t)
+    out = sample(uniform_masked, process, steps=3, shape=(2, 8), prompt=prompt, rule=rule,
+                 generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, :3], prompt) and (out < MASK).all()
+    uni = UniformProcess(LogLinear(), vocab_size=5)
+    def uniform_uniform(z_t, t):
+        return torch.zeros(*z_t.shape, 5)
+    out = sample(uniform_uniform, uni, steps=4, shape=(2, 8), prompt=prompt, rule=rule, noise_removal="greedy",
+                 generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, :3], prompt)  # uniform diffusion would re-noise it; the sampler keeps it
+
+
+def test_autoregressive_prompt_starts_sampling_after_it():
+    seen = []
+    def next_log_probs(inputs):
+        seen.append(inputs.clone())
+        return torch.log_softmax(torch.zeros(*inputs.shape, 5), -1)
+    prompt = torch.tensor([[1, 2], [3, 4]])
+    out = sample_autoregressive(next_log_probs, shape=(2, 6), start_id=5, prompt=prompt,
+                                generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, :2], prompt) and len(seen) == 4  # positions 2..5 only
+    assert torch.equal(seen[0][:, 1:3], prompt)  # the model sees [start, prompt, ...]
+
+
+@pytest.mark.parametrize("prompt", [torch.zeros(2, 8, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long),
+                                    torch.zeros(2, 2), torch.zeros(2, 0, dtype=torch.long)])
+def test_bad_prompts(prompt):
+    with pytest.raises(UserError, match=r"a prompt must be token ids \[B=2, P\] with 0 < P < L=8"):
+        sample(oracle(torch.zeros(2, 8, dtype=torch.long)), process, steps=2, shape=(2, 8), prompt=prompt)

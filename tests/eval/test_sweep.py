@@ -220,3 +220,19 @@ def test_sweep_refuses_to_write_into_a_training_run(teacher, capsys):
     code = main([*SWEEP, f"run_dir={run_dir}", "eval.metrics=[entropy]", methods({"name": "T", "checkpoint": teacher, "steps": [2]})])
     assert code == 2 and "holds a training run" in capsys.readouterr().err
     assert (run_dir / "config.yaml").read_text() == before and not (run_dir / "results.csv").exists()
+
+
+def test_prompted_sweep_continues_held_out_rows_and_has_no_data_row(teacher, ar, tmp_path):
+    from mdlm_dmmd import run
+
+    run_dir = tmp_path / "sweep"
+    options = f"eval.metric_options={{gradient_moment: {{reference: '{ar}', batch_size: 2}}}}"
+    assert main([*SWEEP, f"run_dir={run_dir}", "eval.metrics=[gradient_moment]", options, "sampling.prompt_length=48",
+                 methods({"name": "Teacher", "checkpoint": teacher, "steps": [2]})]) == 0
+    rows = read_rows(run_dir)
+    assert [r["method"] for r in rows] == ["Teacher"]  # no Data row: the data continuations are the prompts' rows
+    assert float(rows[0]["gradient_moment"]) == float(rows[0]["gradient_moment"])
+    cfg = compose([*SWEEP, "sampling.prompt_length=48"])
+    prompts = run.held_out_rows(cfg, 64, 8)[:, :48]
+    samples = Pipeline.from_checkpoint(teacher).generate(8, steps=2, prompts=prompts, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(samples[:, :48], prompts)

@@ -450,3 +450,19 @@ def test_registered_metric_on_text_retokenizes_random_data_rows(tmp_path, tokeni
     assert out["num_pairs"] == 2
     assert out["value"] == pytest.approx(expected.mean, rel=1e-9)
     assert out["stderr"] == pytest.approx(expected.stderr, rel=1e-9)
+
+
+def test_registered_metric_with_prompt_rows_is_the_conditional_gm(tmp_path):
+    path = write_ar_checkpoint(tmp_path / "ar_digits", vocab=17, length=64)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 17, (16, 64), generator=g)
+    samples = torch.cat([rows[:, :40], torch.randint(0, 17, (16, 24), generator=g)], dim=1)
+    out = gradient_moment_metric(samples, data_config={"name": "digits"}, reference=str(path), batch_size=4,
+                                 device="cpu", prompt_rows=rows, prompt_length=40)
+    model, _ = ref.load_reference(str(path))
+    direct = gradient_moment(model, samples, rows, batch_size=4, prefixes=40)
+    assert out["split"] == "prompts" and out["value"] == pytest.approx(direct.mean, rel=1e-9)
+    assert out["value"] != pytest.approx(gradient_moment(model, samples, rows, batch_size=4).mean, rel=1e-3)
+    with pytest.raises(UserError, match="prompt_rows must match the samples' shape"):
+        gradient_moment_metric(samples, data_config={"name": "digits"}, reference=str(path), prompt_rows=rows[:8],
+                               prompt_length=40)
