@@ -54,6 +54,15 @@ def seconds(denoise, process, steps, shape, top_p) -> float:
     return time.perf_counter() - started
 
 
+def write_tables(out: Path, rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    lines = ["| denoiser | B | L | V | steps | top-p | dense (s) | reveal-first (s) | speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['denoiser']} | {r['batch']} | {r['length']} | {r['vocab']} | {r['steps']} | {r['top_p']} | "
+              f"{r['dense_s']} | {r['reveal_first_s']} | {r['speedup']}× |" for r in rows]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -61,11 +70,11 @@ def main() -> None:
     started = time.time()
     out = Path("benchmarks/results") / f"sampler_speed_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
     cases = [  # (denoiser, batch, length, vocab incl. mask, steps, top_p)
+        ("DiT 128x2", 16, 128, 2049, 64, 0.9),
         ("fixed logits", 16, 128, 2049, 64, 1.0),
         ("fixed logits", 16, 128, 2049, 64, 0.9),
         ("fixed logits", 4, 128, 50258, 32, 1.0),
         ("fixed logits", 4, 128, 50258, 32, 0.9),
-        ("DiT 128x2", 16, 128, 2049, 64, 0.9),
     ]
     rows = []
     with torch.no_grad():
@@ -82,12 +91,7 @@ def main() -> None:
                          "dense_s": round(best["dense"], 3), "reveal_first_s": round(best["reveal-first"], 3),
                          "speedup": round(best["dense"] / best["reveal-first"], 2)})
             print(rows[-1], flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| denoiser | B | L | V | steps | top-p | dense (s) | reveal-first (s) | speed-up |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['denoiser']} | {r['batch']} | {r['length']} | {r['vocab']} | {r['steps']} | {r['top_p']} | "
-              f"{r['dense_s']} | {r['reveal_first_s']} | {r['speedup']}× |" for r in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+            write_tables(out, rows)  # after every case, so a stopped run keeps what it measured
     write_run_info(out, run_info(f"python benchmarks/sampler_speed.py --repeats {args.repeats}", started))
 
 
