@@ -34,6 +34,7 @@ NOISE_REMOVALS = ("ancestral", "greedy")
 
 class Process(Protocol):
     def prior(self, shape: tuple[int, int], device: torch.device | str = "cpu", generator=None) -> Tensor: ...
+    # optional: the positions z_s may change at, drawn before x (None or absent: all of them)
     def draw_updated_positions(self, z_t: Tensor, t: Tensor, s: Tensor, generator=None) -> Tensor | None: ...
     def posterior_probs(self, z_t: Tensor, x_probs: Tensor, t: Tensor, s: Tensor) -> Tensor: ...
     def sample_posterior(self, z_t: Tensor, x: Tensor, t: Tensor, s: Tensor, generator=None) -> Tensor: ...
@@ -160,7 +161,8 @@ def step(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """z_s given z_t and the denoiser's log-probs x̂(z_t) [B, L, V]: one step of `sample`. [B, L]"""
-    updated = process.draw_updated_positions(z_t, t, s, generator)
+    draw_first = getattr(process, "draw_updated_positions", None)  # optional for third-party processes
+    updated = draw_first(z_t, t, s, generator) if draw_first is not None else None
     if updated is not None:
         # Masked: which tokens change does not depend on x and the posterior is linear in x,
         # so both rules reduce to drawing x at the revealed positions only.
