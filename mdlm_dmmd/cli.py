@@ -123,8 +123,10 @@ def _check_sampling(cfg) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
             kind = "an int" if low is None else f"an int >= {low}"
             raise UserError(f"sampling.{key} must be {kind}, got {value!r}")
+    from mdlm_dmmd.run import default_device, prompt_length
+
+    default_device(cfg)  # sampling.device
     if cfg.mode == "train" and s.get("prompt_length"):
-        from mdlm_dmmd.run import prompt_length
 
         prompt_length(cfg, cfg.model.length)  # sample/eval: checked against the checkpoint's length
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,9 +157,20 @@ def build_trainer(cfg: DictConfig, run_dir: Path, algo: L.LightningModule) -> L.
         raise UserError(f"bad trainer config: {err}") from err
 
 
-def default_device() -> str:
-    """Where loaded checkpoints sample: the GPU when there is one."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def default_device(cfg: DictConfig | None = None) -> str:
+    """Where loaded checkpoints sample (`sampling.device`): auto = the GPU when there is one.
+
+    Random streams differ between devices, so the same seed gives other samples on a GPU than
+    on the CPU; `sampling.device=cpu` reproduces CPU samples on a GPU machine.
+    """
+    value = str((cfg.sampling.get("device") if cfg is not None else None) or "auto")
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise UserError(f"sampling.device must be auto, cpu, cuda or cuda:N; got {value!r}")
+    if value.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"sampling.device={value} but torch sees no CUDA device; use sampling.device=auto or cpu")
+    return value
 
 
 def sampling_steps(cfg: DictConfig, meta: dict | None = None) -> int:
@@ -334,7 +346,7 @@ def _load_pipeline(cfg: DictConfig):
     from mdlm_dmmd.pipeline import Pipeline
 
     path = existing_checkpoint(cfg, required=True)
-    return Pipeline.from_checkpoint(path, device=default_device()), path
+    return Pipeline.from_checkpoint(path, device=default_device(cfg)), path
 
 
 def _write_pipeline_samples(cfg: DictConfig, pipeline, samples: torch.Tensor) -> tuple[Path, list[str]]:

@@ -82,7 +82,9 @@ def test_public_hf_dir_reproduces_fixture_logits(tmp_path):
     assert loaded.meta["source"] == str(directory)
     with torch.no_grad():
         logits = loaded.model.eval()(io["indices"], io["sigma"])
-    assert (logits - io["logits"]).abs().max().item() <= 1e-5
+    # 5e-5 on logits up to 8.5: fp32 summation order differs between kernels, thread counts and
+    # devices (1.2e-5 seen on an H100, 2026-11-26); a wrong formula is off by far more.
+    assert (logits - io["logits"]).abs().max().item() <= 5e-5
 
     # The same weights as a lone .safetensors file next to config.json.
     single = load_backbone(directory / "model.safetensors")

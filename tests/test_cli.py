@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mdlm_dmmd.checkpoints import load_backbone, save_backbone
 from mdlm_dmmd.cli import main
@@ -104,10 +105,17 @@ def test_digits_needs_length_64(capsys, run_dir):
     ("sampling.temperature=hot", "sampling.temperature"),
     ("sampling.num_samples=abc", "sampling.num_samples"),
     ("sampling.batch_size=0", "sampling.batch_size"),
+    ("sampling.device=tpu", "sampling.device must be auto, cpu, cuda or cuda:N; got 'tpu'"),
 ])
 def test_bad_sampling_values_fail_before_training(capsys, run_dir, override, key):
     # Train mode samples after fitting: the value must be refused before anything runs.
     fails(capsys, TINY + [override, f"run_dir={run_dir}"], key, run_dir=run_dir)
+
+
+def test_cuda_sampling_device_without_a_gpu_fails_before_training(capsys, run_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fails(capsys, TINY + ["sampling.device=cuda:1", f"run_dir={run_dir}"],
+          "sampling.device=cuda:1 but torch sees no CUDA device", run_dir=run_dir)
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -78,7 +78,7 @@ def test_mode_sample_writes_samples(run, tmp_path):
     out = tmp_path / "sampled"
     ckpt = run / "checkpoints" / "final.ckpt"
     assert main(["mode=sample", f"checkpoint={ckpt}", "sampling.num_samples=3", "sampling.steps=5",
-                 "sampling.seed=11", f"run_dir={out}"]) == 0
+                 "sampling.seed=11", "sampling.device=cpu", f"run_dir={out}"]) == 0
     samples = torch.load(out / "samples.pt", weights_only=True)
     assert samples.shape == (3, 64) and samples.min() >= 0 and samples.max() <= 16
     assert (out / "samples.png").is_file()  # digits: a picture, decoded with the checkpoint's data config

@@ -80,7 +80,7 @@ def student_config(cfg: DictConfig, teacher: Path, steps: int, noise: bool | Non
 
 def evaluate(cfg: DictConfig, checkpoint: Path, steps: int) -> tuple[dict[str, Any], torch.Tensor]:
     """Sample a checkpoint with `steps` steps (`study.num_samples`, fixed seed) and score it."""
-    pipeline = Pipeline.from_checkpoint(checkpoint, device=run.default_device())
+    pipeline = Pipeline.from_checkpoint(checkpoint, device=run.default_device(cfg))
     sampling_cfg = OmegaConf.merge(cfg, {"sampling": {"num_samples": int(cfg.study.num_samples)}})
     samples = run.generate(pipeline, sampling_cfg, int(steps), progress=False)
     return run.compute_metrics(cfg, samples), samples

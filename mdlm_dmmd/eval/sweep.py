@@ -391,7 +391,7 @@ def run_sweep(cfg: DictConfig) -> Path:
 
     # 2. sample and score, one row at a time (results.csv rewritten after each)
     run_dir = run.make_run_dir(cfg)
-    device = run.default_device()
+    device = run.default_device(cfg)
     rows: list[dict] = []
     data_row = bool(cfg.sweep.reference_rows) and not cfg.sampling.get("prompt_length")
     total = len(jobs) + int(data_row)

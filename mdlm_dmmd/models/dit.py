@@ -561,6 +561,9 @@ class DiT(nn.Module):
         elif backend == "flash":
             attend = functools.partial(flash_attention, causal=causal)
         else:
+            if h.device.type == "cpu" and h.requires_grad:
+                raise UserError("model.attn_backend=flex cannot train on CPU (torch's flex attention has no "
+                                "CPU backward); use model.attn_backend=auto or sdpa")
             block_mask = flex_block_mask(L, causal=causal, attn_mask=attn_mask, device=h.device)
             attend = functools.partial(flex_attention, block_mask=block_mask)
 

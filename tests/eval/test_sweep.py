@@ -15,7 +15,8 @@ from mdlm_dmmd.eval import sweep
 from mdlm_dmmd.pipeline import Pipeline
 
 TINY = ["data=digits", "debug=cpu", "model.length=64"]
-SWEEP = ["mode=sweep", "data=digits", "model.length=64", "seed=3", "sweep.num_samples=8"]
+# sampling.device=cpu: rows are compared with Pipeline sampling on the CPU (streams differ by device)
+SWEEP = ["mode=sweep", "data=digits", "model.length=64", "seed=3", "sweep.num_samples=8", "sampling.device=cpu"]
 
 
 def train(root: Path, *extra) -> Path:

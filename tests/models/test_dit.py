@@ -56,7 +56,9 @@ def test_reproduces_public_mdlm_logits(backend):
     with torch.no_grad():
         logits = model(io["indices"], io["sigma"])
     assert logits.dtype == torch.float32
-    assert (logits - io["logits"]).abs().max().item() <= 1e-5
+    # 5e-5 on logits up to 8.5: fp32 summation order differs between kernels, thread counts and
+    # devices (1.2e-5 seen on an H100, 2026-11-26); a wrong formula is off by far more.
+    assert (logits - io["logits"]).abs().max().item() <= 5e-5
 
 
 def test_state_dict_keys_and_parameter_order_are_public():
@@ -209,6 +211,15 @@ def test_flex_matches_sdpa_on_a_model():
         flex = random_model(tiny_config(causal=causal, attn_backend="flex"))
         with torch.no_grad():
             torch.testing.assert_close(flex(x, sigma), sdpa(x, sigma), atol=1e-5, rtol=1e-5)
+
+
+def test_flex_training_on_cpu_is_a_clear_error():
+    model = random_model(tiny_config(attn_backend="flex"))
+    x, sigma = tokens(tiny_config()), torch.tensor([0.1, 3.0])
+    with pytest.raises(UserError, match="model.attn_backend=flex cannot train on CPU"):
+        model(x, sigma)
+    with torch.no_grad():  # inference is fine
+        model(x, sigma)
 
 
 def test_flash_is_refused_without_cuda_or_flash_attn():
