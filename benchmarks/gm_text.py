@@ -10,13 +10,14 @@ the first half, and the "Data" row is the held-out split.
 2. `mode=sweep`: teacher at 4/16/64/256 steps (top-p 1), teacher at 64 steps over top-p
    1.0 … 0.4, the AR baseline, and the held-out "Data" row — GM, gen-PPL and entropy with the
    AR reference;
-3. GM of within-row shuffled held-out text (far from the data: GM should be large).
+3. GM of real text: training rows disjoint from GM's data rows (same distribution), the
+   held-out plays, and the held-out rows shuffled within each row (far from the data).
 
-Expected (paper §5, Fig. 3): data ≈ 0 within its standard error, teacher GM decreasing as steps
-grow, shuffled text far above; over top-p, gen-PPL falls monotonically while GM is U-shaped.
+Expected (paper §5, Fig. 3): same-distribution data ≈ 0 within its standard error, teacher GM
+decreasing as steps grow, shuffled text far above; over top-p, gen-PPL falls monotonically while GM is U-shaped.
 
     python benchmarks/gm_text.py [--steps 800]
-Writes benchmarks/results/gm_text_<time>/ (sweep tables and plots, shuffled.json, run_info.json).
+Writes benchmarks/results/gm_text_<time>/ (sweep tables and plots, data_rows_<samples>.json, run_info.json).
 """
 
 from __future__ import annotations
@@ -55,18 +56,35 @@ def train(out: Path, name: str, algo: str, seed: int, steps: int, shard: str) ->
     return run_dir / "checkpoints" / "final.ckpt"
 
 
-def shuffled_gm(reference: Path, num: int) -> dict:
-    """GM of held-out rows with their tokens shuffled within each row vs the judged training rows."""
+def data_rows_gm(reference: Path, num: int) -> dict:
+    """GM of three sets of real text against GM's data minibatches (random judged training rows).
+
+    - "training rows": the next `num` rows of the same random order that picks the metric's data
+      rows, so disjoint from them and from the same distribution: GM should be 0 within its s.e.;
+    - "held-out split": the valid split (whole plays nobody trained on; a shift of distribution);
+    - "shuffled held-out": those rows with their tokens shuffled within each row: far from data.
+    """
     from mdlm_dmmd.data import build_data
     from mdlm_dmmd.metrics.gradient_moment import gradient_moment_metric
 
     cfg = cli.compose([*COMMON, JUDGED_SHARD])
-    valid = build_data(cfg.data, 64).valid
+    data = build_data(cfg.data, 64)
+    train_order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))  # the metric's seed 0
+    if len(train_order) < 2 * num:
+        raise SystemExit(f"--samples {num}: the judged shard has only {len(train_order)} rows")
     g = torch.Generator().manual_seed(0)
-    rows = torch.stack([valid[i]["input_ids"] for i in torch.randperm(len(valid), generator=g)[:num].tolist()])
-    shuffled = torch.stack([row[torch.randperm(len(row), generator=g)] for row in rows])
-    result = gradient_moment_metric(shuffled, data_config=cfg.data, reference=str(reference), batch_size=8)
-    return {k: result[k] for k in ("value", "stderr", "num_pairs")}
+    valid = torch.stack([data.valid[i]["input_ids"] for i in torch.randperm(len(data.valid), generator=g)[:num].tolist()])
+    sets = {
+        "training rows": torch.stack([data.train[int(i)]["input_ids"] for i in train_order[num: 2 * num]]),
+        "held-out split": valid,
+        "shuffled held-out": torch.stack([row[torch.randperm(len(row), generator=g)] for row in valid]),
+    }
+    results = {}
+    for name, rows in sets.items():
+        result = gradient_moment_metric(rows, data_config=cfg.data, reference=str(reference), batch_size=8)
+        results[name] = {k: result[k] for k in ("value", "stderr", "num_pairs")}
+        print(name, results[name], flush=True)
+    return results
 
 
 def main() -> None:
@@ -74,10 +92,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=800, help="optimiser steps for the reference AR and the teacher")
     parser.add_argument("--samples", type=int, default=256, help="samples per sweep row")
     parser.add_argument("--out", type=Path, default=None, help="results folder; finished trainings in it are reused")
+    parser.add_argument("--data-rows-only", action="store_true",
+                        help="only the real-text rows (data_rows_<samples>.json), with the reference in --out")
     args = parser.parse_args()
     started = time.time()
     out = args.out or Path("benchmarks/results") / f"gm_text_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
     reference = train(out, "reference_ar", "ar", seed=2, steps=args.steps, shard=REFERENCE_SHARD)
+    if args.data_rows_only:
+        rows = data_rows_gm(reference, args.samples)
+        (out / f"data_rows_{args.samples}.json").write_text(json.dumps(rows, indent=2))
+        command = f"python benchmarks/gm_text.py --data-rows-only --samples {args.samples} --out {out}"
+        write_run_info(out / f"data_rows_{args.samples}", run_info(command, started, data_rows_gm=rows))
+        return
     teacher = train(out, "teacher_mdlm", "mdlm", seed=1, steps=args.steps, shard=JUDGED_SHARD)
     ar_baseline = train(out, "ar_baseline", "ar", seed=1, steps=args.steps, shard=JUDGED_SHARD)
     metrics = "eval.metrics=[gradient_moment,gen_ppl,entropy]"
@@ -88,10 +114,10 @@ def main() -> None:
     code = cli.main(["mode=sweep", *COMMON, JUDGED_SHARD, metrics, options, methods, f"sweep.num_samples={args.samples}",
                      f"sweep.ar_baseline={ar_baseline}",
                      "sampling.num_samples=1", "sampling.batch_size=256", f"run_dir={out / 'sweep'}"])
-    shuffled = shuffled_gm(reference, args.samples)
-    (out / "shuffled.json").write_text(json.dumps(shuffled, indent=2))
+    rows = data_rows_gm(reference, args.samples)
+    (out / f"data_rows_{args.samples}.json").write_text(json.dumps(rows, indent=2))
     command = f"python benchmarks/gm_text.py --steps {args.steps} --samples {args.samples} --out {out}"
-    write_run_info(out, run_info(command, started, sweep_exit_code=code, shuffled_rows_gm=shuffled))
+    write_run_info(out, run_info(command, started, sweep_exit_code=code, data_rows_gm=rows))
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,94 @@
+"""Sample quality along training: score every `stepN.ckpt` of one or more runs.
+
+A D-MMD student's final number says little about whether it was still improving; this scores
+the intermediate checkpoints (EMA weights, each at its own k) with the digits study's metrics
+and seed, and writes `trajectory.csv`, `trajectory.md` and `trajectory.png` (metric vs updates).
+
+    python benchmarks/checkpoint_trajectory.py OUT_DIR RUN_DIR [RUN_DIR ...] [key=value ...]
+
+Each RUN_DIR is a training run (has `checkpoints/`) or a folder of them (a study's run_dir).
+Overrides compose on `experiment=dmmd_digits` (e.g. `sampling.num_samples=500`).
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import sys
+import time
+from pathlib import Path
+
+from mdlm_dmmd import cli, run
+from mdlm_dmmd.pipeline import Pipeline
+
+from run_info import run_info, write_run_info  # benchmarks/ is on sys.path when run as a script
+
+
+def checkpoints(folder: Path) -> list[tuple[str, int, Path]]:
+    """(run name, updates, path) of every stepN.ckpt under `folder`, by run then updates."""
+    found = []
+    for path in sorted(folder.glob("**/checkpoints/step*.ckpt")):
+        match = re.fullmatch(r"step(\d+)\.ckpt", path.name)
+        if match:
+            found.append((path.parent.parent.name, int(match.group(1)), path))
+    return sorted(found, key=lambda item: (item[0], item[1]))
+
+
+def main(argv: list[str]) -> int:
+    started = time.time()
+    folders = [Path(a) for a in argv if "=" not in a]
+    overrides = [a for a in argv if "=" in a]
+    if len(folders) < 2:
+        raise SystemExit(__doc__)
+    out, runs = folders[0], folders[1:]
+    cfg = cli.compose(["experiment=dmmd_digits", "sampling.num_samples=${study.num_samples}", *overrides])
+    rows = []
+    for folder in runs:
+        for name, updates, path in checkpoints(folder):
+            pipeline = Pipeline.from_checkpoint(path, device=run.default_device(cfg))
+            steps = run.sampling_steps(cfg, pipeline.meta)
+            samples = run.generate(pipeline, cfg, steps, progress=False)
+            metrics = run.compute_metrics(cfg, samples)
+            row = {"run": f"{folder.name}/{name}", "updates": updates, "steps": steps}
+            for metric, values in metrics.items():
+                row[metric] = values["value"]
+                if "stderr" in values:
+                    row[f"{metric}_stderr"] = values["stderr"]
+            print(row, flush=True)
+            rows.append(row)
+    write(out, rows)
+    write_run_info(out, run_info(" ".join(["python", "benchmarks/checkpoint_trajectory.py", *argv]), started))
+    return 0
+
+
+def write(out: Path, rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(out / "trajectory.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(f"{row.get(c, ''):.4g}" if isinstance(row.get(c), float) else str(row.get(c, ""))
+                                       for c in columns) + " |")
+    (out / "trajectory.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "frechet" if any("frechet" in row for row in rows) else columns[3]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(row["run"] for row in rows):
+        points = [(row["updates"], row[metric]) for row in rows if row["run"] == name]
+        ax.plot(*zip(*points), marker="o", label=name)
+    ax.set_xlabel("optimiser updates (generator + auxiliary)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "trajectory.png", dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
