@@ -127,7 +127,6 @@ def _check_sampling(cfg) -> None:
 
     default_device(cfg)  # sampling.device
     if cfg.mode == "train" and s.get("prompt_length"):
-
         prompt_length(cfg, cfg.model.length)  # sample/eval: checked against the checkpoint's length
 
 
