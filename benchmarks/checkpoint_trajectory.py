@@ -6,7 +6,8 @@ and seed, and writes `trajectory.csv`, `trajectory.md` and `trajectory.png` (met
 
     python benchmarks/checkpoint_trajectory.py OUT_DIR RUN_DIR [RUN_DIR ...] [key=value ...]
 
-Each RUN_DIR is a training run (has `checkpoints/`) or a folder of them (a study's run_dir).
+Each RUN_DIR is a training run (has `checkpoints/`) or a folder of them (a study's run_dir; its
+teacher, if trained there, is scored too, at `sampling.steps`, 128 when unset).
 Overrides compose on `experiment=dmmd_digits` (e.g. `sampling.num_samples=500`).
 """
 
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> int:
                     row[f"{metric}_stderr"] = values["stderr"]
             print(row, flush=True)
             rows.append(row)
-    write(out, rows)
+            write(out, rows)  # after every row: a stopped run keeps what it scored
     write_run_info(out, run_info(" ".join(["python", "benchmarks/checkpoint_trajectory.py", *argv]), started))
     return 0
 
