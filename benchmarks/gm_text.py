@@ -14,7 +14,8 @@ the first half, and the "Data" row is the held-out split.
    held-out plays, and the held-out rows shuffled within each row (far from the data).
 
 Expected (paper §5, Fig. 3): same-distribution data ≈ 0 within its standard error, teacher GM
-decreasing as steps grow, shuffled text far above; over top-p, gen-PPL falls monotonically while GM is U-shaped.
+decreasing as steps grow, shuffled text far above; over top-p, gen-PPL falls monotonically
+while GM is U-shaped.
 
     python benchmarks/gm_text.py [--steps 800]
 Writes benchmarks/results/gm_text_<time>/ (sweep tables and plots, data_rows_<samples>.json, run_info.json).
