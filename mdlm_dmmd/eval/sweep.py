@@ -31,7 +31,12 @@ and its gen-PPL is its own likelihood.
 
 Everything (config, paths, checkpoints, the CSV) is checked before run_dir is created, so a wrong
 input leaves nothing behind; `results.csv` is rewritten after every row, so a long sweep that
-dies keeps what it measured. Training the checkpoints is `mode=train` / `mode=study`'s job.
+dies keeps what it measured, and the same command run again (`sweep.resume`, on by default)
+keeps those rows and measures only the missing ones. A row is kept when its method, steps,
+top-p values, temperature and checkpoint path match and the folder's `config.yaml` has the same
+`data`, `sampling`, `eval` and `sweep.num_samples`; other settings there are an error, never a
+silent mix (a checkpoint retrained at the same path is not noticed: use `sweep.resume=false`).
+Training the checkpoints is `mode=train` / `mode=study`'s job.
 """
 
 from __future__ import annotations
@@ -61,6 +66,9 @@ JUDGE_METRICS = ("gradient_moment", "gen_ppl")  # metrics whose `reference` opti
 LITERATURE_KEYS = ("method", "steps", "distill_top_p", "top_p", "temperature", "note")
 FIRST_COLUMNS = ["method", "label", "source", "steps", "distill_top_p", "top_p", "temperature"]
 LAST_COLUMNS = ["num_samples", "sample_seconds", "checkpoint"]
+RESUME_KEYS = ("method", "steps", "distill_top_p", "top_p", "temperature", "checkpoint")  # a row's identity
+RESUME_SETTINGS = ("data", "sampling", "eval", "sweep.num_samples")  # what its numbers depend on
+TEXT_COLUMNS = ("method", "label", "source", "checkpoint", "note")
 
 
 @dataclass
@@ -145,8 +153,9 @@ def check_config(cfg: DictConfig) -> tuple[list[dict], list[str]]:
     n = sweep.get("num_samples")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         problems.append(f"sweep.num_samples must be an int >= 1, got {n!r}")
-    if not isinstance(sweep.get("reference_rows"), bool):
-        problems.append(f"sweep.reference_rows must be true or false, got {sweep.get('reference_rows')!r}")
+    for key in ("reference_rows", "resume"):
+        if not isinstance(sweep.get(key), bool):
+            problems.append(f"sweep.{key} must be true or false, got {sweep.get(key)!r}")
     ar = sweep.get("ar_baseline")
     if ar is not None and not Path(str(ar)).expanduser().exists():
         problems.append(f"sweep.ar_baseline '{ar}' does not exist")
@@ -198,6 +207,57 @@ def _reject_training_run_dir(run_dir: Path) -> None:
     if (run_dir / "checkpoints").is_dir():
         raise UserError(f"run_dir '{run_dir}' holds a training run (checkpoints/); "
                         f"write the sweep elsewhere, e.g. run_dir={run_dir}/sweep")
+
+
+# -- resuming -----------------------------------------------------------------------------------
+def _first_difference(old: Any, new: Any, key: str) -> str | None:
+    """The first dotted key under which two plain containers differ, or None when equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in list(old) + [k for k in new if k not in old]:
+            found = _first_difference(old.get(k, "<missing>"), new.get(k, "<missing>"), f"{key}.{k}")
+            if found:
+                return found
+        return None
+    return None if old == new else f"{key} ({old!r} there, {new!r} now)"
+
+
+def _resume_key(row: dict) -> tuple[str, ...]:
+    # compared as written to the CSV: str() of the measured values, the cells as read back
+    return tuple(str(row.get(k, "")) for k in RESUME_KEYS)
+
+
+def _parse_cell(column: str, cell: str) -> Any:
+    if cell == "" or column in TEXT_COLUMNS:
+        return cell
+    if column in ("steps", "num_samples"):
+        return int(cell)
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
+
+
+def measured_rows(cfg: DictConfig, run_dir: Path) -> dict[tuple[str, ...], dict]:
+    """Rows a previous run of this sweep already measured in run_dir (empty when there are none
+    or `sweep.resume` is off); a folder holding a sweep with other settings is an error."""
+    results, saved = run_dir / "results.csv", run_dir / "config.yaml"
+    if not cfg.sweep.resume or not results.is_file():
+        return {}
+    hint = "use another run_dir, or sweep.resume=false to measure every row again"
+    if not saved.is_file():
+        raise UserError(f"run_dir '{run_dir}' holds results.csv but no config.yaml to check its settings; {hint}")
+    old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    new = OmegaConf.to_container(cfg, resolve=True)
+    for dotted in RESUME_SETTINGS:
+        a, b = old, new
+        for part in dotted.split("."):
+            a, b = (a or {}).get(part, "<missing>"), (b or {}).get(part, "<missing>")
+        difference = _first_difference(a, b, dotted)
+        if difference:
+            raise UserError(f"run_dir '{run_dir}' holds a sweep made with other settings: {difference}; {hint}")
+    with open(results, newline="", encoding="utf-8") as f:
+        return {_resume_key(row): {k: _parse_cell(k, v or "") for k, v in row.items() if k != "label"}
+                for row in csv.DictReader(f) if row.get("source") in ("measured", "data")}
 
 
 # -- loading the checkpoints --------------------------------------------------------------------
@@ -363,11 +423,15 @@ def _row_keys(method: Method, steps: int, top_p: float) -> dict:
             "top_p": float(top_p), "temperature": method.temperature, "checkpoint": method.checkpoint}
 
 
+def _data_row_keys(cfg: DictConfig) -> dict:
+    return {"method": "Data", "source": "data", "steps": "", "distill_top_p": "", "top_p": "", "temperature": "",
+            "checkpoint": f"data={cfg.data.name} (valid split)"}
+
+
 def measure_data(cfg: DictConfig, length: int) -> dict:
     rows = run.held_out_rows(cfg, length, int(cfg.sweep.num_samples))
-    return {"method": "Data", "source": "data", "steps": "", "distill_top_p": "", "top_p": "", "temperature": "",
-            **flatten(run.compute_metrics(cfg, rows)), "num_samples": len(rows), "sample_seconds": "",
-            "checkpoint": f"data={cfg.data.name} (valid split)"}
+    return {**_data_row_keys(cfg), **flatten(run.compute_metrics(cfg, rows)), "num_samples": len(rows),
+            "sample_seconds": ""}
 
 
 # -- the mode -----------------------------------------------------------------------------------
@@ -388,6 +452,7 @@ def run_sweep(cfg: DictConfig) -> Path:
     jobs = _jobs(methods, ar)
     _check_unique([_row_keys(m, s, p) for m, s, p in jobs] + quoted)
     columns = metric_columns(metrics, quoted)
+    done = measured_rows(cfg, run_dir)
 
     # 2. sample and score, one row at a time (results.csv rewritten after each)
     run_dir = run.make_run_dir(cfg)
@@ -398,16 +463,20 @@ def run_sweep(cfg: DictConfig) -> Path:
     with tqdm(total=total, desc="sweep", unit="row") as bar:
         for i, (method, steps, top_p) in enumerate(jobs):
             bar.set_postfix_str(f"{method.name}, {steps} steps, top-p {top_p:g}")
-            method.pipeline.network.to(device)
-            rows.append(measure(cfg, method, steps, top_p))
-            if all(method is not later for later, _, _ in jobs[i + 1:]):
-                method.pipeline.network.to("cpu")  # done with it: free the accelerator
-            logger.info("sweep: %s", rows[-1])
+            kept = done.get(_resume_key(_row_keys(method, steps, top_p)))
+            if kept is None:
+                method.pipeline.network.to(device)
+                rows.append(measure(cfg, method, steps, top_p))
+                if all(method is not later for later, _, _ in jobs[i + 1:]):
+                    method.pipeline.network.to("cpu")  # done with it: free the accelerator
+            else:
+                rows.append(kept)
+            logger.info("sweep: %s%s", "(kept from results.csv) " if kept else "", rows[-1])
             write_csv(run_dir, rows + quoted, columns)
             bar.update()
         if data_row:  # (prompted sampling: no second data continuation of a prompt exists)
             bar.set_postfix_str("Data (held-out sequences)")
-            rows.append(measure_data(cfg, length))
+            rows.append(done.get(_resume_key(_data_row_keys(cfg))) or measure_data(cfg, length))
             write_csv(run_dir, rows + quoted, columns)
             bar.update()
     rows += quoted

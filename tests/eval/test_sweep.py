@@ -200,6 +200,7 @@ def bad_cases(teacher: Path, ar: Path, tmp: Path):
         "other data": ([methods(ok), "data=shakespeare"], ["trained on data 'digits'", "data=digits"]),
         "duplicate rows": ([methods(ok, ok)], ["two rows 'T (p = 1.00)' at 2 steps"]),
         "num_samples": ([methods(ok), "sweep.num_samples=0"], ["sweep.num_samples"]),
+        "resume": ([methods(ok), "sweep.resume=3"], ["sweep.resume must be true or false"]),
         "literature column": ([methods(ok), f"sweep.literature_csv={bad_csv}"], ["sweep.literature_csv", "unknown column(s) fid"]),
         "two problems at once": ([methods({**ok, "steps": [0], "top_p": [2.0]})], ["sweep.methods.0.steps", "sweep.methods.0.top_p"]),
     }
@@ -221,6 +222,52 @@ def test_sweep_refuses_to_write_into_a_training_run(teacher, capsys):
     code = main([*SWEEP, f"run_dir={run_dir}", "eval.metrics=[entropy]", methods({"name": "T", "checkpoint": teacher, "steps": [2]})])
     assert code == 2 and "holds a training run" in capsys.readouterr().err
     assert (run_dir / "config.yaml").read_text() == before and not (run_dir / "results.csv").exists()
+
+
+def write_rows(run_dir: Path, rows: list[dict]) -> None:
+    with open(run_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_sweep_resumes_from_its_results_csv(teacher, tmp_path, capsys):
+    """A second run keeps the rows already measured (a marked value survives) and adds the missing
+    ones, equal to a fresh sweep's; other settings in that folder are refused, changing nothing."""
+    run_dir, fresh = tmp_path / "sweep", tmp_path / "fresh"
+    args = [*SWEEP, "eval.metrics=[entropy]"]
+    entry = {"name": "T", "checkpoint": teacher}
+    assert main([*args, f"run_dir={run_dir}", methods({**entry, "steps": [2]})]) == 0
+    first = read_rows(run_dir)
+    assert [r["method"] for r in first] == ["T", "Data"]
+    for row in first:  # mark the measured values: a kept row keeps them, a re-measured one would not
+        row["entropy"] = "123.0" if row["method"] == "T" else "7.5"
+    write_rows(run_dir, first)
+
+    assert main([*args, f"run_dir={run_dir}", methods({**entry, "steps": [2, 4]})]) == 0
+    assert main([*args, f"run_dir={fresh}", methods({**entry, "steps": [2, 4]})]) == 0
+    resumed, expected = read_rows(run_dir), read_rows(fresh)
+    assert [(r["method"], r["steps"]) for r in resumed] == [("T", "2"), ("T", "4"), ("Data", "")]
+    assert [r["entropy"] for r in resumed] == ["123.0", expected[1]["entropy"], "7.5"]
+    assert "| T (p = 1.00) | 123 |" in (run_dir / "results.md").read_text()
+
+    # another seed: refused in one line, results.csv untouched
+    before = (run_dir / "results.csv").read_text()
+    capsys.readouterr()
+    code = main([*args, f"run_dir={run_dir}", "sampling.seed=4", methods({**entry, "steps": [2]})])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "other settings: sampling.seed (3 there, 4 now)" in err and "sweep.resume=false" in err
+    assert (run_dir / "results.csv").read_text() == before
+
+    # sweep.resume=false measures every row again
+    assert main([*args, f"run_dir={run_dir}", "sweep.resume=false", methods({**entry, "steps": [2, 4]})]) == 0
+    assert [r["entropy"] for r in read_rows(run_dir)] == [r["entropy"] for r in expected]
+
+    # results.csv without the config.yaml that says how it was made: refused
+    (run_dir / "config.yaml").unlink()
+    code = main([*args, f"run_dir={run_dir}", methods({**entry, "steps": [2]})])
+    assert code == 2 and "no config.yaml" in capsys.readouterr().err
 
 
 def test_prompted_sweep_continues_held_out_rows_and_has_no_data_row(teacher, ar, tmp_path):
