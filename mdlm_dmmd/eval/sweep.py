@@ -36,7 +36,10 @@ keeps those rows and measures only the missing ones. A row is kept when its meth
 top-p values, temperature and checkpoint path match and the folder's `config.yaml` has the same
 `data`, `sampling`, `eval` and `sweep.num_samples`; other settings there are an error, never a
 silent mix (a checkpoint retrained at the same path is not noticed: use `sweep.resume=false`).
-Training the checkpoints is `mode=train` / `mode=study`'s job.
+A job that repeats an earlier one (the same checkpoint, steps, top-p and temperature under
+another method name, e.g. a teacher's step row and its top-p sweep at one step count) is not
+sampled again: with the same seed it would give the same numbers. Training the checkpoints is
+`mode=train` / `mode=study`'s job.
 """
 
 from __future__ import annotations
@@ -417,6 +420,11 @@ def measure(cfg: DictConfig, method: Method, steps: int, top_p: float) -> dict:
             "num_samples": int(cfg.sweep.num_samples), "sample_seconds": round(seconds, 3)}
 
 
+def _job_key(method: Method, steps: int, top_p: float) -> tuple:
+    # rows with equal keys sample the same checkpoint with the same seed: identical numbers
+    return Path(method.checkpoint).resolve(), int(steps), float(top_p), float(method.temperature)
+
+
 def _row_keys(method: Method, steps: int, top_p: float) -> dict:
     return {"method": method.name, "source": "measured", "steps": int(steps),
             "distill_top_p": "" if method.distill_top_p is None else method.distill_top_p,
@@ -458,20 +466,27 @@ def run_sweep(cfg: DictConfig) -> Path:
     run_dir = run.make_run_dir(cfg)
     device = run.default_device(cfg)
     rows: list[dict] = []
+    measured: dict[tuple, dict] = {}
     data_row = bool(cfg.sweep.reference_rows) and not cfg.sampling.get("prompt_length")
     total = len(jobs) + int(data_row)
     with tqdm(total=total, desc="sweep", unit="row") as bar:
         for i, (method, steps, top_p) in enumerate(jobs):
             bar.set_postfix_str(f"{method.name}, {steps} steps, top-p {top_p:g}")
-            kept = done.get(_resume_key(_row_keys(method, steps, top_p)))
-            if kept is None:
+            keys = _row_keys(method, steps, top_p)
+            kept = done.get(_resume_key(keys))
+            twin = measured.get(_job_key(method, steps, top_p))  # same checkpoint, steps, top-p, T, seed
+            if kept is not None:
+                rows.append(kept)
+            elif twin is not None:
+                rows.append({**twin, **keys})
+            else:
                 method.pipeline.network.to(device)
                 rows.append(measure(cfg, method, steps, top_p))
+                measured[_job_key(method, steps, top_p)] = rows[-1]
                 if all(method is not later for later, _, _ in jobs[i + 1:]):
                     method.pipeline.network.to("cpu")  # done with it: free the accelerator
-            else:
-                rows.append(kept)
-            logger.info("sweep: %s%s", "(kept from results.csv) " if kept else "", rows[-1])
+            origin = "kept from results.csv" if kept else "same draw as an earlier row" if twin else "measured"
+            logger.info("sweep (%s): %s", origin, rows[-1])
             write_csv(run_dir, rows + quoted, columns)
             bar.update()
         if data_row:  # (prompted sampling: no second data continuation of a prompt exists)

@@ -64,7 +64,10 @@ def fails(capsys, args, *needles, run_dir: Path):
 
 
 # -- the sweep --------------------------------------------------------------------------------------
-def test_sweep_table_matches_direct_sampling_and_scoring(teacher, tmp_path):
+def test_sweep_table_matches_direct_sampling_and_scoring(teacher, tmp_path, monkeypatch):
+    calls = []
+    measure = sweep.measure
+    monkeypatch.setattr(sweep, "measure", lambda *a: calls.append(a[2:]) or measure(*a))
     literature = tmp_path / "literature.csv"
     literature.write_text("method,steps,frechet,frechet_stderr,entropy,note\nOld method,8,123.5,4.5,,Table 9\n")
     run_dir = tmp_path / "sweep"
@@ -87,8 +90,11 @@ def test_sweep_table_matches_direct_sampling_and_scoring(teacher, tmp_path):
     row = rows[3]
     assert float(row["entropy"]) == pytest.approx(registry.load_metric("entropy")(samples)["value"], rel=1e-12)
     assert float(row["frechet"]) == pytest.approx(registry.load_metric("frechet")(samples, data_config=data_cfg)["value"], rel=1e-9)
-    # every row uses the same seed: the same checkpoint under another name gives the same numbers
+    # every row uses the same seed, so the same checkpoint under another name would give the same
+    # numbers: those jobs are sampled once (4 calls for 8 rows) and their rows repeat the numbers
+    assert calls == [(s, p) for s in (2, 4) for p in (1.0, 0.9)]
     assert [r["entropy"] for r in rows[:4]] == [r["entropy"] for r in rows[4:8]]
+    assert rows[4]["method"] == "Copy" and rows[4]["label"] == "Copy (p = 1.00)"
 
     # 3. the Data row scores 8 held-out images drawn with the seed; far closer to data than the model
     valid = build_data(data_cfg, 64).valid
