@@ -472,9 +472,9 @@ def run_sweep(cfg: DictConfig) -> Path:
     with tqdm(total=total, desc="sweep", unit="row") as bar:
         for i, (method, steps, top_p) in enumerate(jobs):
             bar.set_postfix_str(f"{method.name}, {steps} steps, top-p {top_p:g}")
-            keys = _row_keys(method, steps, top_p)
+            keys, job = _row_keys(method, steps, top_p), _job_key(method, steps, top_p)
             kept = done.get(_resume_key(keys))
-            twin = measured.get(_job_key(method, steps, top_p))  # same checkpoint, steps, top-p, T, seed
+            twin = measured.get(job)  # same checkpoint, steps, top-p, temperature and seed
             if kept is not None:
                 rows.append(kept)
             elif twin is not None:
@@ -482,9 +482,9 @@ def run_sweep(cfg: DictConfig) -> Path:
             else:
                 method.pipeline.network.to(device)
                 rows.append(measure(cfg, method, steps, top_p))
-                measured[_job_key(method, steps, top_p)] = rows[-1]
                 if all(method is not later for later, _, _ in jobs[i + 1:]):
                     method.pipeline.network.to("cpu")  # done with it: free the accelerator
+            measured.setdefault(job, rows[-1])
             origin = "kept from results.csv" if kept else "same draw as an earlier row" if twin else "measured"
             logger.info("sweep (%s): %s", origin, rows[-1])
             write_csv(run_dir, rows + quoted, columns)
