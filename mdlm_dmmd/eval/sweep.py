@@ -482,8 +482,8 @@ def run_sweep(cfg: DictConfig) -> Path:
             else:
                 method.pipeline.network.to(device)
                 rows.append(measure(cfg, method, steps, top_p))
-                if all(method is not later for later, _, _ in jobs[i + 1:]):
-                    method.pipeline.network.to("cpu")  # done with it: free the accelerator
+            if all(method is not later for later, _, _ in jobs[i + 1:]):
+                method.pipeline.network.to("cpu")  # done with it (measured or not): free the accelerator
             measured.setdefault(job, rows[-1])
             origin = "kept from results.csv" if kept else "same draw as an earlier row" if twin else "measured"
             logger.info("sweep (%s): %s", origin, rows[-1])
