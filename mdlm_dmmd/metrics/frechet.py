@@ -1,251 +1,36 @@
-"""Fréchet distance of 8x8 digit samples: the paper's FID, rebuilt at the scale of sklearn digits.
+"""Fréchet distance of image samples: the paper's FID, with a pluggable feature network.
 
 The D-MMD paper scores image samples with FID: the Fréchet distance between Gaussians fitted to
-Inception features of generated and real images. Inception does not exist for 8x8 images with
-17 grey levels, so the feature network here is a small MLP classifier trained on the digits
-training split (held-out accuracy ≈ 0.98, checked ≥ 0.95 by the tests); its penultimate layer
-(64 ReLU units) plays the role of Inception's pool3 layer.
+Inception features of generated and real images. The feature network is chosen with the metric
+option `features` (`eval.metric_options.frechet.features`, `features.py` lists them); the
+default `digits_mlp` (`digits_mlp.py`) is a small classifier of sklearn's 8x8 digits, whose
+penultimate layer plays the role of Inception's pool3. This module fits the Gaussians and
+computes the distance, the same for every extractor; the digits classifier's names stay
+importable from here.
 
-The classifier is a fixed measuring instrument, like Inception in FID: it is always trained on
-the default split (`valid_fraction=0.1`, `split_seed=0`), deterministically, and cached at
-`$MDLM_DMMD_CACHE/frechet/digits_classifier_v1.pt` (default `~/.cache/mdlm_dmmd`) with its
-held-out accuracy. `data_config` only chooses which real images form the reference set. Bump the
-`_v1` in the file name whenever the architecture or the training recipe changes.
-
-Caveat, as for FID: the estimate is biased upwards, and more so for small N (with N below the 64
-feature dimensions the sample covariance is singular). Compare models at equal N only.
-For scale, against the train reference at N = 180: the held-out digits score ≈ 18 (as do 180
-training digits, so this is the small-N bias, not a train/valid gap), uniformly random tokens
-≈ 1560, and one digit repeated 180 times ≈ 1080.
+Caveat, as for FID: the estimate is biased upwards, and more so for small N (with N below the
+feature dimension F, 64 for digits, the sample covariance is singular). Compare models at equal
+N only. For scale (digits), against the train reference at N = 180: the held-out digits score
+≈ 18 (as do 180 training digits, so this is the small-N bias, not a train/valid gap), uniformly
+random tokens ≈ 1560, and one digit repeated 180 times ≈ 1080.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mdlm_dmmd.errors import UserError
+# The digits classifier's public names, re-exported: they lived here before extractors existed.
+from mdlm_dmmd.metrics.digits_mlp import (CLASSIFIER_FILE, MAX_LEVEL, NUM_PIXELS, REFERENCE_SPLITS,  # noqa: F401
+                                          DigitsClassifier, _check_samples, _digits_arrays, _load_classifier,
+                                          classifier_path, features, load_classifier, reference_statistics,
+                                          train_classifier)
+from mdlm_dmmd.metrics.features import DEFAULT, feature_statistics, load_extractor
 
-logger = logging.getLogger(__name__)
-
-CLASSIFIER_FILE = "digits_classifier_v1.pt"
-NUM_PIXELS = 64  # 8x8, row-major
-MAX_LEVEL = 16  # pixel values (tokens) are 0..16
-REFERENCE_SPLITS = ("train", "valid", "all")
-
-# The classifier's own split and recipe. Full-batch AdamW: no data order to seed, and ~200
-# steps take about a second on CPU. Longer training overfits (0.96 at 800 steps vs 0.98 at 200).
-_CLASSIFIER_SPLIT = {"valid_fraction": 0.1, "split_seed": 0}
-_SEED = 0
-_STEPS = 200
-_LR = 1e-2
-_WEIGHT_DECAY = 1e-4
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def _digits_arrays(split: str, *, valid_fraction: float,
-                   split_seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Digits pixels [N, 64] int64 and labels [N] of one split, via `data.images` when present.
-
-    The fallback repeats `data.images.digits_arrays`'s rule (seeded `torch.randperm`, the first
-    `round(N * valid_fraction)` indices are validation) so both always hold out the same images.
-    """
-    try:
-        from mdlm_dmmd.data.images import digits_arrays
-    except ImportError:
-        digits_arrays = None
-    if digits_arrays is not None:
-        return digits_arrays(split, valid_fraction=valid_fraction, split_seed=split_seed)
-
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    pixels, labels = digits.data.astype(np.int64), digits.target.astype(np.int64)
-    if split == "all":
-        return pixels, labels
-    n_valid = max(1, round(len(pixels) * valid_fraction))
-    perm = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(split_seed)).numpy()
-    index = np.sort(perm[:n_valid] if split == "valid" else perm[n_valid:])
-    return pixels[index], labels[index]
-
-
-def _check_samples(samples: Any) -> Tensor:
-    """`samples` as a LongTensor [N, 64] of tokens 0..16 with N >= 2, or a one-line UserError."""
-    samples = torch.as_tensor(samples)
-    if samples.dim() != 2 or samples.shape[1] != NUM_PIXELS:
-        raise UserError(f"frechet: samples must be [N, {NUM_PIXELS}] digits tokens in 0..{MAX_LEVEL}, "
-                        f"got shape {tuple(samples.shape)}")
-    if samples.dtype == torch.bool or samples.is_floating_point() or samples.is_complex():
-        raise UserError(f"frechet: samples must be integer digits tokens in 0..{MAX_LEVEL}, "
-                        f"got dtype {samples.dtype}")
-    if samples.shape[0] < 2:
-        raise UserError(f"frechet: samples need N >= 2 rows to estimate a covariance, "
-                        f"got N={samples.shape[0]}")
-    low, high = samples.min().item(), samples.max().item()
-    if low < 0 or high > MAX_LEVEL:
-        raise UserError(f"frechet: samples must be digits tokens in 0..{MAX_LEVEL}, got values in "
-                        f"{low}..{high} (a mask id left in the samples?)")
-    return samples.long().cpu()
-
-
-# ----------------------------------------------------------------------------- classifier
-
-
-class DigitsClassifier(nn.Module):
-    """MLP 64 → 128 → 64 → 10 on pixels scaled to [0, 1]; `features` is the 64-unit layer."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(NUM_PIXELS, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU())
-        self.head = nn.Linear(64, 10)
-
-    def features(self, pixels: Tensor) -> Tensor:
-        """Penultimate activations [N, 64] of pixels [N, 64] in [0, 1]."""
-        return self.body(pixels)
-
-    def forward(self, pixels: Tensor) -> Tensor:
-        """Class logits [N, 10]."""
-        return self.head(self.body(pixels))
-
-
-def _scaled(pixels: np.ndarray | Tensor) -> Tensor:
-    return torch.as_tensor(pixels).float() / MAX_LEVEL
-
-
-def train_classifier() -> tuple[DigitsClassifier, float]:
-    """Train the feature classifier, ignoring the cache; returns (eval-mode model, held-out accuracy).
-
-    Deterministic: weights are initialised under a forked, fixed-seed RNG (the caller's global
-    RNG is untouched), training is full batch, and for its duration deterministic algorithms are
-    enforced and torch runs on one thread. One thread also makes the result independent of the
-    core count, and on a loaded 2-core machine it is ~10x faster (0.6 s vs 6 s) than threads
-    that wait for each other. Another CPU or BLAS may still differ in the last bits, which is
-    why the trained weights are cached rather than retrained per run.
-    """
-    x_train, y_train = _digits_arrays("train", **_CLASSIFIER_SPLIT)
-    x_valid, y_valid = _digits_arrays("valid", **_CLASSIFIER_SPLIT)
-    x_train, y_train = _scaled(x_train), torch.as_tensor(y_train)
-    x_valid, y_valid = _scaled(x_valid), torch.as_tensor(y_valid)
-
-    was_deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_SEED)
-            model = DigitsClassifier()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=_LR, weight_decay=_WEIGHT_DECAY)
-        for _ in range(_STEPS):
-            loss = nn.functional.cross_entropy(model(x_train), y_train)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-        torch.set_num_threads(threads)
-
-    model.eval().requires_grad_(False)
-    with torch.no_grad():
-        accuracy = (model(x_valid).argmax(-1) == y_valid).double().mean().item()
-    return model, accuracy
-
-
-def classifier_path() -> Path:
-    """Where the classifier is cached: $MDLM_DMMD_CACHE (default ~/.cache/mdlm_dmmd)/frechet/."""
-    root = os.environ.get("MDLM_DMMD_CACHE") or "~/.cache/mdlm_dmmd"
-    return Path(root).expanduser() / "frechet" / CLASSIFIER_FILE
-
-
-def load_classifier() -> tuple[DigitsClassifier, float]:
-    """The cached classifier and its held-out accuracy; trained and saved on first use."""
-    return _load_classifier(str(classifier_path()))
-
-
-@functools.lru_cache(maxsize=None)
-def _load_classifier(path: str) -> tuple[DigitsClassifier, float]:
-    # Keyed by path, so changing $MDLM_DMMD_CACHE (as the tests do) never returns a stale model.
-    file = Path(path)
-    if file.is_file():
-        try:
-            saved = torch.load(file, map_location="cpu", weights_only=True)
-            model = DigitsClassifier()
-            model.load_state_dict(saved["state_dict"])
-            return model.eval().requires_grad_(False), float(saved["accuracy"])
-        except Exception as err:  # a torn or foreign file: retraining is cheap and deterministic
-            logger.warning("frechet: cannot read %s (%s); retraining the classifier", file, err)
-    logger.info("frechet: training the digits feature classifier (once; cached at %s)", file)
-    model, accuracy = train_classifier()
-    file.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so a concurrent reader never sees half a file.
-    tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
-    torch.save({"state_dict": model.state_dict(), "accuracy": accuracy}, tmp)
-    os.replace(tmp, file)
-    return model, accuracy
-
-
-def features(images_tokens: Any) -> Tensor:
-    """Classifier features [N, 64] (float32) of digits tokens [N, 64] with values 0..16."""
-    tokens = _check_samples(images_tokens)
-    model, _ = load_classifier()
-    with torch.no_grad():
-        return model.features(_scaled(tokens))
-
-
-# ----------------------------------------------------------------------------- statistics
-
-
-def _statistics(feats: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean [F] and unbiased covariance [F, F] of features [N, F], in float64."""
-    feats = np.asarray(feats, dtype=np.float64)
-    return feats.mean(axis=0), np.cov(feats, rowvar=False)
-
-
-def _split_options(data_config: Mapping | None) -> dict[str, Any]:
-    """valid_fraction / split_seed of the reference split, from the `data` config node if given."""
-    data_config = data_config or {}
-    name = data_config.get("name", None)
-    if name not in (None, "digits"):
-        raise UserError(f"frechet: metric needs data.name=digits (8x8 image tokens), got '{name}'")
-
-    def value(key: str, cast):
-        v = data_config.get(key, None)
-        return cast(_CLASSIFIER_SPLIT[key] if v is None else v)
-
-    return {"valid_fraction": value("valid_fraction", float), "split_seed": value("split_seed", int)}
-
-
-def reference_statistics(split: str = "train",
-                         data_config: Mapping | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(mu [F], sigma [F, F]) of the classifier features of every image in a real digits split.
-
-    `split` is "train", "valid" or "all"; the arrays are cached in memory and read-only.
-    """
-    if split not in REFERENCE_SPLITS:
-        raise UserError(f"frechet: reference must be one of {', '.join(REFERENCE_SPLITS)}, "
-                        f"got '{split}'")
-    options = _split_options(data_config)
-    return _reference_statistics(str(classifier_path()), split, options["valid_fraction"],
-                                 options["split_seed"])
-
-
-@functools.lru_cache(maxsize=None)
-def _reference_statistics(path: str, split: str, valid_fraction: float, split_seed: int):
-    pixels, _ = _digits_arrays(split, valid_fraction=valid_fraction, split_seed=split_seed)
-    model, _ = _load_classifier(path)
-    with torch.no_grad():
-        mu, sigma = _statistics(model.features(_scaled(pixels)))
-    mu.setflags(write=False)
-    sigma.setflags(write=False)
-    return mu, sigma
+_statistics = feature_statistics  # the old private name
 
 
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
@@ -289,31 +74,33 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
 
 
 def frechet(samples: Tensor, *, reference: str = "train", data_config: Mapping | None = None,
-            num_bootstrap: int = 0, seed: int = 0, **_) -> dict:
-    """Registered metric `frechet`: FD between classifier features of `samples` and a real split.
+            num_bootstrap: int = 0, seed: int = 0, features: str = DEFAULT, **_) -> dict:
+    """Registered metric `frechet`: FD between extractor features of `samples` and a real split.
 
-    samples: LongTensor [N, 64] of digits tokens 0..16, N >= 2. `reference` is the real split
-    ("train" | "valid" | "all", every image of it). With `num_bootstrap` >= 2, `stderr` is the
-    standard deviation of FD over that many with-replacement resamples of the generated set
-    (numpy generator seeded with `seed`); the reference statistics stay fixed. Otherwise nan.
+    `features` names the extractor (`features.available_extractors()`; default `digits_mlp`).
+    samples: the extractor's image tokens, LongTensor [N, H·W·C] with N >= 2 ([N, 64] digits
+    tokens 0..16 for `digits_mlp`). `reference` is the real split ("train" | "valid" | "all",
+    every image of it). With `num_bootstrap` >= 2, `stderr` is the standard deviation of FD over
+    that many with-replacement resamples of the generated set (numpy generator seeded with
+    `seed`); the reference statistics stay fixed. Otherwise nan.
     Resampled sets hold duplicates, so their FDs sit above `value`: `stderr` measures the spread
     of the estimate, not its small-N bias.
     """
-    tokens = _check_samples(samples)
+    extractor = load_extractor(features)
+    tokens = extractor.check_samples(samples)
     is_int = isinstance(num_bootstrap, int) and not isinstance(num_bootstrap, bool)
     if not is_int or num_bootstrap < 0 or num_bootstrap == 1:  # one resample has no spread
         raise UserError(f"frechet: num_bootstrap must be 0 (off) or an int >= 2, got {num_bootstrap!r}")
-    mu_ref, sigma_ref = reference_statistics(reference, data_config)
-    _, accuracy = load_classifier()
-    feats = features(tokens).double().numpy()  # [N, F]
-    value = frechet_distance(*_statistics(feats), mu_ref, sigma_ref)
+    mu_ref, sigma_ref = extractor.reference_statistics(reference, data_config)
+    details = extractor.details()
+    feats = extractor.features(tokens).double().numpy()  # [N, F]
+    value = frechet_distance(*feature_statistics(feats), mu_ref, sigma_ref)
 
     stderr = float("nan")
     if num_bootstrap:
         rng = np.random.default_rng(seed)
         n = len(feats)
-        boot = [frechet_distance(*_statistics(feats[rng.integers(0, n, size=n)]), mu_ref, sigma_ref)
+        boot = [frechet_distance(*feature_statistics(feats[rng.integers(0, n, size=n)]), mu_ref, sigma_ref)
                 for _ in range(num_bootstrap)]
         stderr = float(np.std(boot, ddof=1))
-    return {"value": value, "stderr": stderr, "classifier_accuracy": accuracy, "num_samples": len(feats),
-            "reference": reference}
+    return {"value": value, "stderr": stderr, **details, "num_samples": len(feats), "reference": reference}

@@ -15,6 +15,7 @@ import scipy.linalg
 import torch
 
 from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.metrics import features as feature_registry
 from mdlm_dmmd.metrics import frechet as fd
 
 
@@ -142,7 +143,8 @@ def test_features_are_the_penultimate_layer():
 
 
 def test_fallback_split_matches_data_images(monkeypatch):
-    images = pytest.importorskip("mdlm_dmmd.data.images")
+    from mdlm_dmmd.data import images
+
     monkeypatch.setitem(sys.modules, "mdlm_dmmd.data.images", None)  # import now raises ImportError
     for split in ("train", "valid"):
         ours, our_labels = fd._digits_arrays(split, valid_fraction=0.2, split_seed=3)
@@ -228,3 +230,78 @@ def test_unreadable_cache_file_is_retrained(tmp_path):
     assert accuracy == cached_accuracy
     assert torch.equal(model.head.weight, cached.head.weight)
     assert torch.load(path, weights_only=True)["accuracy"] == accuracy  # rewritten in place
+
+
+# ----------------------------------------------------------------------------- feature extractors
+
+
+def _old_frechet_value(tokens, reference_pixels):
+    """The metric's value as computed before extractors were pluggable (frozen copy): the
+    classifier's `body` on pixels / 16, float64 mean and np.cov, then the distance."""
+    model, _ = fd.load_classifier()
+    with torch.no_grad():
+        ref = np.asarray(model.body(torch.as_tensor(reference_pixels).float() / 16), dtype=np.float64)
+        feats = model.body(tokens.float() / 16).double().numpy()
+    return fd.frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref.mean(0), np.cov(ref, rowvar=False))
+
+
+def test_default_extractor_gives_the_old_numbers():
+    held_out = _digits("valid")[:40]
+    noise = torch.randint(0, 17, (40, 64), generator=torch.Generator().manual_seed(0))
+    train = _digits("train")
+    for samples, before in ((held_out, 54.60814494261922), (noise, 1541.7155489014754)):
+        default = fd.frechet(samples)
+        assert default == fd.frechet(samples, features="digits_mlp") | {"stderr": default["stderr"]}
+        assert default["value"] == _old_frechet_value(samples, train)
+        # measured with the code before this change on the machine that wrote the test (the
+        # classifier's last bits may differ on another CPU or BLAS, hence the tolerance)
+        assert default["value"] == pytest.approx(before, rel=1e-4)
+    assert list(fd.frechet(held_out)) == ["value", "stderr", "classifier_accuracy", "num_samples", "reference"]
+    boot = fd.frechet(held_out, reference="valid", num_bootstrap=3, seed=1)
+    assert boot["value"] == pytest.approx(50.004761750003354, rel=1e-4)
+    assert boot["stderr"] == pytest.approx(28.720059310417653, rel=1e-4)
+
+
+def test_registry_lists_and_loads_extractors():
+    assert feature_registry.available_extractors() == ["digits_mlp"]
+    extractor = feature_registry.load_extractor("digits_mlp")
+    assert isinstance(extractor, feature_registry.FeatureExtractor)
+    assert extractor.name == "digits_mlp" and extractor.image_shape == (8, 8, 1)
+    tokens = extractor.check_samples(_digits("valid")[:5])
+    assert torch.equal(extractor.features(tokens), fd.features(tokens))
+
+
+@pytest.mark.parametrize("name, hint", [("inception", ""), ("digits_mpl", " (did you mean 'digits_mlp'?)"), (3, "")])
+def test_unknown_extractor_is_one_line_naming_the_option(name, hint):
+    message = f"frechet: unknown eval.metric_options.frechet.features {name!r}; available: digits_mlp{hint}"
+    with pytest.raises(UserError, match="^" + __import__("re").escape(message) + "$"):
+        fd.frechet(_digits("valid")[:4], features=name)
+
+
+class ToyFeatures:
+    """A third extractor as a new module would add it: features = the first two pixels."""
+
+    name = "toy"
+    image_shape = (2, 2, 1)
+
+    def check_samples(self, samples):
+        return torch.as_tensor(samples).long()
+
+    def features(self, tokens):
+        return tokens[:, :2].float()
+
+    def reference_statistics(self, split, data_config):
+        return np.zeros(2), np.eye(2)
+
+    def details(self):
+        return {"toy_detail": 1}
+
+
+def test_a_new_extractor_plugs_in_with_one_registry_line(monkeypatch):
+    monkeypatch.setitem(feature_registry._EXTRACTORS, "toy", f"{__name__}:ToyFeatures")
+    samples = torch.tensor([[0, 0, 5, 5], [2, 0, 5, 5], [0, 2, 5, 5], [2, 2, 5, 5]])
+    result = fd.frechet(samples, features="toy")
+    # features (0,0), (2,0), (0,2), (2,2): mean (1, 1), unbiased covariance 4/3 I; vs N(0, I):
+    # |mu|^2 = 2, Tr(4/3 I + I - 2 (4/3)^{1/2} I) = 2 (7/3 - 2 sqrt(4/3))
+    assert result["value"] == pytest.approx(2 + 2 * (7 / 3 - 2 * math.sqrt(4 / 3)), rel=1e-12)
+    assert result["toy_detail"] == 1 and result["num_samples"] == 4
