@@ -1,4 +1,4 @@
-"""Test-wide setup: offline, no W&B, caches in a temp dir; helpers to find ../shared fixtures."""
+"""Test-wide setup: offline, no W&B, caches in a temp dir; where the reference fixtures are (in the repo)."""
 
 import os
 from pathlib import Path
@@ -15,7 +15,17 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# Reference tensors from the public MDLM / BD3-LM code, kept in the repository so that a clone
+# tests itself (how each was made: tests/fixtures/README.md).
+FIXTURES = REPO / "tests" / "fixtures"
+
+
+def fixture_path(name: str) -> Path:
+    """`tests/fixtures/<name>`; a missing fixture fails the test (it ships with the repo), never skips it."""
+    path = FIXTURES / name
+    if not path.exists():
+        raise FileNotFoundError(f"test fixture {path} is missing; it is part of the repository (tests/fixtures/README.md)")
+    return path
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -27,10 +37,16 @@ def _isolated_caches(tmp_path_factory):
 
 
 @pytest.fixture
+def fixtures_dir() -> Path:
+    """The in-repo fixture folder (`tests/fixtures/`)."""
+    return FIXTURES
+
+
+@pytest.fixture
 def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"shared fixtures not found at {SHARED}")
-    return SHARED
+    """The folder that holds `fixtures/`, as the project's shared folder did: now `tests/`, so
+    `shared_dir / "fixtures" / "mdlm-dit"` is the in-repo copy."""
+    return FIXTURES.parent
 
 
 def random_model(config, seed: int = 0):
