@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from mdlm_dmmd import cli, run
+from mdlm_dmmd import cli
+from mdlm_dmmd.eval.scoring import compute_metrics, default_device, generate, sampling_steps
 from mdlm_dmmd.pipeline import Pipeline
 
 from run_info import run_info, write_run_info  # benchmarks/ is on sys.path when run as a script
@@ -46,10 +47,10 @@ def main(argv: list[str]) -> int:
     rows = []
     for folder in runs:
         for name, updates, path in checkpoints(folder):
-            pipeline = Pipeline.from_checkpoint(path, device=run.default_device(cfg))
-            steps = run.sampling_steps(cfg, pipeline.meta)
-            samples = run.generate(pipeline, cfg, steps, progress=False)
-            metrics = run.compute_metrics(cfg, samples)
+            pipeline = Pipeline.from_checkpoint(path, device=default_device(cfg))
+            steps = sampling_steps(cfg, pipeline.meta)
+            samples = generate(pipeline, cfg, steps, progress=False)
+            metrics = compute_metrics(cfg, samples)
             row = {"run": f"{folder.name}/{name}", "updates": updates, "steps": steps}
             for metric, values in metrics.items():
                 row[metric] = values["value"]

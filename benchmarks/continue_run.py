@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mdlm_dmmd import run
+from mdlm_dmmd import cli
 
 from run_info import run_info, write_run_info  # benchmarks/ is on sys.path when run as a script
 
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"{last} does not exist: nothing to continue from")
     cfg = OmegaConf.merge(OmegaConf.load(run_dir / "config.yaml"), OmegaConf.from_dotlist(overrides))
     cfg.mode, cfg.run_dir, cfg.checkpoint = "train", str(run_dir), str(last)
-    run.dispatch(cfg)
+    cli.dispatch(cfg)
     command = " ".join(["python", "benchmarks/continue_run.py", *argv])
     write_run_info(run_dir / f"continue_{cfg.trainer.max_steps}", run_info(command, started))
     return 0

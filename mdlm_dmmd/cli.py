@@ -13,59 +13,52 @@ code 2 (set MDLM_DMMD_DEBUG=1 for the traceback), before anything is written to 
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
-from pathlib import Path
 from typing import Sequence
 
+from mdlm_dmmd import registry
 from mdlm_dmmd.errors import UserError
 
-MODES = ("train", "sample", "eval", "study", "sweep")
+GROUPS = ("data", "model", "noise", "trainer", "experiment", "debug")  # config groups besides algo
 
 
-def config_dir() -> Path:
-    """The shipped Hydra tree: `mdlm_dmmd/configs` when installed, `<repo>/configs` in a checkout."""
-    try:
-        import mdlm_dmmd.configs as shipped
+def mode_names() -> list[str]:
+    """The modes `mode=` accepts, as `mdlm_dmmd.modes` registers them."""
+    # Imported here and not at the top: the modes load torch and Lightning (seconds), which
+    # `--help` and the config errors found before composing never need.
+    from mdlm_dmmd.modes import MODES
 
-        return Path(next(iter(shipped.__path__))).resolve()
-    except ImportError:
-        return Path(__file__).resolve().parents[1] / "configs"
-
-
-def group_options(group: str, search_paths: Sequence[str] = ()) -> list[str]:
-    """Option names of a config group across the main tree and plugin search paths."""
-    folders = [config_dir() / group] + [Path(p.removeprefix("file://")) / group for p in search_paths]
-    return sorted({f.stem for folder in folders if folder.is_dir() for f in folder.glob("*.yaml")})
+    return list(MODES)
 
 
 def _check_group_overrides(overrides: Sequence[str], search_paths: Sequence[str]) -> None:
     """Fail early, in one line, on `algo=`/`data=`/`model=`/... naming something unknown."""
-    from mdlm_dmmd import registry
-
     for override in overrides:
         key, sep, value = override.lstrip("+~").partition("=")
         if not sep:
             continue
         if key == "algo":
-            registry.check_algo_name(value)
-            if value not in group_options("algo", search_paths):
-                raise UserError(f"algo '{value}' is installed but has no config algo/{value}.yaml on the search path")
-        elif key in ("data", "model", "noise", "trainer", "experiment", "debug") and value != "null":
-            options = group_options(key, search_paths)
+            registry.check_algo_config(value, search_paths)
+        elif key in GROUPS and value != "null":
+            options = registry.group_options(key, search_paths)
             if value not in options:
-                import difflib
-
                 hint = difflib.get_close_matches(value, options, n=1)
                 suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
                 raise UserError(f"unknown {key} '{value}'; available: {', '.join(options)}{suggestion}")
-        elif key == "mode" and value not in MODES:
-            raise UserError(f"mode must be one of {', '.join(MODES)}, got '{value}'")
+        elif key == "mode":
+            _check_mode(value)
+
+
+def _check_mode(value) -> None:
+    if value not in mode_names():
+        raise UserError(f"mode must be one of {', '.join(mode_names())}, got '{value}'")
 
 
 # Free-form dicts whose keys are not known in advance (per-metric options, per-student algo
 # overrides): a plain `key=value` under them may add keys, as if written `++key=value`.
-FREE_FORM = ("eval.metric_options", "study.student_algo")
+FREE_FORM = ("eval.metric_options", "study.student_overrides")
 
 
 def _allow_new_keys(override: str) -> str:
@@ -76,26 +69,11 @@ def _allow_new_keys(override: str) -> str:
 
 
 def compose(overrides: Sequence[str]):
-    """The composed config (a DictConfig) for command-line `overrides`."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from mdlm_dmmd import registry
-
-    search_paths = registry.config_search_paths()
-    _check_group_overrides(overrides, search_paths)
-    extra = [f"hydra.searchpath=[{','.join(search_paths)}]"] if search_paths else []
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-            cfg = hydra_compose("config", overrides=[_allow_new_keys(o) for o in overrides] + extra)
-    except (HydraException, OmegaConfBaseException) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"bad config override: {first}") from err
+    """The composed and checked config (a DictConfig) for command-line `overrides`."""
+    _check_group_overrides(overrides, registry.config_search_paths())
+    cfg = registry.compose_tree([_allow_new_keys(o) for o in overrides])
     registry.check_algo_name(cfg.algo.name)
-    if cfg.mode not in MODES:
-        raise UserError(f"mode must be one of {', '.join(MODES)}, got '{cfg.mode}'")
+    _check_mode(cfg.mode)
     for name in cfg.eval.get("metrics", []) or []:
         registry.check_metric_name(name)
     _check_sampling(cfg)
@@ -104,7 +82,9 @@ def compose(overrides: Sequence[str]):
 
 def _check_sampling(cfg) -> None:
     """Validate `sampling.*` now: train mode samples only after fitting, which is too late."""
+    # Imported here and not at the top for the same reason as the modes (torch).
     from mdlm_dmmd.diffusion.sampling import check_sampling_args
+    from mdlm_dmmd.eval.scoring import default_device, prompt_length
 
     s = cfg.sampling
     numbers = {}
@@ -123,11 +103,16 @@ def _check_sampling(cfg) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
             kind = "an int" if low is None else f"an int >= {low}"
             raise UserError(f"sampling.{key} must be {kind}, got {value!r}")
-    from mdlm_dmmd.run import default_device, prompt_length
-
     default_device(cfg)  # sampling.device
-    if cfg.mode == "train" and s.get("prompt_length"):
-        prompt_length(cfg, cfg.model.length)  # sample/eval: checked against the checkpoint's length
+    if cfg.mode in ("train", "study") and s.get("prompt_length"):
+        prompt_length(cfg, cfg.model.length)  # sample/eval/sweep: checked against the checkpoint's length
+
+
+def dispatch(cfg) -> None:
+    """Run the mode `cfg.mode` names on the composed config."""
+    from mdlm_dmmd.modes import MODES  # see mode_names
+
+    MODES[cfg.mode](cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,10 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__doc__)
         return 0
     try:
-        cfg = compose(argv)
-        from mdlm_dmmd import run
-
-        run.dispatch(cfg)
+        dispatch(compose(argv))
     except UserError as err:
         if os.environ.get("MDLM_DMMD_DEBUG"):
             raise

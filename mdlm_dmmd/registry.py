@@ -6,6 +6,8 @@ when it is asked for, so a broken third-party plugin never stops `algo=mdlm` fro
 
 A plugin's Hydra config is `configs/algo/NAME.yaml` inside its top-level package; the host
 adds that folder to Hydra's search path (`config_search_paths`) without importing the plugin.
+The shipped tree (`config_dir`) and that search path are all that composing a config needs
+(`compose_tree`: the CLI's config, a study's student algo).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from mdlm_dmmd.errors import UserError
 
@@ -154,3 +156,50 @@ def config_search_paths() -> list[str]:
                 if uri not in paths:
                     paths.append(uri)
     return paths
+
+
+# -- the Hydra tree ------------------------------------------------------------------------------
+def config_dir() -> Path:
+    """The shipped Hydra tree: `mdlm_dmmd/configs` when installed, `<repo>/configs` in a checkout."""
+    try:
+        import mdlm_dmmd.configs as shipped
+
+        return Path(next(iter(shipped.__path__))).resolve()
+    except ImportError:
+        return Path(__file__).resolve().parents[1] / "configs"
+
+
+def group_options(group: str, search_paths: Sequence[str] = ()) -> list[str]:
+    """Option names of a config group across the main tree and plugin search paths."""
+    folders = [config_dir() / group] + [Path(p.removeprefix("file://")) / group for p in search_paths]
+    return sorted({f.stem for folder in folders if folder.is_dir() for f in folder.glob("*.yaml")})
+
+
+def compose_tree(overrides: Sequence[str]):
+    """The main config (a DictConfig) composed by Hydra from the shipped tree and every plugin's
+    config folder, for `overrides` in Hydra's grammar; values are not validated here."""
+    from hydra import compose, initialize_config_dir  # imported here: listing plugins must stay cheap
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    search_paths = config_search_paths()
+    extra = [f"hydra.searchpath=[{','.join(search_paths)}]"] if search_paths else []
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+            return compose("config", overrides=[*overrides, *extra])
+    except (HydraException, OmegaConfBaseException) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"bad config override: {first}") from err
+
+
+def check_algo_config(name: str, search_paths: Sequence[str] | None = None) -> None:
+    """`name` is an installed algo with a config `algo/NAME.yaml` on the search path."""
+    check_algo_name(name)
+    if name not in group_options("algo", config_search_paths() if search_paths is None else search_paths):
+        raise UserError(f"algo '{name}' is installed but has no config algo/{name}.yaml on the search path")
+
+
+def algo_config(name: str):
+    """The `algo` node of algo `name` as `algo=NAME` composes it (a DictConfig)."""
+    check_algo_config(name)
+    return compose_tree([f"algo={name}"]).algo

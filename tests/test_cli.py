@@ -268,10 +268,10 @@ def test_debug_env_shows_the_traceback(monkeypatch):
 def test_wandb_logger_without_wandb_installed(capsys, run_dir, monkeypatch):
     import importlib.util
 
-    from mdlm_dmmd import run
+    from mdlm_dmmd import training
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(run.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    monkeypatch.setattr(training.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     fails(capsys, TINY + ["logger=wandb", f"run_dir={run_dir}"], "logger=wandb needs wandb", run_dir=run_dir)
 
 
@@ -281,7 +281,7 @@ def test_eval_with_prompts_continues_held_out_rows_and_scores_conditional_gm(tmp
     from conftest import write_ar_checkpoint
     from omegaconf import OmegaConf
 
-    from mdlm_dmmd import run
+    from mdlm_dmmd.eval.scoring import held_out_rows
 
     reference = write_ar_checkpoint(tmp_path / "reference")
     out_dir = tmp_path / "eval"
@@ -291,10 +291,19 @@ def test_eval_with_prompts_continues_held_out_rows_and_scores_conditional_gm(tmp
     assert main(args) == 0
     samples = torch.load(out_dir / "samples.pt")
     cfg = OmegaConf.load(out_dir / "config.yaml")
-    rows = run.held_out_rows(cfg, 64, 16)
+    rows = held_out_rows(cfg, 64, 16)
     assert torch.equal(samples[:, :40], rows[:, :40]) and not torch.equal(samples, rows)
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["prompt length"] == 40 and metrics["gradient_moment"]["split"] == "prompts"
     fails_eval = main(TINY + ["mode=eval", f"checkpoint={trained_ckpt}", f"run_dir={tmp_path / 'e2'}",
                               "sampling.num_samples=1000", "sampling.prompt_length=8", "sampling.steps=2"])
     assert fails_eval == 2  # more samples than the 180 held-out digits that could prompt them
+
+
+def test_dispatch_finds_the_mode_by_name(monkeypatch, tmp_path):
+    from mdlm_dmmd import modes
+
+    seen = []
+    monkeypatch.setitem(modes.MODES, "sample", lambda cfg: seen.append((cfg.mode, cfg.checkpoint)))
+    assert main(TINY + ["mode=sample", "checkpoint=any", f"run_dir={tmp_path / 'run'}"]) == 0
+    assert seen == [("sample", "any")]

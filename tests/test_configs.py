@@ -10,10 +10,11 @@ from omegaconf import OmegaConf
 
 from mdlm_dmmd import registry
 from mdlm_dmmd.algos.base import AlgoBase
-from mdlm_dmmd.cli import compose, config_dir, group_options
+from mdlm_dmmd.cli import compose
 from mdlm_dmmd.data import available_datasets, build_data
 from mdlm_dmmd.errors import UserError
-from mdlm_dmmd.run import vocab_info
+from mdlm_dmmd.registry import config_dir, group_options
+from mdlm_dmmd.training import vocab_info
 
 CONFIGS = config_dir()
 GROUPS = ("algo", "data", "model", "noise", "trainer", "experiment", "debug")
@@ -148,7 +149,7 @@ def test_free_form_option_nodes_accept_new_keys():
     from mdlm_dmmd.cli import compose
 
     cfg = compose(["eval.metric_options={gradient_moment: {reference: 'a/b.ckpt', batch_size: 8}}",
-                   "eval.metric_options.frechet.num_bootstrap=5", "study.student_algo.lr_generator=3e-4"])
+                   "eval.metric_options.frechet.num_bootstrap=5", "study.student_overrides.lr_generator=3e-4"])
     assert cfg.eval.metric_options.gradient_moment.reference == "a/b.ckpt"
     assert cfg.eval.metric_options.frechet.num_bootstrap == 5
-    assert cfg.study.student_algo.lr_generator == 3e-4
+    assert cfg.study.student_overrides.lr_generator == 3e-4

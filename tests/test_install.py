@@ -72,7 +72,7 @@ def test_installed_copy_runs_the_quickstart_outside_the_repo(installed, tmp_path
     target = installed["target"]
     env = offline_env(PYTHONPATH=str(target))
     probe = subprocess.run(
-        [sys.executable, "-c", "import mdlm_dmmd, mdlm_dmmd.cli as c; print(mdlm_dmmd.__file__); print(c.config_dir())"],
+        [sys.executable, "-c", "import mdlm_dmmd, mdlm_dmmd.registry as r; print(mdlm_dmmd.__file__); print(r.config_dir())"],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert probe.returncode == 0, probe.stderr
     module_file, configs = (Path(line) for line in probe.stdout.split())

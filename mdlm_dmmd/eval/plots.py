@@ -1,4 +1,5 @@
-"""The evaluation pictures: a metric against sampling steps, and one metric against another.
+"""The evaluation pictures: a metric against sampling steps, one metric against another, and
+panels of sample grids (image data) side by side.
 
 Both take result rows as plain dicts (`{"method": ..., "steps": ..., "<metric>": value,
 "<metric>_stderr": error, "source": "measured" | "data" | "quoted"}`), the shape `results.csv`
@@ -10,13 +11,18 @@ holds, and write a PNG. Conventions shared by every picture:
 - rows without a step count (the "Data" reference row) are a horizontal dashed line in the
   metric-vs-steps plot (they have no NFE) and a star in the trade-off scatter.
 
-Used by `mode=sweep` (eval/sweep.py) and `mode=study` (eval/study.py).
+Used by `mode=sweep` and `mode=study` (mdlm_dmmd/modes/).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
+
+from mdlm_dmmd.eval.tables import as_number
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def _pyplot():
@@ -26,14 +32,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _number(value) -> float | None:
-    """A finite float, or None for blanks, None and NaN (missing cells of a table)."""
-    if value is None or value == "":
-        return None
-    value = float(value)
-    return value if value == value else None
 
 
 def _groups(rows: Iterable[dict], group: str) -> dict[str, list[dict]]:
@@ -66,9 +64,9 @@ def metric_vs_steps(rows: list[dict], metric: str, path: Path, *, group: str = "
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for label, members in _groups(rows, group).items():
         quoted = any(r.get("source") == "quoted" for r in members)
-        stepped = sorted((int(r["steps"]), _number(r.get(metric)), _number(r.get(f"{metric}_stderr")))
-                         for r in members if _number(r.get("steps")) is not None and _number(r.get(metric)) is not None)
-        flat = [_number(r.get(metric)) for r in members if _number(r.get("steps")) is None and _number(r.get(metric)) is not None]
+        stepped = sorted((int(r["steps"]), as_number(r.get(metric)), as_number(r.get(f"{metric}_stderr")))
+                         for r in members if as_number(r.get("steps")) is not None and as_number(r.get(metric)) is not None)
+        flat = [as_number(r.get(metric)) for r in members if as_number(r.get("steps")) is None and as_number(r.get(metric)) is not None]
         style = {"marker": "x", "linestyle": ":"} if quoted else {"marker": "o"}
         if stepped:
             x, y, err = zip(*stepped)
@@ -89,7 +87,7 @@ def tradeoff(rows: list[dict], x_metric: str, y_metric: str, path: Path, *, grou
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for label, members in _groups(rows, group).items():
-        points = [(_number(r.get(x_metric)), _number(r.get(y_metric)), r.get("steps"), r.get("source"))
+        points = [(as_number(r.get(x_metric)), as_number(r.get(y_metric)), r.get("steps"), r.get("source"))
                   for r in members]
         points = [p for p in points if p[0] is not None and p[1] is not None]
         if not points:
@@ -99,6 +97,19 @@ def tradeoff(rows: list[dict], x_metric: str, y_metric: str, path: Path, *, grou
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         ax.scatter(xs, ys, marker=marker, s=60 if marker == "*" else 30, label=label)
         for x, y, steps, _ in points:
-            if _number(steps) is not None:
+            if as_number(steps) is not None:
                 ax.annotate(str(int(steps)), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
     _finish(plt, fig, ax, path, x_metric, y_metric, title, legend_size=7)
+
+
+def sample_panels(grids: dict[str, "np.ndarray"], path: Path) -> None:
+    """Pictures of samples (RGB arrays, e.g. `DataBundle.sample_grid`), one panel per label."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(grids), figsize=(2.6 * len(grids), 3.0), squeeze=False)
+    for ax, (label, picture) in zip(axes[0], grids.items()):
+        ax.imshow(picture)
+        ax.set_title(label, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

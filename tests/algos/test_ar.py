@@ -10,7 +10,7 @@ from mdlm_dmmd.algos.ar import AR
 from mdlm_dmmd.cli import compose
 from mdlm_dmmd.data import build_data, make_loaders
 from mdlm_dmmd.pipeline import Pipeline
-from mdlm_dmmd.run import vocab_info
+from mdlm_dmmd.training import vocab_info
 
 V_DATA = 17  # digits; the start token is id 17
 

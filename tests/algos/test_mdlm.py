@@ -14,7 +14,7 @@ from mdlm_dmmd.checkpoints import load_backbone
 from mdlm_dmmd.cli import compose
 from mdlm_dmmd.data import build_data, make_loaders
 from mdlm_dmmd.pipeline import Pipeline
-from mdlm_dmmd.run import vocab_info
+from mdlm_dmmd.training import vocab_info
 
 EPS = 1e-3  # training.sampling_eps
 V_DATA = 17  # digits: pixel values 0..16; the mask id is 17

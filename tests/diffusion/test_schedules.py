@@ -15,7 +15,7 @@ from mdlm_dmmd.diffusion import MaskedProcess, UniformProcess, process_from_meta
 from mdlm_dmmd.diffusion.schedules import DuoSchedule, LogLinear, argmax_probability, build_schedule
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.pipeline import Pipeline
-from mdlm_dmmd.run import vocab_info
+from mdlm_dmmd.training import vocab_info
 
 TINY = ["data=digits", "debug=cpu", "model.length=64"]
 DIGITS_V = 17

@@ -9,8 +9,9 @@ import torch
 from omegaconf import OmegaConf
 
 from mdlm_dmmd import registry
-from mdlm_dmmd.cli import compose, config_dir, main
+from mdlm_dmmd.cli import compose, main
 from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.registry import config_dir
 
 TEACHER_STEPS = [32, 64, 128, 256, 512]  # Table 2's teacher columns
 STUDENT_STEPS = [4, 8, 16, 32, 64]  # one D-MMD student per k

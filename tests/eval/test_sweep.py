@@ -11,7 +11,9 @@ import torch
 from mdlm_dmmd import registry
 from mdlm_dmmd.cli import compose, main
 from mdlm_dmmd.data import build_data
-from mdlm_dmmd.eval import sweep
+from mdlm_dmmd.eval.scoring import held_out_rows
+from mdlm_dmmd.eval.sweep import output, plan
+from mdlm_dmmd.eval.tables import value_stderr
 from mdlm_dmmd.pipeline import Pipeline
 
 TINY = ["data=digits", "debug=cpu", "model.length=64"]
@@ -66,8 +68,8 @@ def fails(capsys, args, *needles, run_dir: Path):
 # -- the sweep --------------------------------------------------------------------------------------
 def test_sweep_table_matches_direct_sampling_and_scoring(teacher, tmp_path, monkeypatch):
     calls = []
-    measure = sweep.measure
-    monkeypatch.setattr(sweep, "measure", lambda *a: calls.append(a[2:]) or measure(*a))
+    measure = plan.measure
+    monkeypatch.setattr(plan, "measure", lambda *a: calls.append(a[2:]) or measure(*a))
     literature = tmp_path / "literature.csv"
     literature.write_text("method,steps,frechet,frechet_stderr,entropy,note\nOld method,8,123.5,4.5,,Table 9\n")
     run_dir = tmp_path / "sweep"
@@ -114,9 +116,9 @@ def test_sweep_table_matches_direct_sampling_and_scoring(teacher, tmp_path, monk
     report = (run_dir / "results.md").read_text()
     assert "## frechet vs NFE" in report and "## entropy vs NFE" in report
     assert "| method | 2 | 4 | 8 | — |" in report  # frechet: NFE columns, then the Data column
-    assert f"| Teacher (p = 0.90) | {sweep._fmt(float(rows[1]['frechet']))} | {sweep._fmt(float(rows[3]['frechet']))} |  |  |" in report
+    assert f"| Teacher (p = 0.90) | {value_stderr(float(rows[1]['frechet']))} | {value_stderr(float(rows[3]['frechet']))} |  |  |" in report
     assert "| Old method (quoted) |  |  | 123.5 |  |" in report
-    assert f"| Data |  |  |  |  | {sweep._fmt(float(data_row['entropy']))} ± " in report  # NFE, top-p, T blank
+    assert f"| Data |  |  |  |  | {value_stderr(float(data_row['entropy']))} ± " in report  # NFE, top-p, T blank
     for name in ("nfe_entropy.png", "nfe_frechet.png", "config.yaml"):
         assert (run_dir / name).is_file(), name
     assert not (run_dir / "gen_ppl_vs_entropy.png").exists()  # no gen-PPL measured
@@ -165,7 +167,7 @@ def test_plots_without_steps_or_with_quoted_rows(tmp_path):
         {"method": "B", "label": "B (quoted)", "source": "quoted", "steps": 4, "gen_ppl": 80.0, "entropy": 5.0},
         {"method": "Data", "label": "Data", "source": "data", "steps": "", "gen_ppl": 15.4, "entropy": 5.44, "gradient_moment": 0.0},
     ]
-    written = sweep.write_plots(tmp_path, rows, ["gradient_moment", "gen_ppl", "entropy"])
+    written = output.write_plots(tmp_path, rows, ["gradient_moment", "gen_ppl", "entropy"])
     assert written == ["nfe_gradient_moment.png", "nfe_gen_ppl.png", "nfe_entropy.png",
                        "gen_ppl_vs_entropy.png", "gm_vs_gen_ppl.png"]
     assert all((tmp_path / name).stat().st_size > 0 for name in written)
@@ -277,8 +279,6 @@ def test_sweep_resumes_from_its_results_csv(teacher, tmp_path, capsys):
 
 
 def test_prompted_sweep_continues_held_out_rows_and_has_no_data_row(teacher, ar, tmp_path):
-    from mdlm_dmmd import run
-
     run_dir = tmp_path / "sweep"
     options = f"eval.metric_options={{gradient_moment: {{reference: '{ar}', batch_size: 2}}}}"
     assert main([*SWEEP, f"run_dir={run_dir}", "eval.metrics=[gradient_moment]", options, "sampling.prompt_length=48",
@@ -287,6 +287,6 @@ def test_prompted_sweep_continues_held_out_rows_and_has_no_data_row(teacher, ar,
     assert [r["method"] for r in rows] == ["Teacher"]  # no Data row: the data continuations are the prompts' rows
     assert float(rows[0]["gradient_moment"]) == float(rows[0]["gradient_moment"])
     cfg = compose([*SWEEP, "sampling.prompt_length=48"])
-    prompts = run.held_out_rows(cfg, 64, 8)[:, :48]
+    prompts = held_out_rows(cfg, 64, 8)[:, :48]
     samples = Pipeline.from_checkpoint(teacher).generate(8, steps=2, prompts=prompts, generator=torch.Generator().manual_seed(3))
     assert torch.equal(samples[:, :48], prompts)

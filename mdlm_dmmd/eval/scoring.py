@@ -1,0 +1,162 @@
+"""Sample a model and score the samples: the one job behind mode=train's samples, mode=sample,
+mode=eval, every row of a study and every row of a sweep.
+
+A "model" here is anything with `generate(num_samples, steps=..., generator=..., ...)`,
+`device` and `length`: a `Pipeline` loaded from a checkpoint, or a freshly trained algo. What
+is sampled comes from the `sampling` node of the config (a recipe that samples several ways,
+such as a sweep, merges its values into a copy), what is computed from `eval.metrics` and
+`eval.metric_options`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mdlm_dmmd import registry
+from mdlm_dmmd.data import DataBundle, build_data
+from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.pipeline import Pipeline
+
+DEFAULT_STEPS = 128
+
+
+def default_device(cfg: DictConfig | None = None) -> str:
+    """Where loaded checkpoints sample (`sampling.device`): auto = the GPU when there is one.
+
+    Random streams differ between devices, so the same seed gives other samples on a GPU than
+    on the CPU; `sampling.device=cpu` reproduces CPU samples on a GPU machine.
+    """
+    value = str((cfg.sampling.get("device") if cfg is not None else None) or "auto")
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise UserError(f"sampling.device must be auto, cpu, cuda or cuda:N; got {value!r}")
+    if value.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"sampling.device={value} but torch sees no CUDA device; use sampling.device=auto or cpu")
+    return value
+
+
+def load_pipeline(cfg: DictConfig) -> tuple[Pipeline, str]:
+    """(pipeline, path) of `checkpoint=PATH`, on `sampling.device` (mode=sample and eval)."""
+    path = cfg.get("checkpoint")
+    if path is None:
+        raise UserError(f"mode={cfg.mode} needs checkpoint=PATH (a .ckpt file or an exported directory)")
+    if not Path(path).exists():
+        raise UserError(f"checkpoint '{path}' does not exist")
+    return Pipeline.from_checkpoint(str(path), device=default_device(cfg)), str(path)
+
+
+def checkpoint_data(cfg: DictConfig, meta: dict, length: int) -> DataBundle:
+    """The data a loaded checkpoint was trained on (its stored data config), else `cfg.data`:
+    its samples decode right even when the command line names other data."""
+    return build_data(meta.get("data") or cfg.data, length)
+
+
+def sampling_steps(cfg: DictConfig, meta: dict | None = None) -> int:
+    """`sampling.steps`, or when null the checkpoint's own k (a D-MMD student), else 128."""
+    if cfg.sampling.steps is not None:
+        return int(cfg.sampling.steps)
+    return int((meta or {}).get("sampling_steps") or DEFAULT_STEPS)
+
+
+def held_out_rows(cfg: DictConfig, length: int, count: int) -> torch.Tensor:
+    """Up to `count` validation rows [N, L], drawn at random with `sampling.seed`."""
+    valid = build_data(cfg.data, length).valid
+    index = torch.randperm(len(valid), generator=torch.Generator().manual_seed(int(cfg.sampling.seed)))[:count]
+    return torch.stack([valid[int(i)]["input_ids"] for i in index])
+
+
+def prompt_length(cfg: DictConfig, length: int) -> int:
+    value = cfg.sampling.get("prompt_length") or 0
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < length:
+        raise UserError(f"sampling.prompt_length must be an int in [0, {length}) (model length {length}), got {value!r}")
+    return value
+
+
+def prompt_rows(cfg: DictConfig, length: int) -> torch.Tensor | None:
+    """The held-out rows [num_samples, L] whose first `sampling.prompt_length` tokens prompt the
+    samples (row i prompts sample i), or None for unconditional sampling."""
+    if prompt_length(cfg, length) == 0:
+        return None
+    count = int(cfg.sampling.num_samples)
+    rows = held_out_rows(cfg, length, count)
+    if len(rows) < count:
+        raise UserError(f"sampling.prompt_length needs one held-out row per sample: {count} samples "
+                        f"but data={cfg.data.name} has {len(rows)} validation rows")
+    return rows
+
+
+def generate(model, cfg: DictConfig, steps: int, *, prompt_rows: torch.Tensor | None = None,
+             progress: bool = True) -> torch.Tensor:
+    """`sampling.num_samples` sequences in `steps` steps, seeded with `sampling.seed`; with
+    `prompt_rows` (see `prompt_rows`), sample i continues the first `sampling.prompt_length`
+    tokens of row i."""
+    s = cfg.sampling
+    prompts = None if prompt_rows is None else prompt_rows[:, : int(s.prompt_length)]
+    # The generator must live where the samples are drawn (a CPU generator cannot feed CUDA draws).
+    generator = torch.Generator(device=model.device).manual_seed(int(s.seed))
+    return model.generate(
+        int(s.num_samples), steps=steps, generator=generator, temperature=float(s.temperature),
+        top_p=float(s.top_p), noise_removal=str(s.noise_removal), batch_size=int(s.batch_size), progress=progress,
+        prompts=prompts,
+    )
+
+
+def compute_metrics(cfg: DictConfig, samples: torch.Tensor, *, prompt_rows: torch.Tensor | None = None) -> dict[str, Any]:
+    """`eval.metrics` of `samples`. With the `prompt_rows` the samples continue, metrics that
+    take them (gradient_moment: conditional GM, paper §5) compare with those rows; the others
+    score the whole sequences."""
+    results = {}
+    options = cfg.eval.get("metric_options") or {}
+    for name in cfg.eval.get("metrics", []) or []:
+        extra = OmegaConf.to_container(options[name], resolve=True) if name in options else {}
+        metric = registry.load_metric(name)
+        if prompt_rows is not None and "prompt_rows" in inspect.signature(metric).parameters:
+            extra.update(prompt_rows=prompt_rows, prompt_length=int(cfg.sampling.prompt_length))
+        value = metric(samples, data_config=cfg.data, **extra)
+        results[name] = {k: v for k, v in value.items() if k != "per_sample"}
+    return results
+
+
+@dataclass
+class Scored:
+    """One sampled and scored draw: the samples [N, L], `eval.metrics` of them, the prompting
+    rows (None: unconditional) and the wall-clock seconds sampling took."""
+
+    samples: torch.Tensor
+    metrics: dict[str, Any]
+    prompt_rows: torch.Tensor | None
+    seconds: float
+
+
+def sample_and_score(model, cfg: DictConfig, steps: int, *, progress: bool = False) -> Scored:
+    """Sample `model` as `cfg.sampling` says (prompted when `sampling.prompt_length` > 0) in
+    `steps` steps and score the samples with `eval.metrics`."""
+    prompts = prompt_rows(cfg, model.length)
+    started = time.time()
+    samples = generate(model, cfg, int(steps), prompt_rows=prompts, progress=progress)
+    seconds = time.time() - started
+    return Scored(samples, compute_metrics(cfg, samples, prompt_rows=prompts), prompts, seconds)
+
+
+def with_sampling(cfg: DictConfig, **values) -> DictConfig:
+    """A copy of `cfg` whose `sampling` node has `values` (e.g. num_samples=500, top_p=0.9)."""
+    return OmegaConf.merge(cfg, {"sampling": values})
+
+
+def flatten(metrics: dict[str, dict]) -> dict[str, float]:
+    """{"frechet": {"value": v, "stderr": e}} → {"frechet": v, "frechet_stderr": e} (a table row)."""
+    flat = {}
+    for name, result in metrics.items():
+        flat[name] = result["value"]
+        if result.get("stderr") == result.get("stderr"):  # not NaN
+            flat[f"{name}_stderr"] = result["stderr"]
+    return flat

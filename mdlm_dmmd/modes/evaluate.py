@@ -1,0 +1,27 @@
+"""mode=eval: sample a checkpoint and score the samples with `eval.metrics`; run_dir gets the
+samples (as mode=sample writes them), `metrics.json` and `report.md`."""
+
+from __future__ import annotations
+
+import json
+
+from omegaconf import DictConfig
+
+from mdlm_dmmd.eval.scoring import checkpoint_data, load_pipeline, sample_and_score, sampling_steps
+from mdlm_dmmd.eval.tables import write_report
+from mdlm_dmmd.training import make_run_dir
+
+
+def run(cfg: DictConfig) -> None:
+    pipeline, path = load_pipeline(cfg)
+    steps = sampling_steps(cfg, pipeline.meta)
+    scored = sample_and_score(pipeline, cfg, steps, progress=True)
+    rows = {"checkpoint": path, "sampling steps": steps, "samples": len(scored.samples)}
+    if scored.prompt_rows is not None:
+        rows["prompt length"] = int(cfg.sampling.prompt_length)
+    rows.update(scored.metrics)
+    data = checkpoint_data(cfg, pipeline.meta, scored.samples.shape[1])
+    run_dir = make_run_dir(cfg)
+    files = data.write_samples(run_dir, scored.samples)
+    write_report(run_dir, f"evaluation of {path}", rows, files)
+    print(json.dumps(rows, indent=2, default=str))

@@ -1,0 +1,18 @@
+"""mode=sample: sample a checkpoint (this package's `.ckpt`, an exported directory, or a public
+MDLM/Duo directory) and write `samples.pt` with `samples.png` or `samples.txt` to run_dir."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from mdlm_dmmd.eval.scoring import checkpoint_data, generate, load_pipeline, prompt_rows, sampling_steps
+from mdlm_dmmd.training import make_run_dir
+
+
+def run(cfg: DictConfig) -> None:
+    pipeline, _ = load_pipeline(cfg)
+    samples = generate(pipeline, cfg, sampling_steps(cfg, pipeline.meta), prompt_rows=prompt_rows(cfg, pipeline.length))
+    data = checkpoint_data(cfg, pipeline.meta, samples.shape[1])
+    run_dir = make_run_dir(cfg)
+    files = data.write_samples(run_dir, samples)
+    print(f"{len(samples)} samples written to {run_dir} ({', '.join(files)})")

@@ -1,0 +1,173 @@
+"""Lightning glue: the trainer, its loggers and callbacks, the run folder, and `fit`, which trains
+`cfg.algo` on `cfg.data` (mode=train, and a study's teacher and students).
+
+Everything is checked and built before the run folder is created, so a wrong input leaves
+nothing half-written: the algo (it validates its own config), a resume checkpoint against it,
+the loaders, then the trainer and logger. The RNG save/restore that makes a resumed run
+identical to one that never stopped belongs to the algo (`algos/base.py`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from mdlm_dmmd import registry
+from mdlm_dmmd.algos.base import AlgoBase
+from mdlm_dmmd.checkpoints import _torch_load
+from mdlm_dmmd.data import DataBundle, build_data, make_loaders
+from mdlm_dmmd.errors import UserError
+
+
+def vocab_info(data: DataBundle) -> dict:
+    """What algos need to know about the data's token space (stored in every checkpoint)."""
+    return {
+        "size": data.vocab_size,
+        "bos_id": data.bos_id,
+        "eos_id": data.eos_id,
+        "modality": data.modality,
+        "image_shape": list(data.image_shape) if data.image_shape else None,
+    }
+
+
+def make_run_dir(cfg: DictConfig) -> Path:
+    """`run_dir`, created, with the resolved config saved as `config.yaml`."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    return run_dir
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """`checkpoint=PATH` to resume from (None: a fresh run); it must exist."""
+    path = cfg.get("checkpoint")
+    if path is not None and not Path(path).exists():
+        raise UserError(f"checkpoint '{path}' does not exist")
+    return None if path is None else str(path)
+
+
+def check_resume(path: str, algo: L.LightningModule) -> None:
+    """A resume checkpoint must be a Lightning .ckpt whose weights fit `algo`; checked before the
+    run folder exists, since Lightning would only fail inside `fit`, with a traceback."""
+    if Path(path).is_dir():
+        raise UserError(f"checkpoint '{path}': resuming training needs a .ckpt written by mdlm-dmmd, not a directory")
+    ckpt = _torch_load(Path(path))
+    state = ckpt["state_dict"]
+    recorded = ckpt.get("mdlm_dmmd") or {}
+    current = algo.checkpoint_meta() if isinstance(algo, AlgoBase) else {}  # third-party modules: no meta
+    for key in ("algo", "process", "schedule", "schedule_eps", "schedule_gamma_min", "schedule_gamma_max",
+                "schedule_num_points", "schedule_vocab_size"):
+        if key in recorded and key in current and recorded[key] != current[key]:
+            raise UserError(f"checkpoint '{path}' was trained with {key}={recorded[key]!r} but this config has "
+                            f"{key}={current[key]!r}; resume with the config it was trained with")
+    left_out = tuple(getattr(algo, "not_in_checkpoint", ()))  # put back by the algo on load
+    expected = {k: v for k, v in algo.state_dict().items() if not k.startswith(left_out)}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        first = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
+                 else f"shape of {shapes[0]}: checkpoint {tuple(state[shapes[0]].shape)} vs model {tuple(expected[shapes[0]].shape)}")
+        raise UserError(f"checkpoint '{path}' does not fit this config ({first}); resume with the config it was trained with")
+
+
+def build_logger(cfg: DictConfig, run_dir: Path):
+    kind = cfg.get("logger", "csv")
+    if kind in (None, "none", False):
+        return False
+    from lightning.pytorch import loggers
+
+    if kind == "csv":
+        return loggers.CSVLogger(save_dir=str(run_dir), name="logs", version="")
+    if kind == "tensorboard":
+        return loggers.TensorBoardLogger(save_dir=str(run_dir), name="logs", version="")
+    if kind == "wandb":
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError("logger=wandb needs wandb: pip install 'mdlm-dmmd[wandb]' torch==2.13.0 (or use logger=csv)")
+        return loggers.WandbLogger(save_dir=str(run_dir), project="mdlm-dmmd", config=OmegaConf.to_container(cfg))
+    raise UserError(f"logger must be one of csv, tensorboard, wandb, none; got '{kind}'")
+
+
+class SaveOnCrash(L.Callback):
+    """Write `checkpoints/crash.ckpt` when training raises (including Ctrl-C): nothing is lost."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(str(self.directory / "crash.ckpt"))
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, algo: L.LightningModule) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt_dir = run_dir / "checkpoints"
+    every = cfg.trainer.get("val_check_interval")
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=str(ckpt_dir),
+            filename="step{step}",
+            auto_insert_metric_name=False,
+            save_last=True,
+            save_top_k=-1,
+            every_n_train_steps=every if isinstance(every, int) else None,
+        ),
+        SaveOnCrash(ckpt_dir),
+    ]
+    logger = build_logger(cfg, run_dir)
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if not algo.automatic_optimization:
+        # Manual-optimisation algos (distillation) read both keys from the config and do the
+        # accumulation and clipping themselves; Lightning refuses them with manual optimisation.
+        kwargs.pop("accumulate_grad_batches", None)
+        kwargs.pop("gradient_clip_val", None)
+    try:
+        return L.Trainer(**kwargs, default_root_dir=str(run_dir), callbacks=callbacks, logger=logger)
+    except (TypeError, ValueError) as err:  # Lightning's own messages name the argument
+        raise UserError(f"bad trainer config: {err}") from err
+
+
+@dataclass
+class Fitted:
+    """What a finished training run leaves behind, for recipes that chain runs."""
+
+    run_dir: Path
+    checkpoint: Path
+    algo: L.LightningModule
+    data: Any
+    trainer: L.Trainer
+    minutes: float
+
+
+def fit(cfg: DictConfig) -> Fitted | None:
+    """Train `cfg.algo` on `cfg.data`; None if training was interrupted (crash.ckpt is saved)."""
+    resume = resume_checkpoint(cfg)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    algo_cls = registry.load_algo(cfg.algo.name)
+    data = build_data(cfg.data, cfg.model.length, seed=int(cfg.seed))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["vocab"] = vocab_info(data)
+    algo = algo_cls(config)
+    if resume is not None:
+        check_resume(resume, algo)
+    train_loader, valid_loader = make_loaders(
+        data, batch_size=cfg.loader.batch_size, eval_batch_size=cfg.loader.eval_batch_size,
+        num_workers=cfg.loader.num_workers, seed=int(cfg.seed),
+    )
+    # The trainer (and logger) may still refuse their arguments: build them before writing.
+    trainer = build_trainer(cfg, Path(cfg.run_dir), algo)
+    run_dir = make_run_dir(cfg)
+    started = time.time()
+    trainer.fit(algo, train_loader, valid_loader, ckpt_path=resume)
+    if trainer.interrupted:
+        return None
+    checkpoint = run_dir / "checkpoints" / "final.ckpt"
+    trainer.save_checkpoint(str(checkpoint), weights_only=False)
+    return Fitted(run_dir, checkpoint, algo, data, trainer, (time.time() - started) / 60)
