@@ -72,12 +72,23 @@ def compose(overrides: Sequence[str]):
     """The composed and checked config (a DictConfig) for command-line `overrides`."""
     _check_group_overrides(overrides, registry.config_search_paths())
     cfg = registry.compose_tree([_allow_new_keys(o) for o in overrides])
+    _apply_natural_length(cfg, overrides)
     registry.check_algo_name(cfg.algo.name)
     _check_mode(cfg.mode)
     for name in cfg.eval.get("metrics", []) or []:
         registry.check_metric_name(name)
     _check_sampling(cfg)
     return cfg
+
+
+def _apply_natural_length(cfg, overrides: Sequence[str]) -> None:
+    """A dataset whose rows have one length (`data.natural_length`: digits, 64 pixels) sets
+    `model.length` unless the command line gives it; a different explicit value stays the
+    dataset's error to report."""
+    natural = cfg.data.get("natural_length")
+    given = any(o.lstrip("+~").partition("=")[0] == "model.length" for o in overrides)
+    if natural is not None and not given:
+        cfg.model.length = natural
 
 
 def _check_sampling(cfg) -> None:

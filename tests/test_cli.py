@@ -307,3 +307,18 @@ def test_dispatch_finds_the_mode_by_name(monkeypatch, tmp_path):
     monkeypatch.setitem(modes.MODES, "sample", lambda cfg: seen.append((cfg.mode, cfg.checkpoint)))
     assert main(TINY + ["mode=sample", "checkpoint=any", f"run_dir={tmp_path / 'run'}"]) == 0
     assert seen == [("sample", "any")]
+
+
+# -- friction a new user meets (issue 12, fix f) ----------------------------------------------------
+def test_dataset_with_a_natural_length_sets_model_length(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = ["algo=mdlm", "data=digits", "debug=cpu", "sampling.num_samples=0", f"run_dir={run_dir}"]
+    assert main(args) == 0, capsys.readouterr().err  # model=tiny says 128; digits rows are 64 tokens
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.load(run_dir / "config.yaml").model.length == 64
+    # given explicitly, the length is the user's: the same value works, another stays an error
+    assert main([*args[:-1], "model.length=64", f"run_dir={tmp_path / 'same'}"]) == 0
+    capsys.readouterr()
+    fails(capsys, ["debug=cpu", "data=digits", "model.length=128", f"run_dir={tmp_path / 'other'}"],
+          "model.length must be 64 for data=digits, got 128", run_dir=tmp_path / "other")

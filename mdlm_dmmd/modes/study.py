@@ -48,6 +48,7 @@ def _cache_root() -> Path:
 def teacher_key(cfg: DictConfig) -> str:
     """Hash of every setting that changes the trained teacher (not sampling or study keys)."""
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("algo", "model", "data", "noise", "optim", "training", "loader")}
+    parts["data"].pop("natural_length", None)  # a default for model.length (hashed itself): cached teachers stay valid
     parts["trainer"] = {k: cfg.trainer.get(k) for k in ("max_steps", "accumulate_grad_batches", "gradient_clip_val", "precision")}
     parts["seed"] = int(cfg.seed)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
