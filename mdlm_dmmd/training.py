@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,26 @@ class SaveOnCrash(L.Callback):
         trainer.save_checkpoint(str(self.directory / "crash.ckpt"))
 
 
+SIMPLE_TYPES = {int: "an int", float: "a float", bool: "true or false", str: "a string", type(None): None}
+
+
+def check_trainer_types(trainer: dict) -> None:
+    """`trainer.*` values against the types `lightning.Trainer` declares for them, where those are
+    plain numbers, booleans or strings; Lightning itself would fail later, naming neither the key
+    nor the type (e.g. "'<' not supported between instances of 'str' and 'int'")."""
+    hints = typing.get_type_hints(L.Trainer.__init__)
+    for key, value in trainer.items():
+        hint = hints.get(key)
+        accepted = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+        if hint is None or not all(t in SIMPLE_TYPES for t in accepted):
+            continue  # richer types (Literal, objects, lists): Lightning's own message names them
+        numbers = float in accepted and isinstance(value, int)  # an int is a float here
+        if isinstance(value, bool) and bool not in accepted or not (numbers or isinstance(value, accepted)):
+            kinds = " or ".join(SIMPLE_TYPES[t] for t in accepted if SIMPLE_TYPES[t])
+            null = " (or null)" if type(None) in accepted else ""
+            raise UserError(f"trainer.{key} must be {kinds}{null}, got {value!r}")
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, algo: L.LightningModule) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -123,6 +144,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, algo: L.LightningModule) -> L.
     ]
     logger = build_logger(cfg, run_dir)
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    check_trainer_types(kwargs)
     if not algo.automatic_optimization:
         # Manual-optimisation algos (distillation) read both keys from the config and do the
         # accumulation and clipping themselves; Lightning refuses them with manual optimisation.

@@ -322,3 +322,13 @@ def test_dataset_with_a_natural_length_sets_model_length(tmp_path, capsys):
     capsys.readouterr()
     fails(capsys, ["debug=cpu", "data=digits", "model.length=128", f"run_dir={tmp_path / 'other'}"],
           "model.length must be 64 for data=digits, got 128", run_dir=tmp_path / "other")
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("trainer.max_steps=abc", "trainer.max_steps must be an int, got 'abc'"),
+    ("trainer.max_steps=2.5", "trainer.max_steps must be an int, got 2.5"),
+    ("trainer.log_every_n_steps=often", "trainer.log_every_n_steps must be an int"),
+    ("trainer.limit_val_batches=all", "trainer.limit_val_batches must be an int or a float"),
+])
+def test_trainer_value_of_the_wrong_type_names_key_and_type(capsys, run_dir, override, needle):
+    fails(capsys, TINY + [override, f"run_dir={run_dir}"], needle, run_dir=run_dir)
