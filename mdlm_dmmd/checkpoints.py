@@ -8,7 +8,7 @@ Three formats load into one `DiT` (`research/host-pattern.md` §1.7, §8):
   with a `config.json` beside it loads the same way.
 - **lightning_ckpt**: a `.ckpt` written by this package's training host. Read with
   `torch.load(weights_only=True)`; holds `state_dict` (keys under a prefix such as `backbone.`
-  or `generator.`), `mdlm_dmmd` = {"backbone_config": DiTConfig.to_hf_dict(), "backbone_prefix":
+  or `generator.`), `mdlm_dmmd` = {"backbone_config": dit_config_to_public(config), "backbone_prefix":
   ..., other meta} and optionally `ema`.
 - public Lightning ckpts *shaped* like upstream's (`ema.shadow_params` list), as long as they
   hold no pickled Python objects. Upstream's own files pickle their Hydra config and tokenizer,
@@ -35,6 +35,7 @@ from torch import Tensor
 
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT, DiTConfig
+from mdlm_dmmd.public_config import dit_config_from_public, dit_config_to_public
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -177,7 +178,7 @@ def _read_json(path: Path) -> dict:
 
 def _config_from(hf_dict: dict, source: Path) -> DiTConfig:
     try:
-        return DiTConfig.from_hf_dict(hf_dict)
+        return dit_config_from_public(hf_dict)
     except UserError as err:
         raise UserError(f"{source}: {err}") from err
     except TypeError as err:  # e.g. a field of the wrong type that validate() could not even compare
@@ -364,7 +365,7 @@ def save_backbone(directory: str | os.PathLike, model: DiT, meta: dict | None = 
     """
     directory = Path(directory).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
-    hf_config = model.config.to_hf_dict()
+    hf_config = dit_config_to_public(model.config)
     if meta:
         hf_config[META_KEY] = dict(meta)
     tensors = {f"backbone.{key}": value.detach().cpu().contiguous() for key, value in model.state_dict().items()}

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from mdlm_dmmd.checkpoints import LoadedBackbone, load_backbone, load_backbone_weights, save_backbone
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT, DiTConfig
+from mdlm_dmmd.public_config import dit_config_to_public
 
 from conftest import random_model
 
@@ -108,7 +109,7 @@ def test_unprefixed_keys_and_compiled_prefix_load(tmp_path):
     model = random_model(tiny_config())
     directory = tmp_path / "plain"
     directory.mkdir()
-    (directory / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
+    (directory / "config.json").write_text(json.dumps(dit_config_to_public(model.config)))
     save_file({f"_orig_mod.{k}": v.contiguous() for k, v in model.state_dict().items()},
               str(directory / "model.safetensors"))
     loaded = load_backbone(directory)
@@ -168,7 +169,7 @@ def lightning_ckpt(model: DiT, ema_model: DiT, prefix: str = "generator.", named
     return {
         "state_dict": state_dict,
         "ema": ema,
-        "mdlm_dmmd": {"backbone_config": model.config.to_hf_dict(), "backbone_prefix": prefix,
+        "mdlm_dmmd": {"backbone_config": dit_config_to_public(model.config), "backbone_prefix": prefix,
                       "process": "masked", "mask_id": 10},
         "global_step": 7,
     }
@@ -254,7 +255,7 @@ def test_pickled_objects_are_refused(tmp_path):
 
 def test_missing_config_fields(tmp_path):
     model = random_model(tiny_config())
-    config = {k: v for k, v in model.config.to_hf_dict().items() if k not in ("cond_dim", "n_heads")}
+    config = {k: v for k, v in dit_config_to_public(model.config).items() if k not in ("cond_dim", "n_heads")}
     directory = write_public_dir(tmp_path / "d", config, model.state_dict())
     with pytest.raises(UserError, match="missing required field.*cond_dim, n_heads"):
         load_backbone(directory)
@@ -262,14 +263,14 @@ def test_missing_config_fields(tmp_path):
 
 def test_vocab_mismatch(tmp_path):
     model = random_model(tiny_config())
-    directory = write_public_dir(tmp_path / "d", dict(model.config.to_hf_dict(), vocab_size=12), model.state_dict())
+    directory = write_public_dir(tmp_path / "d", dict(dit_config_to_public(model.config), vocab_size=12), model.state_dict())
     with pytest.raises(UserError, match="checkpoint vocab_size 11 != config vocab_size 12"):
         load_backbone(directory)
 
 
 def test_shape_mismatch_names_key_and_shapes(tmp_path):
     model = random_model(tiny_config())
-    directory = write_public_dir(tmp_path / "d", dict(model.config.to_hf_dict(), cond_dim=4), model.state_dict())
+    directory = write_public_dir(tmp_path / "d", dict(dit_config_to_public(model.config), cond_dim=4), model.state_dict())
     with pytest.raises(UserError, match=r"shape mismatch for sigma_map.mlp.0.weight: checkpoint \(8, 256\) vs model \(4, 256\)"):
         load_backbone(directory)
 
@@ -278,23 +279,23 @@ def test_missing_and_unexpected_keys(tmp_path):
     model = random_model(tiny_config())
     state_dict = model.state_dict()
     del state_dict["blocks.0.attn_out.weight"]
-    directory = write_public_dir(tmp_path / "missing", model.config.to_hf_dict(), state_dict)
+    directory = write_public_dir(tmp_path / "missing", dit_config_to_public(model.config), state_dict)
     with pytest.raises(UserError, match="missing key.*blocks.0.attn_out.weight"):
         load_backbone(directory)
 
     extra = {"backbone.blocks.7.norm1.weight": torch.ones(16)}
-    directory = write_public_dir(tmp_path / "unexpected", model.config.to_hf_dict(), model.state_dict(), extra)
+    directory = write_public_dir(tmp_path / "unexpected", dit_config_to_public(model.config), model.state_dict(), extra)
     with pytest.raises(UserError, match="unexpected key.*blocks.7.norm1.weight"):
         load_backbone(directory)
 
     stray = {"scheduler.step": torch.ones(1)}  # outside the backbone prefix of an HF dir
-    directory = write_public_dir(tmp_path / "stray", model.config.to_hf_dict(), model.state_dict(), stray)
+    directory = write_public_dir(tmp_path / "stray", dit_config_to_public(model.config), model.state_dict(), stray)
     with pytest.raises(UserError, match="scheduler.step"):
         load_backbone(directory)
 
 
 def test_noise_checkpoint_into_plain_config_hints_noise_dim(tmp_path):
     model = random_model(tiny_config(noise_dim=3))
-    directory = write_public_dir(tmp_path / "d", tiny_config().to_hf_dict(), model.state_dict())
+    directory = write_public_dir(tmp_path / "d", dit_config_to_public(tiny_config()), model.state_dict())
     with pytest.raises(UserError, match="has a noise input of width 3"):
         load_backbone(directory)

@@ -29,6 +29,7 @@ from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT, DiTConfig
 from mdlm_dmmd.models.ema import EMA
 from mdlm_dmmd.pipeline import Pipeline
+from mdlm_dmmd.public_config import dit_config_to_public
 
 
 def backbone_config(cfg: DictConfig, vocab_size: int, *, causal: bool = False, noise_dim: int = 0) -> DiTConfig:
@@ -213,7 +214,7 @@ class AlgoBase(L.LightningModule):
         """What `load_backbone` needs to rebuild the sampling network without this class."""
         return {
             "backbone_prefix": self.backbone_prefix,
-            "backbone_config": self.backbone.config.to_hf_dict(),
+            "backbone_config": dit_config_to_public(self.backbone.config),
             "algo": self.cfg.algo.name,
             "vocab": OmegaConf.to_container(self.cfg.vocab),
             "data": OmegaConf.to_container(self.cfg.data),

@@ -1,6 +1,8 @@
-"""DiT backbone: public-fixture logits, soft input, causality, attention backends, noise input, config."""
+"""DiT backbone: public-fixture logits, soft input, causality, attention backends, noise input, config.
 
-import math
+Attention kernels: test_attention.py; positions, per-position sigma and the KV cache: test_block_inputs.py;
+the public BD3-LM fixture: test_bd3lm_fixture.py; public config.json names: tests/test_public_config.py."""
+
 from pathlib import Path
 
 import pytest
@@ -9,19 +11,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from mdlm_dmmd.errors import UserError
-from mdlm_dmmd.models.dit import DiT, DiTConfig, flash_attn_available, flex_attention, flex_block_mask, sdpa_attention
+from mdlm_dmmd.models.attention import flash_attn_available
+from mdlm_dmmd.models.dit import DiT, DiTConfig
 
-from conftest import random_model
+from conftest import fixture_path, random_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def fixture_dir() -> Path:
-    """`shared/fixtures/mdlm-dit/` next to the repo; skip when this checkout has none."""
-    path = REPO_ROOT / ".." / "shared" / "fixtures" / "mdlm-dit"
-    if not path.is_dir():
-        pytest.skip(f"public DiT fixture not found at {path.resolve()}")
-    return path
+    """`tests/fixtures/mdlm-dit/`, in the repository (tests/fixtures/README.md says how it was made)."""
+    return fixture_path("mdlm-dit")
 
 
 def tiny_config(**overrides) -> DiTConfig:
@@ -133,39 +133,6 @@ def test_bf16_params_return_fp32_logits():
 
 # ---------------------------------------------------------------------------------------------
 # Attention
-
-
-def plain_attention(qkv: torch.Tensor, causal: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d)) V written out; qkv [B, L, 3, H, hd] -> [B, L, H, hd]."""
-    q, k, v = qkv.unbind(2)  # [B, L, H, hd]
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
-    L = qkv.shape[1]
-    allowed = torch.ones(L, L, dtype=torch.bool)
-    if causal:
-        allowed = allowed.tril()
-    if mask is not None:
-        allowed = allowed & mask
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
-
-
-def random_mask(L: int) -> torch.Tensor:
-    mask = torch.rand(L, L, generator=torch.Generator().manual_seed(3)) > 0.5
-    mask.fill_diagonal_(True)  # every query keeps at least itself
-    return mask
-
-
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("with_mask", [False, True])
-@pytest.mark.parametrize("backend", ["sdpa", "flex"])
-def test_attention_backends_match_plain_softmax(causal, with_mask, backend):
-    qkv = torch.randn(2, 12, 3, 4, 8, generator=torch.Generator().manual_seed(0))
-    mask = random_mask(12) if with_mask else None
-    if backend == "sdpa":
-        out = sdpa_attention(qkv, causal=causal, attn_mask=mask)
-    else:
-        out = flex_attention(qkv, block_mask=flex_block_mask(12, causal=causal, attn_mask=mask, device=qkv.device))
-    torch.testing.assert_close(out, plain_attention(qkv, causal, mask), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
@@ -331,28 +298,3 @@ def test_validate_reports_every_problem_on_one_line():
         tiny_config(length=0, vocab_size=-1).validate()
     assert "model.length" in str(err.value) and "model.vocab_size" in str(err.value)
     assert "\n" not in str(err.value)
-
-
-def test_hf_dict_round_trip_and_public_fields():
-    config = tiny_config(noise_dim=4, causal=True, attn_backend="sdpa")
-    hf = config.to_hf_dict()
-    assert hf["model_length"] == config.length and "length" not in hf
-    assert DiTConfig.from_hf_dict(hf) == config
-
-    public_mdlm = {  # kuleshov-group/mdlm-owt config.json, sizes shrunk
-        "architectures": ["MDLM"], "auto_map": {"AutoConfig": "configuration_mdlm.MDLMConfig"},
-        "model_type": "mdlm", "vocab_size": 101, "model_length": 32, "hidden_dim": 64, "cond_dim": 32,
-        "n_blocks": 2, "n_heads": 4, "dropout": 0.1, "time_conditioning": False, "return_dict": False,
-        "torch_dtype": "float32",
-    }
-    config = DiTConfig.from_hf_dict(public_mdlm)
-    assert (config.vocab_size, config.length, config.hidden_dim, config.cond_dim) == (101, 32, 64, 32)
-    assert config.attn_backend == "auto" and config.noise_dim == 0 and not config.causal
-
-    bd3lm = dict(public_mdlm, attn_backend="flash_attn", block_size=4, var_min=True, cross_attn=True)
-    assert DiTConfig.from_hf_dict(bd3lm).attn_backend == "flash"
-
-
-def test_from_hf_dict_names_missing_fields():
-    with pytest.raises(UserError, match="missing required field.*model_length.*cond_dim"):
-        DiTConfig.from_hf_dict({"vocab_size": 10, "hidden_dim": 32, "n_blocks": 1, "n_heads": 2})

@@ -1,0 +1,62 @@
+"""The public config.json names of a DiT (MDLMConfig, DUOConfig, BD3LMConfig) <-> `DiTConfig`.
+
+Part of the checkpoint layer (`checkpoints.py` reads and writes with it): the model knows only
+its own field names. Upstream's Hydra names (`hidden_size`, `length`) are accepted too, for
+configs stored in Lightning checkpoints. What a public config means beyond the backbone's size
+(block size, cross attention, time conditioning) is read by the checkpoint loader, not here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.models.dit import DiTConfig
+
+# Public name -> DiTConfig field.
+PUBLIC_FIELDS = {
+    "vocab_size": "vocab_size",
+    "model_length": "length",
+    "length": "length",
+    "hidden_dim": "hidden_dim",
+    "hidden_size": "hidden_dim",
+    "cond_dim": "cond_dim",
+    "n_blocks": "n_blocks",
+    "n_heads": "n_heads",
+    "dropout": "dropout",
+    "causal": "causal",
+    "attn_backend": "attn_backend",
+    "noise_dim": "noise_dim",
+    "noise_grid": "noise_grid",
+}
+REQUIRED = ("vocab_size", "length", "hidden_dim", "cond_dim", "n_blocks", "n_heads")
+# BD3-LM spells its flash backend `flash_attn`.
+BACKEND_ALIASES = {"flash_attn": "flash"}
+
+
+def dit_config_to_public(config: DiTConfig) -> dict:
+    """The config's fields under the public config.json names (`model_length`, not `length`)."""
+    d = dataclasses.asdict(config)
+    d["model_length"] = d.pop("length")
+    return d
+
+
+def dit_config_from_public(d: dict) -> DiTConfig:
+    """Read a public MDLM/Duo/BD3-LM config.json (or our own); unknown fields are ignored.
+
+    `cond_dim` is required although MDLMConfig defaults it to 129: every public checkpoint
+    stores it (128, or 64 for BD3-LM tiny), and guessing would fail on shapes later anyway.
+    Raises UserError (one line) for a missing field or a bad value.
+    """
+    if d.get("adaln", True) is False:
+        raise UserError("config has adaln=false; only adaLN DiTs (the public default) are supported")
+    fields = {PUBLIC_FIELDS[key]: value for key, value in d.items() if key in PUBLIC_FIELDS}
+    missing = [name for name in REQUIRED if name not in fields]
+    if missing:
+        public = {v: k for k, v in reversed(list(PUBLIC_FIELDS.items()))}
+        raise UserError(f"config is missing required field(s): {', '.join(public[m] for m in missing)}")
+    if "attn_backend" in fields:
+        fields["attn_backend"] = BACKEND_ALIASES.get(fields["attn_backend"], fields["attn_backend"])
+    config = DiTConfig(**fields)
+    config.validate()
+    return config
