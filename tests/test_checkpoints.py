@@ -12,17 +12,14 @@ from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT, DiTConfig
 from mdlm_dmmd.public_config import dit_config_to_public
 
-from conftest import random_model
+from conftest import fixture_path, random_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def fixture_dir() -> Path:
-    """`shared/fixtures/mdlm-dit/` next to the repo; skip when this checkout has none."""
-    path = REPO_ROOT / ".." / "shared" / "fixtures" / "mdlm-dit"
-    if not path.is_dir():
-        pytest.skip(f"public DiT fixture not found at {path.resolve()}")
-    return path
+    """`tests/fixtures/mdlm-dit/`, in the repository (tests/fixtures/README.md says how it was made)."""
+    return fixture_path("mdlm-dit")
 
 
 PUBLIC_MDLM_CONFIG = {  # kuleshov-group/mdlm-owt config.json, sizes of the tiny fixture
