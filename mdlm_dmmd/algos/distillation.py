@@ -70,6 +70,7 @@ class DistillationConfig:
     lr_aux: float = 1e-5
     lr_noise_input: float | None = None  # the generator's noise projection; None: lr_generator
     max_nonfinite_steps: int = 10
+    student_dropout: float = 0.0  # generator and auxiliary; not from the paper (teacher and sampling use none)
 
     @classmethod
     def from_mapping(cls, algo: Mapping[str, Any]):
@@ -109,6 +110,9 @@ class DistillationConfig:
                 found.append(f"algo.{key} must be > 0, got {getattr(self, key)}")
         if self.lr_noise_input is not None and not self.lr_noise_input > 0:
             found.append(f"algo.lr_noise_input must be > 0 or null (= lr_generator), got {self.lr_noise_input}")
+        if isinstance(self.student_dropout, bool) or not isinstance(self.student_dropout, (int, float)) \
+                or not 0 <= self.student_dropout < 1:
+            found.append(f"algo.student_dropout must be a float in [0, 1), got {self.student_dropout!r}")
         if not is_int(self.max_nonfinite_steps) or self.max_nonfinite_steps < 1:
             found.append(f"algo.max_nonfinite_steps must be an int >= 1, got {self.max_nonfinite_steps!r}")
         return found
@@ -158,10 +162,13 @@ def load_teacher(path: str | None, *, data_vocab_size: int, length: int) -> tupl
     return teacher, process, time_conditioning
 
 
-def copy_of(teacher: DiT, *, noise_dim: int = 0, noise_grid: list[int] | None = None) -> DiT:
+def copy_of(teacher: DiT, *, noise_dim: int = 0, noise_grid: list[int] | None = None,
+            dropout: float = 0.0) -> DiT:
     """A trainable copy of the teacher; with noise_dim > 0 it gains a zero-init noise input
-    (a pyramid over the token grid `noise_grid` = (H, W) when given)."""
-    network = DiT(replace(teacher.config, noise_dim=noise_dim, noise_grid=noise_grid))
+    (a pyramid over the token grid `noise_grid` = (H, W[, C]) when given). Dropout is 0 by
+    default whatever the teacher's: the teacher and the sampled generator run without it, so a
+    student trained with it would not equal the teacher at initialisation."""
+    network = DiT(replace(teacher.config, noise_dim=noise_dim, noise_grid=noise_grid, dropout=dropout))
     load_backbone_weights(network, teacher.state_dict(), allow_missing_noise=True, source="teacher")
     return network.train()
 
@@ -190,10 +197,11 @@ class DistillationBase(AlgoBase):
         self.teacher_meta = loaded.meta
         self.teacher = loaded.model
         if settings.noise_input:
-            self.generator = copy_of(self.teacher, noise_dim=settings.noise_dim, noise_grid=self.noise_grid(settings))
+            self.generator = copy_of(self.teacher, noise_dim=settings.noise_dim, noise_grid=self.noise_grid(settings),
+                                     dropout=settings.student_dropout)
         else:
-            self.generator = copy_of(self.teacher)
-        self.aux = copy_of(self.teacher)
+            self.generator = copy_of(self.teacher, dropout=settings.student_dropout)
+        self.aux = copy_of(self.teacher, dropout=settings.student_dropout)
         self.phases = PhaseSchedule(settings.first_step, settings.aux_steps_per_gen_step)
         self.guard = NonFiniteGuard(settings.max_nonfinite_steps)
         self.accumulate = int(self.cfg.trainer.get("accumulate_grad_batches", 1) or 1)

@@ -84,6 +84,9 @@ class DMMDConfig(DistillationConfig):
         found = []
         if process == "uniform" and self.aux_target == "soft":
             found.append("algo.aux_target=soft is only valid for masked teachers (paper §3.2); use hard for uniform")
+        if self.weighting == "elbo" and process == "uniform":
+            found.append("algo.weighting=elbo needs a masked teacher: the uniform process has no scalar ELBO weight "
+                         "(its NELBO is not w(t) times a cross-entropy); use algo.weighting=constant")
         if self.loss_space == "x0" and process == "uniform" and teacher_meta.get("loss", "elbo") != "ce":
             found.append("algo.loss_space=x0 needs a masked teacher or a uniform one trained with algo.loss=ce; "
                          "this uniform teacher was trained with the ELBO: use algo.loss_space=posterior (App. D)")
@@ -122,6 +125,16 @@ def generator_loss(p_gen: Tensor, log_p_teacher: Tensor, log_p_aux: Tensor, weig
 def aux_loss(target: Tensor, p_teacher: Tensor, log_p_aux: Tensor, weight: Tensor) -> Tensor:
     """Eq. 12 per token: −w · Σ_c (x + x̂_θ)_c log x̂_φ,c; x one-hot (hard) or x̂_η (soft). [B, L]"""
     return -weight * ((target + p_teacher).detach() * log_p_aux).sum(-1)
+
+
+def posterior_step_weight(s: Tensor, ds: float) -> Tensor:
+    """1 / (s − s_prev) per sequence [B, 1], with s_prev = max(s − ds, 0) (App. D's 1/ds).
+
+    Near s = 0 the step is clamped to s_prev = 0, so the weight is that of the step actually
+    taken, 1/s, not 1/ds; elsewhere it is exactly 1/ds.
+    """
+    clamped = (s < ds)[:, None]
+    return torch.where(clamped, 1 / s.clamp_min(1e-12)[:, None], torch.full_like(s[:, None], 1 / ds))
 
 
 def output_entropy(p: Tensor, where: Tensor) -> Tensor:
@@ -178,7 +191,7 @@ class DMMD(DistillationBase):
             teacher_probs = self.to_posterior(log_p_teacher.exp(), z_s, s, s_prev)
             log_p_aux = torch.log(self.to_posterior(log_p_aux.exp(), z_s, s, s_prev).clamp_min(1e-300))
             log_p_teacher = torch.log(teacher_probs.clamp_min(1e-300))
-            w = w / st.posterior_ds
+            w = w * posterior_step_weight(s, st.posterior_ds)
         else:
             teacher_probs = log_p_teacher.exp()
         if phase == "gen":

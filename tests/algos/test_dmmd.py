@@ -318,3 +318,24 @@ def test_noise_projection_has_its_own_learning_rate(teacher_dir):
     assert len(plain.param_groups) == 1
     with pytest.raises(UserError, match="algo.lr_noise_input must be > 0 or null"):
         DMMD(dmmd_config(teacher_dir, lr_noise_input=0))
+
+
+def test_students_train_without_the_teachers_dropout(tmp_path):
+    # Fix a: with a dropout-0.1 teacher, generator and aux used to inherit dropout 0.1, so in
+    # training mode log x̂_θ − log x̂_φ was not 0 at init. Students now default to dropout 0.
+    teacher = make_teacher(tmp_path / "dropout_teacher")
+    import json
+
+    config = json.loads((teacher / "config.json").read_text())
+    config["dropout"] = 0.1
+    (teacher / "config.json").write_text(json.dumps(config))
+    algo = DMMD(dmmd_config(teacher)).train()
+    assert algo.generator.training and algo.generator.config.dropout == 0.0 and algo.aux.config.dropout == 0.0
+    loss, _ = algo.phase_loss(batch(), "gen")
+    loss.backward()
+    grads = [p.grad for p in algo.generator.parameters() if p.grad is not None]
+    assert grads and all(torch.count_nonzero(g) == 0 for g in grads)
+    with_dropout = DMMD(dmmd_config(teacher, student_dropout=0.1))
+    assert with_dropout.generator.config.dropout == 0.1
+    with pytest.raises(UserError, match="algo.student_dropout"):
+        DMMD(dmmd_config(teacher, student_dropout=1.5))

@@ -126,3 +126,19 @@ def test_cli_distils_a_uniform_teacher(tmp_path, uniform_teacher):
     assert student.meta["process"] == "uniform" and student.meta["sampling_rule"] == "generator"
     samples = torch.load(run_dir / "samples.pt", weights_only=True)
     assert samples.shape[1] == LENGTH and samples.max() < VOCAB
+
+
+def test_elbo_weighting_is_refused_for_a_uniform_teacher(uniform_teacher):
+    # Fix b: the uniform process has no scalar ELBO weight; this used to crash on the first step.
+    with pytest.raises(UserError, match="algo.weighting=elbo needs a masked teacher"):
+        DMMD(dmmd_config(uniform_teacher, weighting="elbo"))
+
+
+def test_posterior_weight_uses_the_step_actually_taken():
+    # Fix d: for s < ds the step is clamped to s_prev = 0, so the weight is 1/s, not 1/ds.
+    from mdlm_dmmd.algos.dmmd import posterior_step_weight
+
+    s = torch.tensor([0.5, 1e-3, 4e-4, 1e-4])
+    weight = posterior_step_weight(s, 1e-3)[:, 0]
+    expected = torch.tensor([1 / 1e-3, 1 / 1e-3, 1 / 4e-4, 1 / 1e-4])
+    torch.testing.assert_close(weight, expected, rtol=1e-6, atol=0)
