@@ -20,6 +20,14 @@ from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT
 
 
+def sampling_rule(meta: dict) -> str:
+    """The recorded rule; checkpoints written before it was recorded for CE-trained uniform
+    teachers (`loss: ce`, x̂ = E[x | z_t]) get the generator rule, the mixture step."""
+    if meta.get("sampling_rule"):
+        return meta["sampling_rule"]
+    return "generator" if meta.get("process") == "uniform" and meta.get("loss") == "ce" else "ancestral"
+
+
 @dataclass
 class Pipeline:
     network: DiT
@@ -39,7 +47,7 @@ class Pipeline:
         if meta.get("process") == "autoregressive":
             return cls(network, None, vocab_size=int(meta["start_id"]), meta=meta)
         process, time_conditioning = process_from_meta(meta, network.config.vocab_size, source=f"checkpoint {path}")
-        return cls(network, process, time_conditioning, meta.get("sampling_rule", "ancestral"), meta=meta)
+        return cls(network, process, time_conditioning, sampling_rule(meta), meta=meta)
 
     @property
     def device(self) -> torch.device:

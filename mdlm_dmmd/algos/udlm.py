@@ -89,10 +89,16 @@ class UDLM(AlgoBase):
         self._val_sum += total.double()
         self._val_count += count.double()
 
+    @property
+    def sampling_rule(self) -> str:
+        """A CE-trained x̂ is E[x | z_t], so its reverse step is the mixture Σ_x x̂(x) q(z_s | z_t, x)
+        (the generator rule); an ELBO-trained one keeps Duo's plug-in posterior (ancestral)."""
+        return "generator" if self.settings.loss == "ce" else "ancestral"
+
     def pipeline(self, network: torch.nn.Module) -> Pipeline:
-        return Pipeline(network, self.process, self.time_conditioning)
+        return Pipeline(network, self.process, self.time_conditioning, rule=self.sampling_rule)
 
     def checkpoint_meta(self) -> dict:
         # `loss` tells a distiller whether x̂ targets E[x | z_t] (ce) or the ELBO optimum (elbo).
         return {**super().checkpoint_meta(), **process_meta(self.process, self.time_conditioning),
-                "loss": self.settings.loss}
+                "loss": self.settings.loss, "sampling_rule": self.sampling_rule}

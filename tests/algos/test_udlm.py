@@ -120,3 +120,36 @@ def test_checkpoint_meta():
 def test_bad_algo_settings(override, message):
     with pytest.raises(UserError, match=message):
         UDLM(udlm_config(**override))
+
+
+@pytest.mark.parametrize("loss,rule", [("elbo", "ancestral"), ("ce", "generator")])
+def test_ce_teacher_samples_with_the_mixture_step(tmp_path, loss, rule):
+    """Fix c: a CE-trained x̂ is E[x | z_t]; its reverse step is Σ_x x̂(x) q(z_s | z_t, x), not the
+    plug-in posterior q(z_s | z_t, x̂). Chi-square of one step against the dense mixture."""
+    from scipy.stats import chisquare
+
+    from mdlm_dmmd.checkpoints import save_backbone
+    from mdlm_dmmd.diffusion.sampling import step
+    from mdlm_dmmd.pipeline import Pipeline
+
+    algo = UDLM(udlm_config(loss=loss))
+    pipeline = algo.pipeline(algo.backbone.eval())
+    assert pipeline.rule == rule and algo.checkpoint_meta()["sampling_rule"] == rule
+    meta = {k: v for k, v in algo.checkpoint_meta().items() if k not in ("backbone_config", "sampling_rule")}
+    save_backbone(tmp_path / "old", algo.backbone, meta)  # written before the rule was recorded
+    assert Pipeline.from_checkpoint(tmp_path / "old").rule == rule
+    if loss != "ce":
+        return
+    n, z_t, t, s = 40000, 3, 0.6, 0.3
+    x_hat = torch.softmax(2 * torch.randn(VOCAB, generator=torch.Generator().manual_seed(0), dtype=torch.float64), -1)
+    process = algo.process
+    tt, ss = torch.full((n,), t), torch.full((n,), s)
+    z = step(process, x_hat.log().expand(n, 1, VOCAB), torch.full((n, 1), z_t), tt, ss, rule=pipeline.rule,
+             generator=torch.Generator().manual_seed(1))
+    onehot = torch.eye(VOCAB, dtype=torch.float64)
+    post = lambda x: process.posterior_probs(torch.tensor([[z_t]]), x[None, None], tt[:1], ss[:1])[0, 0]  # noqa: E731
+    mixture = sum(x_hat[c] * post(onehot[c]) for c in range(VOCAB))
+    counts = torch.bincount(z.flatten(), minlength=VOCAB).double()
+    assert chisquare(counts.numpy(), (mixture * n).numpy()).pvalue > 1e-4
+    plug_in = post(x_hat)
+    assert chisquare(counts.numpy(), (plug_in * n).numpy()).pvalue < 1e-6
