@@ -33,9 +33,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT, DiTConfig
-from mdlm_dmmd.public_config import dit_config_from_public, dit_config_to_public
+from mdlm_dmmd.public_config import dit_config_from_public, dit_config_to_public, public_meta
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -139,33 +140,6 @@ def _select_prefix(
 # Formats
 
 
-def _public_meta(hf_config: dict, config: DiTConfig) -> dict:
-    """Defaults for a public checkpoint without our metadata (host-pattern §3.7, §8).
-
-    Duo is uniform-state and always conditions on sigma; MDLM and BD3-LM are masked with the
-    mask token as the last id and feed sigma = 0 unless `time_conditioning` says otherwise.
-    """
-    architectures = [str(name).lower() for name in hf_config.get("architectures") or []]
-    model_type = str(hf_config.get("model_type", "")).lower()
-    if model_type == "duo" or "duo" in architectures:
-        family = "duo"
-    elif model_type == "bd3lm" or "bd3lm" in architectures:
-        family = "bd3lm"
-    else:
-        family = "mdlm"
-    uniform = family == "duo"
-    meta = {
-        "family": family,
-        "process": "uniform" if uniform else "masked",
-        "mask_id": None if uniform else config.vocab_size - 1,
-        "schedule": "loglinear",
-        "time_conditioning": bool(hf_config.get("time_conditioning", uniform)),
-    }
-    if "block_size" in hf_config:
-        meta["block_size"] = hf_config["block_size"]
-    return meta
-
-
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -203,7 +177,7 @@ def _load_safetensors_dir(config_path: Path, weights_path: Path, prefix: str | N
     if isinstance(hf_config.get(META_KEY), dict):
         meta = dict(hf_config[META_KEY])
     else:
-        meta = _public_meta(hf_config, config)
+        meta = public_meta(hf_config, config)
         # BD3-LM's clipped-schedule bounds, kept as plain numbers for whoever needs them.
         for key in IGNORED_KEYS:
             if key in tensors and tensors[key].numel() == 1:
@@ -226,7 +200,7 @@ def _torch_load(path: Path) -> dict:
         raise UserError(
             f"{path} holds pickled Python objects (e.g. upstream's Hydra config or tokenizer) and is "
             "not loaded unsafely; convert it once, if you trust it: "
-            f"python -m mdlm_dmmd.checkpoints convert {path} OUT_DIR (or use the published HF safetensors)"
+            f"python -m mdlm_dmmd.upstream convert {path} OUT_DIR (or use the published HF safetensors)"
         ) from err
     except Exception as err:  # a corrupt or foreign zip archive
         raise UserError(f"{path} is not a readable torch checkpoint: {err}") from err
@@ -258,7 +232,7 @@ def _lightning_config(ckpt: dict, state_dict: dict[str, Tensor], source: Path) -
     algo = run_config.get("algo", {}) if isinstance(run_config, dict) else {}
     algo_name = str(algo.get("name", "")).lower() if isinstance(algo, dict) else ""
     architectures = ["DUO"] if algo_name.startswith("duo") or algo_name in ("udlm", "distillation") else []
-    return config, _public_meta({"architectures": architectures}, config)
+    return config, public_meta({"architectures": architectures}, config)
 
 
 def _apply_ema(model_params: list[str], state_dict: dict[str, Tensor], ema, prefix: str, source: Path) -> bool:
@@ -354,7 +328,9 @@ def load_backbone(
         meta["ema"] = _apply_ema(param_names, state_dict, ema_state, prefix, path)
     load_backbone_weights(model, state_dict, allow_missing_noise=False, source=str(path))
     meta.update(source=str(path), noise_dim=config.noise_dim)
-    return LoadedBackbone(model=model.to(map_location), config=config, meta=meta)
+    typed = CheckpointMeta.from_dict(meta, source=str(path))  # the one place metadata is read
+    typed.refuse_unsupported(str(path), config.length)
+    return LoadedBackbone(model=model.to(map_location), config=config, meta=typed.to_dict())
 
 
 def save_backbone(directory: str | os.PathLike, model: DiT, meta: dict | None = None) -> Path:
@@ -367,7 +343,7 @@ def save_backbone(directory: str | os.PathLike, model: DiT, meta: dict | None = 
     directory.mkdir(parents=True, exist_ok=True)
     hf_config = dit_config_to_public(model.config)
     if meta:
-        hf_config[META_KEY] = dict(meta)
+        hf_config[META_KEY] = CheckpointMeta.from_dict(meta, source=str(directory)).to_dict()
     tensors = {f"backbone.{key}": value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
 
     def write(name: str, writer) -> None:
@@ -383,64 +359,3 @@ def save_backbone(directory: str | os.PathLike, model: DiT, meta: dict | None = 
     write(WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
     write(CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(hf_config, indent=2, default=str) + "\n"))
     return directory
-
-
-def _plain(value):
-    """Containers of tensors and Python scalars only: OmegaConf nodes become dicts/lists, and
-    anything else (a pickled tokenizer, a custom class) is dropped."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            value = OmegaConf.to_container(value, resolve=False)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    if isinstance(value, dict):
-        return {str(k): v for k, v in ((k, _plain(v)) for k, v in value.items()) if v is not _DROP}
-    if isinstance(value, (list, tuple)):
-        return [v for v in (_plain(v) for v in value) if v is not _DROP]
-    if value is None or isinstance(value, (Tensor, str, int, float, bool)):
-        return value
-    return _DROP
-
-
-_DROP = object()
-
-
-def convert_lightning_checkpoint(path: str | os.PathLike, directory: str | os.PathLike) -> Path:
-    """Turn an upstream MDLM/Duo/BD3-LM Lightning `.ckpt` into an hf_dir checkpoint (EMA weights).
-
-    Upstream files pickle their Hydra config and tokenizer, so this is the one place that
-    unpickles (`weights_only=False`): run it once, on a file you trust; everything afterwards
-    loads the safetensors directory. Objects other than tensors and plain config are dropped.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise UserError(f"{path} is not a readable torch checkpoint: {err}") from err
-    if not isinstance(raw, dict) or not isinstance(raw.get("state_dict"), dict):
-        raise UserError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry)")
-    plain = {key: _plain(raw[key]) for key in ("state_dict", "ema", "hyper_parameters", META_KEY) if key in raw}
-    with tempfile.TemporaryDirectory() as tmp:
-        sanitized = Path(tmp) / "sanitized.ckpt"
-        torch.save(plain, sanitized)
-        loaded = load_backbone(sanitized)
-    meta = {k: v for k, v in loaded.meta.items() if k not in ("source", "format")}
-    meta["converted_from"] = str(path)
-    return save_backbone(directory, loaded.model, meta)
-
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) != 4 or sys.argv[1] != "convert":
-        print("usage: python -m mdlm_dmmd.checkpoints convert UPSTREAM.ckpt OUT_DIR", file=sys.stderr)
-        sys.exit(2)
-    try:
-        print(convert_lightning_checkpoint(sys.argv[2], sys.argv[3]))
-    except UserError as err:
-        print(f"mdlm-dmmd: error: {err}", file=sys.stderr)
-        sys.exit(2)

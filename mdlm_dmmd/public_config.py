@@ -60,3 +60,31 @@ def dit_config_from_public(d: dict) -> DiTConfig:
     config = DiTConfig(**fields)
     config.validate()
     return config
+
+
+def public_meta(hf_config: dict, config: DiTConfig) -> dict:
+    """Defaults for a public checkpoint without our metadata (host-pattern §3.7, §8).
+
+    Duo is uniform-state and always conditions on sigma; MDLM and BD3-LM are masked with the
+    mask token as the last id and feed sigma = 0 unless `time_conditioning` says otherwise.
+    """
+    architectures = [str(name).lower() for name in hf_config.get("architectures") or []]
+    model_type = str(hf_config.get("model_type", "")).lower()
+    if model_type == "duo" or "duo" in architectures:
+        family = "duo"
+    elif model_type == "bd3lm" or "bd3lm" in architectures:
+        family = "bd3lm"
+    else:
+        family = "mdlm"
+    uniform = family == "duo"
+    meta = {
+        "family": family,
+        "process": "uniform" if uniform else "masked",
+        "mask_id": None if uniform else config.vocab_size - 1,
+        "schedule": "loglinear",
+        "time_conditioning": bool(hf_config.get("time_conditioning", uniform)),
+    }
+    for key in ("block_size", "cross_attn"):  # recorded so that the loader can refuse what it cannot honour
+        if key in hf_config:
+            meta[key] = hf_config[key]
+    return meta

@@ -7,7 +7,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mdlm_dmmd.checkpoints import convert_lightning_checkpoint, load_backbone
+from mdlm_dmmd.checkpoints import load_backbone
+from mdlm_dmmd.upstream import convert_lightning_checkpoint
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiTConfig
 
@@ -32,7 +33,7 @@ def upstream_checkpoint(path, algo="duo_base"):
 
 def test_loader_refuses_and_convert_keeps_the_ema_weights(tmp_path):
     model, shadow = upstream_checkpoint(tmp_path / "duo.ckpt")
-    with pytest.raises(UserError, match="pickled Python objects.*mdlm_dmmd.checkpoints convert"):
+    with pytest.raises(UserError, match="pickled Python objects.*mdlm_dmmd.upstream convert"):
         load_backbone(tmp_path / "duo.ckpt")
     out = convert_lightning_checkpoint(tmp_path / "duo.ckpt", tmp_path / "converted")
     loaded = load_backbone(out)
@@ -45,6 +46,6 @@ def test_loader_refuses_and_convert_keeps_the_ema_weights(tmp_path):
 def test_convert_errors_are_one_line(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         convert_lightning_checkpoint(tmp_path / "missing.ckpt", tmp_path / "out")
-    proc = subprocess.run([sys.executable, "-m", "mdlm_dmmd.checkpoints", "convert", str(tmp_path / "x.ckpt"), str(tmp_path / "o")],
+    proc = subprocess.run([sys.executable, "-m", "mdlm_dmmd.upstream", "convert", str(tmp_path / "x.ckpt"), str(tmp_path / "o")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr

@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT, DiTConfig
 from mdlm_dmmd.models.ema import EMA
@@ -221,7 +222,7 @@ class AlgoBase(L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["mdlm_dmmd"] = self.checkpoint_meta()
+        checkpoint["mdlm_dmmd"] = CheckpointMeta.from_dict(self.checkpoint_meta()).to_dict()  # typed, versioned
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
         # A resumed run is re-seeded from the config; the RNG as it was at this step makes its
