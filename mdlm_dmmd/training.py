@@ -10,6 +10,7 @@ identical to one that never stopped belongs to the algo (`algos/base.py`).
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 import typing
 from dataclasses import dataclass
@@ -37,11 +38,27 @@ def vocab_info(data: DataBundle) -> dict:
     }
 
 
+def check_run_dir(cfg: DictConfig) -> None:
+    """Refuse, before any work, a `run_dir` that could not be created: the nearest existing
+    folder on its path must be a writable directory (nothing is created here)."""
+    run_dir = Path(cfg.run_dir)
+    existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())
+    problem = None if existing.is_dir() else f"{existing} is not a directory"
+    if problem is None and not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    if problem:
+        raise UserError(f"run_dir '{run_dir}' cannot be written: {problem}; choose another run_dir=PATH")
+
+
 def make_run_dir(cfg: DictConfig) -> Path:
     """`run_dir`, created, with the resolved config saved as `config.yaml`."""
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    except OSError as err:  # no permission, a file in the way, a full or read-only disk
+        raise UserError(f"run_dir '{run_dir}' cannot be written: {err.strerror or err}; "
+                        f"choose another run_dir=PATH") from err
     return run_dir
 
 
@@ -171,6 +188,7 @@ class Fitted:
 def fit(cfg: DictConfig) -> Fitted | None:
     """Train `cfg.algo` on `cfg.data`; None if training was interrupted (crash.ckpt is saved)."""
     resume = resume_checkpoint(cfg)
+    check_run_dir(cfg)  # before building anything: Lightning logs as soon as its trainer exists
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     algo_cls = registry.load_algo(cfg.algo.name)
     data = build_data(cfg.data, cfg.model.length, seed=int(cfg.seed))

@@ -332,3 +332,15 @@ def test_dataset_with_a_natural_length_sets_model_length(tmp_path, capsys):
 ])
 def test_trainer_value_of_the_wrong_type_names_key_and_type(capsys, run_dir, override, needle):
     fails(capsys, TINY + [override, f"run_dir={run_dir}"], needle, run_dir=run_dir)
+
+
+@pytest.mark.parametrize("mode", ["train", "sample", "study", "sweep"])
+def test_unwritable_run_dir_is_one_line(capsys, tmp_path, trained_ckpt, mode):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder\n")
+    run_dir = blocker / "run"  # its parent is a file: no user (root included) can create it
+    extra = {"train": [], "sample": [f"checkpoint={trained_ckpt}", "sampling.steps=2"],
+             "study": ["study.teacher_steps=[2]", "study.student_steps=[]", "study.num_samples=2"],
+             "sweep": [f"sweep.methods=[{{name: T, checkpoint: '{trained_ckpt}', steps: [2]}}]", "sweep.num_samples=2"]}
+    fails(capsys, TINY + [f"mode={mode}", *extra[mode], f"run_dir={run_dir}"], f"run_dir '{run_dir}'",
+          "cannot be written", run_dir=run_dir)

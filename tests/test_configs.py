@@ -111,7 +111,7 @@ def test_distillation_algo_without_teacher_is_a_user_error(name):
 def test_digits_builds():
     cfg = compose(["data=digits", "model.length=64"])
     data = build_data(cfg.data, cfg.model.length)
-    assert data.vocab_size == 17 and data.modality == "image" and data.image_shape == (8, 8)
+    assert data.vocab_size == 17 and data.modality == "image" and data.image_shape == (8, 8, 1)
     assert len(data.train) + len(data.valid) == 1797
     row = data.train[0]["input_ids"]
     assert row.shape == (64,) and 0 <= int(row.min()) and int(row.max()) <= 16

@@ -9,10 +9,11 @@ from omegaconf import DictConfig
 
 from mdlm_dmmd.eval.scoring import checkpoint_data, load_pipeline, sample_and_score, sampling_steps
 from mdlm_dmmd.eval.tables import write_report
-from mdlm_dmmd.training import make_run_dir
+from mdlm_dmmd.training import check_run_dir, make_run_dir
 
 
 def run(cfg: DictConfig) -> None:
+    check_run_dir(cfg)  # before sampling, which may take long
     pipeline, path = load_pipeline(cfg)
     steps = sampling_steps(cfg, pipeline.meta)
     scored = sample_and_score(pipeline, cfg, steps, progress=True)

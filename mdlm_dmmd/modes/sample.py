@@ -6,10 +6,11 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from mdlm_dmmd.eval.scoring import checkpoint_data, generate, load_pipeline, prompt_rows, sampling_steps
-from mdlm_dmmd.training import make_run_dir
+from mdlm_dmmd.training import check_run_dir, make_run_dir
 
 
 def run(cfg: DictConfig) -> None:
+    check_run_dir(cfg)  # before sampling, which may take long
     pipeline, _ = load_pipeline(cfg)
     samples = generate(pipeline, cfg, sampling_steps(cfg, pipeline.meta), prompt_rows=prompt_rows(cfg, pipeline.length))
     data = checkpoint_data(cfg, pipeline.meta, samples.shape[1])

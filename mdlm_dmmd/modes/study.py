@@ -65,8 +65,12 @@ def teacher_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[Path, str]:
     fitted = fit(teacher_cfg)
     if fitted is None:
         raise UserError("teacher training was interrupted; its crash.ckpt is in the teacher folder")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(fitted.checkpoint, cached)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(fitted.checkpoint, cached)
+    except OSError as err:
+        raise UserError(f"the teacher cache '{cached.parent}' cannot be written ({err.strerror or err}); set "
+                        f"MDLM_DMMD_CACHE to a writable folder or study.reuse_teacher=false") from err
     return fitted.checkpoint, f"trained here in {fitted.minutes:.1f} min ({int(cfg.trainer.max_steps)} steps)"
 
 
