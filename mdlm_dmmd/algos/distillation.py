@@ -1,33 +1,34 @@
-"""Shared plumbing of teacher → few-step generator distillation (D-MMD now; IDLM/SDTT reuse it).
+"""Parts of teacher → few-step generator distillation, held by algos (D-MMD now; SDTT, IDLM next).
 
-Three networks on one DiT class: a frozen teacher θ loaded from a checkpoint, a generator η and
-an auxiliary model φ, both copied from the teacher (the generator optionally with a zero-init
-noise input, so it equals the teacher at initialisation). Updates alternate between generator
-and auxiliary with manual optimisation; `PhaseSchedule` says which network an optimiser update
-belongs to, counted in updates (not micro-batches), so gradient accumulation never splits an
-update across phases. Non-finite losses are skipped and counted (`NonFiniteGuard`).
+Composition, not a base class (DESIGN principle 6): an algo holds the parts it needs.
 
-Checkpoints hold generator, auxiliary, EMA and optimisers but not the teacher, which is
-reloaded from `algo.teacher`; the generator is the network that `load_backbone` and sampling
-see (`backbone_prefix = "generator."`).
+- `DistillationConfig`: the `algo.*` keys every distillation algo shares, validated once.
+- `Teacher`: loads a frozen teacher, checks it against the data, records where it came from
+  (resolved path and content hash); `swap_from(student)` replaces its weights (SDTT's rounds),
+  after which the teacher must travel in the checkpoint (`in_checkpoint`).
+- `Alternation`: manual optimisation of networks in turns. `PhaseSchedule` says which network
+  an optimiser update belongs to, counted in updates (not micro-batches), so gradient
+  accumulation never splits an update across phases; non-finite losses are skipped and
+  counted (`NonFiniteGuard`); clipping, the optimiser and scheduler steps and the EMA step
+  happen on an update's last micro-batch.
+- `copy_of`, `noise_grid`, `generator_param_groups`: building students from the teacher.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
 from dataclasses import dataclass, fields, replace
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 
-from mdlm_dmmd.algos.base import AlgoBase, antithetic_times, process_meta
 from mdlm_dmmd.checkpoints import LoadedBackbone, load_backbone, load_backbone_weights
 from mdlm_dmmd.diffusion import MaskedProcess, UniformProcess, process_from_meta
 from mdlm_dmmd.diffusion.schedules import build_schedule
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT
-from mdlm_dmmd.pipeline import Pipeline
 
 PHASES = ("gen", "aux")
 Process = MaskedProcess | UniformProcess
@@ -173,161 +174,133 @@ def copy_of(teacher: DiT, *, noise_dim: int = 0, noise_grid: list[int] | None = 
     return network.train()
 
 
-class DistillationBase(AlgoBase):
-    """Teacher/generator/aux setup, alternating manual optimisation, EMA on the generator."""
+def content_hash(path: str | Path) -> str:
+    """SHA-256 of a checkpoint file, or of a directory's files (names and bytes, sorted)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else "").encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
-    backbone_prefix = "generator."
-    not_in_checkpoint = ("teacher.",)
 
-    def __init__(self, config: Mapping[str, Any], settings: DistillationConfig):
-        super().__init__(config)
-        self.automatic_optimization = False
-        loaded, self.process, self.time_conditioning = load_teacher(
-            settings.teacher, data_vocab_size=self.data_vocab_size, length=self.cfg.model.length
-        )
-        configured = build_schedule(self.cfg.noise, self.data_vocab_size)
-        if configured != self.process.schedule:
-            raise UserError(
-                f"noise ({configured.describe()}) disagrees with the teacher's schedule "
-                f"({self.process.schedule.describe()}); students use the teacher's schedule: "
-                f"pass noise={self.process.schedule.name} with the teacher's parameters"
-            )
-        # Open choices that depend on the teacher (e.g. noise input on for masked, off for uniform).
-        self.settings = settings = settings.for_teacher(self.process.name, loaded.meta)
-        self.teacher_meta = loaded.meta
-        self.teacher = loaded.model
-        if settings.noise_input:
-            self.generator = copy_of(self.teacher, noise_dim=settings.noise_dim, noise_grid=self.noise_grid(settings),
-                                     dropout=settings.student_dropout)
-        else:
-            self.generator = copy_of(self.teacher, dropout=settings.student_dropout)
-        self.aux = copy_of(self.teacher, dropout=settings.student_dropout)
-        self.phases = PhaseSchedule(settings.first_step, settings.aux_steps_per_gen_step)
-        self.guard = NonFiniteGuard(settings.max_nonfinite_steps)
-        self.accumulate = int(self.cfg.trainer.get("accumulate_grad_batches", 1) or 1)
-        self.micro_step = 0
-        self.recent_gen_entropy: deque[float] = deque(maxlen=100)
-        self.init_ema(self.generator)
+class Teacher:
+    """A frozen teacher network with its process, loaded from `path` and checked against the data.
 
-    def noise_grid(self, settings: DistillationConfig) -> list[int] | None:
-        """(H, W) of the data's token grid when the noise input is a pyramid (images), else None."""
-        image_shape = self.cfg.vocab.get("image_shape")
-        if settings.noise_pyramid is False or (settings.noise_pyramid is None and not image_shape):
-            return None
-        if not image_shape:
-            raise UserError("algo.noise_pyramid=true needs image tokens (data with an image shape); "
-                            "this data is text: use algo.noise_pyramid=false or null")
-        return [int(n) for n in image_shape]
+    The network is not trained and, until `swap_from` is called, not stored in student
+    checkpoints: `path` (resolved) and `sha256` say where to reload it from and what it must be.
+    """
 
-    # The generator is what base-class helpers (checkpoint meta, EMA, sampling) call "backbone".
+    def __init__(self, path: str | None, *, data_vocab_size: int, length: int):
+        loaded, self.process, self.time_conditioning = load_teacher(path, data_vocab_size=data_vocab_size, length=length)
+        self.network: DiT = loaded.model
+        self.meta = loaded.meta
+        self.path = str(Path(path).expanduser().resolve())
+        self.sha256 = content_hash(self.path)
+        self.swapped = False
+
+    def swap_from(self, student: DiT) -> None:
+        """Take a student's weights (its noise input, if any, is not part of a teacher)."""
+        state = {k: v for k, v in student.state_dict().items() if not k.startswith("noise_proj.")}
+        self.network.load_state_dict(state)
+        self.network.requires_grad_(False).eval()
+        self.swapped = True
+
     @property
-    def backbone(self) -> DiT:
-        return self.generator
+    def in_checkpoint(self) -> bool:
+        """A swapped teacher is no longer what `path` holds, so checkpoints must carry it."""
+        return self.swapped
 
-    def ema_module(self) -> torch.nn.Module:
-        return self.generator
+    def provenance(self) -> dict:
+        """Checkpoint metadata: where the teacher came from."""
+        return {"teacher": self.path, "teacher_sha256": self.sha256}
 
-    def train(self, mode: bool = True):
-        """Lightning switches every submodule to train mode; the teacher stays in eval (no dropout)."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
+    def check_moved(self, recorded: Mapping[str, Any], source: str) -> None:
+        """On resume: the teacher now given must be the one the run started from (by content)."""
+        want = recorded.get("teacher_sha256")
+        if want and want != self.sha256:
+            raise UserError(f"{source} was distilled from teacher {recorded.get('teacher')} (sha256 {want[:12]}…) but "
+                            f"algo.teacher={self.path} has other contents (sha256 {self.sha256[:12]}…); "
+                            "pass the original teacher")
 
-    def log_probs(self, network: DiT, z: Tensor, t: Tensor) -> Tensor:
-        """x̂(z) of one of the three networks as SUBS log-probs [B, L, V] (fresh generator noise)."""
-        return self.pipeline(network).log_probs(z, t)
 
-    def pipeline(self, network: torch.nn.Module) -> Pipeline:
-        # Students sample with the generator rule of Algorithm 1 (hard x, then the posterior).
-        return Pipeline(network, self.process, self.time_conditioning, rule="generator")
+class Alternation:
+    """Manual optimisation of networks in turns, with accumulation, clipping and a NaN guard."""
 
-    def data_time(self, x: Tensor) -> Tensor:
-        training = self.cfg.training
-        return antithetic_times(x.shape[0], training.sampling_eps, training.antithetic_sampling, x.device)
+    def __init__(self, phases: PhaseSchedule, *, accumulate: int, clip: float | None, max_nonfinite: int):
+        self.phases = phases
+        self.guard = NonFiniteGuard(max_nonfinite)
+        self.accumulate = accumulate
+        self.clip = clip
+        self.micro_step = 0
 
-    # -- training: phases, accumulation, skipping -------------------------------------------
     def update_index(self) -> int:
         """Optimiser updates completed so far (each update is one network's step)."""
         return self.micro_step // self.accumulate
 
-    def phase_loss(self, batch: Mapping[str, Tensor], phase: str) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss to minimise in `phase` ("gen" or "aux") and scalars to log."""
-        raise NotImplementedError
+    def phase(self) -> str:
+        return self.phases.phase(self.update_index())
 
-    def training_step(self, batch, batch_idx):
-        phase = self.phases.phase(self.update_index())
-        optimizer = self.optimizers()[0 if phase == "gen" else 1]
-        network = self.generator if phase == "gen" else self.aux
-        loss, logs = self.phase_loss(batch, phase)
+    def step(self, loss: Tensor, *, backward: Callable[[Tensor], None], network: torch.nn.Module, optimizer,
+             scheduler, after_update: Callable[[], None] | None = None) -> bool:
+        """Backward `loss` (skipped if non-finite); on an update's last micro-batch clip,
+        step, zero the gradients, step the schedule, then `after_update` (e.g. the EMA).
+        Returns whether an update was made."""
         if self.guard.ok(loss):
-            self.manual_backward(loss / self.accumulate)
+            backward(loss / self.accumulate)
         self.micro_step += 1
-        if self.micro_step % self.accumulate == 0:
-            clip = self.cfg.trainer.get("gradient_clip_val")
-            if clip:
-                torch.nn.utils.clip_grad_norm_(network.parameters(), float(clip))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            self.lr_schedulers()[0 if phase == "gen" else 1].step()
-            if phase == "gen" and self.ema is not None:
-                self.ema.update(self.generator)
-        if "gen_entropy" in logs:
-            self.recent_gen_entropy.append(float(logs["gen_entropy"]))
-        self.log(f"train/loss_{phase}", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
-        for key, value in logs.items():
-            self.log(f"train/{key}", value, on_step=True, on_epoch=False)
-        self.log("train/nonfinite_steps", float(self.guard.total), on_step=True, on_epoch=False)
+        if self.micro_step % self.accumulate:
+            return False
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(network.parameters(), float(self.clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if after_update is not None:
+            after_update()
+        return True
 
-    def mean_gen_entropy(self) -> float:
-        """Generator output entropy (paper Table 6) averaged over the last 100 training steps."""
-        return sum(self.recent_gen_entropy) / max(len(self.recent_gen_entropy), 1)
+    def state_dict(self) -> dict:
+        return {"micro_step": self.micro_step, "nonfinite_total": self.guard.total}
 
-    def generator_param_groups(self) -> list[dict]:
-        """The generator's parameters, its noise projection (if any) in a group of its own rate.
-
-        A zero-init projection of pure noise gets gradients of random sign, which Adam turns
-        into steps of full size: its weights random-walk unless their rate is kept small.
-        """
-        noise = [p for n, p in self.generator.named_parameters() if n.startswith("noise_proj.")]
-        rest = [p for n, p in self.generator.named_parameters() if not n.startswith("noise_proj.")]
-        groups = [{"params": rest}]
-        if noise:
-            groups.append({"params": noise, "lr": self.settings.lr_noise_input or self.settings.lr_generator})
-        return groups
-
-    def configure_optimizers(self):
-        gen = self.build_optimizer(self.generator_param_groups(), self.cfg.optim, lr=self.settings.lr_generator)
-        aux = self.build_optimizer(self.aux.parameters(), self.cfg.optim, lr=self.settings.lr_aux)
-        return [gen["optimizer"], aux["optimizer"]], [gen["lr_scheduler"]["scheduler"], aux["lr_scheduler"]["scheduler"]]
-
-    # -- validation: the generator as a one-step denoiser (a drift diagnostic) --------------
-    def loss(self, batch):
-        x = batch["input_ids"]
-        t = self.data_time(x)
-        z_t = self.process.corrupt(x, t)
-        per_token = self.process.nelbo(self.log_probs(self.generator, z_t, t), x, z_t, t)
-        return per_token.sum(), torch.tensor(float(x.numel()), device=x.device)
-
-    # -- checkpoints: the teacher is reloaded from algo.teacher, not stored -----------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if not k.startswith(self.not_in_checkpoint)}
-        checkpoint["distillation"] = {"micro_step": self.micro_step, "nonfinite_total": self.guard.total,
-                                      "recent_gen_entropy": list(self.recent_gen_entropy)}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
-        state = checkpoint.get("distillation", {})
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.micro_step = int(state.get("micro_step", 0))
         self.guard.total = int(state.get("nonfinite_total", 0))
-        self.recent_gen_entropy.extend(state.get("recent_gen_entropy", []))
 
-    def checkpoint_meta(self) -> dict:
-        return {
-            **super().checkpoint_meta(),
-            **process_meta(self.process, self.time_conditioning),
-            "sampling_rule": "generator",
-            "teacher": str(self.settings.teacher),
-        }
+
+def check_schedule(noise_cfg, data_vocab_size: int, process) -> None:
+    """Students use the teacher's schedule; a configured `noise` that differs is an error."""
+    configured = build_schedule(noise_cfg, data_vocab_size)
+    if configured != process.schedule:
+        raise UserError(
+            f"noise ({configured.describe()}) disagrees with the teacher's schedule "
+            f"({process.schedule.describe()}); students use the teacher's schedule: "
+            f"pass noise={process.schedule.name} with the teacher's parameters"
+        )
+
+
+def noise_grid(settings: DistillationConfig, image_shape) -> list[int] | None:
+    """The data's token grid (H, W[, C]) when the noise input is a pyramid (images), else None."""
+    if settings.noise_pyramid is False or (settings.noise_pyramid is None and not image_shape):
+        return None
+    if not image_shape:
+        raise UserError("algo.noise_pyramid=true needs image tokens (data with an image shape); "
+                        "this data is text: use algo.noise_pyramid=false or null")
+    return [int(n) for n in image_shape]
+
+
+def generator_param_groups(generator: DiT, lr_generator: float, lr_noise_input: float | None) -> list[dict]:
+    """The generator's parameters, its noise projection (if any) in a group of its own rate.
+
+    A zero-init projection of pure noise gets gradients of random sign, which Adam turns
+    into steps of full size: its weights random-walk unless their rate is kept small.
+    """
+    noise = [p for n, p in generator.named_parameters() if n.startswith("noise_proj.")]
+    rest = [p for n, p in generator.named_parameters() if not n.startswith("noise_proj.")]
+    groups = [{"params": rest}]
+    if noise:
+        groups.append({"params": noise, "lr": lr_noise_input or lr_generator})
+    return groups

@@ -22,16 +22,29 @@ z_s (elsewhere SUBS makes teacher and aux agree exactly) and divided by B·L, as
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from mdlm_dmmd.algos.base import algo_section
-from mdlm_dmmd.algos.distillation import DistillationBase, DistillationConfig, is_int
+from mdlm_dmmd.algos.base import AlgoBase, algo_section, antithetic_times, process_meta
+from mdlm_dmmd.algos.distillation import (
+    Alternation,
+    DistillationConfig,
+    PhaseSchedule,
+    Teacher,
+    check_schedule,
+    copy_of,
+    generator_param_groups,
+    is_int,
+    noise_grid,
+)
 from mdlm_dmmd.diffusion.sampling import sample_categorical, top_p_mask
 from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.models.dit import DiT
+from mdlm_dmmd.pipeline import Pipeline
 
 WEIGHTINGS = ("constant", "elbo")
 LOSS_SPACES = ("auto", "x0", "posterior")
@@ -143,16 +156,115 @@ def output_entropy(p: Tensor, where: Tensor) -> Tensor:
     return (h * where).sum() / where.sum().clamp_min(1)
 
 
-class DMMD(DistillationBase):
+class DMMD(AlgoBase):
+    """Teacher θ (frozen), generator η and auxiliary φ (copies of the teacher), alternating
+    manual updates, EMA on the generator. The generator is what checkpoints expose to
+    `load_backbone` and sampling (`backbone_prefix`); the teacher is reloaded from its path."""
+
     settings: DMMDConfig
+    backbone_prefix = "generator."
+    not_in_checkpoint = ("teacher.",)
 
     def __init__(self, config: Mapping[str, Any]):
-        super().__init__(config, DMMDConfig.from_mapping(algo_section(config)))
+        super().__init__(config)
+        settings = DMMDConfig.from_mapping(algo_section(config))
+        self.automatic_optimization = False
+        self.teacher_part = Teacher(settings.teacher, data_vocab_size=self.data_vocab_size, length=self.cfg.model.length)
+        self.process, self.time_conditioning = self.teacher_part.process, self.teacher_part.time_conditioning
+        check_schedule(self.cfg.noise, self.data_vocab_size, self.process)
+        # Open choices that depend on the teacher (e.g. noise input on for masked, off for uniform).
+        self.settings = settings = settings.for_teacher(self.process.name, self.teacher_part.meta)
+        self.teacher_meta = self.teacher_part.meta
+        self.teacher = self.teacher_part.network
+        noise = {"noise_dim": settings.noise_dim, "noise_grid": noise_grid(settings, self.cfg.vocab.get("image_shape"))}
+        self.generator = copy_of(self.teacher, **(noise if settings.noise_input else {}), dropout=settings.student_dropout)
+        self.aux = copy_of(self.teacher, dropout=settings.student_dropout)
+        self.alternation = Alternation(
+            PhaseSchedule(settings.first_step, settings.aux_steps_per_gen_step),
+            accumulate=int(self.cfg.trainer.get("accumulate_grad_batches", 1) or 1),
+            clip=self.cfg.trainer.get("gradient_clip_val"), max_nonfinite=settings.max_nonfinite_steps,
+        )
+        self.recent_gen_entropy: deque[float] = deque(maxlen=100)
+        self.init_ema(self.generator)
+
+    # The generator is what base-class helpers (checkpoint meta, EMA, sampling) call "backbone".
+    @property
+    def backbone(self) -> DiT:
+        return self.generator
+
+    def ema_module(self) -> torch.nn.Module:
+        return self.generator
+
+    def train(self, mode: bool = True):
+        """Lightning switches every submodule to train mode; the teacher stays in eval (no dropout)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def log_probs(self, network: DiT, z: Tensor, t: Tensor) -> Tensor:
+        """x̂(z) of one of the three networks as SUBS log-probs [B, L, V] (fresh generator noise)."""
+        return self.pipeline(network).log_probs(z, t)
+
+    def pipeline(self, network: torch.nn.Module) -> Pipeline:
+        # Students sample with the generator rule of Algorithm 1 (hard x, then the posterior).
+        return Pipeline(network, self.process, self.time_conditioning, rule="generator")
+
+    # -- training: alternating phases ---------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        phase = self.alternation.phase()
+        index = 0 if phase == "gen" else 1
+        network = self.generator if phase == "gen" else self.aux
+        loss, logs = self.phase_loss(batch, phase)
+        ema = (lambda: self.ema.update(self.generator)) if phase == "gen" and self.ema is not None else None
+        self.alternation.step(loss, backward=self.manual_backward, network=network, optimizer=self.optimizers()[index],
+                              scheduler=self.lr_schedulers()[index], after_update=ema)
+        if "gen_entropy" in logs:
+            self.recent_gen_entropy.append(float(logs["gen_entropy"]))
+        self.log(f"train/loss_{phase}", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        for key, value in logs.items():
+            self.log(f"train/{key}", value, on_step=True, on_epoch=False)
+        self.log("train/nonfinite_steps", float(self.alternation.guard.total), on_step=True, on_epoch=False)
+
+    def mean_gen_entropy(self) -> float:
+        """Generator output entropy (paper Table 6) averaged over the last 100 training steps."""
+        return sum(self.recent_gen_entropy) / max(len(self.recent_gen_entropy), 1)
+
+    def configure_optimizers(self):
+        st = self.settings
+        gen = self.build_optimizer(generator_param_groups(self.generator, st.lr_generator, st.lr_noise_input),
+                                   self.cfg.optim, lr=st.lr_generator)
+        aux = self.build_optimizer(self.aux.parameters(), self.cfg.optim, lr=st.lr_aux)
+        return [gen["optimizer"], aux["optimizer"]], [gen["lr_scheduler"]["scheduler"], aux["lr_scheduler"]["scheduler"]]
+
+    # -- validation: the generator as a one-step denoiser (a drift diagnostic) ----------------
+    def loss(self, batch):
+        x = batch["input_ids"]
+        training = self.cfg.training
+        t = antithetic_times(x.shape[0], training.sampling_eps, training.antithetic_sampling, x.device)
+        z_t = self.process.corrupt(x, t)
+        per_token = self.process.nelbo(self.log_probs(self.generator, z_t, t), x, z_t, t)
+        return per_token.sum(), torch.tensor(float(x.numel()), device=x.device)
+
+    # -- checkpoints: the teacher is reloaded from its path, not stored ---------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith(self.not_in_checkpoint)}
+        checkpoint["distillation"] = {**self.alternation.state_dict(), "recent_gen_entropy": list(self.recent_gen_entropy)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        state = checkpoint.get("distillation", {})
+        self.alternation.load_state_dict(state)
+        self.recent_gen_entropy.extend(state.get("recent_gen_entropy", []))
 
     def checkpoint_meta(self) -> dict:
         # k travels with the student, so `mode=sample` uses it unless sampling.steps is given.
-        return {**super().checkpoint_meta(), "sampling_steps": self.settings.sampling_steps,
-                "teacher_top_p": self.settings.teacher_top_p, "teacher_temperature": self.settings.teacher_temperature}
+        st = self.settings
+        return {**super().checkpoint_meta(), **process_meta(self.process, self.time_conditioning),
+                "sampling_rule": "generator", "teacher": str(st.teacher), "sampling_steps": st.sampling_steps,
+                "teacher_top_p": st.teacher_top_p, "teacher_temperature": st.teacher_temperature}
 
     def weight(self, s: Tensor) -> Tensor:
         """w(s) per sequence [B, 1]. Not from the paper: constant 1 by default, or the ELBO 1/s."""

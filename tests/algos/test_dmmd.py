@@ -234,7 +234,7 @@ def test_nan_step_is_skipped_without_touching_weights(teacher_dir):
     algo.phase_loss = lambda b, phase: (torch.tensor(float("nan"), requires_grad=True), {})
     aux = _snapshot(algo.aux)
     run_steps(algo, 2)
-    assert not _changed(aux, algo.aux) and algo.guard.total == 2
+    assert not _changed(aux, algo.aux) and algo.alternation.guard.total == 2
 
 
 @pytest.mark.parametrize(
