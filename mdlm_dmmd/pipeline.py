@@ -1,9 +1,8 @@
-"""A sampling pipeline = network + process + sampling rule (diffusers' pipeline idea).
+"""A sampling pipeline = denoiser + sampler (diffusers' pipeline idea), with no branch on the model kind.
 
 Algos build one around their evaluation network; `Pipeline.from_checkpoint` builds one from a
 checkpoint alone (this package's `.ckpt`, an exported directory, or a public MDLM/Duo/BD3-LM
-directory) without the class that trained it. Generator noise inputs are drawn fresh for every
-network call here, so a noise-conditioned student can never be sampled without its noise.
+directory) without the class that trained it, choosing the sampler once from its metadata.
 """
 
 from __future__ import annotations
@@ -14,8 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from mdlm_dmmd.diffusion import MaskedProcess, UniformProcess, process_from_meta
-from mdlm_dmmd.diffusion.sampling import Denoiser, sample, sample_autoregressive
+from mdlm_dmmd.denoiser import CausalDenoiser, Denoiser
+from mdlm_dmmd.diffusion import Process, process_from_meta
+from mdlm_dmmd.diffusion.sampling import AutoregressiveSampler, DiffusionSampler
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT
 
@@ -30,11 +30,10 @@ def sampling_rule(meta: dict) -> str:
 
 @dataclass
 class Pipeline:
-    network: DiT
-    process: MaskedProcess | UniformProcess | None  # None: autoregressive (the `ar` algo)
-    time_conditioning: bool = False
-    rule: str = "ancestral"  # "generator" for distilled students (D-MMD Algorithm 1)
-    vocab_size: int | None = None  # real tokens; AR only (its start id is vocab_size)
+    """A denoiser and the sampler chosen for it; `meta` is the checkpoint's metadata, if any."""
+
+    denoiser: Denoiser | CausalDenoiser
+    sampler: DiffusionSampler | AutoregressiveSampler
     meta: dict = field(default_factory=dict)  # checkpoint metadata (vocab, data config, algo)
 
     @classmethod
@@ -45,9 +44,28 @@ class Pipeline:
         meta = loaded.meta
         network = loaded.model.to(device).eval()
         if meta.get("process") == "autoregressive":
-            return cls(network, None, vocab_size=int(meta["start_id"]), meta=meta)
+            return cls.autoregressive(network, int(meta["start_id"]), meta=meta)
         process, time_conditioning = process_from_meta(meta, network.config.vocab_size, source=f"checkpoint {path}")
-        return cls(network, process, time_conditioning, sampling_rule(meta), meta=meta)
+        return cls.diffusion(network, process, time_conditioning, rule=sampling_rule(meta), meta=meta)
+
+    @classmethod
+    def diffusion(cls, network: DiT, process: Process, time_conditioning: bool = False, *, rule: str = "ancestral",
+                  meta: dict | None = None) -> "Pipeline":
+        """`rule="generator"` for distilled students (D-MMD Algorithm 1) and CE-trained uniform teachers."""
+        return cls(Denoiser(network, process, time_conditioning), DiffusionSampler(process, rule), meta or {})
+
+    @classmethod
+    def autoregressive(cls, network: DiT, vocab_size: int, *, meta: dict | None = None) -> "Pipeline":
+        """A causal network over `vocab_size` real tokens whose start id is `vocab_size`."""
+        return cls(CausalDenoiser(network, vocab_size), AutoregressiveSampler(vocab_size), meta or {})
+
+    @property
+    def network(self) -> DiT:
+        return self.denoiser.network
+
+    @property
+    def is_autoregressive(self) -> bool:
+        return self.sampler.autoregressive
 
     @property
     def device(self) -> torch.device:
@@ -56,22 +74,6 @@ class Pipeline:
     @property
     def length(self) -> int:
         return self.network.config.length
-
-    def sigma(self, t: Tensor) -> Tensor:
-        return self.process.schedule.sigma(t) if self.time_conditioning else torch.zeros_like(t)
-
-    def log_probs(self, z_t: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """x̂(z_t) as log-probs [B, L, V]; a noise-input network gets fresh noise on every call."""
-        noise = self.network.draw_noise(z_t.shape[0], z_t.shape[1], generator=generator, device=z_t.device)
-        return self.process.log_probs(self.network(z_t, self.sigma(t), noise=noise), z_t)
-
-    def denoiser(self, generator: torch.Generator | None = None) -> Denoiser:
-        return functools.partial(self.log_probs, generator=generator)
-
-    def next_token_log_probs(self, inputs: Tensor) -> Tensor:
-        sigma = torch.zeros(inputs.shape[0], device=inputs.device)
-        logits = self.network(inputs, sigma)[..., : self.vocab_size]
-        return torch.log_softmax(logits.float(), dim=-1)
 
     @torch.no_grad()
     def generate(
@@ -98,16 +100,9 @@ class Pipeline:
         for start in range(0, num_samples, batch_size):
             shape = (min(batch_size, num_samples - start), length)
             prompt = None if prompts is None else prompts[start: start + shape[0]].to(device)
-            if self.process is None:
-                chunk = sample_autoregressive(
-                    self.next_token_log_probs, shape=shape, start_id=self.vocab_size, generator=generator,
-                    device=device, temperature=temperature, top_p=top_p, prompt=prompt, progress=progress,
-                )
-            else:
-                chunk = sample(
-                    self.denoiser(generator), self.process, steps=steps, shape=shape, generator=generator,
-                    device=device, temperature=temperature, top_p=top_p, rule=self.rule, noise_removal=noise_removal,
-                    prompt=prompt, progress=progress,
-                )
+            denoise = functools.partial(self.denoiser, generator=generator)  # noise inputs draw from it too
+            chunk = self.sampler(denoise, steps=steps, shape=shape, generator=generator, device=device,
+                                 temperature=temperature, top_p=top_p, noise_removal=noise_removal, prompt=prompt,
+                                 progress=progress)
             chunks.append(chunk)
         return torch.cat(chunks)

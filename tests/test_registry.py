@@ -1,7 +1,6 @@
 """Entry-point discovery: built-ins, the catalogue, unknown names, broken and third-party plugins."""
 
 import sys
-import textwrap
 from importlib.metadata import EntryPoint
 
 import pytest
@@ -83,7 +82,7 @@ class ToyAlgo(MDLM):
         x = batch["input_ids"]
         t = torch.rand(x.shape[0], device=x.device).clamp_min(1e-3)
         z_t = self.process.corrupt(x, t)
-        nll = -self.pipeline(self.backbone).log_probs(z_t, t).gather(-1, x[..., None])[..., 0]
+        nll = -self.denoiser(self.backbone)(z_t, t).gather(-1, x[..., None])[..., 0]
         masked = (z_t == self.process.mask_id).float()
         return (nll * masked).sum() * self.cfg.algo.scale, torch.tensor(float(x.numel()))
 '''

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from mdlm_dmmd.algos.base import AlgoBase, backbone_config
-from mdlm_dmmd.diffusion.sampling import shift_right
+from mdlm_dmmd.denoiser import CausalDenoiser
+from mdlm_dmmd.diffusion.sampling import AutoregressiveSampler, shift_right
 from mdlm_dmmd.models.dit import DiT
-from mdlm_dmmd.pipeline import Pipeline
 
 
 class AR(AlgoBase):
@@ -29,12 +29,15 @@ class AR(AlgoBase):
     def loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         x = batch["input_ids"]  # [B, L]
         valid = batch.get("attention_mask", torch.ones_like(x)).to(torch.float32)
-        log_p = self.pipeline(self.backbone).next_token_log_probs(shift_right(x, self.start_id))  # [B, L, V]
+        log_p = self.denoiser(self.backbone)(shift_right(x, self.start_id))  # [B, L, V]
         nll = -log_p.gather(-1, x[..., None])[..., 0]  # [B, L]
         return (nll * valid).sum(), valid.sum()
 
-    def pipeline(self, network: torch.nn.Module) -> Pipeline:
-        return Pipeline(network, None, vocab_size=self.data_vocab_size)
+    def denoiser(self, network: torch.nn.Module) -> CausalDenoiser:
+        return CausalDenoiser(network, self.data_vocab_size)
+
+    def sampler(self) -> AutoregressiveSampler:
+        return AutoregressiveSampler(self.start_id)
 
     def checkpoint_meta(self) -> dict:
         return {**super().checkpoint_meta(), "process": "autoregressive", "start_id": self.start_id}

@@ -8,6 +8,9 @@ extra networks by composition. The host calls algos only through this surface:
     trainer.fit(algo, train_loader, valid_loader)
     algo.generate(num_samples, steps=..., generator=...)   # [B, L] token ids, via algo.pipeline()
 
+An algo says how its networks are evaluated (`denoiser(network)`: used by its losses and by
+sampling alike) and how they are sampled (`sampler()`); `pipeline(network)` joins the two.
+
 Checkpoints carry, next to Lightning's own keys, `ckpt["mdlm_dmmd"]` (backbone config, the
 state-dict prefix of the network to sample, process/schedule names) and `ckpt["ema"]` (named
 EMA shadow), so `mdlm_dmmd.checkpoints.load_backbone` can restore a sampler without this class,
@@ -27,7 +30,7 @@ from torch import Tensor
 
 from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.errors import UserError
-from mdlm_dmmd.models.dit import DiT, DiTConfig
+from mdlm_dmmd.models.dit import DiTConfig
 from mdlm_dmmd.models.ema import EMA
 from mdlm_dmmd.pipeline import Pipeline
 from mdlm_dmmd.public_config import dit_config_to_public
@@ -236,9 +239,17 @@ class AlgoBase(L.LightningModule):
         self._rng_to_restore = checkpoint.get("rng")  # set in on_train_start
 
     # -- sampling ---------------------------------------------------------------------------
+    def denoiser(self, network: torch.nn.Module):
+        """`network` as a `Denoiser` (or `CausalDenoiser`): the one way losses and samplers call it."""
+        raise NotImplementedError
+
+    def sampler(self):
+        """The sampler of this algo's sampled network (`diffusion.sampling`)."""
+        raise NotImplementedError
+
     def pipeline(self, network: torch.nn.Module) -> Pipeline:
         """The sampling pipeline around `network` (an evaluation copy of the sampled network)."""
-        raise NotImplementedError
+        return Pipeline(self.denoiser(network), self.sampler())
 
     def generate(self, num_samples: int, *, steps: int, generator: torch.Generator | None = None,
                  temperature: float = 1.0, top_p: float = 1.0, noise_removal: str = "ancestral",

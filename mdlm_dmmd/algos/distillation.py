@@ -25,13 +25,12 @@ import torch
 from torch import Tensor
 
 from mdlm_dmmd.checkpoints import LoadedBackbone, load_backbone, load_backbone_weights
-from mdlm_dmmd.diffusion import MaskedProcess, UniformProcess, process_from_meta
+from mdlm_dmmd.diffusion import Process, process_from_meta
 from mdlm_dmmd.diffusion.schedules import build_schedule
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT
 
 PHASES = ("gen", "aux")
-Process = MaskedProcess | UniformProcess
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ class DistillationConfig:
     teacher: str | None = None
     first_step: str = "gen"
     aux_steps_per_gen_step: int = 1
-    noise_input: bool | None = None  # None: on for masked teachers, off for uniform (paper §6.5)
+    noise_input: bool | None = None  # None: on where the prior is deterministic (masked), off for uniform (§6.5)
     noise_dim: int = 64
     noise_pyramid: bool | None = None  # None: a 2D noise pyramid for image tokens, white noise for text (§6.5)
     lr_generator: float = 1e-5
@@ -85,15 +84,18 @@ class DistillationConfig:
             raise UserError("; ".join(problems))
         return config
 
-    def for_teacher(self, process: str, teacher_meta: dict):
-        """A copy with teacher-dependent defaults filled in, checked against the teacher."""
-        resolved = replace(self, noise_input=(process == "masked") if self.noise_input is None else self.noise_input)
+    def for_teacher(self, process: Process, teacher_meta: dict):
+        """A copy with teacher-dependent defaults filled in, checked against the teacher's
+        process (by its capabilities) and metadata. A generator started from a deterministic
+        prior (all masks) needs a noise input to be anything but deterministic (paper §6.5)."""
+        noise_input = process.deterministic_prior if self.noise_input is None else self.noise_input
+        resolved = replace(self, noise_input=noise_input)
         problems = resolved.teacher_problems(process, teacher_meta)
         if problems:
             raise UserError("; ".join(problems))
         return resolved
 
-    def teacher_problems(self, process: str, teacher_meta: dict) -> list[str]:
+    def teacher_problems(self, process: Process, teacher_meta: dict) -> list[str]:
         return []
 
     def problems(self) -> list[str]:
@@ -149,13 +151,12 @@ def load_teacher(path: str | None, *, data_vocab_size: int, length: int) -> tupl
     if teacher.meta.get("process") == "autoregressive":
         raise UserError(f"algo.teacher {path} is an autoregressive model; distillation needs a diffusion teacher")
     process, time_conditioning = process_from_meta(teacher.meta, teacher.config.vocab_size, source=f"algo.teacher {path}")
-    # masked: real tokens + the mask id; uniform: the real tokens only
-    expected = data_vocab_size + 1 if process.name == "masked" else data_vocab_size
+    expected = process.network_vocab(data_vocab_size)  # e.g. the real tokens + a mask id
     if teacher.config.vocab_size != expected:
+        extra = f" + {expected - data_vocab_size} (e.g. a mask)" if expected != data_vocab_size else ""
         raise UserError(
             f"algo.teacher vocab_size {teacher.config.vocab_size} does not match the data ({data_vocab_size} tokens"
-            f"{' + mask' if process.name == 'masked' else ''} = {expected} for a {process.name} teacher); "
-            "distil on the data the teacher was trained on"
+            f"{extra} = {expected} for this teacher's process); distil on the data the teacher was trained on"
         )
     if teacher.config.length != length:
         raise UserError(f"model.length ({length}) must equal the teacher's length ({teacher.config.length})")
@@ -219,12 +220,13 @@ class Teacher:
         return {"teacher": self.path, "teacher_sha256": self.sha256}
 
     def check_moved(self, recorded: Mapping[str, Any], source: str) -> None:
-        """On resume: the teacher now given must be the one the run started from (by content)."""
+        """On resume: the teacher now given must be the one the run started from, by content, not
+        by path (the run folder or the teacher may have moved); names both paths if it is not."""
         want = recorded.get("teacher_sha256")
         if want and want != self.sha256:
-            raise UserError(f"{source} was distilled from teacher {recorded.get('teacher')} (sha256 {want[:12]}…) but "
-                            f"algo.teacher={self.path} has other contents (sha256 {self.sha256[:12]}…); "
-                            "pass the original teacher")
+            raise UserError(f"{source} was distilled from teacher '{recorded.get('teacher')}' (sha256 {want[:12]}…) "
+                            f"but algo.teacher='{self.path}' has other contents (sha256 {self.sha256[:12]}…); "
+                            "pass that teacher (a moved copy with the same bytes is accepted)")
 
 
 class Alternation:

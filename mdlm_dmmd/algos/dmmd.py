@@ -41,10 +41,10 @@ from mdlm_dmmd.algos.distillation import (
     is_int,
     noise_grid,
 )
-from mdlm_dmmd.diffusion.sampling import sample_categorical, top_p_mask
-from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.denoiser import Denoiser
+from mdlm_dmmd.diffusion import Process
+from mdlm_dmmd.diffusion.sampling import DiffusionSampler, sample_categorical, top_p_mask
 from mdlm_dmmd.models.dit import DiT
-from mdlm_dmmd.pipeline import Pipeline
 
 WEIGHTINGS = ("constant", "elbo")
 LOSS_SPACES = ("auto", "x0", "posterior")
@@ -84,26 +84,34 @@ class DMMDConfig(DistillationConfig):
             found.append(f"algo.top_p_delta must be >= 0, got {self.top_p_delta}")
         return found
 
-    def for_teacher(self, process: str, teacher_meta: dict) -> "DMMDConfig":
+    def for_teacher(self, process: Process, teacher_meta: dict) -> "DMMDConfig":
         resolved = super().for_teacher(process, teacher_meta)
-        # An ELBO-trained uniform teacher's x̂ is not E[x | z_t] (App. D): its losses live in
-        # posterior space. Masked and CE-trained uniform teachers use eqs. 11-12 (x0 space).
-        elbo_uniform = process == "uniform" and teacher_meta.get("loss", "elbo") != "ce"
-        space = ("posterior" if elbo_uniform else "x0") if self.loss_space == "auto" else self.loss_space
-        target = ("soft" if process == "masked" else "hard") if self.aux_target is None else self.aux_target
+        # Where the posterior is not linear in x (uniform), an ELBO-trained teacher's x̂ is not
+        # E[x | z_t] (App. D): its losses live in posterior space, and the auxiliary target must
+        # be the hard x (§3.2). Masked and CE-trained uniform teachers use eqs. 11-12 (x0 space).
+        space = ("posterior" if elbo_not_mean(process, teacher_meta) else "x0") if self.loss_space == "auto" \
+            else self.loss_space
+        target = ("soft" if process.posterior_linear_in_x else "hard") if self.aux_target is None else self.aux_target
         return replace(resolved, loss_space=space, aux_target=target)
 
-    def teacher_problems(self, process: str, teacher_meta: dict) -> list[str]:
+    def teacher_problems(self, process: Process, teacher_meta: dict) -> list[str]:
         found = []
-        if process == "uniform" and self.aux_target == "soft":
-            found.append("algo.aux_target=soft is only valid for masked teachers (paper §3.2); use hard for uniform")
-        if self.weighting == "elbo" and process == "uniform":
+        if not process.posterior_linear_in_x and self.aux_target == "soft":
+            found.append("algo.aux_target=soft is only valid for masked teachers (a posterior linear in x, paper "
+                         "§3.2); use hard for uniform")
+        if self.weighting == "elbo" and not process.has_elbo_weight:
             found.append("algo.weighting=elbo needs a masked teacher: the uniform process has no scalar ELBO weight "
                          "(its NELBO is not w(t) times a cross-entropy); use algo.weighting=constant")
-        if self.loss_space == "x0" and process == "uniform" and teacher_meta.get("loss", "elbo") != "ce":
+        if self.loss_space == "x0" and elbo_not_mean(process, teacher_meta):
             found.append("algo.loss_space=x0 needs a masked teacher or a uniform one trained with algo.loss=ce; "
                          "this uniform teacher was trained with the ELBO: use algo.loss_space=posterior (App. D)")
         return found
+
+
+def elbo_not_mean(process: Process, teacher_meta: dict) -> bool:
+    """Whether the teacher's x̂ is the ELBO optimum rather than E[x | z_t]: an ELBO-trained
+    teacher of a process whose posterior is not linear in x (App. D)."""
+    return not process.posterior_linear_in_x and teacher_meta.get("loss", "elbo") != "ce"
 
 
 # -- losses: pure functions on tensors ------------------------------------------------------
@@ -173,7 +181,7 @@ class DMMD(AlgoBase):
         self.process, self.time_conditioning = self.teacher_part.process, self.teacher_part.time_conditioning
         check_schedule(self.cfg.noise, self.data_vocab_size, self.process)
         # Open choices that depend on the teacher (e.g. noise input on for masked, off for uniform).
-        self.settings = settings = settings.for_teacher(self.process.name, self.teacher_part.meta)
+        self.settings = settings = settings.for_teacher(self.process, self.teacher_part.meta)
         self.teacher_meta = self.teacher_part.meta
         self.teacher = self.teacher_part.network
         noise = {"noise_dim": settings.noise_dim, "noise_grid": noise_grid(settings, self.cfg.vocab.get("image_shape"))}
@@ -203,11 +211,14 @@ class DMMD(AlgoBase):
 
     def log_probs(self, network: DiT, z: Tensor, t: Tensor) -> Tensor:
         """x̂(z) of one of the three networks as SUBS log-probs [B, L, V] (fresh generator noise)."""
-        return self.pipeline(network).log_probs(z, t)
+        return self.denoiser(network)(z, t)
 
-    def pipeline(self, network: torch.nn.Module) -> Pipeline:
+    def denoiser(self, network: torch.nn.Module) -> Denoiser:
+        return Denoiser(network, self.process, self.time_conditioning)
+
+    def sampler(self) -> DiffusionSampler:
         # Students sample with the generator rule of Algorithm 1 (hard x, then the posterior).
-        return Pipeline(network, self.process, self.time_conditioning, rule="generator")
+        return DiffusionSampler(self.process, "generator")
 
     # -- training: alternating phases ---------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -260,11 +271,16 @@ class DMMD(AlgoBase):
         self.recent_gen_entropy.extend(state.get("recent_gen_entropy", []))
 
     def checkpoint_meta(self) -> dict:
-        # k travels with the student, so `mode=sample` uses it unless sampling.steps is given.
+        # k travels with the student, so `mode=sample` uses it unless sampling.steps is given; the
+        # teacher by resolved path and content hash, so a resume can accept a moved copy of it.
         st = self.settings
         return {**super().checkpoint_meta(), **process_meta(self.process, self.time_conditioning),
-                "sampling_rule": "generator", "teacher": str(st.teacher), "sampling_steps": st.sampling_steps,
+                "sampling_rule": "generator", **self.teacher_part.provenance(), "sampling_steps": st.sampling_steps,
                 "teacher_top_p": st.teacher_top_p, "teacher_temperature": st.teacher_temperature}
+
+    def check_resume_meta(self, recorded: Mapping[str, Any], path: str) -> None:
+        """`training.check_resume` hook: the teacher may have moved, but it must hold the same bytes."""
+        self.teacher_part.check_moved(recorded, f"checkpoint '{path}'")
 
     def weight(self, s: Tensor) -> Tensor:
         """w(s) per sequence [B, 1]. Not from the paper: constant 1 by default, or the ELBO 1/s."""

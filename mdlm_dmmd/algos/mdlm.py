@@ -15,11 +15,12 @@ import torch
 from torch import Tensor
 
 from mdlm_dmmd.algos.base import AlgoBase, antithetic_times, backbone_config, process_meta
+from mdlm_dmmd.denoiser import Denoiser
 from mdlm_dmmd.diffusion.masked import MaskedProcess
+from mdlm_dmmd.diffusion.sampling import DiffusionSampler
 from mdlm_dmmd.diffusion.schedules import build_schedule
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT
-from mdlm_dmmd.pipeline import Pipeline
 
 
 class MDLM(AlgoBase):
@@ -30,7 +31,7 @@ class MDLM(AlgoBase):
                             "does not apply to the masked process of algo=mdlm; use noise=loglinear, or algo=udlm noise=duo")
         # The mask token is appended after the real vocabulary: V = vocab.size + 1.
         self.process = MaskedProcess(build_schedule(self.cfg.noise), mask_id=self.data_vocab_size)
-        self.backbone = DiT(backbone_config(self.cfg, self.data_vocab_size + 1))
+        self.backbone = DiT(backbone_config(self.cfg, self.process.network_vocab(self.data_vocab_size)))
         self.time_conditioning = bool(self.cfg.algo.get("time_conditioning", False))
         self.init_ema(self.backbone)
 
@@ -40,12 +41,15 @@ class MDLM(AlgoBase):
         training = self.cfg.training
         t = antithetic_times(x.shape[0], training.sampling_eps, training.antithetic_sampling, x.device)
         z_t = self.process.corrupt(x, t)
-        log_p = self.pipeline(self.backbone).log_probs(z_t, t)
+        log_p = self.denoiser(self.backbone)(z_t, t)
         per_token = self.process.nelbo(log_p, x, z_t, t)  # [B, L]
         return (per_token * valid).sum(), valid.sum()
 
-    def pipeline(self, network: torch.nn.Module) -> Pipeline:
-        return Pipeline(network, self.process, self.time_conditioning)
+    def denoiser(self, network: torch.nn.Module) -> Denoiser:
+        return Denoiser(network, self.process, self.time_conditioning)
+
+    def sampler(self) -> DiffusionSampler:
+        return DiffusionSampler(self.process)
 
     def checkpoint_meta(self) -> dict:
         return {**super().checkpoint_meta(), **process_meta(self.process, self.time_conditioning)}

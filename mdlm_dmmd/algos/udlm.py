@@ -25,11 +25,12 @@ import torch
 from torch import Tensor
 
 from mdlm_dmmd.algos.base import AlgoBase, algo_section, antithetic_times, backbone_config, process_meta
+from mdlm_dmmd.denoiser import Denoiser
+from mdlm_dmmd.diffusion.sampling import DiffusionSampler
 from mdlm_dmmd.diffusion.schedules import build_schedule
 from mdlm_dmmd.diffusion.uniform import UniformProcess
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT
-from mdlm_dmmd.pipeline import Pipeline
 
 LOSSES = ("elbo", "ce")
 
@@ -65,7 +66,7 @@ class UDLM(AlgoBase):
         self.settings = UDLMConfig.from_mapping(algo_section(config))
         # No mask token: the model vocabulary is the data vocabulary, V = vocab.size.
         self.process = UniformProcess(build_schedule(self.cfg.noise, self.data_vocab_size), vocab_size=self.data_vocab_size)
-        self.backbone = DiT(backbone_config(self.cfg, self.data_vocab_size))
+        self.backbone = DiT(backbone_config(self.cfg, self.process.network_vocab(self.data_vocab_size)))
         self.time_conditioning = self.settings.time_conditioning
         self.init_ema(self.backbone)
 
@@ -76,7 +77,7 @@ class UDLM(AlgoBase):
         training = self.cfg.training
         t = antithetic_times(x.shape[0], training.sampling_eps, training.antithetic_sampling, x.device)
         z_t = self.process.corrupt(x, t)
-        log_p = self.pipeline(self.backbone).log_probs(z_t, t)  # [B, L, V]
+        log_p = self.denoiser(self.backbone)(z_t, t)  # [B, L, V]
         if (kind or self.settings.loss) == "elbo":
             per_token = self.process.nelbo(log_p, x, z_t, t)  # [B, L]
         else:
@@ -95,8 +96,11 @@ class UDLM(AlgoBase):
         (the generator rule); an ELBO-trained one keeps Duo's plug-in posterior (ancestral)."""
         return "generator" if self.settings.loss == "ce" else "ancestral"
 
-    def pipeline(self, network: torch.nn.Module) -> Pipeline:
-        return Pipeline(network, self.process, self.time_conditioning, rule=self.sampling_rule)
+    def denoiser(self, network: torch.nn.Module) -> Denoiser:
+        return Denoiser(network, self.process, self.time_conditioning)
+
+    def sampler(self) -> DiffusionSampler:
+        return DiffusionSampler(self.process, self.sampling_rule)
 
     def checkpoint_meta(self) -> dict:
         # `loss` tells a distiller whether x̂ targets E[x | z_t] (ce) or the ELBO optimum (elbo).

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from mdlm_dmmd.diffusion.masked import MaskedProcess
+from mdlm_dmmd.diffusion.process import Process, missing_members
 from mdlm_dmmd.diffusion.schedules import schedule_from_meta
 from mdlm_dmmd.diffusion.uniform import UniformProcess
 from mdlm_dmmd.errors import UserError
 
-PROCESSES = ("masked", "uniform")
+__all__ = ["MaskedProcess", "UniformProcess", "Process", "missing_members", "process_from_meta", "PROCESSES"]
+
+PROCESSES = ("masked", "uniform")  # the names `meta()` writes; a process is used only through `Process`
 
 
-def process_from_meta(meta: dict, network_vocab: int, source: str = "checkpoint") -> tuple[MaskedProcess | UniformProcess, bool]:
+def process_from_meta(meta: dict, network_vocab: int, source: str = "checkpoint") -> tuple[Process, bool]:
     """(process, time_conditioning) recorded in a checkpoint's metadata (`process.meta()`).
 
     Public checkpoints without our metadata: MDLM/BD3-LM are masked with the mask as the last

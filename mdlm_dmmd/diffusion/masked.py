@@ -9,11 +9,14 @@ public GPT-2 checkpoints (mask 50257, V = 50258).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from mdlm_dmmd.diffusion.process import as_probs
 from mdlm_dmmd.diffusion.schedules import Schedule
+from mdlm_dmmd.errors import UserError
 
 NEG_INF = -1e6  # SUBS "−∞" of MDLM: finite so that 0 · NEG_INF stays 0 in the losses
 
@@ -25,16 +28,32 @@ def per_token(t: Tensor, x: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class MaskedProcess:
+    """Meets `diffusion.process.Process`; the mask is the last of the network's classes."""
+
     schedule: Schedule
     mask_id: int
     name: str = "masked"
+    deterministic_prior: ClassVar[bool] = True  # z_1 is all masks
+    posterior_linear_in_x: ClassVar[bool] = True
+    has_elbo_weight: ClassVar[bool] = True
+    soft_corruption: ClassVar[bool] = False
 
     def meta(self) -> dict:
         """What a checkpoint records to rebuild this process (`diffusion.process_from_meta`)."""
         return {"process": self.name, "mask_id": self.mask_id, **self.schedule.meta()}
 
+    @property
+    def num_classes(self) -> int:
+        return self.mask_id + 1
+
+    def network_vocab(self, data_vocab: int) -> int:
+        """The real tokens and the mask."""
+        return data_vocab + 1
+
     def denoising_positions(self, z: Tensor) -> Tensor:
-        """Tokens whose clean value is still unknown in z: the masked ones. [B, L] bool"""
+        """Tokens whose clean value is still unknown in z: the masked ones (soft z: any mask mass). [B, L] bool"""
+        if z.is_floating_point():
+            return z[..., self.mask_id] > 0
         return z == self.mask_id
 
     # 1. forward process --------------------------------------------------------------------
@@ -43,6 +62,17 @@ class MaskedProcess:
         alpha_t = self.schedule.alpha(per_token(t, x))
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=alpha_t.dtype)
         return torch.where(u < alpha_t, x, self.mask_id)
+
+    def marginal_probs(self, x: Tensor, t: Tensor) -> Tensor:
+        """q(z_t | x) = α_t x + (1 − α_t) m for hard or soft x. [B, L, V] float64"""
+        alpha_t = self.schedule.alpha(per_token(t, x)).double()[..., None]
+        probs = alpha_t * as_probs(x, self.num_classes)
+        probs[..., self.mask_id] += 1 - alpha_t[..., 0]
+        return probs
+
+    def corrupt_soft(self, x: Tensor, t: Tensor, generator=None, temperature: float = 1.0) -> Tensor:
+        raise UserError("the masked process has no reparameterised soft corruption (soft_corruption is false): "
+                        "masking is a discrete choice; use corrupt() or a uniform process with noise=duo")
 
     def prior(self, shape: tuple[int, int], device: torch.device | str = "cpu", generator=None) -> Tensor:
         """z_1: every token masked (deterministic: `generator` is unused)."""
@@ -56,13 +86,14 @@ class MaskedProcess:
         return ((alpha_s - alpha_t) / (1 - alpha_t).clamp_min(1e-12)).clamp(0, 1)
 
     def posterior_probs(self, z_t: Tensor, x_probs: Tensor, t: Tensor, s: Tensor) -> Tensor:
-        """q(z_s | z_t, x) for x one-hot or a probability vector (linear in x). [B, L, V] float64.
+        """q(z_s | z_t, x) for token ids x or a probability vector (linear in x). [B, L, V] float64.
 
         Masked rows: reveal · x, with the rest of the mass on the mask. Clean rows: one-hot
         of z_t (carry-over). `x_probs` must put no mass on the mask id (SUBS guarantees it).
         """
         reveal = self.reveal_probability(z_t, t, s)[..., None]  # [B, L, 1]
-        probs = reveal * x_probs.double()
+        x_probs = as_probs(x_probs, self.num_classes)
+        probs = reveal * x_probs
         probs[..., self.mask_id] = 1 - reveal[..., 0]
         clean = z_t != self.mask_id
         carry = torch.nn.functional.one_hot(z_t, x_probs.shape[-1]).double()
@@ -89,10 +120,18 @@ class MaskedProcess:
 
     # 3. parameterisation and loss -----------------------------------------------------------
     def log_probs(self, logits: Tensor, z_t: Tensor) -> Tensor:
-        """SUBS (MDLM): never predict the mask; revealed tokens are copied. [B, L, V] log-probs."""
+        """SUBS (MDLM): never predict the mask; revealed tokens are copied. [B, L, V] log-probs.
+
+        A soft z_t [B, L, V] (IDLM) gives the mixture z_t[mask] · x̂ + (z_t without its mask
+        mass), differentiable in z_t; for one-hot z_t it equals the hard case up to NEG_INF.
+        """
         logits = logits.clone()
         logits[..., self.mask_id] = NEG_INF
         log_p = torch.log_softmax(logits, dim=-1)
+        if z_t.is_floating_point():
+            masked_mass = z_t[..., self.mask_id, None].to(log_p.dtype)  # [B, L, 1]
+            kept = z_t.to(log_p.dtype).index_fill(-1, torch.tensor([self.mask_id], device=z_t.device), 0.0)
+            return torch.log((masked_mass * log_p.exp() + kept).clamp_min(1e-30)).clamp_min(NEG_INF)
         clean = (z_t != self.mask_id)[..., None]
         carry = torch.full_like(log_p, NEG_INF).scatter_(-1, z_t[..., None], 0.0)
         return torch.where(clean, carry, log_p)

@@ -9,9 +9,10 @@ caller, inside the denoiser closure. Two step rules:
   For the masked process both rules give the same distribution; for uniform diffusion they do
   not (eq. 4 is not linear in x), and distilled students always use this rule.
 
-A process that can say which tokens change before x is drawn (`draw_updated_positions`; the
-masked process: the revealed ones) gets x sampled at those positions only, the rest of the
-float64 work per step is skipped. Uniform diffusion returns None and takes the full path.
+A process (`diffusion.process.Process`) that can say which tokens change before x is drawn
+(`draw_updated_positions`; the masked process: the revealed ones) gets x sampled at those
+positions only, the rest of the float64 work per step is skipped. Uniform diffusion returns
+None and takes the full path.
 
 Time grid: t_j = j/k, stepping from 1 to 0; the last step has s = 0 (α_s = 1), which reveals
 every token, so k steps cost exactly k network evaluations.
@@ -19,25 +20,19 @@ every token, so k steps cost exactly k network evaluations.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mdlm_dmmd.diffusion.process import Process
 from mdlm_dmmd.errors import UserError
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (z_t [B, L], t [B]) -> log-probs [B, L, V]
 RULES = ("ancestral", "generator")
 NOISE_REMOVALS = ("ancestral", "greedy")
-
-
-class Process(Protocol):
-    def prior(self, shape: tuple[int, int], device: torch.device | str = "cpu", generator=None) -> Tensor: ...
-    # optional: the positions z_s may change at, drawn before x (None or absent: all of them)
-    def draw_updated_positions(self, z_t: Tensor, t: Tensor, s: Tensor, generator=None) -> Tensor | None: ...
-    def posterior_probs(self, z_t: Tensor, x_probs: Tensor, t: Tensor, s: Tensor) -> Tensor: ...
-    def sample_posterior(self, z_t: Tensor, x: Tensor, t: Tensor, s: Tensor, generator=None) -> Tensor: ...
 
 
 def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -161,8 +156,7 @@ def step(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """z_s given z_t and the denoiser's log-probs x̂(z_t) [B, L, V]: one step of `sample`. [B, L]"""
-    draw_first = getattr(process, "draw_updated_positions", None)  # optional for third-party processes
-    updated = draw_first(z_t, t, s, generator) if draw_first is not None else None
+    updated = process.draw_updated_positions(z_t, t, s, generator)
     if updated is not None:
         # Masked: which tokens change does not depend on x and the posterior is linear in x,
         # so both rules reduce to drawing x at the revealed positions only.
@@ -206,3 +200,30 @@ def sample_autoregressive(
         log_p = next_log_probs(shift_right(x, start_id))[:, i]  # [B, V]
         x[:, i] = sample_categorical(adjust(log_p, temperature, top_p), generator)
     return x
+
+
+# -- samplers: chosen once (from checkpoint metadata or by the algo), then called per batch ------
+@dataclass(frozen=True)
+class DiffusionSampler:
+    """k-step sampling of a diffusion denoiser `(z_t, t) -> log-probs` with one step rule."""
+
+    process: Process
+    rule: str = "ancestral"
+    autoregressive: ClassVar[bool] = False
+
+    def __call__(self, denoise: Denoiser, *, steps: int, shape: tuple[int, int], **options) -> Tensor:
+        return sample(denoise, self.process, steps=steps, shape=shape, rule=self.rule, **options)
+
+
+@dataclass(frozen=True)
+class AutoregressiveSampler:
+    """Left to right for a causal denoiser `inputs -> next-token log-probs`; one network call
+    per token whatever `steps` says (and there is no noise to remove)."""
+
+    start_id: int
+    autoregressive: ClassVar[bool] = True
+
+    def __call__(self, next_log_probs: Callable[[Tensor], Tensor], *, steps: int, shape: tuple[int, int],
+                 noise_removal: str = "ancestral", **options) -> Tensor:
+        del steps, noise_removal
+        return sample_autoregressive(next_log_probs, shape=shape, start_id=self.start_id, **options)

@@ -24,27 +24,48 @@ Its minimiser is x̂ ∝ E_q[x | z_t] / q(z_t | x), not E_q[x | z_t] (paper Appe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from mdlm_dmmd.diffusion.masked import per_token
-from mdlm_dmmd.diffusion.schedules import Schedule
+from mdlm_dmmd.diffusion.process import as_probs
+from mdlm_dmmd.diffusion.schedules import DuoSchedule, Schedule
+from mdlm_dmmd.errors import UserError
 
 
 @dataclass(frozen=True)
 class UniformProcess:
+    """Meets `diffusion.process.Process`."""
+
     schedule: Schedule
     vocab_size: int  # V: the number of classes; π = 1/V on every one of them
     name: str = "uniform"
+    deterministic_prior: ClassVar[bool] = False  # z_1 ~ π is random already
+    posterior_linear_in_x: ClassVar[bool] = False  # eq. (4) is Bayes' rule in x (module docstring)
+    has_elbo_weight: ClassVar[bool] = False  # the NELBO is not w(t) times a cross-entropy
 
     def meta(self) -> dict:
         """What a checkpoint records to rebuild this process (`diffusion.process_from_meta`)."""
         return {"process": self.name, "vocab_size": self.vocab_size, **self.schedule.meta()}
 
+    @property
+    def soft_corruption(self) -> bool:
+        """Duo's schedule is the argmax of a Gaussian latent, which `corrupt_soft` relaxes."""
+        return isinstance(self.schedule, DuoSchedule)
+
+    def network_vocab(self, data_vocab: int) -> int:
+        """No mask token: the network predicts the data vocabulary."""
+        return data_vocab
+
     def denoising_positions(self, z: Tensor) -> Tensor:
         """Tokens whose clean value is still unknown in z: all of them (any may be noise). [B, L]"""
-        return torch.ones_like(z, dtype=torch.bool)
+        return torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
+
+    def elbo_weight(self, t: Tensor) -> Tensor:
+        raise UserError("the uniform process has no scalar ELBO weight (has_elbo_weight is false): its NELBO "
+                        "is not w(t) times a cross-entropy; use nelbo()")
 
     def _alphas(self, z_t: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
         """α_t and α_s per token, float64, with a trailing class axis. Two [B, L, 1]."""
@@ -59,6 +80,28 @@ class UniformProcess:
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=alpha_t.dtype)
         noise = torch.randint(0, self.vocab_size, x.shape, generator=generator, device=x.device)
         return torch.where(u < alpha_t, x, noise)
+
+    def marginal_probs(self, x: Tensor, t: Tensor) -> Tensor:
+        """q(z_t | x) = α_t x + (1 − α_t)/V for hard or soft x. [B, L, V] float64"""
+        alpha_t = self.schedule.alpha(per_token(t, x)).double()[..., None]
+        return alpha_t * as_probs(x, self.vocab_size) + (1 - alpha_t) / self.vocab_size
+
+    def corrupt_soft(self, x: Tensor, t: Tensor, generator: torch.Generator | None = None,
+                     temperature: float = 1.0) -> Tensor:
+        """Duo's reparameterised z_t: softmax((α̃_t x + σ̃_t ε) / τ), ε ~ N(0, I), for hard or
+        soft x. [B, L, V] float32. Its argmax is distributed as q(z_t | x) for one-hot x (that is
+        how `DuoSchedule` defines α_t); τ → 0 approaches that hard token.
+        """
+        if not self.soft_corruption:
+            raise UserError(f"corrupt_soft needs the Gaussian latent of noise=duo; this process uses "
+                            f"{self.schedule.describe()}")
+        if temperature <= 0:
+            raise UserError(f"corrupt_soft: temperature must be > 0, got {temperature}")
+        x = as_probs(x, self.vocab_size).float()
+        gamma = self.schedule.gamma(per_token(t, x).float())[..., None]  # [B, L, 1]
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        latent = torch.sigmoid(-gamma).sqrt() * x + torch.sigmoid(gamma).sqrt() * noise
+        return torch.softmax(latent / temperature, dim=-1)
 
     def prior(
         self, shape: tuple[int, int], device: torch.device | str = "cpu", generator: torch.Generator | None = None
@@ -75,7 +118,7 @@ class UniformProcess:
         """
         alpha_t, alpha_s = self._alphas(z_t, t, s)
         alpha_ts = alpha_t / alpha_s  # α_{t|s}
-        x = x_probs.double()
+        x = as_probs(x_probs, self.vocab_size)
         z_t_onehot = torch.nn.functional.one_hot(z_t, self.vocab_size).double()
         # 1. q(z_t | z_s) as a function of z_s: α_{t|s} [z_s = z_t] + (1 − α_{t|s}) π(z_t)
         forward_ts = alpha_ts * z_t_onehot + (1 - alpha_ts) / self.vocab_size
@@ -118,8 +161,7 @@ class UniformProcess:
     def log_probs(self, logits: Tensor, z_t: Tensor) -> Tensor:
         """Duo's "mean" parameterisation: log_softmax over all V classes. [B, L, V] float32.
 
-        `z_t` is unused (no carry-over: a token of z_t may be noise at any t); kept so that the
-        process is interchangeable with `MaskedProcess`.
+        `z_t` (hard or soft) is unused: no carry-over, a token of z_t may be noise at any t.
         """
         del z_t
         return torch.log_softmax(logits.float(), dim=-1)

@@ -52,21 +52,21 @@ class CausalDiT(nn.Module):
     prediction of ids[:, i + 1], the usual causal-LM convention. The network only ever sees its
     training length L: for an input of L + 1 tokens (start + a full row) the last position, whose
     prediction is never scored, gets zero logits instead of running the network past L.
-    Logits are the `ar` pipeline's `next_token_log_probs`, i.e. log-probs over the V real tokens.
+    Logits are the `ar` denoiser's `next_token_log_probs`, i.e. log-probs over the V real tokens.
     """
 
     def __init__(self, pipeline):
         super().__init__()
-        self.pipeline = pipeline
+        self.denoiser = pipeline.denoiser  # a CausalDenoiser
         self.network = pipeline.network  # registered as a submodule: its parameters are the θ of GM
-        self.vocab_size = int(pipeline.vocab_size)  # V real tokens; the start id is V
+        self.vocab_size = int(self.denoiser.vocab_size)  # V real tokens; the start id is V
         self.bos_token_id = self.vocab_size
         self.eos_token_id = None  # unknown to the checkpoint; the data bundle knows it
         self.n_positions = int(self.network.config.length) + 1
 
     def forward(self, input_ids: Tensor) -> Tensor:
         length = self.network.config.length
-        log_p = self.pipeline.next_token_log_probs(input_ids[:, :length])  # [B, min(T, L), V]
+        log_p = self.denoiser.next_token_log_probs(input_ids[:, :length])  # [B, min(T, L), V]
         extra = input_ids.shape[1] - log_p.shape[1]
         if extra > 0:
             log_p = torch.cat([log_p, log_p.new_zeros(log_p.shape[0], extra, log_p.shape[2])], dim=1)
@@ -129,7 +129,7 @@ def _load_ar_checkpoint(path: Path) -> CausalDiT:
     from mdlm_dmmd.pipeline import Pipeline
 
     pipeline = Pipeline.from_checkpoint(path)
-    if pipeline.process is not None:
+    if not pipeline.is_autoregressive:
         kind = pipeline.meta.get("process", "masked")
         raise UserError(f"reference '{path}' is a {kind} diffusion checkpoint, not a causal LM; "
                         f"pass a checkpoint of this package's `ar` algo or a Hugging Face causal LM")

@@ -62,7 +62,7 @@ def test_loss_is_next_token_cross_entropy_with_start_shift():
 
 def test_causal_future_tokens_do_not_change_past_log_probs():
     algo, data = random_ar()
-    pipe = algo.pipeline(algo.backbone)
+    pipe = algo.denoiser(algo.backbone)
     x = data.train[0]["input_ids"][None].clone()
     for j in (0, 17, 62):
         changed = x.clone()
@@ -126,7 +126,7 @@ def test_checkpoint_samples_like_the_algo(trained):
     assert meta["process"] == "autoregressive" and meta["start_id"] == V_DATA
     assert meta["backbone_config"]["causal"] is True
     pipe = Pipeline.from_checkpoint(trained["ckpt"])
-    assert pipe.process is None and pipe.vocab_size == V_DATA
+    assert pipe.is_autoregressive and pipe.denoiser.vocab_size == V_DATA == pipe.sampler.start_id
     expected = algo.generate(3, steps=1, generator=torch.Generator().manual_seed(5))
     got = pipe.generate(3, steps=1, generator=torch.Generator().manual_seed(5))
     assert torch.equal(got, expected)

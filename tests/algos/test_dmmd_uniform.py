@@ -1,6 +1,5 @@
 """Uniform D-MMD (paper App. D): posterior-space losses, teacher-dependent defaults, errors."""
 
-import itertools
 
 import pytest
 import torch

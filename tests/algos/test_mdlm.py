@@ -84,7 +84,7 @@ def test_loss_is_zero_where_nothing_is_masked():
     x = data.train[0]["input_ids"][None]
     z = algo.process.corrupt(x, torch.zeros(1))  # alpha_0 = 1: nothing masked
     assert torch.equal(z, x)
-    log_p = algo.pipeline(algo.backbone).log_probs(z, torch.zeros(1))
+    log_p = algo.denoiser(algo.backbone)(z, torch.zeros(1))
     assert algo.process.nelbo(log_p, x, z, torch.full((1,), 0.5)).abs().sum() == 0
 
 
@@ -173,7 +173,7 @@ def test_generate_samples_from_the_ema_weights(trained):
 
     ema_network = copy.deepcopy(algo.backbone).eval()
     algo.ema.copy_to(ema_network)
-    reference = Pipeline(ema_network, algo.process).generate(6, steps=8, generator=torch.Generator().manual_seed(7))
+    reference = Pipeline.diffusion(ema_network, algo.process).generate(6, steps=8, generator=torch.Generator().manual_seed(7))
     assert torch.equal(samples, reference)
     for n, p in algo.backbone.named_parameters():  # live weights are back after sampling
         assert torch.equal(p, live[n])

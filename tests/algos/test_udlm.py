@@ -7,6 +7,7 @@ import torch
 from mdlm_dmmd.algos.base import antithetic_times
 from mdlm_dmmd.algos.udlm import UDLM
 from mdlm_dmmd.data.images import digits_arrays
+from mdlm_dmmd.diffusion.sampling import DiffusionSampler
 from mdlm_dmmd.diffusion.uniform import UniformProcess
 from mdlm_dmmd.errors import UserError
 
@@ -38,7 +39,7 @@ def test_builds_a_uniform_process_without_mask_slot():
     assert algo.backbone.config.vocab_size == VOCAB
     pipeline = algo.pipeline(algo.backbone)
     t = torch.tensor([0.5])
-    assert pipeline.sigma(t).item() == pytest.approx(-torch.log(algo.process.schedule.alpha(t)).item())
+    assert pipeline.denoiser.sigma(t).item() == pytest.approx(-torch.log(algo.process.schedule.alpha(t)).item())
 
 
 def test_loss_modes():
@@ -52,7 +53,7 @@ def test_loss_modes():
     torch.manual_seed(0)  # same t and z_t: ce is the unweighted −log p(x | z_t)
     t = antithetic_times(4, 1e-3, True, "cpu")
     z_t = ce.process.corrupt(x["input_ids"], t)
-    log_p = ce.pipeline(ce.backbone).log_probs(z_t, t)
+    log_p = ce.denoiser(ce.backbone)(z_t, t)
     assert total.item() == pytest.approx(-log_p.gather(-1, x["input_ids"][..., None]).sum().item(), rel=1e-5)
 
 
@@ -97,7 +98,7 @@ def test_validation_reports_the_nelbo_also_for_ce():
 def test_generate_returns_valid_ids(rule):
     algo = UDLM(udlm_config())
     pipeline = algo.pipeline(algo.backbone.eval())
-    pipeline.rule = rule
+    pipeline.sampler = DiffusionSampler(algo.process, rule)
     samples = pipeline.generate(5, steps=4, generator=torch.Generator().manual_seed(0), batch_size=3)
     assert samples.shape == (5, LENGTH) and samples.dtype == torch.long
     assert samples.min() >= 0 and samples.max() < VOCAB
@@ -134,17 +135,17 @@ def test_ce_teacher_samples_with_the_mixture_step(tmp_path, loss, rule):
 
     algo = UDLM(udlm_config(loss=loss))
     pipeline = algo.pipeline(algo.backbone.eval())
-    assert pipeline.rule == rule and algo.checkpoint_meta()["sampling_rule"] == rule
+    assert pipeline.sampler.rule == rule and algo.checkpoint_meta()["sampling_rule"] == rule
     meta = {k: v for k, v in algo.checkpoint_meta().items() if k not in ("backbone_config", "sampling_rule")}
     save_backbone(tmp_path / "old", algo.backbone, meta)  # written before the rule was recorded
-    assert Pipeline.from_checkpoint(tmp_path / "old").rule == rule
+    assert Pipeline.from_checkpoint(tmp_path / "old").sampler.rule == rule
     if loss != "ce":
         return
     n, z_t, t, s = 40000, 3, 0.6, 0.3
     x_hat = torch.softmax(2 * torch.randn(VOCAB, generator=torch.Generator().manual_seed(0), dtype=torch.float64), -1)
     process = algo.process
     tt, ss = torch.full((n,), t), torch.full((n,), s)
-    z = step(process, x_hat.log().expand(n, 1, VOCAB), torch.full((n, 1), z_t), tt, ss, rule=pipeline.rule,
+    z = step(process, x_hat.log().expand(n, 1, VOCAB), torch.full((n, 1), z_t), tt, ss, rule=pipeline.sampler.rule,
              generator=torch.Generator().manual_seed(1))
     onehot = torch.eye(VOCAB, dtype=torch.float64)
     post = lambda x: process.posterior_probs(torch.tensor([[z_t]]), x[None, None], tt[:1], ss[:1])[0, 0]  # noqa: E731

@@ -156,7 +156,7 @@ def refused(capsys, args, *needles):
 
 def test_udlm_duo_checkpoint_samples_with_its_schedule(duo_teacher):
     pipeline = Pipeline.from_checkpoint(duo_teacher)
-    assert pipeline.process == UniformProcess(DuoSchedule(DIGITS_V), vocab_size=DIGITS_V)
+    assert pipeline.denoiser.process == pipeline.sampler.process == UniformProcess(DuoSchedule(DIGITS_V), vocab_size=DIGITS_V)
     samples = pipeline.generate(2, steps=4, generator=torch.Generator().manual_seed(0), noise_removal="greedy")
     assert samples.shape == (2, 64) and 0 <= samples.min() and samples.max() < DIGITS_V
 

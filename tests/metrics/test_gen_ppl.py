@@ -165,7 +165,7 @@ def test_registered_metric_with_ar_reference_equals_the_ar_loss(tmp_path):
                          device="cpu")
     model, _ = ref.load_reference(str(path))
     with torch.no_grad():  # the `ar` algo's loss: every one of the L tokens, start token as context
-        log_p = model.pipeline.next_token_log_probs(shift_right(samples, 17))
+        log_p = model.denoiser.next_token_log_probs(shift_right(samples, 17))
         nll = -log_p.gather(-1, samples[..., None]).double().mean().item()
     assert out["value"] == pytest.approx(math.exp(nll), rel=1e-5)
     assert out["num_tokens"] == 5 * 64 and len(out["per_sample"]) == 5

@@ -382,7 +382,7 @@ def test_ar_checkpoint_reference_scores_the_same_ids(tmp_path):
 
     x = torch.randint(0, 17, (3, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        direct = model.pipeline.next_token_log_probs(shift_right(x, 17))  # [3, 12, 17]: predicts x_i
+        direct = model.denoiser.next_token_log_probs(shift_right(x, 17))  # [3, 12, 17]: predicts x_i
         adapted = model(torch.cat([torch.full((3, 1), 17), x], dim=1))  # [3, 13, 17]: predicts x_{i+1}
     torch.testing.assert_close(adapted[:, :-1], direct)
     # GM on the adapter = GM with the AR's own loss: mean over all L tokens, start token as context
@@ -391,7 +391,7 @@ def test_ar_checkpoint_reference_scores_the_same_ids(tmp_path):
     result = gradient_moment(model, samples, data, batch_size=2)
 
     def grad(rows):
-        log_p = model.pipeline.next_token_log_probs(shift_right(rows, 17))
+        log_p = model.denoiser.next_token_log_probs(shift_right(rows, 17))
         loss = -log_p.gather(-1, rows[..., None]).mean()
         grads = torch.autograd.grad(loss, list(model.parameters()))
         return torch.cat([g_.reshape(-1) for g_ in grads]).double()

@@ -59,7 +59,7 @@ def load_methods(cfg: DictConfig, entries: list[dict]) -> tuple[list[Method], Me
         where, path = f"sweep.methods.{i}", entry["checkpoint"]
         pipeline = load(path)
         meta = pipeline.meta
-        if pipeline.process is None:
+        if pipeline.is_autoregressive:
             problems.append(f"{where}.checkpoint '{path}' is an autoregressive (`ar`) model; pass it as sweep.ar_baseline")
             continue
         steps = entry["steps"]
@@ -89,7 +89,7 @@ def load_methods(cfg: DictConfig, entries: list[dict]) -> tuple[list[Method], Me
     ar_path = cfg.sweep.get("ar_baseline")
     if ar_path is not None:
         pipeline = load(str(ar_path))
-        if pipeline.process is not None:
+        if not pipeline.is_autoregressive:
             problems.append(f"sweep.ar_baseline '{ar_path}' is a {pipeline.meta.get('process', 'diffusion')} "
                             f"diffusion checkpoint, not one of the `ar` algo")
         else:

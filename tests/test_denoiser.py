@@ -1,0 +1,71 @@
+"""Denoiser + sampler = pipeline: the same denoiser object serves losses and samplers, the
+sampler is picked once, and the pipeline runs diffusion and AR models through one path."""
+
+import torch
+
+from mdlm_dmmd.denoiser import CausalDenoiser, Denoiser, plain_layout
+from mdlm_dmmd.diffusion import MaskedProcess
+from mdlm_dmmd.diffusion.sampling import AutoregressiveSampler, DiffusionSampler, sample, sample_autoregressive
+from mdlm_dmmd.diffusion.schedules import LogLinear
+from mdlm_dmmd.models.dit import DiT, DiTConfig
+from mdlm_dmmd.pipeline import Pipeline
+
+V, L = 9, 6
+PROCESS = MaskedProcess(LogLinear(), mask_id=V)
+
+
+def network(**extra) -> DiT:
+    torch.manual_seed(0)
+    return DiT(DiTConfig(vocab_size=V + 1, length=L, hidden_dim=16, cond_dim=8, n_blocks=1, n_heads=2, **extra)).eval()
+
+
+def test_diffusion_pipeline_is_the_sampler_applied_to_the_denoiser():
+    net = network()
+    pipeline = Pipeline.diffusion(net, PROCESS, rule="generator")
+    assert pipeline.sampler == DiffusionSampler(PROCESS, "generator") and not pipeline.is_autoregressive
+    got = pipeline.generate(4, steps=3, generator=torch.Generator().manual_seed(1))
+    want = sample(Denoiser(net, PROCESS), PROCESS, steps=3, shape=(4, L), rule="generator",
+                  generator=torch.Generator().manual_seed(1))
+    assert torch.equal(got, want)
+
+
+def test_autoregressive_pipeline_goes_through_the_same_generate():
+    net = network(causal=True)
+    pipeline = Pipeline.autoregressive(net, V)
+    assert pipeline.is_autoregressive and pipeline.sampler == AutoregressiveSampler(V)
+    got = pipeline.generate(3, steps=999, generator=torch.Generator().manual_seed(2))  # steps: unused by AR
+    want = sample_autoregressive(CausalDenoiser(net, V).next_token_log_probs, shape=(3, L), start_id=V,
+                                 generator=torch.Generator().manual_seed(2))
+    assert torch.equal(got, want) and int(got.max()) < V
+
+
+def test_layout_is_what_the_network_sees_in_sampling():
+    calls = []
+
+    def recording_layout(net, z, sigma, noise):
+        calls.append(tuple(z.shape))
+        return plain_layout(net, z, sigma, noise)
+
+    net = network()
+    pipeline = Pipeline(Denoiser(net, PROCESS, layout=recording_layout), DiffusionSampler(PROCESS))
+    pipeline.generate(2, steps=4, generator=torch.Generator().manual_seed(3))
+    assert calls == [(2, L)] * 4
+
+
+def test_noise_input_is_drawn_fresh_on_every_call():
+    net = network(noise_dim=4)
+    for parameter in net.parameters():  # the zero-initialised output and noise layers would hide the noise
+        torch.nn.init.normal_(parameter, std=0.3)
+    denoiser = Denoiser(net, PROCESS)
+    z, t = torch.full((2, L), V), torch.ones(2)
+    with torch.no_grad():
+        assert not torch.allclose(denoiser(z, t), denoiser(z, t))
+        a = denoiser(z, t, generator=torch.Generator().manual_seed(4))
+        b = denoiser(z, t, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b)
+
+
+def test_time_conditioning_feeds_sigma_or_zero():
+    t = torch.tensor([0.25, 0.75])
+    assert torch.equal(Denoiser(network(), PROCESS).sigma(t), torch.zeros(2))
+    assert torch.allclose(Denoiser(network(), PROCESS, time_conditioning=True).sigma(t), -torch.log1p(-(1 - 1e-3) * t))  # LogLinear(eps=1e-3)
