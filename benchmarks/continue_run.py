@@ -9,6 +9,9 @@ checkpoints keep their `stepN.ckpt` names, for `checkpoint_trajectory.py`.
 
     python benchmarks/continue_run.py RUN_DIR trainer.max_steps=3200
 Writes RUN_DIR/continue_<max_steps>_run_info.json (command, date, machine, wall time).
+
+A student whose teacher has moved (or whose older config names it by a relative path) takes
+`algo.teacher=NEW_PATH`; the copy must hold the same bytes (the checkpoint records its sha256).
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"{last} does not exist: nothing to continue from")
     cfg = OmegaConf.merge(OmegaConf.load(run_dir / "config.yaml"), OmegaConf.from_dotlist(overrides))
     cfg.mode, cfg.run_dir, cfg.checkpoint = "train", str(run_dir), str(last)
+    teacher = (cfg.get("algo") or {}).get("teacher")
+    if teacher is not None and not Path(teacher).expanduser().exists():
+        raise SystemExit(f"teacher '{teacher}' (algo.teacher in {run_dir / 'config.yaml'}) does not exist from "
+                         f"{Path.cwd()}; pass algo.teacher=PATH (a moved copy with the same bytes is accepted)")
     cli.dispatch(cfg)
     command = " ".join(["python", "benchmarks/continue_run.py", *argv])
     write_run_info(run_dir / f"continue_{cfg.trainer.max_steps}", run_info(command, started))

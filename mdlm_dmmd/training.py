@@ -72,7 +72,11 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
 
 def check_resume(path: str, algo: L.LightningModule) -> None:
     """A resume checkpoint must be a Lightning .ckpt whose weights fit `algo`; checked before the
-    run folder exists, since Lightning would only fail inside `fit`, with a traceback."""
+    run folder exists, since Lightning would only fail inside `fit`, with a traceback.
+
+    An algo with more to check in the recorded metadata than the keys compared here (e.g. that a
+    moved teacher is still the same file) defines `check_resume_meta(recorded, path)`, which
+    raises UserError; it runs before the weights are compared, whose mismatch it would explain."""
     if Path(path).is_dir():
         raise UserError(f"checkpoint '{path}': resuming training needs a .ckpt written by mdlm-dmmd, not a directory")
     ckpt = _torch_load(Path(path))
@@ -84,6 +88,9 @@ def check_resume(path: str, algo: L.LightningModule) -> None:
         if key in recorded and key in current and recorded[key] != current[key]:
             raise UserError(f"checkpoint '{path}' was trained with {key}={recorded[key]!r} but this config has "
                             f"{key}={current[key]!r}; resume with the config it was trained with")
+    hook = getattr(algo, "check_resume_meta", None)
+    if callable(hook):
+        hook(recorded, path)
     left_out = tuple(getattr(algo, "not_in_checkpoint", ()))  # put back by the algo on load
     expected = {k: v for k, v in algo.state_dict().items() if not k.startswith(left_out)}
     missing = [k for k in expected if k not in state]
@@ -156,6 +163,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, algo: L.LightningModule) -> L.
             save_last=True,
             save_top_k=-1,
             every_n_train_steps=every if isinstance(every, int) else None,
+            # Resuming in a moved run folder, Lightning does not know the last.ckpt there as its own
+            # and would write last-v1.ckpt beside it: last.ckpt must always be the latest state.
+            enable_version_counter=False,
         ),
         SaveOnCrash(ckpt_dir),
     ]

@@ -100,9 +100,10 @@ def student_algo(cfg: DictConfig) -> DictConfig:
 
 def student_config(cfg: DictConfig, algo: DictConfig, teacher: Path, steps: int, noise: bool | None,
                    run_dir: Path) -> DictConfig:
-    """The teacher's config with `algo` replaced by the student's (noise None: its own setting)."""
+    """The teacher's config with `algo` replaced by the student's (noise None: its own setting).
+    The teacher is named by its resolved path, so the saved config works from any directory."""
     algo = algo.copy()
-    algo.teacher, algo.sampling_steps = str(teacher), int(steps)
+    algo.teacher, algo.sampling_steps = str(Path(teacher).expanduser().resolve()), int(steps)
     if noise is not None:
         algo.noise_input = noise
     student = cfg.copy()
