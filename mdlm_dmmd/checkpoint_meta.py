@@ -50,6 +50,11 @@ class CheckpointMeta:
     cross_attn: bool | None = None
     vocab: dict | None = None  # the data's token space (size, bos/eos, modality, image_shape)
     data: dict | None = None  # the data config, to decode samples
+    # set by `checkpoints.load_backbone` when reading, never by a saver
+    source: str | None = None  # the path read
+    format: str | None = None  # hf_dir | safetensors | lightning_ckpt
+    ema: bool | None = None  # the weights are EMA averages
+    noise_dim: int | None = None  # the network's noise input width (0: none)
     extra: dict = field(default_factory=dict)
     version: int = META_VERSION
     given: tuple[str, ...] = field(default=(), compare=False, repr=False)  # fields stored, even as null

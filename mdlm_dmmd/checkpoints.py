@@ -49,17 +49,16 @@ OPTIONAL_KEYS = ("rotary_emb.inv_freq",)
 
 @dataclass
 class LoadedBackbone:
-    """A ready DiT, its config, and everything else stored with the weights.
+    """A ready DiT, its config, and its typed metadata (`CheckpointMeta`).
 
-    meta keys set by the loader: `source` (path as str), `format` ("hf_dir" | "safetensors" |
-    "lightning_ckpt"), `ema` (the weights are EMA averages), `noise_dim`. Public checkpoints also
-    get inferred `process` ("masked" | "uniform"), `mask_id`, `schedule`, `time_conditioning`,
-    `family`; our own carry what the saver wrote.
+    The loader sets `source`, `format`, `ema` and `noise_dim`. Public checkpoints also get
+    inferred `process`, `mask_id`, `schedule`, `time_conditioning` (and `family` in `extra`);
+    our own carry what the saver wrote.
     """
 
     model: DiT
     config: DiTConfig
-    meta: dict = field(default_factory=dict)
+    meta: CheckpointMeta = field(default_factory=CheckpointMeta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,10 +329,10 @@ def load_backbone(
     meta.update(source=str(path), noise_dim=config.noise_dim)
     typed = CheckpointMeta.from_dict(meta, source=str(path))  # the one place metadata is read
     typed.refuse_unsupported(str(path), config.length)
-    return LoadedBackbone(model=model.to(map_location), config=config, meta=typed.to_dict())
+    return LoadedBackbone(model=model.to(map_location), config=config, meta=typed)
 
 
-def save_backbone(directory: str | os.PathLike, model: DiT, meta: dict | None = None) -> Path:
+def save_backbone(directory: str | os.PathLike, model: DiT, meta: "dict | CheckpointMeta | None" = None) -> Path:
     """Write `model` as an hf_dir checkpoint: config.json (public names + `meta` under
     "mdlm_dmmd") and model.safetensors (keys under `backbone.`, the public layout).
 
@@ -342,6 +341,8 @@ def save_backbone(directory: str | os.PathLike, model: DiT, meta: dict | None = 
     directory = Path(directory).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
     hf_config = dit_config_to_public(model.config)
+    if isinstance(meta, CheckpointMeta):  # e.g. a loaded checkpoint's, re-exported
+        meta = meta.to_dict()
     if meta:
         hf_config[META_KEY] = CheckpointMeta.from_dict(meta, source=str(directory)).to_dict()
     tensors = {f"backbone.{key}": value.detach().cpu().contiguous() for key, value in model.state_dict().items()}

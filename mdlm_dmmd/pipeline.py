@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.denoiser import CausalDenoiser, Denoiser
 from mdlm_dmmd.diffusion import Process, process_from_meta
 from mdlm_dmmd.diffusion.sampling import AutoregressiveSampler, DiffusionSampler
@@ -20,12 +21,12 @@ from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT
 
 
-def sampling_rule(meta: dict) -> str:
+def sampling_rule(meta: CheckpointMeta) -> str:
     """The recorded rule; checkpoints written before it was recorded for CE-trained uniform
     teachers (`loss: ce`, x̂ = E[x | z_t]) get the generator rule, the mixture step."""
-    if meta.get("sampling_rule"):
-        return meta["sampling_rule"]
-    return "generator" if meta.get("process") == "uniform" and meta.get("loss") == "ce" else "ancestral"
+    if meta.sampling_rule:
+        return meta.sampling_rule
+    return "generator" if meta.process == "uniform" and meta.loss == "ce" else "ancestral"
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Pipeline:
 
     denoiser: Denoiser | CausalDenoiser
     sampler: DiffusionSampler | AutoregressiveSampler
-    meta: dict = field(default_factory=dict)  # checkpoint metadata (vocab, data config, algo)
+    meta: CheckpointMeta = field(default_factory=CheckpointMeta)  # empty unless read from a checkpoint
 
     @classmethod
     def from_checkpoint(cls, path, *, device: str | torch.device = "cpu", use_ema: bool = True) -> "Pipeline":
@@ -43,21 +44,23 @@ class Pipeline:
         loaded = load_backbone(path, use_ema=use_ema)
         meta = loaded.meta
         network = loaded.model.to(device).eval()
-        if meta.get("process") == "autoregressive":
-            return cls.autoregressive(network, int(meta["start_id"]), meta=meta)
-        process, time_conditioning = process_from_meta(meta, network.config.vocab_size, source=f"checkpoint {path}")
+        if meta.process == "autoregressive":
+            return cls.autoregressive(network, int(meta.start_id), meta=meta)
+        process, time_conditioning = process_from_meta(meta.to_dict(), network.config.vocab_size,
+                                                       source=f"checkpoint {path}")
         return cls.diffusion(network, process, time_conditioning, rule=sampling_rule(meta), meta=meta)
 
     @classmethod
     def diffusion(cls, network: DiT, process: Process, time_conditioning: bool = False, *, rule: str = "ancestral",
-                  meta: dict | None = None) -> "Pipeline":
+                  meta: CheckpointMeta | None = None) -> "Pipeline":
         """`rule="generator"` for distilled students (D-MMD Algorithm 1) and CE-trained uniform teachers."""
-        return cls(Denoiser(network, process, time_conditioning), DiffusionSampler(process, rule), meta or {})
+        return cls(Denoiser(network, process, time_conditioning), DiffusionSampler(process, rule),
+                   meta or CheckpointMeta())
 
     @classmethod
-    def autoregressive(cls, network: DiT, vocab_size: int, *, meta: dict | None = None) -> "Pipeline":
+    def autoregressive(cls, network: DiT, vocab_size: int, *, meta: CheckpointMeta | None = None) -> "Pipeline":
         """A causal network over `vocab_size` real tokens whose start id is `vocab_size`."""
-        return cls(CausalDenoiser(network, vocab_size), AutoregressiveSampler(vocab_size), meta or {})
+        return cls(CausalDenoiser(network, vocab_size), AutoregressiveSampler(vocab_size), meta or CheckpointMeta())
 
     @property
     def network(self) -> DiT:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mdlm_dmmd import registry
 from mdlm_dmmd.algos.base import AlgoBase
+from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.checkpoints import _torch_load
 from mdlm_dmmd.data import DataBundle, build_data, make_loaders
 from mdlm_dmmd.errors import UserError
@@ -81,7 +82,8 @@ def check_resume(path: str, algo: L.LightningModule) -> None:
         raise UserError(f"checkpoint '{path}': resuming training needs a .ckpt written by mdlm-dmmd, not a directory")
     ckpt = _torch_load(Path(path))
     state = ckpt["state_dict"]
-    recorded = ckpt.get("mdlm_dmmd") or {}
+    typed = CheckpointMeta.from_dict(ckpt.get("mdlm_dmmd") or {}, source=f"checkpoint '{path}'")  # newer: refused
+    recorded = typed.to_dict()
     current = algo.checkpoint_meta() if isinstance(algo, AlgoBase) else {}  # third-party modules: no meta
     for key in ("algo", "process", "schedule", "schedule_eps", "schedule_gamma_min", "schedule_gamma_max",
                 "schedule_num_points", "schedule_vocab_size"):
@@ -90,7 +92,7 @@ def check_resume(path: str, algo: L.LightningModule) -> None:
                             f"{key}={current[key]!r}; resume with the config it was trained with")
     hook = getattr(algo, "check_resume_meta", None)
     if callable(hook):
-        hook(recorded, path)
+        hook(typed, path)
     left_out = tuple(getattr(algo, "not_in_checkpoint", ()))  # put back by the algo on load
     expected = {k: v for k, v in algo.state_dict().items() if not k.startswith(left_out)}
     missing = [k for k in expected if k not in state]

@@ -62,7 +62,7 @@ def convert_lightning_checkpoint(path: str | os.PathLike, directory: str | os.Pa
         sanitized = Path(tmp) / "sanitized.ckpt"
         torch.save(plain, sanitized)
         loaded = load_backbone(sanitized)
-    meta = {k: v for k, v in loaded.meta.items() if k not in ("source", "format")}
+    meta = {k: v for k, v in loaded.meta.to_dict().items() if k not in ("source", "format", "meta_version")}
     meta["converted_from"] = str(path)
     return save_backbone(directory, loaded.model, meta)
 

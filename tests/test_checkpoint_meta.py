@@ -24,8 +24,8 @@ def test_checkpoint_written_before_the_change_loads_and_samples_identically(run,
     legacy = fixture_path("legacy")
     pipeline = Pipeline.from_checkpoint(legacy / f"{run}_dfabb0a.ckpt")
     assert "meta_version" not in torch.load(legacy / f"{run}_dfabb0a.ckpt", weights_only=True)["mdlm_dmmd"]
-    assert pipeline.meta["meta_version"] == META_VERSION
-    assert int(pipeline.meta.get("sampling_steps") or 128) == steps
+    assert pipeline.meta.version == META_VERSION
+    assert int(pipeline.meta.sampling_steps or 128) == steps
     samples = pipeline.generate(4, steps=steps, generator=torch.Generator().manual_seed(1), batch_size=4)
     assert torch.equal(samples, torch.load(legacy / f"{run}_dfabb0a_samples.pt"))
 
@@ -66,4 +66,4 @@ def test_public_block_size_or_cross_attn_is_refused_not_sampled_wrongly(tmp_path
         load_backbone(_public_dir(tmp_path / "a", block_size=4, model_type="bd3lm"))
     with pytest.raises(UserError, match="cross_attn=true"):
         load_backbone(_public_dir(tmp_path / "b", cross_attn=True, block_size=16))
-    assert load_backbone(_public_dir(tmp_path / "c", block_size=16)).meta["block_size"] == 16  # = length: plain
+    assert load_backbone(_public_dir(tmp_path / "c", block_size=16)).meta.block_size == 16  # = length: plain

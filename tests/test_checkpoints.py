@@ -75,9 +75,9 @@ def test_public_hf_dir_reproduces_fixture_logits(tmp_path):
     loaded = load_backbone(directory)
     assert isinstance(loaded, LoadedBackbone)
     assert loaded.config.hidden_dim == 64 and loaded.config.length == 32
-    assert loaded.meta["process"] == "masked" and loaded.meta["mask_id"] == 100
-    assert loaded.meta["time_conditioning"] is False and loaded.meta["format"] == "hf_dir"
-    assert loaded.meta["source"] == str(directory)
+    assert loaded.meta.process == "masked" and loaded.meta.mask_id == 100
+    assert loaded.meta.time_conditioning is False and loaded.meta.format == "hf_dir"
+    assert loaded.meta.source == str(directory)
     with torch.no_grad():
         logits = loaded.model.eval()(io["indices"], io["sigma"])
     # 5e-5 on logits up to 8.5: fp32 summation order differs between kernels, thread counts and
@@ -86,7 +86,7 @@ def test_public_hf_dir_reproduces_fixture_logits(tmp_path):
 
     # The same weights as a lone .safetensors file next to config.json.
     single = load_backbone(directory / "model.safetensors")
-    assert single.meta["format"] == "safetensors"
+    assert single.meta.format == "safetensors"
     with torch.no_grad():
         assert torch.equal(single.model.eval()(io["indices"], io["sigma"]), logits)
 
@@ -97,8 +97,8 @@ def test_duo_config_infers_uniform_process(tmp_path):
            "n_blocks": 1, "n_heads": 2, "dropout": 0.1, "causal": False, "var_min": True}
     directory = write_public_dir(tmp_path / "duo", duo, model.state_dict())
     loaded = load_backbone(directory)
-    assert loaded.meta["process"] == "uniform" and loaded.meta["mask_id"] is None
-    assert loaded.meta["time_conditioning"] is True
+    assert loaded.meta.process == "uniform" and loaded.meta.mask_id is None
+    assert loaded.meta.time_conditioning is True
     torch.testing.assert_close(logits_of(loaded.model), logits_of(model), atol=0, rtol=0)
 
 
@@ -128,8 +128,8 @@ def test_save_load_round_trip(tmp_path, noise_dim, noise_grid):
 
     loaded = load_backbone(path)
     assert loaded.config == model.config
-    assert loaded.meta["noise_dim"] == noise_dim
-    assert {k: loaded.meta[k] for k in meta} == meta
+    assert loaded.meta.noise_dim == noise_dim
+    assert {k: loaded.meta.to_dict()[k] for k in meta} == meta
     noise = model.draw_noise(2, model.config.length, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(logits_of(loaded.model, noise), logits_of(model, noise), atol=0, rtol=0)
 
@@ -179,12 +179,12 @@ def test_lightning_ckpt_uses_ema_weights(tmp_path, named):
     torch.save(lightning_ckpt(raw, averaged, named=named), path)
 
     loaded = load_backbone(path)
-    assert loaded.meta["ema"] is True and loaded.meta["format"] == "lightning_ckpt"
-    assert loaded.meta["process"] == "masked" and loaded.meta["mask_id"] == 10
+    assert loaded.meta.ema is True and loaded.meta.format == "lightning_ckpt"
+    assert loaded.meta.process == "masked" and loaded.meta.mask_id == 10
     torch.testing.assert_close(logits_of(loaded.model), logits_of(averaged), atol=0, rtol=0)
 
     no_ema = load_backbone(path, use_ema=False)
-    assert no_ema.meta["ema"] is False
+    assert no_ema.meta.ema is False
     torch.testing.assert_close(logits_of(no_ema.model), logits_of(raw), atol=0, rtol=0)
 
 
@@ -193,7 +193,7 @@ def test_lightning_ckpt_prefix_argument(tmp_path):
     path = tmp_path / "last.ckpt"
     torch.save(lightning_ckpt(model, model), path)
     teacher = load_backbone(path, prefix="teacher.")  # the zeros stored under teacher.*
-    assert teacher.meta["ema"] is False  # the EMA belongs to the generator, not the teacher
+    assert teacher.meta.ema is False  # the EMA belongs to the generator, not the teacher
     assert not teacher.model.blocks[0].attn_qkv.weight.any()
     with pytest.raises(UserError, match="no weights under prefix 'aux.'"):
         load_backbone(path, prefix="aux.")
@@ -211,7 +211,7 @@ def test_upstream_shaped_ckpt_with_plain_hyper_parameters(tmp_path):
     }
     torch.save(ckpt, tmp_path / "duo.ckpt")
     loaded = load_backbone(tmp_path / "duo.ckpt")
-    assert loaded.config.vocab_size == 11 and loaded.meta["process"] == "uniform"
+    assert loaded.config.vocab_size == 11 and loaded.meta.process == "uniform"
     torch.testing.assert_close(logits_of(loaded.model), logits_of(model), atol=0, rtol=0)
 
 

@@ -39,8 +39,8 @@ def test_loader_refuses_and_convert_keeps_the_ema_weights(tmp_path):
     loaded = load_backbone(out)
     for (name, param), ema in zip(loaded.model.named_parameters(), shadow):
         assert torch.equal(param, ema), name
-    assert loaded.meta["process"] == "uniform" and loaded.meta["time_conditioning"] is True  # a Duo run
-    assert loaded.meta["converted_from"].endswith("duo.ckpt")
+    assert loaded.meta.process == "uniform" and loaded.meta.time_conditioning is True  # a Duo run
+    assert loaded.meta.extra["converted_from"].endswith("duo.ckpt")
 
 
 def test_convert_errors_are_one_line(tmp_path):

@@ -57,7 +57,7 @@ def test_pipeline_from_checkpoint_reproduces_the_algo(run):
     ckpt = run / "checkpoints" / "final.ckpt"
     algo = algo_from_checkpoint(ckpt)
     pipe = Pipeline.from_checkpoint(ckpt)
-    assert pipe.meta["ema"] is True and pipe.denoiser.process.mask_id == 17
+    assert pipe.meta.ema is True and pipe.denoiser.process.mask_id == 17
     expected = algo.generate(5, steps=6, generator=seeded(3))
     assert torch.equal(pipe.generate(5, steps=6, generator=seeded(3)), expected)
     # the samples the training run wrote: sampling.seed = seed = 1, 4 samples, 4 steps

@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
+from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.checkpoints import LoadedBackbone, load_backbone, load_backbone_weights
 from mdlm_dmmd.diffusion import Process, process_from_meta
 from mdlm_dmmd.diffusion.schedules import build_schedule
@@ -84,7 +85,7 @@ class DistillationConfig:
             raise UserError("; ".join(problems))
         return config
 
-    def for_teacher(self, process: Process, teacher_meta: dict):
+    def for_teacher(self, process: Process, teacher_meta: CheckpointMeta):
         """A copy with teacher-dependent defaults filled in, checked against the teacher's
         process (by its capabilities) and metadata. A generator started from a deterministic
         prior (all masks) needs a noise input to be anything but deterministic (paper §6.5)."""
@@ -95,7 +96,7 @@ class DistillationConfig:
             raise UserError("; ".join(problems))
         return resolved
 
-    def teacher_problems(self, process: Process, teacher_meta: dict) -> list[str]:
+    def teacher_problems(self, process: Process, teacher_meta: CheckpointMeta) -> list[str]:
         return []
 
     def problems(self) -> list[str]:
@@ -148,9 +149,10 @@ def load_teacher(path: str | None, *, data_vocab_size: int, length: int) -> tupl
     if not path:
         raise UserError("algo.teacher is required: a teacher checkpoint (.ckpt) or exported directory")
     teacher = load_backbone(path)
-    if teacher.meta.get("process") == "autoregressive":
+    if teacher.meta.process == "autoregressive":
         raise UserError(f"algo.teacher {path} is an autoregressive model; distillation needs a diffusion teacher")
-    process, time_conditioning = process_from_meta(teacher.meta, teacher.config.vocab_size, source=f"algo.teacher {path}")
+    process, time_conditioning = process_from_meta(teacher.meta.to_dict(), teacher.config.vocab_size,
+                                                   source=f"algo.teacher {path}")
     expected = process.network_vocab(data_vocab_size)  # e.g. the real tokens + a mask id
     if teacher.config.vocab_size != expected:
         extra = f" + {expected - data_vocab_size} (e.g. a mask)" if expected != data_vocab_size else ""
@@ -219,12 +221,12 @@ class Teacher:
         """Checkpoint metadata: where the teacher came from."""
         return {"teacher": self.path, "teacher_sha256": self.sha256}
 
-    def check_moved(self, recorded: Mapping[str, Any], source: str) -> None:
+    def check_moved(self, recorded: CheckpointMeta, source: str) -> None:
         """On resume: the teacher now given must be the one the run started from, by content, not
         by path (the run folder or the teacher may have moved); names both paths if it is not."""
-        want = recorded.get("teacher_sha256")
+        want = recorded.teacher_sha256
         if want and want != self.sha256:
-            raise UserError(f"{source} was distilled from teacher '{recorded.get('teacher')}' (sha256 {want[:12]}…) "
+            raise UserError(f"{source} was distilled from teacher '{recorded.teacher}' (sha256 {want[:12]}…) "
                             f"but algo.teacher='{self.path}' has other contents (sha256 {self.sha256[:12]}…); "
                             "pass that teacher (a moved copy with the same bytes is accepted)")
 

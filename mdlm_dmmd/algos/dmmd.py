@@ -41,6 +41,7 @@ from mdlm_dmmd.algos.distillation import (
     is_int,
     noise_grid,
 )
+from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.denoiser import Denoiser
 from mdlm_dmmd.diffusion import Process
 from mdlm_dmmd.diffusion.sampling import DiffusionSampler, sample_categorical, top_p_mask
@@ -84,7 +85,7 @@ class DMMDConfig(DistillationConfig):
             found.append(f"algo.top_p_delta must be >= 0, got {self.top_p_delta}")
         return found
 
-    def for_teacher(self, process: Process, teacher_meta: dict) -> "DMMDConfig":
+    def for_teacher(self, process: Process, teacher_meta: CheckpointMeta) -> "DMMDConfig":
         resolved = super().for_teacher(process, teacher_meta)
         # Where the posterior is not linear in x (uniform), an ELBO-trained teacher's x̂ is not
         # E[x | z_t] (App. D): its losses live in posterior space, and the auxiliary target must
@@ -94,7 +95,7 @@ class DMMDConfig(DistillationConfig):
         target = ("soft" if process.posterior_linear_in_x else "hard") if self.aux_target is None else self.aux_target
         return replace(resolved, loss_space=space, aux_target=target)
 
-    def teacher_problems(self, process: Process, teacher_meta: dict) -> list[str]:
+    def teacher_problems(self, process: Process, teacher_meta: CheckpointMeta) -> list[str]:
         found = []
         if not process.posterior_linear_in_x and self.aux_target == "soft":
             found.append("algo.aux_target=soft is only valid for masked teachers (a posterior linear in x, paper "
@@ -108,10 +109,10 @@ class DMMDConfig(DistillationConfig):
         return found
 
 
-def elbo_not_mean(process: Process, teacher_meta: dict) -> bool:
+def elbo_not_mean(process: Process, teacher_meta: CheckpointMeta) -> bool:
     """Whether the teacher's x̂ is the ELBO optimum rather than E[x | z_t]: an ELBO-trained
     teacher of a process whose posterior is not linear in x (App. D)."""
-    return not process.posterior_linear_in_x and teacher_meta.get("loss", "elbo") != "ce"
+    return not process.posterior_linear_in_x and (teacher_meta.loss or "elbo") != "ce"
 
 
 # -- losses: pure functions on tensors ------------------------------------------------------
@@ -278,7 +279,7 @@ class DMMD(AlgoBase):
                 "sampling_rule": "generator", **self.teacher_part.provenance(), "sampling_steps": st.sampling_steps,
                 "teacher_top_p": st.teacher_top_p, "teacher_temperature": st.teacher_temperature}
 
-    def check_resume_meta(self, recorded: Mapping[str, Any], path: str) -> None:
+    def check_resume_meta(self, recorded: CheckpointMeta, path: str) -> None:
         """`training.check_resume` hook: the teacher may have moved, but it must hold the same bytes."""
         self.teacher_part.check_moved(recorded, f"checkpoint '{path}'")
 

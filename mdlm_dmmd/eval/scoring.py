@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mdlm_dmmd import registry
+from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.data import DataBundle, build_data
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.pipeline import Pipeline
@@ -54,17 +55,17 @@ def load_pipeline(cfg: DictConfig) -> tuple[Pipeline, str]:
     return Pipeline.from_checkpoint(str(path), device=default_device(cfg)), str(path)
 
 
-def checkpoint_data(cfg: DictConfig, meta: dict, length: int) -> DataBundle:
+def checkpoint_data(cfg: DictConfig, meta: CheckpointMeta, length: int) -> DataBundle:
     """The data a loaded checkpoint was trained on (its stored data config), else `cfg.data`:
     its samples decode right even when the command line names other data."""
-    return build_data(meta.get("data") or cfg.data, length)
+    return build_data(meta.data or cfg.data, length)
 
 
-def sampling_steps(cfg: DictConfig, meta: dict | None = None) -> int:
+def sampling_steps(cfg: DictConfig, meta: CheckpointMeta | None = None) -> int:
     """`sampling.steps`, or when null the checkpoint's own k (a D-MMD student), else 128."""
     if cfg.sampling.steps is not None:
         return int(cfg.sampling.steps)
-    return int((meta or {}).get("sampling_steps") or DEFAULT_STEPS)
+    return int((meta.sampling_steps if meta is not None else None) or DEFAULT_STEPS)
 
 
 def held_out_rows(cfg: DictConfig, length: int, count: int) -> torch.Tensor:

@@ -130,7 +130,7 @@ def _load_ar_checkpoint(path: Path) -> CausalDiT:
 
     pipeline = Pipeline.from_checkpoint(path)
     if not pipeline.is_autoregressive:
-        kind = pipeline.meta.get("process", "masked")
+        kind = pipeline.meta.process or "masked"
         raise UserError(f"reference '{path}' is a {kind} diffusion checkpoint, not a causal LM; "
                         f"pass a checkpoint of this package's `ar` algo or a Hugging Face causal LM")
     return CausalDiT(pipeline)

@@ -128,7 +128,7 @@ def student_facts(checkpoint: Path, pipeline: Pipeline) -> dict[str, Any]:
     its algo records none)."""
     recorded = (_torch_load(checkpoint).get("distillation") or {}).get("recent_gen_entropy")
     entropy = "" if recorded is None else sum(recorded) / max(len(recorded), 1)
-    return {"noise_input": int(pipeline.meta.get("noise_dim") or 0) > 0, "gen_output_entropy": entropy}
+    return {"noise_input": int(pipeline.meta.noise_dim or 0) > 0, "gen_output_entropy": entropy}
 
 
 def run(cfg: DictConfig) -> Path:

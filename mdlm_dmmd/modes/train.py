@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.eval.scoring import sample_and_score, sampling_steps
 from mdlm_dmmd.eval.tables import write_report
 from mdlm_dmmd.training import fit
@@ -25,7 +26,7 @@ def run(cfg: DictConfig) -> None:
     rows.update({k: float(v) for k, v in fitted.trainer.callback_metrics.items() if k.startswith("val/")})
     files = ["checkpoints/final.ckpt"]
     if int(cfg.sampling.num_samples) > 0:
-        rows["sampling steps"] = sampling_steps(cfg, fitted.algo.checkpoint_meta())
+        rows["sampling steps"] = sampling_steps(cfg, CheckpointMeta.from_dict(fitted.algo.checkpoint_meta()))
         scored = sample_and_score(fitted.algo, cfg, rows["sampling steps"], progress=True)
         rows.update(scored.metrics)
         files += fitted.data.write_samples(fitted.run_dir, scored.samples)

@@ -276,7 +276,7 @@ def test_cli_distils_a_teacher_and_student_checkpoint_restores_noise(tmp_path, t
     assert code == 0
     ckpt = run_dir / "checkpoints" / "final.ckpt"
     student = load_backbone(ckpt)
-    assert student.config.noise_dim == 8 and student.meta["sampling_rule"] == "generator"
+    assert student.config.noise_dim == 8 and student.meta.sampling_rule == "generator"
     assert student.config.noise_grid == [8, 8, 1]  # image tokens (H, W, C): the noise input is a pyramid (§6.5)
     with pytest.raises(ValueError, match="noise"):
         student.model(torch.zeros(1, LENGTH, dtype=torch.long), torch.zeros(1))  # never silently noiseless

@@ -122,7 +122,7 @@ def test_cli_distils_a_uniform_teacher(tmp_path, uniform_teacher):
                      f"run_dir={run_dir}", "trainer.max_steps=4", "eval.metrics=[entropy]"])
     assert code == 0
     student = load_backbone(run_dir / "checkpoints" / "final.ckpt")
-    assert student.meta["process"] == "uniform" and student.meta["sampling_rule"] == "generator"
+    assert student.meta.process == "uniform" and student.meta.sampling_rule == "generator"
     samples = torch.load(run_dir / "samples.pt", weights_only=True)
     assert samples.shape[1] == LENGTH and samples.max() < VOCAB
 

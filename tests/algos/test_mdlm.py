@@ -196,7 +196,7 @@ def test_checkpoint_metadata(trained):
 def test_load_backbone_gives_the_ema_network(trained):
     algo = trained["algo"]
     loaded = load_backbone(trained["ckpt"])
-    assert loaded.meta["ema"] is True
+    assert loaded.meta.ema is True
     model = loaded.model.eval()
     z = torch.randint(0, V_DATA + 1, (3, 64), generator=torch.Generator().manual_seed(0))
     sigma = torch.zeros(3)

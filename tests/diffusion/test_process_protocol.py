@@ -11,6 +11,7 @@ import torch
 from scipy.stats import chisquare
 
 from mdlm_dmmd.algos.dmmd import DMMDConfig
+from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.diffusion import MaskedProcess, Process, UniformProcess, missing_members
 from mdlm_dmmd.diffusion.process import MEMBERS
 from mdlm_dmmd.diffusion.sampling import sample, step
@@ -208,8 +209,8 @@ def test_third_party_process_runs_in_a_pipeline_and_sets_distillation_defaults()
     network = DiT(DiTConfig(vocab_size=V + 1, length=6, hidden_dim=16, cond_dim=8, n_blocks=1, n_heads=2)).eval()
     samples = Pipeline.diffusion(network, THIRD).generate(5, steps=3, generator=torch.Generator().manual_seed(7))
     assert samples.shape == (5, 6) and int(samples.min()) >= 1 and int(samples.max()) <= V
-    resolved = DMMDConfig().for_teacher(THIRD, {})
+    resolved = DMMDConfig().for_teacher(THIRD, CheckpointMeta())
     assert resolved.noise_input is True and resolved.aux_target == "soft" and resolved.loss_space == "x0"
-    resolved = DMMDConfig().for_teacher(UNIFORM, {"loss": "elbo"})
+    resolved = DMMDConfig().for_teacher(UNIFORM, CheckpointMeta(loss="elbo"))
     assert resolved.noise_input is False and resolved.aux_target == "hard" and resolved.loss_space == "posterior"
     assert math.isclose(float(THIRD.elbo_weight(torch.tensor(0.5))), 2.0)

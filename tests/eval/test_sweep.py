@@ -290,3 +290,13 @@ def test_prompted_sweep_continues_held_out_rows_and_has_no_data_row(teacher, ar,
     prompts = held_out_rows(cfg, 64, 8)[:, :48]
     samples = Pipeline.from_checkpoint(teacher).generate(8, steps=2, prompts=prompts, generator=torch.Generator().manual_seed(3))
     assert torch.equal(samples[:, :48], prompts)
+
+
+def test_distill_top_p_on_a_ce_trained_uniform_teacher_is_refused(tmp_path, capsys):
+    """Such a teacher samples with the generator rule too (fix c), but it is no student: it has no teacher."""
+    ce_teacher = train(tmp_path / "ce", "algo=udlm", "algo.loss=ce")
+    capsys.readouterr()  # the training log
+    run_dir = tmp_path / "sweep"
+    entry = {"name": "T", "checkpoint": ce_teacher, "steps": [2], "distill_top_p": 0.9}
+    fails(capsys, [*SWEEP, f"run_dir={run_dir}", "eval.metrics=[entropy]", methods(entry)],
+          "sweep.methods.0.distill_top_p", "udlm", run_dir=run_dir)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.eval.scoring import compute_metrics, flatten, held_out_rows, sample_and_score, with_sampling
 from mdlm_dmmd.eval.sweep.output import row_label
@@ -34,8 +35,8 @@ class Method:
     pipeline: Pipeline
 
 
-def _is_student(meta: dict) -> bool:
-    return meta.get("sampling_rule") == "generator" or "teacher" in meta
+def _is_student(meta: CheckpointMeta) -> bool:
+    return meta.teacher is not None  # students record their teacher (CE uniform teachers also use "generator")
 
 
 def load_methods(cfg: DictConfig, entries: list[dict]) -> tuple[list[Method], Method | None, int]:
@@ -64,20 +65,20 @@ def load_methods(cfg: DictConfig, entries: list[dict]) -> tuple[list[Method], Me
             continue
         steps = entry["steps"]
         if steps is None:
-            own = meta.get("sampling_steps")
+            own = meta.sampling_steps
             if own is None:
                 problems.append(f"{where}.steps is null (the checkpoint's own k), but '{path}' is not a distilled "
                                 f"student with a recorded k; list the steps, e.g. {where}.steps=[32,64]")
                 continue
             steps = [int(own)]
-        recorded, given = meta.get("teacher_top_p"), entry["distill_top_p"]
+        recorded, given = meta.teacher_top_p, entry["distill_top_p"]
         if given is not None and not _is_student(meta):
             problems.append(f"{where}.distill_top_p is for distilled students, but '{path}' is a "
-                            f"{meta.get('algo', 'non-distilled')} checkpoint; remove it")
+                            f"{meta.algo or 'non-distilled'} checkpoint; remove it")
         elif recorded is not None and given is not None and abs(float(recorded) - float(given)) > 1e-9:
             problems.append(f"{where}.distill_top_p={given} contradicts the checkpoint, distilled with "
                             f"teacher_top_p={recorded}; remove it")
-        trained_on = (meta.get("data") or {}).get("name")
+        trained_on = (meta.data or {}).get("name")
         if trained_on is not None and trained_on != cfg.data.name:
             problems.append(f"{where}.checkpoint '{path}' was trained on data '{trained_on}' but the sweep "
                             f"scores against data={cfg.data.name}; pass data={trained_on}")
@@ -90,7 +91,7 @@ def load_methods(cfg: DictConfig, entries: list[dict]) -> tuple[list[Method], Me
     if ar_path is not None:
         pipeline = load(str(ar_path))
         if not pipeline.is_autoregressive:
-            problems.append(f"sweep.ar_baseline '{ar_path}' is a {pipeline.meta.get('process', 'diffusion')} "
+            problems.append(f"sweep.ar_baseline '{ar_path}' is a {pipeline.meta.process or 'diffusion'} "
                             f"diffusion checkpoint, not one of the `ar` algo")
         else:
             length = pipeline.network.config.length
