@@ -96,7 +96,7 @@ def check_resume(path: str, algo: L.LightningModule) -> None:
     left_out = tuple(getattr(algo, "not_in_checkpoint", ()))  # put back by the algo on load
     expected = {k: v for k, v in algo.state_dict().items() if not k.startswith(left_out)}
     missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+    unexpected = [k for k in state if k not in expected and not k.startswith(left_out)]  # e.g. a swapped teacher
     shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or shapes:
         first = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected

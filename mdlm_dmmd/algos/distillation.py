@@ -217,6 +217,20 @@ class Teacher:
         """A swapped teacher is no longer what `path` holds, so checkpoints must carry it."""
         return self.swapped
 
+    def save_to(self, checkpoint: dict, prefix: str = "teacher.") -> None:
+        """Drop the teacher's weights (under `prefix` in the state_dict) unless it was swapped;
+        record whether it was, so a resumed run restores the teacher it had (SDTT's rounds)."""
+        if not self.in_checkpoint:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefix)}
+        checkpoint["teacher"] = {"swapped": self.swapped}
+
+    def restore_from(self, checkpoint: dict, prefix: str = "teacher.") -> None:
+        """The inverse of `save_to`, before Lightning loads the state_dict: a swapped teacher's
+        weights are in it; otherwise the frozen weights loaded from `path` are put back."""
+        self.swapped = bool(checkpoint.get("teacher", {}).get("swapped", False))
+        if not self.swapped:
+            checkpoint["state_dict"].update({f"{prefix}{k}": v for k, v in self.network.state_dict().items()})
+
     def provenance(self) -> dict:
         """Checkpoint metadata: where the teacher came from."""
         return {"teacher": self.path, "teacher_sha256": self.sha256}

@@ -257,16 +257,15 @@ class DMMD(AlgoBase):
         per_token = self.process.nelbo(self.log_probs(self.generator, z_t, t), x, z_t, t)
         return per_token.sum(), torch.tensor(float(x.numel()), device=x.device)
 
-    # -- checkpoints: the teacher is reloaded from its path, not stored ---------------------
+    # -- checkpoints: the teacher is reloaded from its path unless swapped (the Teacher part) ----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if not k.startswith(self.not_in_checkpoint)}
+        self.teacher_part.save_to(checkpoint, prefix="teacher.")
         checkpoint["distillation"] = {**self.alternation.state_dict(), "recent_gen_entropy": list(self.recent_gen_entropy)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        self.teacher_part.restore_from(checkpoint, prefix="teacher.")
         state = checkpoint.get("distillation", {})
         self.alternation.load_state_dict(state)
         self.recent_gen_entropy.extend(state.get("recent_gen_entropy", []))

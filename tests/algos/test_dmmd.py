@@ -339,3 +339,37 @@ def test_students_train_without_the_teachers_dropout(tmp_path):
     assert with_dropout.generator.config.dropout == 0.1
     with pytest.raises(UserError, match="algo.student_dropout"):
         DMMD(dmmd_config(teacher, student_dropout=1.5))
+
+
+def test_teacher_travels_in_the_checkpoint_only_once_swapped(teacher_dir):
+    """The Teacher part: reloaded from its path until `swap_from` (SDTT's rounds); after it, the
+    checkpoint carries the swapped weights and a resumed algo restores them, not the file's."""
+    algo = DMMD(dmmd_config(teacher_dir))
+    original = {k: v.clone() for k, v in algo.teacher.state_dict().items()}
+    plain = {"state_dict": algo.state_dict()}
+    algo.on_save_checkpoint(plain)
+    assert not any(k.startswith("teacher.") for k in plain["state_dict"]) and plain["teacher"] == {"swapped": False}
+
+    with torch.no_grad():
+        for parameter in algo.generator.parameters():
+            parameter.add_(0.25)
+    algo.teacher_part.swap_from(algo.generator)
+    assert algo.teacher_part.in_checkpoint and not algo.teacher.training
+    swapped = {"state_dict": algo.state_dict()}
+    algo.on_save_checkpoint(swapped)
+    assert swapped["teacher"] == {"swapped": True}
+    assert torch.equal(swapped["state_dict"]["teacher.output_layer.linear.weight"],
+                       algo.generator.output_layer.linear.weight)
+
+    resumed = DMMD(dmmd_config(teacher_dir))  # loads the file's teacher ...
+    resumed.on_load_checkpoint(swapped)
+    resumed.load_state_dict(swapped["state_dict"])  # ... and the checkpoint's swapped one replaces it
+    assert resumed.teacher_part.in_checkpoint
+    for key, value in resumed.teacher.named_parameters():  # (buffers such as rotary frequencies never change)
+        assert torch.equal(value, algo.teacher.state_dict()[key]) and not torch.equal(value, original[key]), key
+
+    fresh = DMMD(dmmd_config(teacher_dir))
+    fresh.on_load_checkpoint(plain)
+    fresh.load_state_dict(plain["state_dict"])  # strict: the teacher's weights were put back from its path
+    assert not fresh.teacher_part.in_checkpoint
+    assert all(torch.equal(v, original[k]) for k, v in fresh.teacher.state_dict().items())
