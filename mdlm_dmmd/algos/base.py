@@ -131,6 +131,11 @@ class AlgoBase(L.LightningModule):
         decay = float(self.cfg.training.get("ema", 0.0))
         self.ema = EMA(module, decay) if decay > 0 else None
 
+    def data_times(self, x: Tensor) -> Tensor:
+        """Diffusion times [B] for a batch x [B, L] under `training.sampling_eps` / `antithetic_sampling`."""
+        training = self.cfg.training
+        return antithetic_times(x.shape[0], training.sampling_eps, training.antithetic_sampling, x.device)
+
     def ema_module(self) -> torch.nn.Module:
         """The module whose weights the EMA tracks (the backbone; D-MMD: the generator)."""
         return self.backbone

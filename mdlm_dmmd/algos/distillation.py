@@ -32,6 +32,7 @@ from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT
 
 PHASES = ("gen", "aux")
+TEACHER_PREFIX = "teacher."  # where an algo holding a Teacher keeps its network in the state_dict
 
 
 @dataclass(frozen=True)
@@ -217,14 +218,14 @@ class Teacher:
         """A swapped teacher is no longer what `path` holds, so checkpoints must carry it."""
         return self.swapped
 
-    def save_to(self, checkpoint: dict, prefix: str = "teacher.") -> None:
+    def save_to(self, checkpoint: dict, prefix: str = TEACHER_PREFIX) -> None:
         """Drop the teacher's weights (under `prefix` in the state_dict) unless it was swapped;
         record whether it was, so a resumed run restores the teacher it had (SDTT's rounds)."""
         if not self.in_checkpoint:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefix)}
         checkpoint["teacher"] = {"swapped": self.swapped}
 
-    def restore_from(self, checkpoint: dict, prefix: str = "teacher.") -> None:
+    def restore_from(self, checkpoint: dict, prefix: str = TEACHER_PREFIX) -> None:
         """The inverse of `save_to`, before Lightning loads the state_dict: a swapped teacher's
         weights are in it; otherwise the frozen weights loaded from `path` are put back."""
         self.swapped = bool(checkpoint.get("teacher", {}).get("swapped", False))

@@ -29,8 +29,9 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from mdlm_dmmd.algos.base import AlgoBase, algo_section, antithetic_times, process_meta
+from mdlm_dmmd.algos.base import AlgoBase, algo_section, process_meta
 from mdlm_dmmd.algos.distillation import (
+    TEACHER_PREFIX,
     Alternation,
     DistillationConfig,
     PhaseSchedule,
@@ -172,7 +173,7 @@ class DMMD(AlgoBase):
 
     settings: DMMDConfig
     backbone_prefix = "generator."
-    not_in_checkpoint = ("teacher.",)
+    not_in_checkpoint = (TEACHER_PREFIX,)  # self.teacher: unless swapped, reloaded from its path
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
@@ -183,7 +184,6 @@ class DMMD(AlgoBase):
         check_schedule(self.cfg.noise, self.data_vocab_size, self.process)
         # Open choices that depend on the teacher (e.g. noise input on for masked, off for uniform).
         self.settings = settings = settings.for_teacher(self.process, self.teacher_part.meta)
-        self.teacher_meta = self.teacher_part.meta
         self.teacher = self.teacher_part.network
         noise = {"noise_dim": settings.noise_dim, "noise_grid": noise_grid(settings, self.cfg.vocab.get("image_shape"))}
         self.generator = copy_of(self.teacher, **(noise if settings.noise_input else {}), dropout=settings.student_dropout)
@@ -251,8 +251,7 @@ class DMMD(AlgoBase):
     # -- validation: the generator as a one-step denoiser (a drift diagnostic) ----------------
     def loss(self, batch):
         x = batch["input_ids"]
-        training = self.cfg.training
-        t = antithetic_times(x.shape[0], training.sampling_eps, training.antithetic_sampling, x.device)
+        t = self.data_times(x)
         z_t = self.process.corrupt(x, t)
         per_token = self.process.nelbo(self.log_probs(self.generator, z_t, t), x, z_t, t)
         return per_token.sum(), torch.tensor(float(x.numel()), device=x.device)
@@ -260,12 +259,12 @@ class DMMD(AlgoBase):
     # -- checkpoints: the teacher is reloaded from its path unless swapped (the Teacher part) ----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        self.teacher_part.save_to(checkpoint, prefix="teacher.")
+        self.teacher_part.save_to(checkpoint)
         checkpoint["distillation"] = {**self.alternation.state_dict(), "recent_gen_entropy": list(self.recent_gen_entropy)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        self.teacher_part.restore_from(checkpoint, prefix="teacher.")
+        self.teacher_part.restore_from(checkpoint)
         state = checkpoint.get("distillation", {})
         self.alternation.load_state_dict(state)
         self.recent_gen_entropy.extend(state.get("recent_gen_entropy", []))
@@ -275,7 +274,7 @@ class DMMD(AlgoBase):
         # teacher by resolved path and content hash, so a resume can accept a moved copy of it.
         st = self.settings
         return {**super().checkpoint_meta(), **process_meta(self.process, self.time_conditioning),
-                "sampling_rule": "generator", **self.teacher_part.provenance(), "sampling_steps": st.sampling_steps,
+                "sampling_rule": self.sampler().rule, **self.teacher_part.provenance(), "sampling_steps": st.sampling_steps,
                 "teacher_top_p": st.teacher_top_p, "teacher_temperature": st.teacher_temperature}
 
     def check_resume_meta(self, recorded: CheckpointMeta, path: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from mdlm_dmmd.algos.base import AlgoBase, antithetic_times, backbone_config, process_meta
+from mdlm_dmmd.algos.base import AlgoBase, backbone_config, process_meta
 from mdlm_dmmd.denoiser import Denoiser
 from mdlm_dmmd.diffusion.masked import MaskedProcess
 from mdlm_dmmd.diffusion.sampling import DiffusionSampler
@@ -38,8 +38,7 @@ class MDLM(AlgoBase):
     def loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         x = batch["input_ids"]  # [B, L]
         valid = batch.get("attention_mask", torch.ones_like(x)).to(torch.float32)
-        training = self.cfg.training
-        t = antithetic_times(x.shape[0], training.sampling_eps, training.antithetic_sampling, x.device)
+        t = self.data_times(x)
         z_t = self.process.corrupt(x, t)
         log_p = self.denoiser(self.backbone)(z_t, t)
         per_token = self.process.nelbo(log_p, x, z_t, t)  # [B, L]

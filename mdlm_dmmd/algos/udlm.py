@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from mdlm_dmmd.algos.base import AlgoBase, algo_section, antithetic_times, backbone_config, process_meta
+from mdlm_dmmd.algos.base import AlgoBase, algo_section, backbone_config, process_meta
 from mdlm_dmmd.denoiser import Denoiser
 from mdlm_dmmd.diffusion.sampling import DiffusionSampler
 from mdlm_dmmd.diffusion.schedules import build_schedule
@@ -74,8 +74,7 @@ class UDLM(AlgoBase):
         """(Σ per-token loss, token count); `kind` = elbo | ce, default `algo.loss`."""
         x = batch["input_ids"]  # [B, L]
         valid = batch.get("attention_mask", torch.ones_like(x)).to(torch.float32)
-        training = self.cfg.training
-        t = antithetic_times(x.shape[0], training.sampling_eps, training.antithetic_sampling, x.device)
+        t = self.data_times(x)
         z_t = self.process.corrupt(x, t)
         log_p = self.denoiser(self.backbone)(z_t, t)  # [B, L, V]
         if (kind or self.settings.loss) == "elbo":
