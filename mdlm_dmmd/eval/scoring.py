@@ -154,10 +154,28 @@ def with_sampling(cfg: DictConfig, **values) -> DictConfig:
 
 
 def flatten(metrics: dict[str, dict]) -> dict[str, float]:
-    """{"frechet": {"value": v, "stderr": e}} → {"frechet": v, "frechet_stderr": e} (a table row)."""
-    flat = {}
+    """{"frechet": {"value": v, "stderr": e, "columns": {...}}} → {"frechet": v, "frechet_stderr": e,
+    ...} (a table row). A metric that measures several things (FD in two feature spaces, GM
+    under two reference LMs) lists them in `columns`, each a column of its own."""
+    flat: dict[str, float] = {}
     for name, result in metrics.items():
-        flat[name] = result["value"]
-        if result.get("stderr") == result.get("stderr"):  # not NaN
-            flat[f"{name}_stderr"] = result["stderr"]
+        extra = result.get("columns") or {}
+        for column, value in {name: result["value"], f"{name}_stderr": result.get("stderr"), **extra}.items():
+            if value is None or value != value:  # no error, or NaN
+                continue
+            if column in flat:
+                raise RuntimeError(f"metric '{name}' reports a column '{column}' that another metric reports too")
+            flat[column] = value
     return flat
+
+
+def describe(cfg: DictConfig, name: str) -> str:
+    """What metric `name`'s value column measures under this config's options, for plot labels:
+    the metric's optional `describe(**options)` (e.g. frechet: which feature space is primary),
+    else the name itself."""
+    described = getattr(registry.load_metric(name), "describe", None)
+    if described is None:
+        return name
+    options = cfg.eval.get("metric_options") or {}
+    extra = OmegaConf.to_container(options[name], resolve=True) if name in options else {}
+    return f"{name}: {described(**extra)}"

@@ -50,6 +50,22 @@ def value_stderr(value: float | None, stderr: float | None = None) -> str:
     return f"{value:.4g}" if stderr is None else f"{value:.4g} ± {stderr:.2g}"
 
 
+def shown_columns(columns: list[str]) -> list[str]:
+    """`columns` without the `<c>_stderr` ones whose `<c>` is there too: a Markdown table shows
+    each such pair as one "value ± error" cell (`cell`)."""
+    present = set(columns)
+    return [c for c in columns if not (c.endswith("_stderr") and c[: -len("_stderr")] in present)]
+
+
+def cell(row: dict, column: str) -> str:
+    """`row[column]` as a table cell, "value ± error" when the row has `<column>_stderr`."""
+    value = row.get(column, "")
+    error = as_number(row.get(f"{column}_stderr"))
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and error is not None:
+        return value_stderr(float(value), error)
+    return number(value)
+
+
 def write_report(run_dir: Path, title: str, rows: dict[str, Any], files: list[str]) -> None:
     """`report.md` (a quantity | value table and the files written) and `metrics.json` of a run."""
     cells = []

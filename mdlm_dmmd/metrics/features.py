@@ -1,11 +1,12 @@
-"""Feature extractors for the `frechet` metric: the network whose features the Fréchet distance
-compares (Inception's pool3 layer for FID; a small digits classifier here).
+"""Feature extractors for the `frechet` metric: the networks whose features the Fréchet and
+kernel distances compare (Inception's pool3 layer for FID; small digits classifiers here).
 
-An extractor is chosen by name with `eval.metric_options.frechet.features` (default
-`digits_mlp`). Each lives in its own module and is listed in `_EXTRACTORS` below, imported only
-when asked for; adding one (e.g. Inception for CIFAR-10 FID) is one new module with a class that
-meets `FeatureExtractor` plus its line here. The Gaussian fit and the distance itself stay in
-`frechet.py`, the same for every extractor.
+Extractors are chosen by name with `eval.metric_options.frechet.features`, one name or a list
+(default `[digits_mlp, digits_cnn]`: two independent feature spaces, the first one primary).
+Each lives in its own module and is listed in `_EXTRACTORS` below, imported only when asked
+for; adding one (e.g. Inception for CIFAR-10 FID) is one new module with a class (or factory)
+that meets `FeatureExtractor` plus its line here. The Gaussian fit and the distances stay in
+`frechet.py` and `kernel_distance.py`, the same for every extractor.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from torch import Tensor
 from mdlm_dmmd.errors import UserError
 
 OPTION = "eval.metric_options.frechet.features"
-DEFAULT = "digits_mlp"
+DEFAULT = ("digits_mlp", "digits_cnn")  # the first is the primary feature space
 
-# name -> "module:class"; the class is constructed without arguments and must not load weights
-# or data in __init__ (the metric asks for them when it runs).
+# name -> "module:callable"; called without arguments, it must not load weights or data (the
+# metric asks for them when it runs).
 _EXTRACTORS = {
     "digits_mlp": "mdlm_dmmd.metrics.digits_mlp:DigitsMLPFeatures",
+    "digits_cnn": "mdlm_dmmd.metrics.digits_cnn:DigitsCNNFeatures",
 }
 
 
@@ -51,6 +53,10 @@ class FeatureExtractor(Protocol):
         refused here).
         """
 
+    def reference_features(self, split: str, data_config: Mapping | None) -> Tensor:
+        """Features [N, F] of every image of that split (the kernel distance compares sets, not
+        Gaussians); read-only."""
+
     def details(self) -> dict[str, Any]:
         """Extra fields for the metric's result (e.g. the classifier's held-out accuracy)."""
 
@@ -66,7 +72,17 @@ def available_extractors() -> list[str]:
     return sorted(_EXTRACTORS)
 
 
-def load_extractor(name: Any = DEFAULT) -> FeatureExtractor:
+def extractor_names(value: Any) -> list[str]:
+    """The option's value (one name or a list of distinct names) as a list; a one-line UserError
+    otherwise. Unknown names are refused by `load_extractor`."""
+    names = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not names or len({repr(n) for n in names}) != len(names):
+        raise UserError(f"frechet: {OPTION} must be a name or a list of distinct names of "
+                        f"{', '.join(available_extractors())}, got {value!r}")
+    return names
+
+
+def load_extractor(name: Any = DEFAULT[0]) -> FeatureExtractor:
     """The extractor registered as `name`; a one-line UserError naming the option otherwise."""
     names = available_extractors()
     if not isinstance(name, str) or name not in _EXTRACTORS:

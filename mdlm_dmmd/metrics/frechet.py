@@ -1,18 +1,21 @@
-"""Fréchet distance of image samples: the paper's FID, with a pluggable feature network.
+"""Fréchet distance of image samples (the paper's FID) in several feature spaces, with the
+kernel distance (KID) on the same features.
 
 The D-MMD paper scores image samples with FID: the Fréchet distance between Gaussians fitted to
-Inception features of generated and real images. The feature network is chosen with the metric
-option `features` (`eval.metric_options.frechet.features`, `features.py` lists them); the
-default `digits_mlp` (`digits_mlp.py`) is a small classifier of sklearn's 8x8 digits, whose
-penultimate layer plays the role of Inception's pool3. This module fits the Gaussians and
-computes the distance, the same for every extractor; the digits classifier's names stay
-importable from here.
+Inception features of generated and real images. One feature network can flatter or punish a
+model for its own reasons, so the metric measures in every feature space of the option
+`features` (`eval.metric_options.frechet.features`; `features.py` lists them; default
+`[digits_mlp, digits_cnn]`, two independent digits classifiers) and reports, per space, the FD
+and the unbiased kernel distance (`kernel_distance.py`). The first space is the primary one:
+its FD is the metric's `value`, the column `frechet` of tables and the one plots draw. Every
+space is a column of its own: `fd_<space>`, `kid_<space>` (with `_stderr`).
 
-Caveat, as for FID: the estimate is biased upwards, and more so for small N (with N below the
-feature dimension F, 64 for digits, the sample covariance is singular). Compare models at equal
-N only. For scale (digits), against the train reference at N = 180: the held-out digits score
-≈ 18 (as do 180 training digits, so this is the small-N bias, not a train/valid gap), uniformly
-random tokens ≈ 1560, and one digit repeated 180 times ≈ 1080.
+Caveat, as for FID: the FD estimate is biased upwards, and more so for small N (with N below the
+feature dimension F, 64 for digits_mlp, the sample covariance is singular). Compare models at
+equal N only. For scale (digits_mlp), against the train reference at N = 180: the held-out
+digits score ≈ 18 (as do 180 training digits, so this is the small-N bias, not a train/valid
+gap), uniformly random tokens ≈ 1560, and one digit repeated 180 times ≈ 1080. KID has no such
+bias: equal distributions score ≈ 0 at any N.
 """
 
 from __future__ import annotations
@@ -20,17 +23,12 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from mdlm_dmmd.errors import UserError
-# The digits classifier's public names, re-exported: they lived here before extractors existed.
-from mdlm_dmmd.metrics.digits_mlp import (CLASSIFIER_FILE, MAX_LEVEL, NUM_PIXELS, REFERENCE_SPLITS,  # noqa: F401
-                                          DigitsClassifier, _check_samples, _digits_arrays, _load_classifier,
-                                          classifier_path, features, load_classifier, reference_statistics,
-                                          train_classifier)
-from mdlm_dmmd.metrics.features import DEFAULT, feature_statistics, load_extractor
-
-_statistics = feature_statistics  # the old private name
+from mdlm_dmmd.metrics.features import DEFAULT, extractor_names, feature_statistics, load_extractor
+from mdlm_dmmd.metrics.kernel_distance import kernel_distance
 
 
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
@@ -73,34 +71,85 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
 # ----------------------------------------------------------------------------- metric
 
 
-def frechet(samples: Tensor, *, reference: str = "train", data_config: Mapping | None = None,
-            num_bootstrap: int = 0, seed: int = 0, features: str = DEFAULT, **_) -> dict:
-    """Registered metric `frechet`: FD between extractor features of `samples` and a real split.
+def _check_options(num_bootstrap: Any, kid: Any, kid_subset_size: Any) -> None:
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
 
-    `features` names the extractor (`features.available_extractors()`; default `digits_mlp`).
-    samples: the extractor's image tokens, LongTensor [N, H·W·C] with N >= 2 ([N, 64] digits
-    tokens 0..16 for `digits_mlp`). `reference` is the real split ("train" | "valid" | "all",
-    every image of it). With `num_bootstrap` >= 2, `stderr` is the standard deviation of FD over
-    that many with-replacement resamples of the generated set (numpy generator seeded with
-    `seed`); the reference statistics stay fixed. Otherwise nan.
-    Resampled sets hold duplicates, so their FDs sit above `value`: `stderr` measures the spread
-    of the estimate, not its small-N bias.
-    """
-    extractor = load_extractor(features)
-    tokens = extractor.check_samples(samples)
-    is_int = isinstance(num_bootstrap, int) and not isinstance(num_bootstrap, bool)
-    if not is_int or num_bootstrap < 0 or num_bootstrap == 1:  # one resample has no spread
+    if not is_int(num_bootstrap) or num_bootstrap < 0 or num_bootstrap == 1:  # one resample has no spread
         raise UserError(f"frechet: num_bootstrap must be 0 (off) or an int >= 2, got {num_bootstrap!r}")
-    mu_ref, sigma_ref = extractor.reference_statistics(reference, data_config)
-    details = extractor.details()
-    feats = extractor.features(tokens).double().numpy()  # [N, F]
-    value = frechet_distance(*feature_statistics(feats), mu_ref, sigma_ref)
+    if not isinstance(kid, bool):
+        raise UserError(f"frechet: kid must be true or false, got {kid!r}")
+    if not is_int(kid_subset_size) or kid_subset_size < 2:
+        raise UserError(f"frechet: kid_subset_size must be an int >= 2, got {kid_subset_size!r}")
 
-    stderr = float("nan")
+
+def _space(extractor, samples: Tensor, reference: str, data_config: Mapping | None, num_bootstrap: int, seed: int,
+           kid: bool, kid_subset_size: int) -> dict:
+    """FD (± bootstrap s.e.) and KID (± subset s.e.) of `samples` in one feature space."""
+    tokens = extractor.check_samples(samples)
+    mu_ref, sigma_ref = extractor.reference_statistics(reference, data_config)
+    feats = extractor.features(tokens).double().numpy()  # [N, F]
+    result = {"fd": frechet_distance(*feature_statistics(feats), mu_ref, sigma_ref), "fd_stderr": float("nan")}
     if num_bootstrap:
         rng = np.random.default_rng(seed)
         n = len(feats)
         boot = [frechet_distance(*feature_statistics(feats[rng.integers(0, n, size=n)]), mu_ref, sigma_ref)
                 for _ in range(num_bootstrap)]
-        stderr = float(np.std(boot, ddof=1))
-    return {"value": value, "stderr": stderr, **details, "num_samples": len(feats), "reference": reference}
+        result["fd_stderr"] = float(np.std(boot, ddof=1))
+    if kid:
+        ref = torch.as_tensor(extractor.reference_features(reference, data_config))
+        found = kernel_distance(torch.from_numpy(feats), ref, subset_size=kid_subset_size,
+                                generator=torch.Generator().manual_seed(seed))
+        result |= {"kid": found["value"], "kid_stderr": found["stderr"], "kid_subsets": found["subsets"],
+                   "kid_subset_size": found["subset_size"]}
+    return {**result, "num_features": feats.shape[1], **extractor.details()}
+
+
+def frechet(samples: Tensor, *, reference: str = "train", data_config: Mapping | None = None,
+            num_bootstrap: int = 0, seed: int = 0, features: Any = DEFAULT, kid: bool = True,
+            kid_subset_size: int = 100, **_) -> dict:
+    """Registered metric `frechet`: FD and KID of `samples` against a real split, in every
+    feature space of `features`.
+
+    samples: the extractors' image tokens, LongTensor [N, H·W·C] with N >= 2 ([N, 64] digits
+    tokens 0..16 for the digits extractors). `features`: one extractor name or a list
+    (`features.available_extractors()`), the first primary. `reference` is the real split
+    ("train" | "valid" | "all", every image of it). With `num_bootstrap` >= 2, each FD's stderr
+    is the standard deviation of FD over that many with-replacement resamples of the generated
+    set (numpy generator seeded with `seed`; the reference statistics stay fixed), else nan.
+    Resampled sets hold duplicates, so their FDs sit above the FD: the stderr measures the
+    spread of the estimate, not its small-N bias. With `kid` (default on), each space also gets
+    the kernel distance over disjoint subsets of `kid_subset_size` samples ± its subset stderr.
+
+    Returns value/stderr (the primary FD), `features` (the primary space), the primary space's
+    details (e.g. classifier_accuracy), num_samples, reference, `spaces` (every space's numbers
+    and details) and `columns` (the flat table columns fd_<space>, kid_<space>, with _stderr).
+    """
+    names = extractor_names(features)
+    extractors = [load_extractor(name) for name in names]
+    _check_options(num_bootstrap, kid, kid_subset_size)
+    spaces = {e.name: _space(e, samples, reference, data_config, num_bootstrap, seed, kid, kid_subset_size)
+              for e in extractors}
+    columns = {}
+    for name, space in spaces.items():
+        for quantity in ("fd", "kid"):
+            if quantity in space:
+                columns[f"{quantity}_{name}"] = space[quantity]
+                error = space[f"{quantity}_stderr"]
+                if error is not None and error == error:  # not None, not NaN
+                    columns[f"{quantity}_{name}_stderr"] = error
+    primary = spaces[names[0]]
+    details = {k: v for k, v in primary.items() if not k.startswith(("fd", "kid"))}
+    return {"value": primary["fd"], "stderr": primary["fd_stderr"], "features": names[0], **details,
+            "num_samples": int(torch.as_tensor(samples).shape[0]), "reference": reference, "spaces": spaces,
+            "columns": columns}
+
+
+def describe(features: Any = DEFAULT, **_) -> str:
+    """What the `frechet` column is, for plot labels: the primary feature space, and the others."""
+    names = extractor_names(features)
+    others = f"; also {', '.join(names[1:])} (fd_*, kid_* columns)" if len(names) > 1 else ""
+    return f"FD in {names[0]} features (primary{others})"
+
+
+frechet.describe = describe

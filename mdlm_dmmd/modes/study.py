@@ -31,8 +31,8 @@ from mdlm_dmmd.checkpoints import _torch_load
 from mdlm_dmmd.data import build_data
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.eval import plots
-from mdlm_dmmd.eval.scoring import default_device, flatten, sample_and_score, with_sampling
-from mdlm_dmmd.eval.tables import markdown_table, number, write_csv
+from mdlm_dmmd.eval.scoring import default_device, describe, flatten, sample_and_score, with_sampling
+from mdlm_dmmd.eval.tables import cell, markdown_table, shown_columns, write_csv
 from mdlm_dmmd.pipeline import Pipeline
 from mdlm_dmmd.training import fit, make_run_dir
 
@@ -164,17 +164,20 @@ def run(cfg: DictConfig) -> Path:
 
 def write_outputs(run_dir: Path, cfg: DictConfig, rows: list[dict], grids: dict[str, torch.Tensor],
                   teacher_note: str, label: str) -> None:
-    columns = FIRST_COLUMNS + sorted({k for row in rows for k in row} - set(FIRST_COLUMNS))
+    # metrics in eval.metrics order, each followed by its extra columns (e.g. fd_/kid_<space>)
+    columns = FIRST_COLUMNS + [k for k in dict.fromkeys(k for row in rows for k in row) if k not in FIRST_COLUMNS]
     write_csv(run_dir / "results.csv", rows, columns)
+    metric = (cfg.eval.metrics or ["entropy"])[0]
     lines = [
         f"# Teacher vs {label} students on {cfg.data.name}",
         "",
         f"Teacher: {cfg.algo.name}, {teacher_note}. Students: {int(cfg.study.student_max_steps)} updates each. "
         f"Each row: {int(cfg.study.num_samples)} samples, seed {int(cfg.sampling.seed)}.",
         "",
-        *markdown_table(columns, ([number(row.get(c, "")) for c in columns] for row in rows)),
+        *markdown_table(shown_columns(columns), ([cell(row, c) for c in shown_columns(columns)] for row in rows)),
         "",
-        "Samples: `samples.png`; first metric vs steps: `pareto.png`; numbers: `results.csv`.",
+        f"Samples: `samples.png`; first metric vs steps (`pareto.png`): {describe(cfg, metric)}; "
+        "numbers: `results.csv`.",
         "",
     ]
     (run_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")
@@ -182,5 +185,4 @@ def write_outputs(run_dir: Path, cfg: DictConfig, rows: list[dict], grids: dict[
     if data.modality == "image":  # text samples are in each student's run folder
         plots.sample_panels({label: data.sample_grid(samples[:36], nrow=6) for label, samples in grids.items()},
                             run_dir / "samples.png")
-    metric = (cfg.eval.metrics or ["entropy"])[0]
-    plots.metric_vs_steps(rows, metric, run_dir / "pareto.png", group="method")
+    plots.metric_vs_steps(rows, metric, run_dir / "pareto.png", group="method", title=describe(cfg, metric))

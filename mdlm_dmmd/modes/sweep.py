@@ -41,7 +41,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from mdlm_dmmd.errors import UserError
-from mdlm_dmmd.eval.scoring import default_device
+from mdlm_dmmd.eval.scoring import default_device, describe
 from mdlm_dmmd.eval.sweep import output, plan
 from mdlm_dmmd.eval.sweep.config import check_config, reject_training_run_dir
 from mdlm_dmmd.eval.sweep.judges import check_judges
@@ -95,20 +95,21 @@ def run(cfg: DictConfig) -> Path:
             measured.setdefault(job, rows[-1])
             origin = "kept from results.csv" if kept else "same draw as an earlier row" if twin else "measured"
             logger.info("sweep (%s): %s", origin, rows[-1])
-            output.write_csv(run_dir, rows + quoted, columns)
+            output.write_csv(run_dir, rows + quoted, output.all_metrics(columns, rows))
             bar.update()
         if data_row:  # (prompted sampling: no second data continuation of a prompt exists)
             bar.set_postfix_str("Data (held-out sequences)")
             rows.append(done.get(resume_key(plan.data_row_keys(cfg))) or plan.measure_data(cfg, length))
-            output.write_csv(run_dir, rows + quoted, columns)
+            output.write_csv(run_dir, rows + quoted, output.all_metrics(columns, rows))
             bar.update()
     rows += quoted
+    columns = output.all_metrics(columns, rows)
 
     # 3. tables and pictures
     for row in rows:
         row["label"] = output.row_label(row)
     output.write_csv(run_dir, rows, columns)
-    pictures = output.write_plots(run_dir, rows, columns)
+    pictures = output.write_plots(run_dir, rows, columns, {m: describe(cfg, m) for m in metrics})
     output.write_markdown(run_dir, cfg, rows, columns, pictures, length)
     print(f"sweep written to {run_dir} (results.csv, results.md, {', '.join(pictures)})")
     return run_dir

@@ -39,7 +39,7 @@ def test_two_halves_of_one_sample_score_zero_within_three_stderr_and_a_shift_doe
 def test_subsets_shrink_to_fit_and_bad_input_is_refused():
     g = torch.Generator().manual_seed(1)
     small = kernel_distance(torch.randn(10, 3, generator=g), torch.randn(30, 3, generator=g), subset_size=1000)
-    assert small["subset_size"] == 5 and small["subsets"] == 2
+    assert small["subset_size"] == 5 and small["subsets"] == 2 and small["reference_subset_size"] == 15
     with pytest.raises(UserError, match="one d"):
         kernel_distance(torch.zeros(4, 3), torch.zeros(4, 2))
     with pytest.raises(UserError, match="at least 2"):

@@ -36,6 +36,14 @@ def row_label(row: dict) -> str:
     return label + (" (quoted)" if row.get("source") == "quoted" else "")
 
 
+def all_metrics(metrics: list[str], rows: list[dict]) -> list[str]:
+    """`metrics`, then every extra metric column the rows hold (a metric's own `columns`, e.g.
+    fd_<space> and kid_<space> of frechet), in the order they first appear."""
+    known = set(FIRST_COLUMNS) | set(LAST_COLUMNS) | {"note", "label", "source"} | set(metrics)
+    extra = [k for row in rows for k in row if k not in known and not k.endswith("_stderr")]
+    return list(metrics) + list(dict.fromkeys(extra))
+
+
 def write_csv(run_dir: Path, rows: list[dict], metrics: list[str]) -> None:
     """`results.csv`: the row keys, each metric with its standard error, how it was sampled."""
     columns = FIRST_COLUMNS + [c for m in metrics for c in (m, f"{m}_stderr")] + LAST_COLUMNS + ["note"]
@@ -93,13 +101,15 @@ TRADEOFFS = (("entropy", "gen_ppl", "gen_ppl_vs_entropy.png"),   # (x, y, file):
              ("gen_ppl", "gradient_moment", "gm_vs_gen_ppl.png"))  # Fig. 3
 
 
-def write_plots(run_dir: Path, rows: list[dict], metrics: list[str]) -> list[str]:
-    """nfe_<metric>.png per metric with values, and the trade-off scatters; returns file names."""
+def write_plots(run_dir: Path, rows: list[dict], metrics: list[str], titles: dict[str, str] | None = None) -> list[str]:
+    """nfe_<metric>.png per metric with values (titled with `titles[metric]` where given, e.g.
+    which feature space the `frechet` column is), and the trade-off scatters; returns file names."""
     written = []
     for metric in metrics:
         if any(as_number(r.get(metric)) is not None for r in rows):
             name = f"nfe_{metric}.png"
-            plots.metric_vs_steps(rows, metric, run_dir / name, group="label", errorbars=True)
+            plots.metric_vs_steps(rows, metric, run_dir / name, group="label", errorbars=True,
+                                  title=(titles or {}).get(metric))
             written.append(name)
     present = {m for m in metrics if any(as_number(r.get(m)) is not None for r in rows)}
     for x, y, name in TRADEOFFS:
