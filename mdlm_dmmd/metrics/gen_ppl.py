@@ -49,6 +49,7 @@ from mdlm_dmmd.metrics.reference import (
     special_id,
     token_nll,
 )
+from mdlm_dmmd.metrics.references import under_each_reference
 
 _NAME = "gen_ppl"
 
@@ -148,7 +149,8 @@ def gen_ppl_metric(samples: Tensor, *, data_config: Mapping | None = None,
     """Registered metric `gen_ppl`: generative perplexity of `samples` [N, L] under `reference`.
 
     Options (`eval.metric_options.gen_ppl`): reference (hub id, HF directory or `ar`
-    checkpoint; default gpt2-large), batch_size, max_length (cap on the reference context),
+    checkpoint; default gpt2-large; or a list / label mapping of them: gen-PPL under each,
+    columns `gen_ppl_<label>`, references.py), batch_size, max_length (cap on the reference context),
     device (default cuda when available).
     `data_config` gives the samples' tokenizer (and EOS for an `ar` reference).
     """
@@ -157,11 +159,15 @@ def gen_ppl_metric(samples: Tensor, *, data_config: Mapping | None = None,
         raise UserError(f"{_NAME}: samples must be token ids [N, L], got shape {tuple(samples_in.shape)}")
     bundle = data_bundle(data_config, samples_in.shape[1], _NAME)
     samples = check_samples(samples_in, bundle.vocab_size, _NAME)
-    model, tokenizer, reference_tokenizer = reference_for(reference, bundle, device, _NAME)
-    eos_id = bundle.eos_id if reference_tokenizer is None else None
-    result = generative_perplexity(model, samples, tokenizer=tokenizer,
-                                   reference_tokenizer=reference_tokenizer, batch_size=batch_size,
-                                   eos_id=eos_id, max_length=max_length, progress=progress)
-    return {"value": result.value, "stderr": result.stderr, "nll": result.nll,
-            "nll_stderr": result.nll_stderr, "num_tokens": result.num_tokens,
-            "reference": str(reference), "per_sample": result.per_sample_nll}
+
+    def measure(spec: str) -> dict:
+        model, tokenizer, reference_tokenizer = reference_for(spec, bundle, device, _NAME)
+        eos_id = bundle.eos_id if reference_tokenizer is None else None
+        result = generative_perplexity(model, samples, tokenizer=tokenizer,
+                                       reference_tokenizer=reference_tokenizer, batch_size=batch_size,
+                                       eos_id=eos_id, max_length=max_length, progress=progress)
+        return {"value": result.value, "stderr": result.stderr, "nll": result.nll,
+                "nll_stderr": result.nll_stderr, "num_tokens": result.num_tokens,
+                "reference": spec, "per_sample": result.per_sample_nll}
+
+    return under_each_reference(reference, _NAME, "gen_ppl", measure)

@@ -65,6 +65,7 @@ from mdlm_dmmd.metrics.reference import (
     special_id,
     token_nll,
 )
+from mdlm_dmmd.metrics.references import under_each_reference
 
 logger = logging.getLogger(__name__)
 
@@ -364,7 +365,8 @@ def gradient_moment_metric(samples: Tensor, *, data_config: Mapping | None = Non
     """Registered metric `gradient_moment`: GM of `samples` [N, L] against N random data rows.
 
     Options (`eval.metric_options.gradient_moment`): reference (hub id, HF directory or `ar`
-    checkpoint; default gpt2), num_pairs, batch_size, split (train | valid), seed (which data
+    checkpoint; default gpt2; or a list / label mapping of them: GM under each, columns
+    `gm_<label>`, references.py), num_pairs, batch_size, split (train | valid), seed (which data
     rows), max_length (cap on the reference context), device (default cuda when available).
     Conditional GM (the host passes these with `sampling.prompt_length`): sample i continues the
     first `prompt_length` tokens of `prompt_rows[i]`, which is its data row; the loss counts the
@@ -388,10 +390,14 @@ def gradient_moment_metric(samples: Tensor, *, data_config: Mapping | None = Non
         count = min(len(dataset), len(samples))
         index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(int(seed)))[:count]
         data = torch.stack([dataset[int(i)]["input_ids"] for i in index])  # [n, L]
-    model, tokenizer, reference_tokenizer = reference_for(reference, bundle, device, _NAME)
-    result = gradient_moment(model, samples, data, tokenizer=tokenizer,
-                             reference_tokenizer=reference_tokenizer, batch_size=batch_size,
-                             num_pairs=num_pairs, max_length=max_length, progress=progress,
-                             prefixes=int(prompt_length) if prompt_rows is not None else None)
-    return {"value": result.mean, "stderr": result.stderr, "num_pairs": result.num_pairs,
-            "batch_size": result.batch_size, "reference": str(reference), "split": split}
+
+    def measure(spec: str) -> dict:
+        model, tokenizer, reference_tokenizer = reference_for(spec, bundle, device, _NAME)
+        result = gradient_moment(model, samples, data, tokenizer=tokenizer,
+                                 reference_tokenizer=reference_tokenizer, batch_size=batch_size,
+                                 num_pairs=num_pairs, max_length=max_length, progress=progress,
+                                 prefixes=int(prompt_length) if prompt_rows is not None else None)
+        return {"value": result.mean, "stderr": result.stderr, "num_pairs": result.num_pairs,
+                "batch_size": result.batch_size, "reference": spec, "split": split}
+
+    return under_each_reference(reference, _NAME, "gm", measure)

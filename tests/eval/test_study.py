@@ -21,7 +21,14 @@ def test_study_writes_table_and_pictures_and_reuses_the_teacher(tmp_path, capsys
     assert float(rows[2]["gen_output_entropy"]) > 0
     for name in ("report.md", "samples.png", "pareto.png", "config.yaml"):
         assert (first / name).is_file(), name
-    assert "| teacher | 2 |" in (first / "report.md").read_text()
+    report = (first / "report.md").read_text()
+    assert "| teacher | 2 |" in report
+    # every feature space is a column (FD and KID ± s.e.); the primary space's FD is `frechet`
+    for row in rows:
+        assert row["frechet"] == row["fd_digits_mlp"] and float(row["fd_digits_cnn"]) > 0
+        assert all(row[c] != "" for c in ("kid_digits_mlp", "kid_digits_mlp_stderr", "kid_digits_cnn_stderr"))
+    assert "| fd_digits_mlp | kid_digits_mlp | fd_digits_cnn | kid_digits_cnn |" in report
+    assert "`pareto.png`): frechet: FD in digits_mlp features (primary; also digits_cnn" in report
 
     second = tmp_path / "second"
     assert cli.main([*TINY, f"run_dir={second}"]) == 0

@@ -138,6 +138,24 @@ def test_judge_metrics_trade_off_pictures(teacher, ar, tmp_path):
         assert (run_dir / name).is_file(), name
 
 
+def test_two_references_give_a_column_each_and_the_first_is_primary(teacher, ar, tmp_path):
+    from conftest import write_ar_checkpoint
+
+    other = write_ar_checkpoint(tmp_path / "ar_random", vocab=17, length=64, seed=5)
+    run_dir = tmp_path / "sweep"
+    assert main([*SWEEP, f"run_dir={run_dir}", "eval.metrics=[gradient_moment]", "sweep.reference_rows=false",
+                 f"+eval.metric_options.gradient_moment.reference=['{ar}','{other}']",
+                 "+eval.metric_options.gradient_moment.batch_size=2",
+                 methods({"name": "Teacher", "checkpoint": teacher, "steps": [2]})]) == 0
+    (row,) = read_rows(run_dir)
+    label = ar.parent.parent.name  # the run folder of RUN/checkpoints/final.ckpt
+    assert row["gradient_moment"] == row[f"gm_{label}"] and row["gradient_moment_stderr"] == row[f"gm_{label}_stderr"]
+    assert float(row["gm_ar_random"]) != float(row[f"gm_{label}"]) and row["gm_ar_random_stderr"] != ""
+    report = (run_dir / "results.md").read_text()
+    assert f"## gm_{label} vs NFE" in report and "## gm_ar_random vs NFE" in report
+    assert (run_dir / "nfe_gm_ar_random.png").is_file()
+
+
 def test_ar_baseline_is_sampled_with_length_steps(teacher, ar, tmp_path):
     run_dir = tmp_path / "sweep"
     assert main([*SWEEP, f"run_dir={run_dir}", "eval.metrics=[entropy]", "sweep.reference_rows=false",
@@ -187,6 +205,11 @@ def test_reference_model_never_judges_itself(teacher, ar, tmp_path, capsys):
     fails(capsys, [*SWEEP, f"run_dir={run_dir}", "eval.metrics=[gen_ppl]", f"+eval.metric_options.gen_ppl.reference='{link}'",
                    methods({"name": "Teacher", "checkpoint": teacher, "steps": [2]})],
           "eval.metric_options.gen_ppl.reference", "sweep.methods.0.checkpoint", run_dir=run_dir)
+    # one of several references
+    fails(capsys, [*SWEEP, f"run_dir={run_dir}", "eval.metrics=[gen_ppl]",
+                   f"+eval.metric_options.gen_ppl.reference=['{ar}','{teacher}']",
+                   methods({"name": "Teacher", "checkpoint": teacher, "steps": [2]})],
+          f"eval.metric_options.gen_ppl.reference '{teacher}'", "sweep.methods.0.checkpoint", run_dir=run_dir)
 
 
 def bad_cases(teacher: Path, ar: Path, tmp: Path):

@@ -5,12 +5,14 @@ likelihood)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.metrics.references import all_specs
 
 JUDGE_METRICS = ("gradient_moment", "gen_ppl")  # metrics whose `reference` option is a model
 
@@ -33,7 +35,8 @@ def _same_path(a: str, b: str) -> bool:
 
 
 def check_judges(cfg: DictConfig, evaluated: dict[str, str]) -> None:
-    """Refuse a GM / gen-PPL reference that is also a checkpoint being evaluated.
+    """Refuse a GM / gen-PPL reference (any of them, when there are several) that is also a
+    checkpoint being evaluated.
 
     evaluated: config key -> checkpoint path (e.g. "sweep.methods.0.checkpoint" -> "a.ckpt").
     """
@@ -41,11 +44,9 @@ def check_judges(cfg: DictConfig, evaluated: dict[str, str]) -> None:
     for metric in JUDGE_METRICS:
         if metric not in (cfg.eval.get("metrics") or []):
             continue
-        reference = (options.get(metric) or {}).get("reference")
-        if reference is None:
-            continue
-        for key, path in evaluated.items():
-            if _same_path(str(reference), path):
+        value = (options.get(metric) or {}).get("reference")
+        for reference, (key, path) in itertools.product(all_specs(value), evaluated.items()):
+            if _same_path(reference, path):
                 raise UserError(
                     f"eval.metric_options.{metric}.reference '{reference}' is also evaluated as {key}; "
                     f"the reference model must not judge itself: use another reference or drop it from the sweep")
