@@ -2,7 +2,8 @@
 
 A D-MMD student's final number says little about whether it was still improving; this scores
 the intermediate checkpoints (EMA weights, each at its own k) with the digits study's metrics
-and seed, and writes `trajectory.csv`, `trajectory.md` and `trajectory.png` (metric vs updates).
+(`eval.metrics`, every column each reports) and seed, and writes `trajectory.csv`,
+`trajectory.md` and `trajectory.png` (the first metric vs updates).
 
     python benchmarks/checkpoint_trajectory.py OUT_DIR RUN_DIR [RUN_DIR ...] [key=value ...]
 
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 from mdlm_dmmd import cli
-from mdlm_dmmd.eval.scoring import compute_metrics, default_device, generate, sampling_steps
+from mdlm_dmmd.eval.scoring import compute_metrics, default_device, flatten, generate, sampling_steps
 from mdlm_dmmd.pipeline import Pipeline
 
 from run_info import run_info, write_run_info  # benchmarks/ is on sys.path when run as a script
@@ -51,11 +52,8 @@ def main(argv: list[str]) -> int:
             steps = sampling_steps(cfg, pipeline.meta)
             samples = generate(pipeline, cfg, steps, progress=False)
             metrics = compute_metrics(cfg, samples)
-            row = {"run": f"{folder.name}/{name}", "updates": updates, "steps": steps}
-            for metric, values in metrics.items():
-                row[metric] = values["value"]
-                if "stderr" in values:
-                    row[f"{metric}_stderr"] = values["stderr"]
+            # every column the metrics report (e.g. frechet's fd_/kid_<space>), as study and sweep tables
+            row = {"run": f"{folder.name}/{name}", "updates": updates, "steps": steps, **flatten(metrics)}
             print(row, flush=True)
             rows.append(row)
             write(out, rows)  # after every row: a stopped run keeps what it scored
