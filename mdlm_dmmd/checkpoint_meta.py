@@ -7,10 +7,10 @@ checkpoints already use, plus `meta_version`; a checkpoint without `meta_version
 (written before this module, read field for field the same way). A newer version than this code
 knows is an error, never a guess.
 
-Public checkpoints (MDLM/Duo/BD3-LM) get inferred metadata from `checkpoints._public_meta`. Keys
-this package cannot honour yet (`block_size` < length: block diffusion; `cross_attn`: BD3-LM's
-`[x_t, x_0]` training layout) are refused by `refuse_unsupported`, so such a model is never
-sampled as plain full-attention diffusion.
+Public checkpoints (MDLM/Duo/BD3-LM) get inferred metadata from `checkpoints._public_meta`. A
+block-diffusion model records `block_size` and `cross_attn: true` (BD3-LM's [x_t, x_0] training
+layout) and is sampled block by block; a `block_size` below the length without `cross_attn`
+is refused by `refuse_unsupported`, so no model is sampled with the wrong attention.
 """
 
 from __future__ import annotations
@@ -89,10 +89,15 @@ class CheckpointMeta:
         return {**out, **self.schedule, **self.extra, "meta_version": self.version}
 
     def refuse_unsupported(self, source: str, length: int) -> None:
-        """One-line error for a model this package cannot sample correctly yet."""
-        if self.cross_attn:
-            raise UserError(f"{source}: cross_attn=true (BD3-LM's [x_t, x_0] layout) is not supported yet; "
-                            "block diffusion comes with the block-diffusion issue")
-        if self.block_size is not None and self.block_size != length:
-            raise UserError(f"{source}: block_size={self.block_size} (block diffusion, model length {length}) is "
-                            "not supported yet and would be sampled wrongly with full attention")
+        """One-line error for a model this package cannot sample correctly.
+
+        Block diffusion is BD3-LM's layout (`cross_attn`: trained on [x_t, x_0], sampled block by
+        block); a block size below the length without it is no layout this package knows.
+        """
+        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 1
+                                            or length % self.block_size):
+            raise UserError(f"{source}: block_size={self.block_size!r} must be a positive int dividing the model "
+                            f"length {length}")
+        if self.block_size is not None and self.block_size != length and not self.cross_attn:
+            raise UserError(f"{source}: block_size={self.block_size} (model length {length}) without cross_attn=true "
+                            "is not a block-diffusion layout this package knows (BD3-LM trains with cross_attn)")

@@ -1,31 +1,23 @@
-"""A denoiser: network + process + time conditioning + noise input + input layout, as one call.
+"""A denoiser: network + process + time conditioning + noise input, as one call.
 
 Losses (training) and samplers (generation) call the same object, so a model is evaluated one
-way only. `Denoiser(z_t, t)` gives x̂(z_t) as log-probs [B, L, V]; `CausalDenoiser(inputs)` the
-next-token log-probs of an autoregressive network. Neither knows how its network was trained.
-
-The input layout says what the network sees for z_t: `plain_layout` feeds z_t itself. Block
-diffusion's [x_t, x_0] input with its block mask and repeated positions is another layout, a
-function of the same signature, so losses and samplers do not change with it.
+way only. `Denoiser(z_t, t)` gives x̂(z_t) as log-probs [B, L, V]; `BlockDenoiser` does the same
+for a block-diffusion network (BD3-LM layouts: [z_t, x_0] in training, one block on a clean
+prefix or a KV cache when sampling); `CausalDenoiser(inputs)` the next-token log-probs of an
+autoregressive network. None of them knows how its network was trained.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
+from mdlm_dmmd.diffusion import block
 from mdlm_dmmd.diffusion.process import Process
 from mdlm_dmmd.models.dit import DiT
-
-Layout = Callable[[DiT, Tensor, Tensor, "Tensor | None"], Tensor]  # (network, z, σ, noise) -> logits
-
-
-def plain_layout(network: DiT, z: Tensor, sigma: Tensor, noise: Tensor | None) -> Tensor:
-    """The network sees z_t (ids [B, L] or soft [B, L, V]) with full attention."""
-    return network(z, sigma, noise=noise)
+from mdlm_dmmd.models.kv_cache import KVCache
 
 
 @dataclass
@@ -33,7 +25,6 @@ class Denoiser:
     network: DiT
     process: Process
     time_conditioning: bool = False
-    layout: Layout = plain_layout
 
     def sigma(self, t: Tensor) -> Tensor:
         """The network's conditioning σ(t); zeros when it is not time-conditioned."""
@@ -44,10 +35,92 @@ class Denoiser:
         so a noise-conditioned student can never be evaluated without its noise."""
         batch, length = z_t.shape[:2]
         noise = self.network.draw_noise(batch, length, generator=generator, device=z_t.device)
-        return self.process.log_probs(self.layout(self.network, z_t, self.sigma(t), noise), z_t)
+        return self.process.log_probs(self.network(z_t, self.sigma(t), noise=noise), z_t)
 
     def __call__(self, z_t: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return self.log_probs(z_t, t, generator)
+
+
+@dataclass
+class BlockDenoiser(Denoiser):
+    """A block-diffusion network (BD3-LM's layouts, `diffusion/block.py`) over blocks of
+    `block_size` tokens.
+
+    Time conditioning, where on: noisy tokens get their own block's σ(t), clean (prefix, cached,
+    x_0) tokens σ = 0, in training, uncached and cached sampling alike, so the keys and values
+    of a clean block are the same in all three and a KV cache is exact. A noise input is fed to
+    noisy tokens only (zeros on clean ones).
+    """
+
+    block_size: int = 0
+
+    def log_probs(self, z_t: Tensor, t: Tensor, generator: torch.Generator | None = None, *,
+                  clean: Tensor | None = None) -> Tensor:
+        """Training layout: x̂ for every block of z_t [B, L] (ids or soft [B, L, V]), t per token
+        [B, L] or per sequence [B], given the clean sequence `clean` [B, L]: the network sees
+        [z_t, x_0] (2L tokens) under the block-diffusion mask, positions 0..L−1 for each half."""
+        if clean is None:
+            raise ValueError("BlockDenoiser.log_probs needs the clean sequence (clean=x_0): block j of z_t "
+                             "is denoised given the clean blocks before it")
+        batch, length = z_t.shape[:2]
+        device = z_t.device
+        x0 = clean if not z_t.is_floating_point() else \
+            torch.nn.functional.one_hot(clean, z_t.shape[-1]).to(z_t.dtype)
+        sigma = self._token_sigma(t, batch, length)
+        noise = self.network.draw_noise(batch, length, generator=generator, device=device)
+        logits = self.network(
+            torch.cat([z_t, x0], dim=1), torch.cat([sigma, torch.zeros_like(sigma)], dim=1),
+            noise=None if noise is None else torch.cat([noise, torch.zeros_like(noise)], dim=1),
+            attn_mask=block.training_mask(length, self.block_size, device),
+            positions=block.training_positions(length, device))
+        return self.process.log_probs(logits[:, :length], z_t)
+
+    def __call__(self, z_t: Tensor, t: Tensor, generator: torch.Generator | None = None, *,
+                 clean: Tensor | None = None) -> Tensor:
+        return self.log_probs(z_t, t, generator, clean=clean)
+
+    def block_log_probs(self, z_block: Tensor, t: Tensor, *, prefix: Tensor | None = None,
+                        kv_cache: KVCache | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Sampling: x̂ for one noisy block z_block [B, K] at time t [B], given the clean tokens
+        before it either as ids `prefix` [B, P] (P a multiple of block_size; the network sees
+        [prefix, z_block] block-causally, positions 0..P+K−1) or as `kv_cache` (only z_block is
+        fed, at positions T..T+K−1). Both give the same numbers up to kernel rounding."""
+        batch, size = z_block.shape
+        device = z_block.device
+        sigma = self._token_sigma(t, batch, size)
+        noise = self.network.draw_noise(batch, size, generator=generator, device=device)
+        if kv_cache is not None:
+            if prefix is not None:
+                raise ValueError("block_log_probs: give the clean prefix as tokens or as a KV cache, not both")
+            logits = self.network(z_block, sigma, noise=noise, kv_cache=kv_cache)
+        else:
+            before = 0 if prefix is None else prefix.shape[1]
+            if before % self.block_size:
+                raise ValueError(f"block_log_probs: the prefix ({before} tokens) must be whole blocks of {self.block_size}")
+            tokens = z_block if prefix is None else torch.cat([prefix, z_block], dim=1)
+            logits = self.network(
+                tokens, torch.cat([sigma.new_zeros(batch, before), sigma], dim=1),
+                noise=None if noise is None else torch.cat([noise.new_zeros(batch, before, noise.shape[-1]), noise], dim=1),
+                attn_mask=block.block_causal_mask(before + size, self.block_size, device))[:, before:]
+        return self.process.log_probs(logits, z_block)
+
+    def new_cache(self) -> KVCache:
+        return KVCache()
+
+    def commit(self, x_block: Tensor, kv_cache: KVCache) -> None:
+        """Append a finished (clean) block [B, K] to the cache: one more forward pass, σ = 0 and
+        zero noise, as the clean half of training sees it."""
+        batch, size = x_block.shape
+        device = x_block.device
+        noise = None if self.network.noise_proj is None else \
+            torch.zeros(batch, size, self.network.config.noise_features, device=device)
+        self.network(x_block, torch.zeros(batch, device=device), noise=noise, kv_cache=kv_cache)
+        kv_cache.commit()
+
+    def _token_sigma(self, t: Tensor, batch: int, size: int) -> Tensor:
+        """σ per token [B, size] for a time per sequence [B] or per token [B, size]."""
+        sigma = self.sigma(t).float()
+        return sigma[:, None].expand(batch, size) if sigma.dim() == 1 else sigma
 
 
 @dataclass

@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from mdlm_dmmd.checkpoint_meta import CheckpointMeta
-from mdlm_dmmd.denoiser import CausalDenoiser, Denoiser
+from mdlm_dmmd.denoiser import BlockDenoiser, CausalDenoiser, Denoiser
 from mdlm_dmmd.diffusion import Process, process_from_meta
+from mdlm_dmmd.diffusion.block_sampling import BlockSampler
 from mdlm_dmmd.diffusion.sampling import AutoregressiveSampler, DiffusionSampler
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT
@@ -33,8 +34,8 @@ def sampling_rule(meta: CheckpointMeta) -> str:
 class Pipeline:
     """A denoiser and the sampler chosen for it; `meta` is the checkpoint's metadata, if any."""
 
-    denoiser: Denoiser | CausalDenoiser
-    sampler: DiffusionSampler | AutoregressiveSampler
+    denoiser: Denoiser | BlockDenoiser | CausalDenoiser
+    sampler: DiffusionSampler | BlockSampler | AutoregressiveSampler
     meta: CheckpointMeta = field(default_factory=CheckpointMeta)  # empty unless read from a checkpoint
 
     @classmethod
@@ -48,6 +49,9 @@ class Pipeline:
             return cls.autoregressive(network, int(meta.start_id), meta=meta)
         process, time_conditioning = process_from_meta(meta.to_dict(), network.config.vocab_size,
                                                        source=f"checkpoint {path}")
+        if meta.cross_attn:  # BD3-LM's layout ([x_t, x_0] in training): sampled block by block
+            return cls.block(network, process, time_conditioning, int(meta.block_size or network.config.length),
+                             rule=sampling_rule(meta), meta=meta)
         return cls.diffusion(network, process, time_conditioning, rule=sampling_rule(meta), meta=meta)
 
     @classmethod
@@ -58,6 +62,13 @@ class Pipeline:
                    meta or CheckpointMeta())
 
     @classmethod
+    def block(cls, network: DiT, process: Process, time_conditioning: bool, block_size: int, *,
+              rule: str = "ancestral", kv_cache: bool = True, meta: CheckpointMeta | None = None) -> "Pipeline":
+        """A block-diffusion network (BD3-LM layout), sampled block by block, `steps` per block."""
+        return cls(BlockDenoiser(network, process, time_conditioning, block_size=block_size),
+                   BlockSampler(process, block_size, rule, kv_cache), meta or CheckpointMeta())
+
+    @classmethod
     def autoregressive(cls, network: DiT, vocab_size: int, *, meta: CheckpointMeta | None = None) -> "Pipeline":
         """A causal network over `vocab_size` real tokens whose start id is `vocab_size`."""
         return cls(CausalDenoiser(network, vocab_size), AutoregressiveSampler(vocab_size), meta or CheckpointMeta())
@@ -65,6 +76,11 @@ class Pipeline:
     @property
     def network(self) -> DiT:
         return self.denoiser.network
+
+    @property
+    def block_size(self) -> int | None:
+        """Tokens per block of a block-diffusion model (steps count per block); None otherwise."""
+        return getattr(self.sampler, "block_size", None)
 
     @property
     def is_autoregressive(self) -> bool:
@@ -103,7 +119,8 @@ class Pipeline:
         for start in range(0, num_samples, batch_size):
             shape = (min(batch_size, num_samples - start), length)
             prompt = None if prompts is None else prompts[start: start + shape[0]].to(device)
-            denoise = functools.partial(self.denoiser, generator=generator)  # noise inputs draw from it too
+            # noise inputs draw from the generator too; a block sampler calls the denoiser's block methods
+            denoise = self.denoiser if self.sampler.blockwise else functools.partial(self.denoiser, generator=generator)
             chunk = self.sampler(denoise, steps=steps, shape=shape, generator=generator, device=device,
                                  temperature=temperature, top_p=top_p, noise_removal=noise_removal, prompt=prompt,
                                  progress=progress)

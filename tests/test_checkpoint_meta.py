@@ -61,9 +61,18 @@ def _public_dir(tmp_path: Path, **extra) -> Path:
     return directory
 
 
-def test_public_block_size_or_cross_attn_is_refused_not_sampled_wrongly(tmp_path):
-    with pytest.raises(UserError, match="block_size=4 .*not supported yet"):
+def test_public_block_models_load_as_block_models_never_as_plain_diffusion(tmp_path):
+    from mdlm_dmmd.diffusion.block_sampling import BlockSampler
+    from mdlm_dmmd.diffusion.sampling import DiffusionSampler
+    from mdlm_dmmd.pipeline import Pipeline
+
+    # block_size < length without BD3-LM's [x_t, x_0] layout: no layout this package knows
+    with pytest.raises(UserError, match="block_size=4 .*without cross_attn=true"):
         load_backbone(_public_dir(tmp_path / "a", block_size=4, model_type="bd3lm"))
-    with pytest.raises(UserError, match="cross_attn=true"):
-        load_backbone(_public_dir(tmp_path / "b", cross_attn=True, block_size=16))
+    with pytest.raises(UserError, match="block_size=5 must be a positive int dividing the model length 16"):
+        load_backbone(_public_dir(tmp_path / "d", block_size=5, cross_attn=True))
+    # BD3-LM's layout: sampled block by block
+    block = Pipeline.from_checkpoint(_public_dir(tmp_path / "b", cross_attn=True, block_size=4))
+    assert isinstance(block.sampler, BlockSampler) and block.block_size == 4
     assert load_backbone(_public_dir(tmp_path / "c", block_size=16)).meta.block_size == 16  # = length: plain
+    assert isinstance(Pipeline.from_checkpoint(_public_dir(tmp_path / "e", block_size=16)).sampler, DiffusionSampler)

@@ -3,7 +3,8 @@ sampler is picked once, and the pipeline runs diffusion and AR models through on
 
 import torch
 
-from mdlm_dmmd.denoiser import CausalDenoiser, Denoiser, plain_layout
+from mdlm_dmmd.denoiser import BlockDenoiser, CausalDenoiser, Denoiser
+from mdlm_dmmd.diffusion.block_sampling import BlockSampler, sample_blocks
 from mdlm_dmmd.diffusion import MaskedProcess
 from mdlm_dmmd.diffusion.sampling import AutoregressiveSampler, DiffusionSampler, sample, sample_autoregressive
 from mdlm_dmmd.diffusion.schedules import LogLinear
@@ -39,17 +40,14 @@ def test_autoregressive_pipeline_goes_through_the_same_generate():
     assert torch.equal(got, want) and int(got.max()) < V
 
 
-def test_layout_is_what_the_network_sees_in_sampling():
-    calls = []
-
-    def recording_layout(net, z, sigma, noise):
-        calls.append(tuple(z.shape))
-        return plain_layout(net, z, sigma, noise)
-
+def test_block_pipeline_hands_the_denoiser_itself_to_the_block_sampler():
     net = network()
-    pipeline = Pipeline(Denoiser(net, PROCESS, layout=recording_layout), DiffusionSampler(PROCESS))
-    pipeline.generate(2, steps=4, generator=torch.Generator().manual_seed(3))
-    assert calls == [(2, L)] * 4
+    pipeline = Pipeline.block(net, PROCESS, False, 2)
+    assert pipeline.sampler == BlockSampler(PROCESS, 2) and pipeline.block_size == 2
+    got = pipeline.generate(3, steps=2, generator=torch.Generator().manual_seed(3))
+    want = sample_blocks(BlockDenoiser(net, PROCESS, block_size=2), PROCESS, block_size=2, steps=2, shape=(3, L),
+                         generator=torch.Generator().manual_seed(3))
+    assert torch.equal(got, want)
 
 
 def test_noise_input_is_drawn_fresh_on_every_call():

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from mdlm_dmmd.checkpoint_meta import CheckpointMeta
+from mdlm_dmmd.diffusion.block import check_block_size
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiTConfig
 from mdlm_dmmd.models.ema import EMA
@@ -112,6 +113,7 @@ class AlgoBase(L.LightningModule):
     # state_dict prefixes that checkpoints leave out and `on_load_checkpoint` puts back
     # (distillation: the frozen teacher, reloaded from algo.teacher); resume checks skip them
     not_in_checkpoint: tuple[str, ...] = ()
+    block_diffusion = False  # whether `block_size` < `model.length` is accepted (BD3-LM layouts)
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__()
@@ -123,6 +125,7 @@ class AlgoBase(L.LightningModule):
         if vocab is None or vocab.get("size") is None:
             raise UserError("config has no vocab.size; build the algo through the CLI or set vocab.size")
         self.data_vocab_size = int(vocab.size)
+        self.block_size()  # an algo without block diffusion refuses block_size < model.length here
         self.ema: EMA | None = None
         self._rng_to_restore: Mapping[str, Any] | None = None
 
@@ -131,10 +134,23 @@ class AlgoBase(L.LightningModule):
         decay = float(self.cfg.training.get("ema", 0.0))
         self.ema = EMA(module, decay) if decay > 0 else None
 
-    def data_times(self, x: Tensor) -> Tensor:
-        """Diffusion times [B] for a batch x [B, L] under `training.sampling_eps` / `antithetic_sampling`."""
+    def data_times(self, x: Tensor, blocks: int = 1) -> Tensor:
+        """Diffusion times for a batch x [B, L] under `training.sampling_eps` / `antithetic_sampling`:
+        [B], or one per (sequence, block) [B, blocks] (antithetic over all B · blocks, as BD3-LM)."""
         training = self.cfg.training
-        return antithetic_times(x.shape[0], training.sampling_eps, training.antithetic_sampling, x.device)
+        t = antithetic_times(x.shape[0] * blocks, training.sampling_eps, training.antithetic_sampling, x.device)
+        return t if blocks == 1 else t.view(x.shape[0], blocks)
+
+    def block_size(self) -> int:
+        """The top-level `block_size` (default `model.length`); an algo without block diffusion
+        (`block_diffusion = False`) refuses any other value."""
+        length = int(self.cfg.model.length)
+        value = self.cfg.get("block_size")
+        value = length if value is None else value
+        if not self.block_diffusion and value != length:
+            raise UserError(f"block_size={value} (model.length {length}) needs a block-diffusion algo such as "
+                            f"algo=bd3lm; algo={self.cfg.algo.name} is not block diffusion")
+        return check_block_size(value, length)
 
     def ema_module(self) -> torch.nn.Module:
         """The module whose weights the EMA tracks (the backbone; D-MMD: the generator)."""

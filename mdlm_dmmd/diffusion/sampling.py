@@ -210,6 +210,7 @@ class DiffusionSampler:
     process: Process
     rule: str = "ancestral"
     autoregressive: ClassVar[bool] = False
+    blockwise: ClassVar[bool] = False  # called with a (z_t, t) -> log-probs function
 
     def __call__(self, denoise: Denoiser, *, steps: int, shape: tuple[int, int], **options) -> Tensor:
         return sample(denoise, self.process, steps=steps, shape=shape, rule=self.rule, **options)
@@ -222,6 +223,7 @@ class AutoregressiveSampler:
 
     start_id: int
     autoregressive: ClassVar[bool] = True
+    blockwise: ClassVar[bool] = False
 
     def __call__(self, next_log_probs: Callable[[Tensor], Tensor], *, steps: int, shape: tuple[int, int],
                  noise_removal: str = "ancestral", **options) -> Tensor:

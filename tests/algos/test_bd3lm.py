@@ -1,0 +1,192 @@
+"""BD3-LM (algo=bd3lm): the loss against a per-block brute force, block_size = L against mdlm/udlm,
+per-block times, short CPU training with block_size=4 model.length=16 (masked and uniform), the
+block size reaching model, loss, sampler and checkpoint, and one-line refusals."""
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mdlm_dmmd.algos.bd3lm import BD3LM
+from mdlm_dmmd.algos.mdlm import MDLM
+from mdlm_dmmd.algos.udlm import UDLM
+from mdlm_dmmd.cli import compose, main
+from mdlm_dmmd.data import build_data
+from mdlm_dmmd.diffusion import block
+from mdlm_dmmd.diffusion.block_sampling import BlockSampler
+from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.pipeline import Pipeline
+from mdlm_dmmd.training import vocab_info
+
+EPS = 1e-3
+V_DATA = 17
+
+
+def config(*overrides, algo="bd3lm") -> tuple[dict, object]:
+    cfg = compose([f"algo={algo}", "debug=cpu", "data=digits", *overrides])
+    data = build_data(cfg.data, cfg.model.length)
+    out = OmegaConf.to_container(cfg, resolve=True)
+    out["vocab"] = vocab_info(data)
+    return out, data
+
+
+def randomise(module: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def batch(data, n=4):
+    return {"input_ids": torch.stack([data.train[i]["input_ids"] for i in range(n)])}
+
+
+def test_masked_loss_equals_a_per_block_brute_force():
+    """One stratified t per (sequence, block); block j of x_t sees itself and the clean blocks
+    before it; −log p / t on masked tokens (SUBS never predicts the mask)."""
+    cfg, data = config("block_size=16", "algo.ignore_bos=false")
+    algo = BD3LM(cfg)
+    randomise(algo.backbone)
+    x = batch(data)["input_ids"]  # [4, 64]: 4 blocks of 16
+    B, n = 4, 4
+    torch.manual_seed(7)
+    total, count = algo.loss({"input_ids": x})
+
+    torch.manual_seed(7)
+    u, r = torch.rand(B * n), torch.rand(B, 64)
+    expected = 0.0
+    with torch.no_grad():
+        for b in range(B):
+            for j in range(n):
+                t = EPS + (1 - EPS) * ((b * n + j + u[b * n + j].item()) / (B * n))  # antithetic over B·n
+                part = slice(16 * j, 16 * (j + 1))
+                alpha = 1 - (1 - EPS) * t
+                z = torch.where(r[b, part] < alpha, x[b, part], torch.tensor(V_DATA))
+                # the sampling layout: clean blocks before j, then the noisy block (σ = 0: not time-conditioned)
+                tokens = torch.cat([x[b, : 16 * j], z])[None]
+                logits = algo.backbone(tokens, torch.zeros(1), attn_mask=block.block_causal_mask(tokens.shape[1], 16))
+                log_p = torch.log_softmax(logits[0, -16:, :V_DATA].double(), dim=-1)
+                for i in range(16):
+                    if z[i] == V_DATA:
+                        expected += -log_p[i, x[b, 16 * j + i]].item() / t
+    assert count == B * 64
+    assert total.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("process, plain", [("masked", MDLM), ("uniform", UDLM)])
+def test_one_block_is_plain_diffusion(process, plain):
+    """block_size = model.length: the same draws and the same loss as mdlm / udlm (the x_0 half
+    cannot reach the x_t half through the mask); BD3-LM's ignore_bos is the documented difference,
+    so it is off here (digits have no BOS anyway)."""
+    bd_cfg, data = config(f"algo.process={process}", "algo.ignore_bos=false")
+    plain_cfg, _ = config(algo=plain.__name__.lower())
+    bd3lm, other = BD3LM(bd_cfg), plain(plain_cfg)
+    randomise(other.backbone)
+    bd3lm.backbone.load_state_dict(other.backbone.state_dict())
+    assert bd3lm.time_conditioning == other.time_conditioning
+    x = batch(data)
+    torch.manual_seed(3)
+    ours = bd3lm.loss(x)
+    torch.manual_seed(3)
+    theirs = other.loss(x)
+    assert ours[1] == theirs[1]
+    assert ours[0].item() == pytest.approx(theirs[0].item(), rel=1e-5)
+
+
+def test_ignore_bos_keeps_the_first_token_clean_and_unscored():
+    cfg, data = config("block_size=16", "algo.ignore_bos=true")
+    algo = BD3LM(cfg)
+    x = batch(data)
+    seen = {}
+    forward = algo.backbone.forward
+    algo.backbone.forward = lambda tokens, *a, **k: seen.setdefault("x", tokens) is None or forward(tokens, *a, **k)
+    total, count = algo.loss(x)
+    assert count == 4 * 63
+    assert torch.equal(seen["x"][:, 0], x["input_ids"][:, 0])
+    assert BD3LM(config("block_size=16")[0]).ignore_bos is False  # digits have no BOS: null = off
+
+
+def test_times_are_per_block_and_antithetic_over_all_blocks():
+    cfg, data = config("block_size=8")
+    algo = BD3LM(cfg)
+    t = algo.data_times(batch(data)["input_ids"], algo.num_blocks)  # [4, 8]
+    assert t.shape == (4, 8)
+    bins = torch.floor((t.flatten() - EPS) / (1 - EPS) * 32).long()
+    assert sorted(bins.tolist()) == list(range(32))
+
+
+# -- CPU training and the block size end to end -----------------------------------------------
+@pytest.mark.parametrize("process", ["masked", "uniform"])
+def test_block_size_reaches_model_loss_sampler_and_checkpoint(tmp_path, process):
+    run_dir = tmp_path / process
+    args = ["algo=bd3lm", f"algo.process={process}", "data=shakespeare", "debug=cpu", "model.length=16",
+            "block_size=4", "trainer.max_steps=3", "sampling.num_samples=2", "sampling.steps=2", f"run_dir={run_dir}"]
+    assert main(args) == 0
+    ckpt = torch.load(run_dir / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=False)
+    meta = ckpt["mdlm_dmmd"]
+    assert meta["block_size"] == 4 and meta["cross_attn"] is True and meta["process"] == process
+    assert ckpt["hyper_parameters"]["config"]["block_size"] == 4
+    pipeline = Pipeline.from_checkpoint(run_dir / "checkpoints" / "final.ckpt")
+    assert isinstance(pipeline.sampler, BlockSampler) and pipeline.block_size == 4
+    assert pipeline.denoiser.block_size == 4 and pipeline.denoiser.time_conditioning == (process == "uniform")
+    samples = pipeline.generate(3, steps=2, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (3, 16)
+    assert torch.load(run_dir / "samples.pt", weights_only=False).shape[1] == 16
+
+
+def test_training_lowers_the_loss():
+    cfg, data = config("block_size=16", "optim.lr=1e-3", "optim.warmup_steps=0")
+    L.seed_everything(0, verbose=False)
+    algo = BD3LM(cfg)
+    held_out = batch(data, 32)
+
+    def fixed_loss():
+        torch.manual_seed(1)
+        with torch.no_grad():
+            total, count = algo.loss(held_out)
+        return (total / count).item()
+
+    before = fixed_loss()
+    optimizer = torch.optim.AdamW(algo.backbone.parameters(), lr=1e-3)
+    for step in range(30):
+        torch.manual_seed(100 + step)
+        total, count = algo.loss(batch(data, 32))
+        optimizer.zero_grad()
+        (total / count).backward()
+        optimizer.step()
+    assert fixed_loss() < 0.9 * before
+
+
+# -- refusals ---------------------------------------------------------------------------------
+def fails(capsys, args, *needles, run_dir):
+    code = main([*args, f"run_dir={run_dir}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["algo=bd3lm", "block_size=5"], ["block_size must be a positive int that divides model.length (64), got 5"]),
+    (["algo=bd3lm", "block_size=0"], ["block_size must be a positive int", "got 0"]),
+    (["algo=bd3lm", "block_size=128"], ["got 128"]),
+    (["algo=bd3lm", "block_size=abc"], ["got 'abc'"]),
+    (["algo=mdlm", "block_size=16"], ["block_size=16 (model.length 64) needs a block-diffusion algo", "algo=mdlm"]),
+    (["algo=udlm", "block_size=16"], ["algo=udlm is not block diffusion"]),
+    (["algo=bd3lm", "algo.process=absorbing"], ["algo.process must be one of masked, uniform, got 'absorbing'"]),
+    (["algo=bd3lm", "algo.loss=ce"], ["algo.loss=ce is for algo.process=uniform"]),
+    (["algo=bd3lm", "+algo.block=4"], ["algo.block is not a bd3lm key"]),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, extra, needles):
+    fails(capsys, [*extra, "data=digits", "debug=cpu"], *needles, run_dir=tmp_path / "run")
+
+
+def test_a_block_checkpoint_without_cross_attn_is_refused(tmp_path):
+    from mdlm_dmmd.checkpoint_meta import CheckpointMeta
+
+    with pytest.raises(UserError, match="block_size=4 .* without cross_attn=true"):
+        CheckpointMeta.from_dict({"block_size": 4}).refuse_unsupported("x", 16)
+    with pytest.raises(UserError, match="block_size=3 must be a positive int dividing the model length 16"):
+        CheckpointMeta.from_dict({"block_size": 3, "cross_attn": True}).refuse_unsupported("x", 16)
+    CheckpointMeta.from_dict({"block_size": 4, "cross_attn": True}).refuse_unsupported("x", 16)

@@ -1,0 +1,187 @@
+"""Block diffusion: masks against brute force and the public BD3-LM masks, positions, per-block
+times; the block denoiser against the public BD3-LM forward (fixture), training vs sampling
+layouts, and cached vs uncached sampling (same numbers, same tokens under one seed)."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mdlm_dmmd.denoiser import BlockDenoiser
+from mdlm_dmmd.diffusion import block
+from mdlm_dmmd.diffusion.block_sampling import BlockSampler, nfe, sample_blocks
+from mdlm_dmmd.diffusion.masked import NEG_INF, MaskedProcess
+from mdlm_dmmd.diffusion.schedules import LogLinear
+from mdlm_dmmd.diffusion.uniform import UniformProcess
+from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.models.dit import DiT, DiTConfig
+
+from conftest import fixture_path, random_model
+
+FIXTURE = fixture_path("bd3lm-dit")
+
+
+def brute_force_training_mask(length: int, size: int) -> torch.Tensor:
+    """The rules of the issue, one (query, key) pair at a time."""
+    mask = torch.zeros(2 * length, 2 * length, dtype=torch.bool)
+    for q in range(2 * length):
+        for k in range(2 * length):
+            q_clean, k_clean = q >= length, k >= length
+            bq, bk = (q % length) // size, (k % length) // size
+            if not q_clean and not k_clean:
+                mask[q, k] = bq == bk
+            elif not q_clean and k_clean:
+                mask[q, k] = bk < bq
+            elif q_clean and k_clean:
+                mask[q, k] = bk <= bq
+    return mask
+
+
+@pytest.mark.parametrize("length, size", [(8, 2), (16, 4), (12, 12), (6, 1)])
+def test_training_mask_equals_brute_force(length, size):
+    assert torch.equal(block.training_mask(length, size), brute_force_training_mask(length, size))
+
+
+def test_masks_equal_the_public_bd3lm_masks():
+    io = load_file(str(FIXTURE / "bd3lm_tiny_io.safetensors"))
+    assert torch.equal(block.training_mask(8, 2), io["mask_L8_b2"])
+    assert torch.equal(block.training_mask(16, 4), io["mask_L16_b4"])
+    assert torch.equal(block.block_causal_mask(12, 4), io["sample_mask_S12"])
+
+
+@pytest.mark.parametrize("size", [8, 12, 16])
+def test_sampling_mask_is_the_clean_quadrant_of_the_training_mask(size):
+    assert torch.equal(block.block_causal_mask(size, 4), block.training_mask(16, 4)[16:16 + size, 16:16 + size])
+
+
+def test_positions_repeat_and_times_are_constant_inside_a_block():
+    assert block.training_positions(4).tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    t = block.per_token(torch.tensor([[0.1, 0.7], [0.3, 0.9]]), 3)
+    assert torch.equal(t, torch.tensor([[0.1] * 3 + [0.7] * 3, [0.3] * 3 + [0.9] * 3]))
+
+
+@pytest.mark.parametrize("value", [0, -4, 5, 32, 2.0, True, "4"])
+def test_bad_block_sizes_are_one_line_errors(value):
+    with pytest.raises(UserError, match=rf"^block_size must be a positive int that divides model.length \(16\), got "):
+        block.check_block_size(value, 16)
+    assert block.check_block_size(4, 16) == 4 and block.check_block_size(16, 16) == 16
+
+
+# -- the denoiser against the public BD3-LM forward ---------------------------------------------
+def fixture_denoiser() -> tuple[BlockDenoiser, dict]:
+    io = load_file(str(FIXTURE / "bd3lm_tiny_io.safetensors"))
+    network = DiT(DiTConfig(vocab_size=101, length=16, hidden_dim=64, cond_dim=32, n_blocks=2, n_heads=4,
+                            dropout=0.0, attn_backend="sdpa")).eval()
+    network.load_state_dict(load_file(str(FIXTURE / "bd3lm_tiny_state_dict.safetensors")))
+    process = MaskedProcess(LogLinear(), mask_id=100)
+    return BlockDenoiser(network, process, time_conditioning=False, block_size=4), io
+
+
+def test_training_layout_reproduces_bd3lm_subs_log_probs():
+    """[x_t, x_0] through BlockDenoiser (σ = 0: BD3-LM is not time-conditioned) then SUBS equals
+    upstream's `_subs_parameterization` of its training forward. Upstream subtracts 1e6 from the
+    mask logit where we set it to −1e6, so the mask column of masked rows differs by that logit
+    (both ≈ −1e6); every other entry is compared."""
+    denoiser, io = fixture_denoiser()
+    with torch.no_grad():
+        log_p = denoiser(io["train_xt"], torch.full((3,), 0.5), clean=io["train_x0"])
+    expected = io["train_logprobs_subs"]
+    masked = io["train_xt"] == 100
+    keep = torch.ones_like(expected, dtype=torch.bool)
+    keep[..., 100] = ~masked
+    assert (log_p - expected)[keep].abs().max() <= 1e-5
+    assert (log_p[..., 100][masked] < NEG_INF / 2).all() and (expected[..., 100][masked] < NEG_INF / 2).all()
+
+
+def test_sampling_layouts_without_and_with_cache_equal_the_block_causal_forward():
+    """Two clean blocks and a noisy one: as a prefix (block-causal mask over 12 tokens) and as a
+    KV cache (two commits) the noisy block's log-probs equal the plain network call on the whole
+    input with the public sampling mask. (The fixture's own sampling logits use one σ ≠ 0 for
+    every token, which a BD3-LM checkpoint never sees; `tests/models/test_bd3lm_fixture.py`
+    checks the network against them.)"""
+    denoiser, io = fixture_denoiser()
+    x = io["sample_x"]
+    with torch.no_grad():
+        uncached = denoiser.block_log_probs(x[:, 8:], torch.full((3,), 0.5), prefix=x[:, :8])
+        cache = denoiser.new_cache()
+        denoiser.commit(x[:, :4], cache)
+        denoiser.commit(x[:, 4:8], cache)
+        cached = denoiser.block_log_probs(x[:, 8:], torch.full((3,), 0.5), kv_cache=cache)
+        plain = denoiser.network(x, torch.zeros(3), attn_mask=io["sample_mask_S12"])[:, 8:]
+    reference = denoiser.process.log_probs(plain, x[:, 8:])
+    assert (uncached - reference).abs().max() <= 1e-5 and (cached - reference).abs().max() <= 1e-5
+
+
+# -- training vs sampling layouts, cache vs no cache, on a time-conditioned random model ---------
+L, K, V = 16, 4, 11
+
+
+def uniform_denoiser(noise_dim: int = 0, seed: int = 0) -> BlockDenoiser:
+    network = random_model(DiTConfig(vocab_size=V, length=L, hidden_dim=32, cond_dim=16, n_blocks=2, n_heads=4,
+                                     dropout=0.0, noise_dim=noise_dim), seed=seed)
+    return BlockDenoiser(network, UniformProcess(LogLinear(), vocab_size=V), time_conditioning=True, block_size=K)
+
+
+def masked_denoiser(seed: int = 0) -> BlockDenoiser:
+    network = random_model(DiTConfig(vocab_size=V + 1, length=L, hidden_dim=32, cond_dim=16, n_blocks=2, n_heads=4,
+                                     dropout=0.0), seed=seed)
+    return BlockDenoiser(network, MaskedProcess(LogLinear(), mask_id=V), time_conditioning=True, block_size=K)
+
+
+def test_training_on_block_j_equals_sampling_on_the_clean_prefix():
+    """Block j of the [x_t, x_0] forward = the sampling forward on [x_0 blocks < j, x_t block j],
+    with σ(t_j) on the noisy block and σ = 0 on clean tokens in both."""
+    denoiser = uniform_denoiser()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, V, (2, L), generator=g)
+    t_blocks = torch.rand(2, L // K, generator=g)
+    z = denoiser.process.corrupt(x0, block.per_token(t_blocks, K), generator=g)
+    with torch.no_grad():
+        train = denoiser(z, block.per_token(t_blocks, K), clean=x0)
+        for j in range(L // K):
+            part = slice(j * K, (j + 1) * K)
+            sample = denoiser.block_log_probs(z[:, part], t_blocks[:, j], prefix=x0[:, : j * K] if j else None)
+            assert (train[:, part] - sample).abs().max() <= 1e-5, j
+
+
+@pytest.mark.parametrize("make", [masked_denoiser, uniform_denoiser], ids=["masked", "uniform"])
+def test_cached_and_uncached_sampling_give_the_same_tokens(make):
+    denoiser = make()
+    tokens = {}
+    for cached in (True, False):
+        sampler = BlockSampler(denoiser.process, K, kv_cache=cached)
+        tokens[cached] = sampler(denoiser, steps=3, shape=(4, L), generator=torch.Generator().manual_seed(5))
+    assert tokens[True].shape == (4, L)
+    assert torch.equal(tokens[True], tokens[False])
+    other = BlockSampler(denoiser.process, K)(denoiser, steps=3, shape=(4, L), generator=torch.Generator().manual_seed(6))
+    assert not torch.equal(other, tokens[True])  # the seed matters: the test can fail
+
+
+def test_the_cache_feeds_one_block_per_step(monkeypatch):
+    denoiser = masked_denoiser()
+    lengths = []
+    forward = denoiser.network.forward
+    monkeypatch.setattr(denoiser.network, "forward", lambda x, *a, **k: lengths.append(x.shape[1]) or forward(x, *a, **k))
+    sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(2, L), kv_cache=True)
+    assert lengths == [K] * (2 * 4 + 3)  # 2 steps per block + a commit after each block but the last
+    lengths.clear()
+    sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(2, L), kv_cache=False)
+    assert lengths == [K, K, 2 * K, 2 * K, 3 * K, 3 * K, 4 * K, 4 * K]  # the prefix is re-read
+    assert nfe(L, K, 2, True) == {"per_block": 2, "denoising": 8, "commit": 3, "total": 11}
+
+
+def test_prompt_tokens_are_kept_across_blocks():
+    denoiser = uniform_denoiser()
+    prompt = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(1))
+    out = BlockSampler(denoiser.process, K)(denoiser, steps=2, shape=(2, L), prompt=prompt,
+                                            generator=torch.Generator().manual_seed(2))
+    assert torch.equal(out[:, :6], prompt)
+
+
+def test_noise_input_goes_to_noisy_tokens_only_and_cache_stays_exact():
+    denoiser = uniform_denoiser(noise_dim=4)
+    with torch.no_grad():
+        denoiser.network.noise_proj.weight.normal_()  # a noise input that matters
+    tokens = [BlockSampler(denoiser.process, K, kv_cache=cached)(denoiser, steps=2, shape=(3, L),
+                                                                 generator=torch.Generator().manual_seed(3))
+              for cached in (True, False)]
+    assert torch.equal(tokens[0], tokens[1])
