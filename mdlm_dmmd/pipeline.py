@@ -30,6 +30,12 @@ def sampling_rule(meta: CheckpointMeta) -> str:
     return "generator" if meta.process == "uniform" and meta.loss == "ce" else "ancestral"
 
 
+def first_token(meta: CheckpointMeta) -> int | None:
+    """The BOS a block model trained with `ignore_bos` starts every sequence with, else None."""
+    bos = (meta.vocab or {}).get("bos_id")
+    return int(bos) if meta.extra.get("ignore_bos") and bos is not None else None
+
+
 @dataclass
 class Pipeline:
     """A denoiser and the sampler chosen for it; `meta` is the checkpoint's metadata, if any."""
@@ -51,7 +57,7 @@ class Pipeline:
                                                        source=f"checkpoint {path}")
         if meta.cross_attn:  # BD3-LM's layout ([x_t, x_0] in training): sampled block by block
             return cls.block(network, process, time_conditioning, int(meta.block_size or network.config.length),
-                             rule=sampling_rule(meta), meta=meta)
+                             rule=sampling_rule(meta), first_token=first_token(meta), meta=meta)
         return cls.diffusion(network, process, time_conditioning, rule=sampling_rule(meta), meta=meta)
 
     @classmethod
@@ -63,10 +69,12 @@ class Pipeline:
 
     @classmethod
     def block(cls, network: DiT, process: Process, time_conditioning: bool, block_size: int, *,
-              rule: str = "ancestral", kv_cache: bool = True, meta: CheckpointMeta | None = None) -> "Pipeline":
-        """A block-diffusion network (BD3-LM layout), sampled block by block, `steps` per block."""
+              rule: str = "ancestral", kv_cache: bool = True, first_token: int | None = None,
+              meta: CheckpointMeta | None = None) -> "Pipeline":
+        """A block-diffusion network (BD3-LM layout), sampled block by block, `steps` per block;
+        `first_token`: the BOS every sequence starts with (a model trained with ignore_bos)."""
         return cls(BlockDenoiser(network, process, time_conditioning, block_size=block_size),
-                   BlockSampler(process, block_size, rule, kv_cache), meta or CheckpointMeta())
+                   BlockSampler(process, block_size, rule, kv_cache, first_token), meta or CheckpointMeta())
 
     @classmethod
     def autoregressive(cls, network: DiT, vocab_size: int, *, meta: CheckpointMeta | None = None) -> "Pipeline":

@@ -132,9 +132,10 @@ class BD3LM(AlgoBase):
         return BlockDenoiser(network, self.process, self.time_conditioning, block_size=self.block)
 
     def sampler(self) -> BlockSampler:
-        return BlockSampler(self.process, self.block, self.sampling_rule)
+        bos = self.cfg.vocab.get("bos_id") if self.ignore_bos else None
+        return BlockSampler(self.process, self.block, self.sampling_rule, first_token=bos)
 
     def checkpoint_meta(self) -> dict:
         return {**super().checkpoint_meta(), **process_meta(self.process, self.time_conditioning),
-                "block_size": self.block, "cross_attn": True, "loss": self.settings.loss,
+                "block_size": self.block, "cross_attn": True, "ignore_bos": self.ignore_bos, "loss": self.settings.loss,
                 "sampling_rule": self.sampling_rule}

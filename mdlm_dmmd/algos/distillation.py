@@ -206,6 +206,28 @@ class Teacher:
         self.sha256 = content_hash(self.path)
         self.swapped = False
 
+    @property
+    def block_size(self) -> int | None:
+        """Tokens per block of a block-diffusion teacher (BD3-LM layout), None for a plain one."""
+        return int(self.meta.block_size or self.network.config.length) if self.meta.cross_attn else None
+
+    @property
+    def ignore_bos(self) -> bool:
+        """Whether the teacher never saw a noisy first token (BD3-LM's ignore_bos)."""
+        return bool(self.meta.extra.get("ignore_bos"))
+
+    def student_block_size(self, asked: Any, length: int) -> int | None:
+        """The student's block size: the teacher's (None for a plain teacher). `asked` is the
+        config's `block_size` (default `model.length`); any other value is a one-line error."""
+        asked = length if asked is None else asked
+        if self.block_size is None and asked != length:
+            raise UserError(f"block_size={asked}: the teacher '{self.path}' is not a block-diffusion model; a plain "
+                            f"teacher distils into a plain student (leave block_size at model.length, {length})")
+        if self.block_size is not None and asked not in (length, self.block_size):
+            raise UserError(f"block_size={asked} differs from the teacher's block_size={self.block_size} ('{self.path}'); "
+                            f"a block student takes its teacher's block size: leave block_size out or pass {self.block_size}")
+        return self.block_size
+
     def swap_from(self, student: DiT) -> None:
         """Take a student's weights (its noise input, if any, is not part of a teacher)."""
         state = {k: v for k, v in student.state_dict().items() if not k.startswith("noise_proj.")}

@@ -43,9 +43,11 @@ from mdlm_dmmd.algos.distillation import (
     noise_grid,
 )
 from mdlm_dmmd.checkpoint_meta import CheckpointMeta
-from mdlm_dmmd.denoiser import Denoiser
-from mdlm_dmmd.diffusion import Process
+from mdlm_dmmd.denoiser import BlockDenoiser, Denoiser
+from mdlm_dmmd.diffusion import Process, block
+from mdlm_dmmd.diffusion.block_sampling import BlockSampler
 from mdlm_dmmd.diffusion.sampling import DiffusionSampler, sample_categorical, top_p_mask
+from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT
 
 WEIGHTINGS = ("constant", "elbo")
@@ -151,13 +153,14 @@ def aux_loss(target: Tensor, p_teacher: Tensor, log_p_aux: Tensor, weight: Tenso
 
 
 def posterior_step_weight(s: Tensor, ds: float) -> Tensor:
-    """1 / (s − s_prev) per sequence [B, 1], with s_prev = max(s − ds, 0) (App. D's 1/ds).
+    """1 / (s − s_prev) with s_prev = max(s − ds, 0) (App. D's 1/ds): [B, 1] for s per sequence
+    [B], [B, L] for s per token (block diffusion).
 
     Near s = 0 the step is clamped to s_prev = 0, so the weight is that of the step actually
     taken, 1/s, not 1/ds; elsewhere it is exactly 1/ds.
     """
-    clamped = (s < ds)[:, None]
-    return torch.where(clamped, 1 / s.clamp_min(1e-12)[:, None], torch.full_like(s[:, None], 1 / ds))
+    s = s[:, None] if s.dim() == 1 else s
+    return torch.where(s < ds, 1 / s.clamp_min(1e-12), torch.full_like(s, 1 / ds))
 
 
 def output_entropy(p: Tensor, where: Tensor) -> Tensor:
@@ -169,11 +172,16 @@ def output_entropy(p: Tensor, where: Tensor) -> Tensor:
 class DMMD(AlgoBase):
     """Teacher θ (frozen), generator η and auxiliary φ (copies of the teacher), alternating
     manual updates, EMA on the generator. The generator is what checkpoints expose to
-    `load_backbone` and sampling (`backbone_prefix`); the teacher is reloaded from its path."""
+    `load_backbone` and sampling (`backbone_prefix`); the teacher is reloaded from its path.
+
+    A block-diffusion teacher (BD3-LM layout) gives a block student: Algorithm 1 per block, with
+    s, t drawn per (sequence, block), every network on [z, x_0] (the data's clean blocks as the
+    prefix of each noisy block), `sampling_steps` steps per block when sampling."""
 
     settings: DMMDConfig
     backbone_prefix = "generator."
     not_in_checkpoint = (TEACHER_PREFIX,)  # self.teacher: unless swapped, reloaded from its path
+    block_diffusion = True  # the student takes a block teacher's block size (Teacher.student_block_size)
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
@@ -181,11 +189,16 @@ class DMMD(AlgoBase):
         self.automatic_optimization = False
         self.teacher_part = Teacher(settings.teacher, data_vocab_size=self.data_vocab_size, length=self.cfg.model.length)
         self.process, self.time_conditioning = self.teacher_part.process, self.teacher_part.time_conditioning
+        self.block = self.teacher_part.student_block_size(self.cfg.get("block_size"), int(self.cfg.model.length))
+        if self.block is not None and settings.noise_pyramid:
+            raise UserError("algo.noise_pyramid=true needs a plain teacher: a block student samples one block at a "
+                            "time and the pyramid spans the whole image; use algo.noise_pyramid=false or null")
         check_schedule(self.cfg.noise, self.data_vocab_size, self.process)
         # Open choices that depend on the teacher (e.g. noise input on for masked, off for uniform).
         self.settings = settings = settings.for_teacher(self.process, self.teacher_part.meta)
         self.teacher = self.teacher_part.network
-        noise = {"noise_dim": settings.noise_dim, "noise_grid": noise_grid(settings, self.cfg.vocab.get("image_shape"))}
+        image_shape = self.cfg.vocab.get("image_shape") if self.block is None else None  # block: white noise
+        noise = {"noise_dim": settings.noise_dim, "noise_grid": noise_grid(settings, image_shape)}
         self.generator = copy_of(self.teacher, **(noise if settings.noise_input else {}), dropout=settings.student_dropout)
         self.aux = copy_of(self.teacher, dropout=settings.student_dropout)
         self.alternation = Alternation(
@@ -210,16 +223,38 @@ class DMMD(AlgoBase):
         self.teacher.eval()
         return self
 
-    def log_probs(self, network: DiT, z: Tensor, t: Tensor) -> Tensor:
-        """x̂(z) of one of the three networks as SUBS log-probs [B, L, V] (fresh generator noise)."""
-        return self.denoiser(network)(z, t)
+    def log_probs(self, network: DiT, z: Tensor, t: Tensor, clean: Tensor | None = None) -> Tensor:
+        """x̂(z) of one of the three networks as log-probs [B, L, V] (fresh generator noise); a
+        block student's networks see [z, clean] (`BlockDenoiser`)."""
+        if self.block is None:
+            return self.denoiser(network)(z, t)
+        return self.denoiser(network)(z, t, clean=clean)
 
     def denoiser(self, network: torch.nn.Module) -> Denoiser:
-        return Denoiser(network, self.process, self.time_conditioning)
+        if self.block is None:
+            return Denoiser(network, self.process, self.time_conditioning)
+        return BlockDenoiser(network, self.process, self.time_conditioning, block_size=self.block)
 
-    def sampler(self) -> DiffusionSampler:
+    def sampler(self) -> DiffusionSampler | BlockSampler:
         # Students sample with the generator rule of Algorithm 1 (hard x, then the posterior).
-        return DiffusionSampler(self.process, "generator")
+        if self.block is None:
+            return DiffusionSampler(self.process, "generator")
+        bos = self.cfg.vocab.get("bos_id") if self.teacher_part.ignore_bos else None
+        return BlockSampler(self.process, self.block, "generator", first_token=bos)
+
+    def times(self, x: Tensor, draw) -> tuple[Tensor, ...]:
+        """`draw(n)` for n = B (plain) or B · n_blocks (block: then spread to tokens [B, L])."""
+        batch, length = x.shape
+        if self.block is None:
+            return draw(batch)
+        return tuple(block.per_token(u.view(batch, -1), self.block) for u in draw(batch * (length // self.block)))
+
+    def keep_first(self, z: Tensor, x: Tensor) -> Tensor:
+        """A teacher trained with ignore_bos never saw a noisy first token: keep it clean."""
+        if self.block is not None and self.teacher_part.ignore_bos:
+            z = z.clone()
+            z[:, 0] = x[:, 0]
+        return z
 
     # -- training: alternating phases ---------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -251,9 +286,12 @@ class DMMD(AlgoBase):
     # -- validation: the generator as a one-step denoiser (a drift diagnostic) ----------------
     def loss(self, batch):
         x = batch["input_ids"]
-        t = self.data_times(x)
-        z_t = self.process.corrupt(x, t)
-        per_token = self.process.nelbo(self.log_probs(self.generator, z_t, t), x, z_t, t)
+        if self.block is None:
+            t = self.data_times(x)
+        else:
+            t = block.per_token(self.data_times(x, x.shape[1] // self.block).view(x.shape[0], -1), self.block)
+        z_t = self.keep_first(self.process.corrupt(x, t), x)
+        per_token = self.process.nelbo(self.log_probs(self.generator, z_t, t, clean=x), x, z_t, t)
         return per_token.sum(), torch.tensor(float(x.numel()), device=x.device)
 
     # -- checkpoints: the teacher is reloaded from its path unless swapped (the Teacher part) ----
@@ -273,37 +311,42 @@ class DMMD(AlgoBase):
         # k travels with the student, so `mode=sample` uses it unless sampling.steps is given; the
         # teacher by resolved path and content hash, so a resume can accept a moved copy of it.
         st = self.settings
+        blocks = {} if self.block is None else \
+            {"block_size": self.block, "cross_attn": True, "ignore_bos": self.teacher_part.ignore_bos}
         return {**super().checkpoint_meta(), **process_meta(self.process, self.time_conditioning),
                 "sampling_rule": self.sampler().rule, **self.teacher_part.provenance(), "sampling_steps": st.sampling_steps,
-                "teacher_top_p": st.teacher_top_p, "teacher_temperature": st.teacher_temperature}
+                "teacher_top_p": st.teacher_top_p, "teacher_temperature": st.teacher_temperature, **blocks}
 
     def check_resume_meta(self, recorded: CheckpointMeta, path: str) -> None:
         """`training.check_resume` hook: the teacher may have moved, but it must hold the same bytes."""
         self.teacher_part.check_moved(recorded, f"checkpoint '{path}'")
 
     def weight(self, s: Tensor) -> Tensor:
-        """w(s) per sequence [B, 1]. Not from the paper: constant 1 by default, or the ELBO 1/s."""
+        """w(s): [B, 1] for s per sequence, [B, L] per token (block). Not from the paper: constant
+        1 by default, or the ELBO 1/s."""
+        s = s[:, None] if s.dim() == 1 else s
         if self.settings.weighting == "elbo":
-            return self.process.elbo_weight(s.clamp_min(self.cfg.training.sampling_eps))[:, None]
-        return torch.ones_like(s)[:, None]
+            return self.process.elbo_weight(s.clamp_min(self.cfg.training.sampling_eps))
+        return torch.ones_like(s)
 
     def phase_loss(self, batch, phase):
         st = self.settings
         x_data = batch["input_ids"]  # [B, L]
         B, L = x_data.shape
         # 1. times, z_t ~ q(z_t | x_data), generator prediction, hard x, z_s ~ q(z_s | z_t, x)
-        s, t = distillation_times(B, st.sampling_steps, x_data.device)
-        z_t = self.process.corrupt(x_data, t)
+        # (block student: s, t per (sequence, block), spread over its tokens; x_data is the clean prefix)
+        s, t = self.times(x_data, lambda n: distillation_times(n, st.sampling_steps, x_data.device))
+        z_t = self.keep_first(self.process.corrupt(x_data, t), x_data)
         with torch.set_grad_enabled(phase == "gen"):
-            p_gen = self.log_probs(self.generator, z_t, t).exp()  # [B, L, V]
+            p_gen = self.log_probs(self.generator, z_t, t, clean=x_data).exp()  # [B, L, V]
         x = sample_categorical(p_gen.detach())  # float64 draw
         z_s = self.process.sample_posterior(z_t, x, t, s)
         # 2. teacher (tempered / nucleus-lowered, §3.3) and auxiliary at z_s
         with torch.no_grad():
-            log_p_teacher = modified_teacher(self.log_probs(self.teacher, z_s, s), st.teacher_temperature,
+            log_p_teacher = modified_teacher(self.log_probs(self.teacher, z_s, s, clean=x_data), st.teacher_temperature,
                                              st.teacher_top_p, st.top_p_delta)
         with torch.set_grad_enabled(phase == "aux"):
-            log_p_aux = self.log_probs(self.aux, z_s, s)
+            log_p_aux = self.log_probs(self.aux, z_s, s, clean=x_data)
         # 3. the phase's loss, in x0 space (eqs. 11-12) or posterior space (App. D, eqs. 24-26)
         if phase == "gen":
             target = p_gen

@@ -113,12 +113,16 @@ class BlockSampler:
     block_size: int
     rule: str = "ancestral"
     kv_cache: bool = True
+    first_token: int | None = None  # BD3-LM's ignore_bos: every sequence starts with this token (BOS)
     autoregressive: ClassVar[bool] = False
     blockwise: ClassVar[bool] = True  # called with the denoiser object, not a (z, t) function
 
-    def __call__(self, denoiser: Any, *, steps: int, shape: tuple[int, int], **options) -> Tensor:
+    def __call__(self, denoiser: Any, *, steps: int, shape: tuple[int, int], prompt: Tensor | None = None,
+                 device: torch.device | str = "cpu", **options) -> Tensor:
+        if prompt is None and self.first_token is not None:  # a model that never saw a noisy BOS
+            prompt = torch.full((shape[0], 1), self.first_token, dtype=torch.long, device=device)
         return sample_blocks(denoiser, self.process, block_size=self.block_size, steps=steps, shape=shape,
-                             rule=self.rule, kv_cache=self.kv_cache, **options)
+                             rule=self.rule, kv_cache=self.kv_cache, prompt=prompt, device=device, **options)
 
     def nfe(self, length: int, steps: int) -> dict[str, int]:
         return nfe(length, self.block_size, steps, self.kv_cache)
