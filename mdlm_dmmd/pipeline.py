@@ -115,11 +115,21 @@ class Pipeline:
         progress: bool = False,
         noise_removal: str = "ancestral",
         prompts: Tensor | None = None,
+        nucleus: str = "keep",
+        kv_cache: bool | None = None,
+        first_hitting: bool = False,
     ) -> Tensor:
         """[num_samples, L] token ids, drawn `batch_size` sequences at a time; with `prompts`
-        [num_samples, P], row i continues prompt i."""
+        [num_samples, P], row i continues prompt i. `nucleus`: keep | drop the token that crosses
+        top_p. Block models only: `kv_cache` (None: the sampler's setting, on by default) and
+        `first_hitting` (BD3-LM's one-token-per-step rule, masked models); `steps` is per block."""
         if not isinstance(num_samples, int) or num_samples < 1:
             raise UserError(f"sampling.num_samples must be a positive int, got {num_samples!r}")
+        extra = {"nucleus": nucleus}
+        if self.sampler.blockwise:
+            extra.update(kv_cache=kv_cache, first_hitting=first_hitting)
+        elif first_hitting:
+            raise UserError("sampling.first_hitting is BD3-LM's block sampler rule; this model is not block diffusion")
         device = self.device
         length = self.length
         batch_size = batch_size or num_samples
@@ -131,6 +141,6 @@ class Pipeline:
             denoise = self.denoiser if self.sampler.blockwise else functools.partial(self.denoiser, generator=generator)
             chunk = self.sampler(denoise, steps=steps, shape=shape, generator=generator, device=device,
                                  temperature=temperature, top_p=top_p, noise_removal=noise_removal, prompt=prompt,
-                                 progress=progress)
+                                 progress=progress, **extra)
             chunks.append(chunk)
         return torch.cat(chunks)

@@ -272,15 +272,11 @@ class AlgoBase(L.LightningModule):
         """The sampling pipeline around `network` (an evaluation copy of the sampled network)."""
         return Pipeline(self.denoiser(network), self.sampler())
 
-    def generate(self, num_samples: int, *, steps: int, generator: torch.Generator | None = None,
-                 temperature: float = 1.0, top_p: float = 1.0, noise_removal: str = "ancestral",
-                 batch_size: int | None = None, progress: bool = False, prompts: Tensor | None = None) -> Tensor:
-        """[num_samples, L] token ids from the EMA weights in eval mode (`Pipeline.generate`)."""
+    def generate(self, num_samples: int, **options) -> Tensor:
+        """[num_samples, L] token ids from the EMA weights in eval mode; `options` as
+        `Pipeline.generate` (steps, generator, temperature, top_p, prompts, ...)."""
         with self.evaluation_weights() as network:
-            return self.pipeline(network).generate(
-                num_samples, steps=steps, generator=generator, temperature=temperature, top_p=top_p,
-                noise_removal=noise_removal, batch_size=batch_size, progress=progress, prompts=prompts,
-            )
+            return self.pipeline(network).generate(num_samples, **options)
 
     @property
     def length(self) -> int:

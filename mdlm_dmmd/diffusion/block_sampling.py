@@ -11,6 +11,11 @@ every step re-reads [prefix, block]; both give the same tokens under the same se
 NFE: `steps` per block, `steps · L / block_size` in all, plus (with the cache) one commit pass
 per finished block but the last (`nfe`).
 
+Options of BD3-LM's sampler: `first_hitting` (masked process; Zheng et al. 2024): each step
+reveals exactly one masked token per sequence, chosen uniformly, at the time t·u^(1/n) when the
+first of the n masked tokens would be revealed, so a block takes as many steps as it has masks
+and `steps` is ignored; `nucleus="drop"` (the token that crosses top-p dropped, as BD3-LM).
+
 The sampler sees the denoiser only through `block_log_probs(z, t, prefix=, kv_cache=,
 generator=)`, `new_cache()` and `commit(x, cache)` (`denoiser.BlockDenoiser`).
 """
@@ -25,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mdlm_dmmd.diffusion.process import Process
-from mdlm_dmmd.diffusion.sampling import check_prompt, check_sampling_args, step
+from mdlm_dmmd.diffusion.sampling import adjust, check_prompt, check_sampling_args, sample_categorical, step
 from mdlm_dmmd.errors import UserError
 
 
@@ -52,6 +57,8 @@ def sample_blocks(
     noise_removal: str = "ancestral",
     prompt: Tensor | None = None,
     kv_cache: bool = True,
+    first_hitting: bool = False,
+    nucleus: str = "keep",
     progress: bool = False,
 ) -> Tensor:
     """`shape[0]` sequences of `shape[1]` tokens, block by block, `steps` steps per block. [B, L]
@@ -59,11 +66,13 @@ def sample_blocks(
     `prompt` [B, P]: the first P tokens are given; they are written into their blocks before
     every step (masked diffusion carries them over, uniform diffusion would re-noise them).
     """
-    check_sampling_args(steps, temperature, top_p, rule, noise_removal)
+    check_sampling_args(steps, temperature, top_p, rule, noise_removal, nucleus)
     check_prompt(prompt, shape)
     batch, length = shape
     if length % block_size:
         raise UserError(f"block sampling: the length {length} must be a multiple of block_size {block_size}")
+    if first_hitting and not process.deterministic_prior:
+        raise UserError("sampling.first_hitting reveals one masked token per step: it needs a masked-process model")
     times = torch.linspace(1.0, 0.0, steps + 1, device=device)
     cache = denoiser.new_cache() if kv_cache else None
     finished = torch.empty(batch, 0, dtype=torch.long, device=device)
@@ -73,14 +82,19 @@ def sample_blocks(
         start = j * block_size
         given = _prompt_part(prompt, start, block_size)
         z = _keep(process.prior((batch, block_size), device=device, generator=generator), given)
-        for i in range(steps):
+        if first_hitting:
+            z = _first_hitting_block(denoiser, process, z, given, finished, cache, generator,
+                                     temperature=temperature, top_p=top_p, nucleus=nucleus)
+            bar.update(steps)
+        for i in range(0 if first_hitting else steps):
             t, s = times[i].expand(batch), times[i + 1].expand(batch)
             log_p = denoiser.block_log_probs(z, t, prefix=None if kv_cache or j == 0 else finished,
                                              kv_cache=cache, generator=generator)
             if noise_removal == "greedy" and i == steps - 1:
                 z = log_p.argmax(dim=-1)
             else:
-                z = step(process, log_p, z, t, s, rule=rule, temperature=temperature, top_p=top_p, generator=generator)
+                z = step(process, log_p, z, t, s, rule=rule, temperature=temperature, top_p=top_p, nucleus=nucleus,
+                         generator=generator)
             z = _keep(z, given)
             bar.update()
         finished = torch.cat([finished, z], dim=1)
@@ -88,6 +102,29 @@ def sample_blocks(
             denoiser.commit(z, cache)
     bar.close()
     return finished
+
+
+def _first_hitting_block(denoiser, process, z, given, finished, cache, generator, **adjust_options) -> Tensor:
+    """Denoise one masked block with the first-hitting rule: per step and sequence, one masked
+    token (uniform among the masked ones) is drawn from x̂ at t ← t · u^(1/n), n = masks left."""
+    batch = z.shape[0]
+    rows = torch.arange(batch, device=z.device)
+    t = torch.ones(batch, dtype=torch.float64, device=z.device)
+    while True:
+        masked = process.denoising_positions(z)  # [B, K]
+        left = masked.sum(dim=1)  # [B]
+        if not left.any():
+            return z
+        u = torch.rand(batch, dtype=torch.float64, device=z.device, generator=generator)
+        t = torch.where(left > 0, t * u ** (1.0 / left.clamp_min(1)), t)
+        log_p = denoiser.block_log_probs(z, t.float(), prefix=None if cache is not None or not finished.shape[1]
+                                         else finished, kv_cache=cache, generator=generator)
+        weights = torch.rand(masked.shape, dtype=torch.float64, device=z.device, generator=generator) * masked
+        position = weights.argmax(dim=1)  # a uniform masked position (none: ignored below)
+        token = sample_categorical(adjust(log_p[rows, position], **adjust_options), generator)
+        z = z.clone()
+        z[rows[left > 0], position[left > 0]] = token[left > 0]
+        z = _keep(z, given)
 
 
 def _prompt_part(prompt: Tensor | None, start: int, size: int) -> Tensor | None:
@@ -118,11 +155,15 @@ class BlockSampler:
     blockwise: ClassVar[bool] = True  # called with the denoiser object, not a (z, t) function
 
     def __call__(self, denoiser: Any, *, steps: int, shape: tuple[int, int], prompt: Tensor | None = None,
-                 device: torch.device | str = "cpu", **options) -> Tensor:
+                 device: torch.device | str = "cpu", kv_cache: bool | None = None, **options) -> Tensor:
+        """`kv_cache` None: the sampler's own setting; other options as `sample_blocks`."""
         if prompt is None and self.first_token is not None:  # a model that never saw a noisy BOS
             prompt = torch.full((shape[0], 1), self.first_token, dtype=torch.long, device=device)
         return sample_blocks(denoiser, self.process, block_size=self.block_size, steps=steps, shape=shape,
-                             rule=self.rule, kv_cache=self.kv_cache, prompt=prompt, device=device, **options)
+                             rule=self.rule, kv_cache=self.kv_cache if kv_cache is None else kv_cache,
+                             prompt=prompt, device=device, **options)
 
-    def nfe(self, length: int, steps: int) -> dict[str, int]:
-        return nfe(length, self.block_size, steps, self.kv_cache)
+    def nfe(self, length: int, steps: int, kv_cache: bool | None = None, first_hitting: bool = False) -> dict[str, int]:
+        """Network evaluations per sequence (first hitting: one per token, `steps` ignored)."""
+        return nfe(length, self.block_size, self.block_size if first_hitting else steps,
+                   self.kv_cache if kv_cache is None else kv_cache)

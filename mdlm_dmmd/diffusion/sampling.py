@@ -33,6 +33,7 @@ from mdlm_dmmd.errors import UserError
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (z_t [B, L], t [B]) -> log-probs [B, L, V]
 RULES = ("ancestral", "generator")
 NOISE_REMOVALS = ("ancestral", "greedy")
+NUCLEUS_RULES = ("keep", "drop")  # the token that crosses top_p: kept (Duo/HF, ours) | dropped (BD3-LM)
 
 
 def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -48,18 +49,25 @@ def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) 
     return (probs / exponential).argmax(dim=-1)
 
 
-def top_p_mask(log_p: Tensor, top_p: float) -> Tensor:
-    """True for tokens inside the nucleus: the smallest set whose mass reaches `top_p`.
+def top_p_mask(log_p: Tensor, top_p: float, rule: str = "keep") -> Tensor:
+    """True for tokens inside the nucleus.
 
-    The token that crosses `top_p` is kept (Duo/HF rule), so the top-1 token is always in.
+    `keep` (Duo/HF, this package's default): the smallest set whose mass reaches `top_p`, i.e.
+    the token that crosses `top_p` is kept. `drop` (BD3-LM's `_nucleus_sample`, to reproduce its
+    checkpoints): the tokens whose cumulative mass stays ≤ `top_p`, the crossing one dropped.
+    The top-1 token is always in.
     """
     sorted_log_p, order = log_p.sort(dim=-1, descending=True)
-    mass_before = sorted_log_p.exp().cumsum(dim=-1) - sorted_log_p.exp()
-    keep_sorted = mass_before < top_p
+    mass = sorted_log_p.exp().cumsum(dim=-1)
+    if rule == "keep":
+        keep_sorted = mass - sorted_log_p.exp() < top_p
+    else:
+        keep_sorted = mass <= top_p
+        keep_sorted[..., 0] = True
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
-def adjust(log_p: Tensor, temperature: float = 1.0, top_p: float = 1.0) -> Tensor:
+def adjust(log_p: Tensor, temperature: float = 1.0, top_p: float = 1.0, nucleus: str = "keep") -> Tensor:
     """Temperature and nucleus on log-probs → renormalised float64 probabilities [B, L, V].
 
     temperature 0 is greedy (one-hot argmax). Tokens outside the nucleus get probability 0.
@@ -70,11 +78,12 @@ def adjust(log_p: Tensor, temperature: float = 1.0, top_p: float = 1.0) -> Tenso
     if temperature != 1.0:
         log_p = torch.log_softmax(log_p / temperature, dim=-1)
     if top_p < 1.0:
-        log_p = log_p.masked_fill(~top_p_mask(log_p, top_p), float("-inf"))
+        log_p = log_p.masked_fill(~top_p_mask(log_p, top_p, nucleus), float("-inf"))
     return torch.softmax(log_p, dim=-1)
 
 
-def check_sampling_args(steps: int, temperature: float, top_p: float, rule: str, noise_removal: str = "ancestral") -> None:
+def check_sampling_args(steps: int, temperature: float, top_p: float, rule: str, noise_removal: str = "ancestral",
+                        nucleus: str = "keep") -> None:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise UserError(f"sampling.steps must be a positive int, got {steps!r}")
     if temperature < 0:
@@ -85,6 +94,8 @@ def check_sampling_args(steps: int, temperature: float, top_p: float, rule: str,
         raise UserError(f"sampling.rule '{rule}' is not supported; accepted: {', '.join(RULES)}")
     if noise_removal not in NOISE_REMOVALS:
         raise UserError(f"sampling.noise_removal '{noise_removal}' is not supported; accepted: {', '.join(NOISE_REMOVALS)}")
+    if nucleus not in NUCLEUS_RULES:
+        raise UserError(f"sampling.nucleus must be one of {', '.join(NUCLEUS_RULES)}, got {nucleus!r}")
 
 
 @torch.no_grad()
@@ -101,6 +112,7 @@ def sample(
     rule: str = "ancestral",
     noise_removal: str = "ancestral",
     prompt: Tensor | None = None,
+    nucleus: str = "keep",
     progress: bool = False,
 ) -> Tensor:
     """Draw `shape[0]` sequences of length `shape[1]` in `steps` denoising steps. [B, L] int64.
@@ -110,7 +122,7 @@ def sample(
     `prompt` [B, P]: the first P tokens are given (clean from the start and after every step;
     masked diffusion carries them over anyway, uniform diffusion would re-noise them).
     """
-    check_sampling_args(steps, temperature, top_p, rule, noise_removal)
+    check_sampling_args(steps, temperature, top_p, rule, noise_removal, nucleus)
     check_prompt(prompt, shape)
     z = keep_prompt(process.prior(shape, device=device, generator=generator), prompt)
     times = torch.linspace(1.0, 0.0, steps + 1, device=device)
@@ -121,7 +133,8 @@ def sample(
         if noise_removal == "greedy" and j == steps - 1:
             z = log_p.argmax(dim=-1)  # argmax is unchanged by temperature > 0 and top-p
         else:
-            z = step(process, log_p, z, t, s, rule=rule, temperature=temperature, top_p=top_p, generator=generator)
+            z = step(process, log_p, z, t, s, rule=rule, temperature=temperature, top_p=top_p, nucleus=nucleus,
+                     generator=generator)
         z = keep_prompt(z, prompt)
     return z
 
@@ -153,6 +166,7 @@ def step(
     rule: str = "ancestral",
     temperature: float = 1.0,
     top_p: float = 1.0,
+    nucleus: str = "keep",
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """z_s given z_t and the denoiser's log-probs x̂(z_t) [B, L, V]: one step of `sample`. [B, L]"""
@@ -161,9 +175,9 @@ def step(
         # Masked: which tokens change does not depend on x and the posterior is linear in x,
         # so both rules reduce to drawing x at the revealed positions only.
         z_s = z_t.clone()
-        z_s[updated] = sample_categorical(adjust(log_p[updated], temperature, top_p), generator)
+        z_s[updated] = sample_categorical(adjust(log_p[updated], temperature, top_p, nucleus), generator)
         return z_s
-    probs = adjust(log_p, temperature, top_p)  # [B, L, V] float64
+    probs = adjust(log_p, temperature, top_p, nucleus)  # [B, L, V] float64
     if rule == "generator":
         return process.sample_posterior(z_t, sample_categorical(probs, generator), t, s, generator)
     return sample_categorical(process.posterior_probs(z_t, probs, t, s), generator)
@@ -185,6 +199,7 @@ def sample_autoregressive(
     temperature: float = 1.0,
     top_p: float = 1.0,
     prompt: Tensor | None = None,
+    nucleus: str = "keep",
     progress: bool = False,
 ) -> Tensor:
     """Left-to-right sampling for a causal model fed [start, x_0, …, x_{L−2}]. [B, L] int64.
@@ -192,13 +207,13 @@ def sample_autoregressive(
     `next_log_probs(inputs [B, L]) -> [B, L, V]`; position i of the output predicts x_i.
     `prompt` [B, P]: the first P tokens are given and sampling starts at position P.
     """
-    check_sampling_args(1, temperature, top_p, "ancestral")
+    check_sampling_args(1, temperature, top_p, "ancestral", nucleus=nucleus)
     check_prompt(prompt, shape)
     x = keep_prompt(torch.full(shape, start_id, dtype=torch.long, device=device), prompt)
     first = 0 if prompt is None else prompt.shape[1]
     for i in tqdm(range(first, shape[1]), desc="sampling", disable=not progress, leave=False):
         log_p = next_log_probs(shift_right(x, start_id))[:, i]  # [B, V]
-        x[:, i] = sample_categorical(adjust(log_p, temperature, top_p), generator)
+        x[:, i] = sample_categorical(adjust(log_p, temperature, top_p, nucleus), generator)
     return x
 
 

@@ -68,6 +68,17 @@ def sampling_steps(cfg: DictConfig, meta: CheckpointMeta | None = None) -> int:
     return int((meta.sampling_steps if meta is not None else None) or DEFAULT_STEPS)
 
 
+def nfe_report(sampler, length: int, steps: int, cfg: DictConfig) -> dict[str, int]:
+    """Report rows for a block model: its block size, steps per block and network evaluations in
+    all, without and with the passes that commit finished blocks to the KV cache; {} otherwise."""
+    if not getattr(sampler, "blockwise", False):
+        return {}
+    s = cfg.sampling
+    n = sampler.nfe(length, steps, kv_cache=s.get("kv_cache"), first_hitting=bool(s.get("first_hitting", False)))
+    return {"block size": sampler.block_size, "steps per block": n["per_block"],
+            "NFE (all blocks)": n["denoising"], "NFE with KV-cache commits": n["total"]}
+
+
 def held_out_rows(cfg: DictConfig, length: int, count: int) -> torch.Tensor:
     """Up to `count` validation rows [N, L], drawn at random with `sampling.seed`."""
     valid = build_data(cfg.data, length).valid
@@ -107,7 +118,8 @@ def generate(model, cfg: DictConfig, steps: int, *, prompt_rows: torch.Tensor | 
     return model.generate(
         int(s.num_samples), steps=steps, generator=generator, temperature=float(s.temperature),
         top_p=float(s.top_p), noise_removal=str(s.noise_removal), batch_size=int(s.batch_size), progress=progress,
-        prompts=prompts,
+        prompts=prompts, nucleus=str(s.get("nucleus", "keep")), kv_cache=s.get("kv_cache"),
+        first_hitting=bool(s.get("first_hitting", False)),
     )
 
 

@@ -7,7 +7,7 @@ import json
 
 from omegaconf import DictConfig
 
-from mdlm_dmmd.eval.scoring import checkpoint_data, load_pipeline, sample_and_score, sampling_steps
+from mdlm_dmmd.eval.scoring import checkpoint_data, load_pipeline, nfe_report, sample_and_score, sampling_steps
 from mdlm_dmmd.eval.tables import write_report
 from mdlm_dmmd.training import check_run_dir, make_run_dir
 
@@ -17,7 +17,8 @@ def run(cfg: DictConfig) -> None:
     pipeline, path = load_pipeline(cfg)
     steps = sampling_steps(cfg, pipeline.meta)
     scored = sample_and_score(pipeline, cfg, steps, progress=True)
-    rows = {"checkpoint": path, "sampling steps": steps, "samples": len(scored.samples)}
+    rows = {"checkpoint": path, "sampling steps": steps, **nfe_report(pipeline.sampler, pipeline.length, steps, cfg),
+            "samples": len(scored.samples)}
     if scored.prompt_rows is not None:
         rows["prompt length"] = int(cfg.sampling.prompt_length)
     rows.update(scored.metrics)

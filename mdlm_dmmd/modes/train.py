@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from mdlm_dmmd.checkpoint_meta import CheckpointMeta
-from mdlm_dmmd.eval.scoring import sample_and_score, sampling_steps
+from mdlm_dmmd.eval.scoring import nfe_report, sample_and_score, sampling_steps
 from mdlm_dmmd.eval.tables import write_report
 from mdlm_dmmd.training import fit
 
@@ -27,6 +27,7 @@ def run(cfg: DictConfig) -> None:
     files = ["checkpoints/final.ckpt"]
     if int(cfg.sampling.num_samples) > 0:
         rows["sampling steps"] = sampling_steps(cfg, CheckpointMeta.from_dict(fitted.algo.checkpoint_meta()))
+        rows.update(nfe_report(fitted.algo.sampler(), fitted.algo.length, rows["sampling steps"], cfg))
         scored = sample_and_score(fitted.algo, cfg, rows["sampling steps"], progress=True)
         rows.update(scored.metrics)
         files += fitted.data.write_samples(fitted.run_dir, scored.samples)

@@ -132,6 +132,9 @@ def test_block_size_reaches_model_loss_sampler_and_checkpoint(tmp_path, process)
     samples = pipeline.generate(3, steps=2, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (3, 16)
     assert torch.load(run_dir / "samples.pt", weights_only=False).shape[1] == 16
+    report = (run_dir / "report.md").read_text()  # NFE per block and in all (4 blocks, 2 steps each)
+    for row in ("| steps per block | 2 |", "| NFE (all blocks) | 8 |", "| NFE with KV-cache commits | 11 |"):
+        assert row in report, row
 
 
 def test_training_lowers_the_loss():
@@ -177,9 +180,26 @@ def fails(capsys, args, *needles, run_dir):
     (["algo=bd3lm", "algo.process=absorbing"], ["algo.process must be one of masked, uniform, got 'absorbing'"]),
     (["algo=bd3lm", "algo.loss=ce"], ["algo.loss=ce is for algo.process=uniform"]),
     (["algo=bd3lm", "+algo.block=4"], ["algo.block is not a bd3lm key"]),
+    (["algo=bd3lm", "sampling.nucleus=cut"], ["sampling.nucleus must be one of keep, drop, got 'cut'"]),
+    (["algo=bd3lm", "sampling.kv_cache=maybe"], ["sampling.kv_cache must be true or false, got 'maybe'"]),
+    (["algo=mdlm", "sampling.first_hitting=true", "trainer.max_steps=1"],
+     ["sampling.first_hitting is BD3-LM's block sampler rule; algo=mdlm is not block diffusion"]),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, extra, needles):
     fails(capsys, [*extra, "data=digits", "debug=cpu"], *needles, run_dir=tmp_path / "run")
+
+
+def test_sampling_options_reach_the_block_sampler(tmp_path, monkeypatch):
+    from mdlm_dmmd.diffusion import block_sampling
+
+    seen = []
+    real = block_sampling.sample_blocks
+    monkeypatch.setattr(block_sampling, "sample_blocks", lambda *a, **k: seen.append(k) or real(*a, **k))
+    run_dir = tmp_path / "run"
+    assert main(["algo=bd3lm", "data=digits", "debug=cpu", "block_size=16", "trainer.max_steps=1", "sampling.num_samples=2",
+                 "sampling.kv_cache=false", "sampling.first_hitting=true", "sampling.nucleus=drop", "sampling.top_p=0.9",
+                 f"run_dir={run_dir}"]) == 0
+    assert seen and seen[-1]["kv_cache"] is False and seen[-1]["first_hitting"] is True and seen[-1]["nucleus"] == "drop"
 
 
 def test_a_block_checkpoint_without_cross_attn_is_refused(tmp_path):

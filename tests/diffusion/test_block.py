@@ -185,3 +185,38 @@ def test_noise_input_goes_to_noisy_tokens_only_and_cache_stays_exact():
                                                                  generator=torch.Generator().manual_seed(3))
               for cached in (True, False)]
     assert torch.equal(tokens[0], tokens[1])
+
+
+# -- BD3-LM's sampler options ---------------------------------------------------------------------
+def test_first_hitting_reveals_one_token_per_step_and_the_cache_stays_exact(monkeypatch):
+    denoiser = masked_denoiser()
+    calls = []
+    block_log_probs = denoiser.block_log_probs
+
+    def recording(z, t, **kw):
+        calls.append((int(denoiser.process.denoising_positions(z).sum(1).max()), t.clone()))
+        return block_log_probs(z, t, **kw)
+
+    monkeypatch.setattr(denoiser, "block_log_probs", recording)
+    out = {cached: BlockSampler(denoiser.process, K, kv_cache=cached)(
+        denoiser, steps=99, shape=(3, L), first_hitting=True, generator=torch.Generator().manual_seed(4))
+        for cached in (True, False)}
+    assert torch.equal(out[True], out[False]) and (out[True] != V).all()  # every mask revealed
+    masks_seen = [m for m, _ in calls[: len(calls) // 2]]
+    assert masks_seen == [4, 3, 2, 1] * (L // K)  # one reveal per step: block_size steps per block
+    times = torch.stack([t for _, t in calls[:4]])
+    assert (times[1:] < times[:-1]).all() and (times < 1).all()  # t falls as t · u^(1/n)
+    assert BlockSampler(denoiser.process, K).nfe(L, 99, first_hitting=True)["denoising"] == L
+    with pytest.raises(UserError, match="first_hitting .* needs a masked-process model"):
+        d = uniform_denoiser()
+        BlockSampler(d.process, K)(d, steps=2, shape=(1, L), first_hitting=True)
+
+
+def test_the_two_nucleus_rules():
+    from mdlm_dmmd.diffusion.sampling import top_p_mask
+
+    log_p = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert top_p_mask(log_p, 0.7).tolist() == [True, True, False, False]  # keep: 0.5 + 0.3 crosses 0.7
+    assert top_p_mask(log_p, 0.7, "drop").tolist() == [True, False, False, False]  # drop: only 0.5 ≤ 0.7
+    assert top_p_mask(log_p, 0.3, "drop").tolist() == [True, False, False, False]  # the top-1 stays
+    assert top_p_mask(log_p, 0.81, "drop").tolist() == [True, True, False, False]  # 0.8 ≤ 0.81: kept
