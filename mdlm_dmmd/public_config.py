@@ -30,6 +30,7 @@ PUBLIC_FIELDS = {
     "noise_grid": "noise_grid",
 }
 REQUIRED = ("vocab_size", "length", "hidden_dim", "cond_dim", "n_blocks", "n_heads")
+GPT2_MODEL_VOCAB = 50258  # GPT-2's 50257 tokens + the mask
 # BD3-LM spells its flash backend `flash_attn`.
 BACKEND_ALIASES = {"flash_attn": "flash"}
 
@@ -87,4 +88,13 @@ def public_meta(hf_config: dict, config: DiTConfig) -> dict:
     for key in ("block_size", "cross_attn"):  # recorded so that the loader can refuse what it cannot honour
         if key in hf_config:
             meta[key] = hf_config[key]
+    if "cross_attn" in meta and not isinstance(meta["cross_attn"], bool):
+        raise UserError(f"config has cross_attn={meta['cross_attn']!r}; accepted: true (BD3-LM's [x_t, x_0] layout) "
+                        "or false")
+    if family == "bd3lm" and meta.get("cross_attn"):
+        # BD3-LM trains with ignore_bos and starts every sample with BOS; its public checkpoints
+        # are GPT-2 models (V = 50258: BOS = <|endoftext|> 50256, mask 50257).
+        meta["ignore_bos"] = True
+        if config.vocab_size == GPT2_MODEL_VOCAB:
+            meta["vocab"] = {"size": GPT2_MODEL_VOCAB - 1, "bos_id": GPT2_MODEL_VOCAB - 2, "eos_id": GPT2_MODEL_VOCAB - 2}
     return meta
