@@ -114,13 +114,13 @@ def _check_sampling(cfg) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
             kind = "an int" if low is None else f"an int >= {low}"
             raise UserError(f"sampling.{key} must be {kind}, got {value!r}")
-    for key in ("kv_cache", "first_hitting"):
+    for key in ("kv_cache", "first_hitting", "stop_at_eos"):
         if not isinstance(s.get(key, False), bool):
             raise UserError(f"sampling.{key} must be true or false, got {s.get(key)!r}")
     check_sampling_args(1, 1.0, 1.0, "ancestral", nucleus=s.get("nucleus", "keep"))
-    if s.get("first_hitting") and cfg.mode == "train" and not getattr(registry.load_algo(cfg.algo.name),
-                                                                     "block_diffusion", False):
-        raise UserError(f"sampling.first_hitting is BD3-LM's block sampler rule; algo={cfg.algo.name} is not block diffusion")
+    for key in ("first_hitting", "stop_at_eos"):
+        if s.get(key) and cfg.mode == "train" and not getattr(registry.load_algo(cfg.algo.name), "block_diffusion", False):
+            raise UserError(f"sampling.{key} is an option of the block sampler; algo={cfg.algo.name} is not block diffusion")
     default_device(cfg)  # sampling.device
     if cfg.mode in ("train", "study") and s.get("prompt_length"):
         prompt_length(cfg, cfg.model.length)  # sample/eval/sweep: checked against the checkpoint's length

@@ -81,6 +81,12 @@ class Pipeline:
         """A causal network over `vocab_size` real tokens whose start id is `vocab_size`."""
         return cls(CausalDenoiser(network, vocab_size), AutoregressiveSampler(vocab_size), meta or CheckpointMeta())
 
+    def _eos(self) -> int:
+        eos = (self.meta.vocab or {}).get("eos_id")
+        if eos is None:
+            raise UserError("sampling.stop_at_eos needs the data's EOS id, which this checkpoint does not record")
+        return int(eos)
+
     @property
     def network(self) -> DiT:
         return self.denoiser.network
@@ -118,18 +124,22 @@ class Pipeline:
         nucleus: str = "keep",
         kv_cache: bool | None = None,
         first_hitting: bool = False,
+        stop_at_eos: bool = False,
     ) -> Tensor:
         """[num_samples, L] token ids, drawn `batch_size` sequences at a time; with `prompts`
         [num_samples, P], row i continues prompt i. `nucleus`: keep | drop the token that crosses
         top_p. Block models only: `kv_cache` (None: the sampler's setting, on by default) and
-        `first_hitting` (BD3-LM's one-token-per-step rule, masked models); `steps` is per block."""
+        `first_hitting` (BD3-LM's one-token-per-step rule, masked models) and `stop_at_eos` (a
+        sequence ends at its first EOS after position 0, EOS-filled after; needs the data's EOS id
+        in the checkpoint); `steps` is per block."""
         if not isinstance(num_samples, int) or num_samples < 1:
             raise UserError(f"sampling.num_samples must be a positive int, got {num_samples!r}")
         extra = {"nucleus": nucleus}
         if self.sampler.blockwise:
-            extra.update(kv_cache=kv_cache, first_hitting=first_hitting)
-        elif first_hitting:
-            raise UserError("sampling.first_hitting is BD3-LM's block sampler rule; this model is not block diffusion")
+            extra.update(kv_cache=kv_cache, first_hitting=first_hitting, stop_at=self._eos() if stop_at_eos else None)
+        elif first_hitting or stop_at_eos:
+            key = "first_hitting" if first_hitting else "stop_at_eos"
+            raise UserError(f"sampling.{key} is an option of the block sampler; this model is not block diffusion")
         device = self.device
         length = self.length
         batch_size = batch_size or num_samples

@@ -270,7 +270,7 @@ class AlgoBase(L.LightningModule):
 
     def pipeline(self, network: torch.nn.Module) -> Pipeline:
         """The sampling pipeline around `network` (an evaluation copy of the sampled network)."""
-        return Pipeline(self.denoiser(network), self.sampler())
+        return Pipeline(self.denoiser(network), self.sampler(), CheckpointMeta.from_dict(self.checkpoint_meta()))
 
     def generate(self, num_samples: int, **options) -> Tensor:
         """[num_samples, L] token ids from the EMA weights in eval mode; `options` as

@@ -14,7 +14,9 @@ per finished block but the last (`nfe`).
 Options of BD3-LM's sampler: `first_hitting` (masked process; Zheng et al. 2024): each step
 reveals exactly one masked token per sequence, chosen uniformly, at the time t·u^(1/n) when the
 first of the n masked tokens would be revealed, so a block takes as many steps as it has masks
-and `steps` is ignored; `nucleus="drop"` (the token that crosses top-p dropped, as BD3-LM).
+and `steps` is ignored; `nucleus="drop"` (the token that crosses top-p dropped, as BD3-LM);
+`stop_at` an EOS id (BD3-LM's var_length). Not built: BD3-LM's entropy-based re-draw of
+low-entropy samples, and a sliding window for sequences longer than the model's length.
 
 The sampler sees the denoiser only through `block_log_probs(z, t, prefix=, kv_cache=,
 generator=)`, `new_cache()` and `commit(x, cache)` (`denoiser.BlockDenoiser`).
@@ -59,12 +61,16 @@ def sample_blocks(
     kv_cache: bool = True,
     first_hitting: bool = False,
     nucleus: str = "keep",
+    stop_at: int | None = None,
     progress: bool = False,
 ) -> Tensor:
     """`shape[0]` sequences of `shape[1]` tokens, block by block, `steps` steps per block. [B, L]
 
     `prompt` [B, P]: the first P tokens are given; they are written into their blocks before
     every step (masked diffusion carries them over, uniform diffusion would re-noise them).
+    `stop_at` (an EOS id): a sequence ends at its first `stop_at` after position 0 (BD3-LM's
+    var_length: the second EOS when the first token is BOS = EOS); the rest is filled with it,
+    and no further block is generated once every sequence has ended.
     """
     check_sampling_args(steps, temperature, top_p, rule, noise_removal, nucleus)
     check_prompt(prompt, shape)
@@ -98,10 +104,23 @@ def sample_blocks(
             z = _keep(z, given)
             bar.update()
         finished = torch.cat([finished, z], dim=1)
+        if stop_at is not None:
+            finished = _end_at(finished, stop_at)
+            if (finished[:, 1:] == stop_at).any(dim=1).all() and j < blocks - 1:
+                bar.close()
+                return torch.cat([finished, finished.new_full((batch, length - finished.shape[1]), stop_at)], dim=1)
         if cache is not None and j < blocks - 1:
             denoiser.commit(z, cache)
     bar.close()
     return finished
+
+
+def _end_at(x: Tensor, eos: int) -> Tensor:
+    """Every token after a sequence's first `eos` at a position ≥ 1 set to `eos`."""
+    hit = (x == eos)
+    hit[:, 0] = False
+    after = (hit.cumsum(dim=1) - hit.long()) > 0  # strictly after the first hit
+    return x.masked_fill(after, eos)
 
 
 def _first_hitting_block(denoiser, process, z, given, finished, cache, generator, **adjust_options) -> Tensor:

@@ -119,7 +119,7 @@ def generate(model, cfg: DictConfig, steps: int, *, prompt_rows: torch.Tensor | 
         int(s.num_samples), steps=steps, generator=generator, temperature=float(s.temperature),
         top_p=float(s.top_p), noise_removal=str(s.noise_removal), batch_size=int(s.batch_size), progress=progress,
         prompts=prompts, nucleus=str(s.get("nucleus", "keep")), kv_cache=s.get("kv_cache"),
-        first_hitting=bool(s.get("first_hitting", False)),
+        first_hitting=bool(s.get("first_hitting", False)), stop_at_eos=bool(s.get("stop_at_eos", False)),
     )
 
 

@@ -183,7 +183,8 @@ def fails(capsys, args, *needles, run_dir):
     (["algo=bd3lm", "sampling.nucleus=cut"], ["sampling.nucleus must be one of keep, drop, got 'cut'"]),
     (["algo=bd3lm", "sampling.kv_cache=maybe"], ["sampling.kv_cache must be true or false, got 'maybe'"]),
     (["algo=mdlm", "sampling.first_hitting=true", "trainer.max_steps=1"],
-     ["sampling.first_hitting is BD3-LM's block sampler rule; algo=mdlm is not block diffusion"]),
+     ["sampling.first_hitting is an option of the block sampler; algo=mdlm is not block diffusion"]),
+    (["algo=udlm", "sampling.stop_at_eos=true"], ["sampling.stop_at_eos is an option of the block sampler; algo=udlm"]),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, extra, needles):
     fails(capsys, [*extra, "data=digits", "debug=cpu"], *needles, run_dir=tmp_path / "run")

@@ -220,3 +220,19 @@ def test_the_two_nucleus_rules():
     assert top_p_mask(log_p, 0.7, "drop").tolist() == [True, False, False, False]  # drop: only 0.5 ≤ 0.7
     assert top_p_mask(log_p, 0.3, "drop").tolist() == [True, False, False, False]  # the top-1 stays
     assert top_p_mask(log_p, 0.81, "drop").tolist() == [True, True, False, False]  # 0.8 ≤ 0.81: kept
+
+
+def test_stop_at_eos_ends_each_sequence_and_stops_when_all_have_ended(monkeypatch):
+    from mdlm_dmmd.diffusion.block_sampling import _end_at
+
+    x = torch.tensor([[3, 5, 3, 7, 3], [3, 1, 2, 4, 6]])
+    assert _end_at(x, 3).tolist() == [[3, 5, 3, 3, 3], [3, 1, 2, 4, 6]]  # position 0 (BOS = EOS) does not end it
+    denoiser = masked_denoiser()
+    with torch.no_grad():  # a model that always says token 2: every sequence ends in its first block
+        denoiser.network.output_layer.linear.weight.zero_()
+        denoiser.network.output_layer.linear.bias.copy_(torch.where(torch.arange(V + 1) == 2, 50.0, 0.0))
+    calls = []
+    block_log_probs = denoiser.block_log_probs
+    monkeypatch.setattr(denoiser, "block_log_probs", lambda *a, **k: calls.append(1) or block_log_probs(*a, **k))
+    out = sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(2, L), stop_at=2)
+    assert (out == 2).all() and len(calls) == 2  # one block of 2 steps, then stopped

@@ -1,0 +1,147 @@
+"""Block sampler: KV-cached vs uncached, and a plain (non-block) model of the same size, side by side.
+
+A block model samples L tokens in L / block_size blocks, `k` steps each. With the KV cache a
+step feeds the network one block (block_size new tokens attending to the cached prefix); without
+it a step re-reads [prefix, block]. A plain diffusion model of the same size feeds all L tokens
+at every step. This times, in one process and alternating the order, best of `--repeats`:
+
+1. one generation with the cache, without it (same tokens: tests/diffusion/test_block.py), and a
+   plain model taking as many steps in all (k · L / block_size) over the whole sequence;
+2. one cached forward of a block at prefix lengths T = 0, block, 2·block, ...: the growth is the
+   attention over the cache (O(block · T)); projections and MLP cost the same at every T. The
+   analytic FLOP share of attention per T is printed next to it.
+
+Random weights (speed does not depend on them), the `small` DiT by default (768 wide, 12 layers,
+12 heads, V = 50258), fp32 on the CPU, batch 1, masked process.
+
+    python benchmarks/block_sampler_speed.py [--length 1024 --block-size 256 --steps 4 --repeats 2]
+Writes benchmarks/results/block_sampler_speed_<time>/ (results.md, results.json, run_info.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mdlm_dmmd.denoiser import BlockDenoiser, Denoiser
+from mdlm_dmmd.diffusion.block_sampling import BlockSampler
+from mdlm_dmmd.diffusion.masked import MaskedProcess
+from mdlm_dmmd.diffusion.sampling import sample
+from mdlm_dmmd.diffusion.schedules import LogLinear
+from mdlm_dmmd.models.dit import DiT, DiTConfig
+
+from run_info import run_info, write_run_info  # benchmarks/ is on sys.path when run as a script
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def attention_share(block: int, prefix: int, width: int) -> float:
+    """FLOP share of attention scores and weighted values (4·K·(T+K)·D per layer) against the
+    QKV/output projections and the 4x MLP (24·K·D² per layer), for K new tokens after T cached."""
+    attention = 4 * block * (prefix + block) * width
+    dense = 24 * block * width * width
+    return attention / (attention + dense)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4, help="steps per block")
+    parser.add_argument("--vocab", type=int, default=50258)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    started = time.time()
+    out = args.out or Path("benchmarks/results") / f"block_sampler_speed_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
+    L, K, k = args.length, args.block_size, args.steps
+    blocks = L // K
+
+    torch.manual_seed(0)
+    network = DiT(DiTConfig(vocab_size=args.vocab, length=L, hidden_dim=args.hidden, cond_dim=128,
+                            n_blocks=args.layers, n_heads=args.heads, dropout=0.0, attn_backend="sdpa")).eval()
+    torch.nn.init.normal_(network.output_layer.linear.weight, std=0.02)  # not the zero-init head: real sampling work
+    process = MaskedProcess(LogLinear(), mask_id=args.vocab - 1)
+    block_denoiser = BlockDenoiser(network, process, block_size=K)
+    plain_denoiser = Denoiser(network, process)
+
+    def generation(kind: str):
+        generator = torch.Generator().manual_seed(1)
+        if kind == "plain":
+            return lambda: sample(plain_denoiser, process, steps=k * blocks, shape=(1, L), generator=generator)
+        return lambda: BlockSampler(process, K, kv_cache=kind == "cached")(block_denoiser, steps=k, shape=(1, L),
+                                                                           generator=generator)
+
+    kinds = ("cached", "uncached", "plain")
+    best = {kind: float("inf") for kind in kinds}
+    with torch.no_grad():
+        for repeat in range(args.repeats):
+            for kind in (kinds if repeat % 2 == 0 else kinds[::-1]):
+                best[kind] = min(best[kind], timed(generation(kind)))
+                print(f"repeat {repeat}: {kind} {best[kind]:.2f} s", flush=True)
+
+        # a cached forward of one block after T cached tokens
+        per_prefix = []
+        tokens = torch.randint(0, args.vocab - 1, (1, L), generator=torch.Generator().manual_seed(2))
+        for j in range(blocks):
+            cache = block_denoiser.new_cache()
+            for i in range(j):
+                block_denoiser.commit(tokens[:, i * K:(i + 1) * K], cache)
+            z = tokens[:, j * K:(j + 1) * K]
+            t = torch.ones(1)
+            seconds = min(timed(lambda: block_denoiser.block_log_probs(z, t, kv_cache=cache)) for _ in range(args.repeats))
+            per_prefix.append({"prefix": j * K, "seconds": seconds, "attention_flop_share": attention_share(K, j * K, args.hidden)})
+            print(per_prefix[-1], flush=True)
+
+    result = {
+        "length": L, "block_size": K, "steps_per_block": k, "vocab": args.vocab, "hidden": args.hidden,
+        "layers": args.layers, "heads": args.heads, "batch": 1, "dtype": "float32", "device": "cpu",
+        "seconds": best, "cached_over_uncached": best["cached"] / best["uncached"],
+        "cached_over_plain": best["cached"] / best["plain"],
+        "tokens_per_step": {"cached": K, "uncached": [K * (j + 1) for j in range(blocks)], "plain": L},
+        "nfe": {"cached": k * blocks + blocks - 1, "uncached": k * blocks, "plain": k * blocks},
+        "per_prefix": per_prefix,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    lines = [
+        f"# Block sampler speed: {L} tokens in blocks of {K}, {k} steps per block (CPU, fp32, batch 1)",
+        "",
+        f"DiT {args.hidden} wide, {args.layers} layers, {args.heads} heads, V = {args.vocab}; best of {args.repeats}, "
+        "the three generations alternating in one process.",
+        "",
+        "| sampler | tokens fed per step | NFE | seconds | vs cached |",
+        "|---|---|---|---|---|",
+        f"| block, KV cache | {K} | {k * blocks} + {blocks - 1} commits | {best['cached']:.2f} | 1.00 |",
+        f"| block, no cache | {K}..{L} | {k * blocks} | {best['uncached']:.2f} | {best['uncached'] / best['cached']:.2f} |",
+        f"| plain diffusion, same NFE | {L} | {k * blocks} | {best['plain']:.2f} | {best['plain'] / best['cached']:.2f} |",
+        "",
+        f"**cached / uncached = {result['cached_over_uncached']:.2f}** (target ≤ 0.5 at `model=small`).",
+        "",
+        "One cached forward of a block after T cached tokens:",
+        "",
+        "| T (cached tokens) | seconds | analytic attention FLOP share |",
+        "|---|---|---|",
+        *(f"| {r['prefix']} | {r['seconds']:.3f} | {r['attention_flop_share']:.1%} |" for r in per_prefix),
+        "",
+    ]
+    (out / "results.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    argv = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None)
+    write_run_info(out, run_info(f"python benchmarks/block_sampler_speed.py {argv}", started))
+
+
+if __name__ == "__main__":
+    main()
