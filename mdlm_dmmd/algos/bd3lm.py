@@ -13,10 +13,14 @@ Sampling: block by block with a KV cache of finished blocks (`diffusion/block_sa
 `sampling.steps` steps per block. `block_size == model.length` is plain diffusion: the same
 loss as `mdlm` / `udlm` on the same batch and seed (the x_0 half is then wasted compute).
 
-Differences from the public BD3-LM code, by choice: the clipped, variance-minimising schedule
-(`var_min`, `clip_search_widths`) is not built yet (t ∈ [sampling_eps, 1] as in MDLM); the
-sampler's first-hitting rule, entropy re-draws and sliding window are not built yet; and the
-nucleus keeps the token that crosses p (this package's rule, BD3-LM drops it).
+BD3-LM's clipped, variance-minimising schedule is an option: with `algo.clip_search_widths`
+(e.g. [0.5, 0.6, 0.7, 0.8, 0.9]) every validation also computes the loss with t drawn in each
+candidate interval [i, i + w] (i = 0, δ, 2δ, ... with δ = `clip_search_delta`; i raised to
+`training.sampling_eps` where it is 0), collects the per-(sequence, block) mean token losses of
+up to 100 batches, and training then draws t in the interval whose losses have the lowest
+variance (buffers `sampling_eps_min/max`, saved in checkpoints; `val/nll` stays the NELBO over
+[sampling_eps, 1]). Default off: t ∈ [sampling_eps, 1], as MDLM. Not built: the sampler's
+entropy-based re-draws and a sliding window beyond the model's length.
 Config: `configs/algo/bd3lm.yaml`. Run: `mdlm-dmmd algo=bd3lm block_size=4 model.length=16 ...`.
 """
 
@@ -28,7 +32,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from mdlm_dmmd.algos.base import AlgoBase, algo_section, backbone_config, process_meta
+from mdlm_dmmd.algos.base import AlgoBase, algo_section, antithetic_times, backbone_config, process_meta
 from mdlm_dmmd.denoiser import BlockDenoiser
 from mdlm_dmmd.diffusion import block
 from mdlm_dmmd.diffusion.block_sampling import BlockSampler
@@ -40,6 +44,24 @@ from mdlm_dmmd.models.dit import DiT
 
 PROCESSES = ("masked", "uniform")
 LOSSES = ("elbo", "ce")
+SEARCH_BATCHES = 100  # validation batches per candidate interval (BD3-LM)
+
+
+def clip_intervals(widths, delta: float, eps: float) -> list[tuple[float, float]]:
+    """BD3-LM's candidate intervals [i, i + w], i = 0, δ, 2δ, ... ≤ 1 − w, per width w; a lower
+    end below `eps` is raised to it (a 1/t weight at t = 0 is infinite)."""
+    out = []
+    for width in widths:
+        for start in torch.arange(0, 1 - width + delta / 2, delta, dtype=torch.float64).tolist():
+            low, high = max(round(start, 10), eps), min(round(start + width, 10), 1.0)
+            if high > low and (low, high) not in out:
+                out.append((low, high))
+    return out
+
+
+def lowest_variance(losses: dict[tuple[float, float], list[Tensor]]) -> tuple[float, float]:
+    """The interval whose collected per-(sequence, block) losses vary least."""
+    return min(losses, key=lambda interval: torch.cat(losses[interval]).var().item())
 
 
 @dataclass
@@ -51,6 +73,8 @@ class BD3LMConfig:
     time_conditioning: bool | None = None  # None: masked false (BD3-LM), uniform true (Duo)
     loss: str = "elbo"
     ignore_bos: bool | None = None  # None: true when the data has a BOS token
+    clip_search_widths: tuple = ()  # BD3-LM's var_min search; empty: off
+    clip_search_delta: float = 0.05
 
     @classmethod
     def from_mapping(cls, algo: Mapping[str, Any]) -> "BD3LMConfig":
@@ -65,6 +89,13 @@ class BD3LMConfig:
         for key in ("time_conditioning", "ignore_bos"):
             if getattr(config, key) is not None and not isinstance(getattr(config, key), bool):
                 problems.append(f"algo.{key} must be true, false or null, got {getattr(config, key)!r}")
+        widths = config.clip_search_widths
+        if not isinstance(widths, (list, tuple)) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w <= 1 for w in widths):
+            problems.append(f"algo.clip_search_widths must be a list of numbers in (0, 1], got {widths!r}")
+        delta = config.clip_search_delta
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+            problems.append(f"algo.clip_search_delta must be a number in (0, 1), got {delta!r}")
         if config.loss not in LOSSES:
             problems.append(f"algo.loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
         elif config.loss == "ce" and config.process == "masked":
@@ -94,18 +125,38 @@ class BD3LM(AlgoBase):
         self.time_conditioning = uniform if tc is None else tc
         bos = self.cfg.vocab.get("bos_id")
         self.ignore_bos = (bos is not None) if self.settings.ignore_bos is None else self.settings.ignore_bos
+        eps = float(self.cfg.training.sampling_eps)
+        # the interval training draws t from (BD3-LM's buffers; moved by the clipped-schedule search)
+        self.register_buffer("sampling_eps_min", torch.tensor(eps, dtype=torch.float64))
+        self.register_buffer("sampling_eps_max", torch.tensor(1.0, dtype=torch.float64))
+        self.intervals = clip_intervals(self.settings.clip_search_widths, self.settings.clip_search_delta, eps)
         self.init_ema(self.backbone)
 
     @property
     def num_blocks(self) -> int:
         return self.length // self.block
 
-    def loss(self, batch: Mapping[str, Tensor], kind: str | None = None) -> tuple[Tensor, Tensor]:
-        """(Σ per-token loss, token count); `kind` = elbo | ce, default `algo.loss`."""
+    def block_times(self, x: Tensor, interval: tuple[float, float] | None = None) -> Tensor:
+        """t per token [B, L], one per (sequence, block), antithetic over B · n_blocks, in
+        `interval` (default: the training interval, [sampling_eps, 1] unless the search moved it)."""
+        low, high = interval or (float(self.sampling_eps_min), float(self.sampling_eps_max))
+        training = self.cfg.training
+        u = antithetic_times(x.shape[0] * self.num_blocks, 0.0, training.antithetic_sampling, x.device)
+        t = (high - low) * u + low  # = MDLM's (1 − eps) u + eps on [eps, 1]
+        return block.per_token(t.view(x.shape[0], -1), self.block)  # constant inside a block
+
+    def loss(self, batch: Mapping[str, Tensor], kind: str | None = None,
+             interval: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
+        """(Σ per-token loss, token count); `kind` = elbo | ce, default `algo.loss`; t in `interval`."""
+        total, count, _ = self.token_losses(batch, kind, interval)
+        return total, count
+
+    def token_losses(self, batch: Mapping[str, Tensor], kind: str | None = None,
+                     interval: tuple[float, float] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """`loss` and the per-token losses [B, L] (zero where not scored)."""
         x = batch["input_ids"]  # [B, L]
         valid = batch.get("attention_mask", torch.ones_like(x)).to(torch.float32)
-        t = self.data_times(x, self.num_blocks)  # [B] (one block) or [B, n_blocks]
-        t = block.per_token(t.view(x.shape[0], -1), self.block)  # [B, L], constant inside a block
+        t = self.block_times(x, interval)
         z_t = self.process.corrupt(x, t)
         if self.ignore_bos:  # BD3-LM: the BOS token is never noised, and carries no loss
             z_t[:, 0] = x[:, 0]
@@ -115,13 +166,33 @@ class BD3LM(AlgoBase):
             per_token = self.process.nelbo(log_p, x, z_t, t)
         else:
             per_token = self.process.cross_entropy(log_p, x)
-        return (per_token * valid).sum(), valid.sum()
+        per_token = per_token * valid
+        return per_token.sum(), valid.sum(), per_token
 
     def validation_step(self, batch, batch_idx):
-        # The NELBO, also for `loss: ce`, so that val/nll is a likelihood bound in every run.
-        total, count = self.loss(batch, "elbo")
+        # The NELBO over [sampling_eps, 1], also for `loss: ce` or a clipped schedule, so that
+        # val/nll is a likelihood bound in every run.
+        total, count = self.loss(batch, "elbo", (float(self.cfg.training.sampling_eps), 1.0))
         self._val_sum += total.double()
         self._val_count += count.double()
+        if self.intervals and batch_idx < SEARCH_BATCHES:
+            for interval in self.intervals:  # the training loss under each candidate interval
+                _, _, per_token = self.token_losses(batch, None, interval)
+                per_block = per_token.view(per_token.shape[0], -1, self.block).mean(-1)  # [B, n_blocks]
+                self._search.setdefault(interval, []).append(per_block.flatten().double())
+
+    def on_validation_epoch_start(self):
+        super().on_validation_epoch_start()
+        self._search: dict[tuple[float, float], list[Tensor]] = {}
+
+    def on_validation_epoch_end(self):
+        super().on_validation_epoch_end()
+        if self._search:
+            interval = lowest_variance(self._search)
+            self.sampling_eps_min.fill_(interval[0])
+            self.sampling_eps_max.fill_(interval[1])
+            self.log("train/sampling_eps_min", interval[0])
+            self.log("train/sampling_eps_max", interval[1])
 
     @property
     def sampling_rule(self) -> str:

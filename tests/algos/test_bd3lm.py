@@ -211,3 +211,48 @@ def test_a_block_checkpoint_without_cross_attn_is_refused(tmp_path):
     with pytest.raises(UserError, match="block_size=3 must be a positive int dividing the model length 16"):
         CheckpointMeta.from_dict({"block_size": 3, "cross_attn": True}).refuse_unsupported("x", 16)
     CheckpointMeta.from_dict({"block_size": 4, "cross_attn": True}).refuse_unsupported("x", 16)
+
+
+# -- BD3-LM's clipped, variance-minimising schedule ---------------------------------------------
+def test_candidate_intervals_and_the_lowest_variance_pick():
+    from mdlm_dmmd.algos.bd3lm import clip_intervals, lowest_variance
+
+    assert clip_intervals([0.5], 0.25, 1e-3) == [(1e-3, 0.5), (0.25, 0.75), (0.5, 1.0)]
+    assert clip_intervals([1.0], 0.05, 1e-3) == [(1e-3, 1.0)]
+    losses = {(0.1, 0.6): [torch.tensor([1.0, 3.0])], (0.2, 0.7): [torch.tensor([1.0, 1.5]), torch.tensor([1.2])]}
+    assert lowest_variance(losses) == (0.2, 0.7)
+
+
+def test_times_stay_in_the_interval_and_validation_moves_it(monkeypatch):
+    from mdlm_dmmd.data import make_loaders
+
+    cfg, data = config("block_size=16", "algo.clip_search_widths=[0.5]", "algo.clip_search_delta=0.25")
+    algo = BD3LM(cfg)
+    randomise(algo.backbone)
+    x = batch(data)["input_ids"]
+    t = algo.block_times(x, (0.25, 0.75))
+    assert t.min() >= 0.25 and t.max() <= 0.75 and t.shape == (4, 64)
+    assert algo.intervals == [(1e-3, 0.5), (0.25, 0.75), (0.5, 1.0)]
+
+    collected = {}
+    search = BD3LM.on_validation_epoch_end
+    monkeypatch.setattr(BD3LM, "on_validation_epoch_end",
+                        lambda self: collected.update({k: torch.cat(v) for k, v in self._search.items()}) or search(self))
+    _, valid_loader = make_loaders(data, batch_size=8, eval_batch_size=8, seed=0)
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              limit_val_batches=3).validate(algo, valid_loader, verbose=False)
+    assert set(collected) == set(algo.intervals) and all(len(v) == 3 * 8 * 4 for v in collected.values())
+    best = min(collected, key=lambda k: collected[k].var().item())
+    assert (float(algo.sampling_eps_min), float(algo.sampling_eps_max)) == best
+    assert "sampling_eps_min" in algo.state_dict()  # saved with checkpoints
+    t = algo.block_times(x)
+    assert t.min() >= best[0] and t.max() <= best[1]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ("algo.clip_search_widths=[0]", "algo.clip_search_widths must be a list of numbers in (0, 1], got [0]"),
+    ("algo.clip_search_delta=1.5", "algo.clip_search_delta must be a number in (0, 1), got 1.5"),
+])
+def test_bad_search_settings(extra, needle):
+    with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+        BD3LM(config(extra)[0])
