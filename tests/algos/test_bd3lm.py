@@ -2,6 +2,8 @@
 per-block times, short CPU training with block_size=4 model.length=16 (masked and uniform), the
 block size reaching model, loss, sampler and checkpoint, and one-line refusals."""
 
+import csv
+
 import lightning as L
 import pytest
 import torch
@@ -135,6 +137,13 @@ def test_block_size_reaches_model_loss_sampler_and_checkpoint(tmp_path, process)
     report = (run_dir / "report.md").read_text()  # NFE per block and in all (4 blocks, 2 steps each)
     for row in ("| steps per block | 2 |", "| NFE (all blocks) | 8 |", "| NFE with KV-cache commits | 11 |"):
         assert row in report, row
+    if process == "masked":  # a sweep row of a block model: steps per block, nfe in all
+        sweep_dir = tmp_path / "sweep"
+        assert main(["mode=sweep", "data=shakespeare", "model.length=16", "sweep.num_samples=2", "sweep.reference_rows=false",
+                     f"sweep.methods=[{{name: B, checkpoint: '{run_dir / 'checkpoints' / 'final.ckpt'}', steps: [3]}}]",
+                     f"run_dir={sweep_dir}"]) == 0
+        (row,) = list(csv.DictReader(open(sweep_dir / "results.csv")))
+        assert row["steps"] == "3" and row["nfe"] == "12"
 
 
 def test_training_lowers_the_loss():

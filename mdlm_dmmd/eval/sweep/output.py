@@ -17,7 +17,7 @@ from mdlm_dmmd.eval import plots, tables
 from mdlm_dmmd.eval.tables import as_number, markdown_table, value_stderr
 
 FIRST_COLUMNS = ["method", "label", "source", "steps", "distill_top_p", "top_p", "temperature"]
-LAST_COLUMNS = ["num_samples", "sample_seconds", "checkpoint"]
+LAST_COLUMNS = ["nfe", "num_samples", "sample_seconds", "checkpoint"]  # nfe: network calls per sequence in all
 
 
 def row_label(row: dict) -> str:
@@ -78,7 +78,8 @@ def write_markdown(run_dir: Path, cfg: DictConfig, rows: list[dict], metrics: li
         f"Each measured row: {int(cfg.sweep.num_samples)} samples of {length} tokens, seed {int(cfg.sampling.seed)}, "
         f"scored with {', '.join(cfg.eval.metrics or [])}"
         + (f" (options: `{options}`)" if options else "") + ". "
-        "NFE = sampling steps (network calls; the AR baseline makes L). "
+        "NFE = sampling steps (network calls; the AR baseline makes L; for block-diffusion models the steps are "
+        "per block and the `nfe` column of results.csv counts all blocks). "
         "\"(p = 0.85)\": sampled with top-p 0.85; \"(p = 0.85/1.00)\": a student distilled with teacher top-p 0.85, "
         "sampled with top-p 1.00. \"Data\": the metrics of held-out data sequences themselves."
         + (f" Rows marked (quoted) are copied from `{literature}`, not measured." if literature else ""),

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.errors import UserError
-from mdlm_dmmd.eval.scoring import compute_metrics, flatten, held_out_rows, sample_and_score, with_sampling
+from mdlm_dmmd.eval.scoring import compute_metrics, flatten, held_out_rows, nfe_report, sample_and_score, with_sampling
 from mdlm_dmmd.eval.sweep.output import row_label
 from mdlm_dmmd.pipeline import Pipeline
 
@@ -130,8 +130,10 @@ def measure(cfg: DictConfig, method: Method, steps: int, top_p: float) -> dict:
     sampling_cfg = with_sampling(cfg, num_samples=int(cfg.sweep.num_samples), top_p=float(top_p),
                                  temperature=method.temperature)
     scored = sample_and_score(method.pipeline, sampling_cfg, int(steps))
+    report = nfe_report(method.pipeline.sampler, method.pipeline.length, int(steps), sampling_cfg)
     return {**row_keys(method, steps, top_p), **flatten(scored.metrics),
-            "num_samples": int(cfg.sweep.num_samples), "sample_seconds": round(scored.seconds, 3)}
+            "num_samples": int(cfg.sweep.num_samples), "sample_seconds": round(scored.seconds, 3),
+            "nfe": report.get("NFE (all blocks)", int(steps))}
 
 
 def job_key(method: Method, steps: int, top_p: float) -> tuple:
