@@ -114,6 +114,9 @@ def _check_sampling(cfg) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
             kind = "an int" if low is None else f"an int >= {low}"
             raise UserError(f"sampling.{key} must be {kind}, got {value!r}")
+    length = s.get("length")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+        raise UserError(f"sampling.length must be null (model.length) or a positive int, got {length!r}")
     for key in ("kv_cache", "first_hitting", "stop_at_eos"):
         if not isinstance(s.get(key, False), bool):
             raise UserError(f"sampling.{key} must be true or false, got {s.get(key)!r}")

@@ -125,23 +125,29 @@ class Pipeline:
         kv_cache: bool | None = None,
         first_hitting: bool = False,
         stop_at_eos: bool = False,
+        length: int | None = None,
     ) -> Tensor:
         """[num_samples, L] token ids, drawn `batch_size` sequences at a time; with `prompts`
         [num_samples, P], row i continues prompt i. `nucleus`: keep | drop the token that crosses
         top_p. Block models only: `kv_cache` (None: the sampler's setting, on by default) and
         `first_hitting` (BD3-LM's one-token-per-step rule, masked models) and `stop_at_eos` (a
         sequence ends at its first EOS after position 0, EOS-filled after; needs the data's EOS id
-        in the checkpoint); `steps` is per block."""
+        in the checkpoint) and `length` (longer than the model: a sliding window of the model's
+        length); `steps` is per block."""
         if not isinstance(num_samples, int) or num_samples < 1:
             raise UserError(f"sampling.num_samples must be a positive int, got {num_samples!r}")
         extra = {"nucleus": nucleus}
         if self.sampler.blockwise:
-            extra.update(kv_cache=kv_cache, first_hitting=first_hitting, stop_at=self._eos() if stop_at_eos else None)
-        elif first_hitting or stop_at_eos:
-            key = "first_hitting" if first_hitting else "stop_at_eos"
+            extra.update(kv_cache=kv_cache, first_hitting=first_hitting, stop_at=self._eos() if stop_at_eos else None,
+                         context=self.length)
+        elif first_hitting or stop_at_eos or (length is not None and length != self.length):
+            key = "first_hitting" if first_hitting else "stop_at_eos" if stop_at_eos else "length"
             raise UserError(f"sampling.{key} is an option of the block sampler; this model is not block diffusion")
         device = self.device
-        length = self.length
+        length = self.length if length is None else length
+        if self.sampler.blockwise and (not isinstance(length, int) or length < 1 or length % self.sampler.block_size):
+            raise UserError(f"sampling.length must be a positive multiple of the block size {self.sampler.block_size}, "
+                            f"got {length!r}")
         batch_size = batch_size or num_samples
         chunks = []
         for start in range(0, num_samples, batch_size):

@@ -67,3 +67,17 @@ def test_time_conditioning_feeds_sigma_or_zero():
     t = torch.tensor([0.25, 0.75])
     assert torch.equal(Denoiser(network(), PROCESS).sigma(t), torch.zeros(2))
     assert torch.allclose(Denoiser(network(), PROCESS, time_conditioning=True).sigma(t), -torch.log1p(-(1 - 1e-3) * t))  # LogLinear(eps=1e-3)
+
+
+def test_only_block_pipelines_sample_past_the_model_length():
+    import pytest
+
+    from mdlm_dmmd.errors import UserError
+
+    net = network()
+    block = Pipeline.block(net, PROCESS, False, 2)
+    assert block.generate(2, steps=2, length=3 * L, generator=torch.Generator().manual_seed(0)).shape == (2, 3 * L)
+    with pytest.raises(UserError, match="sampling.length must be a positive multiple of the block size 2, got 7"):
+        block.generate(1, steps=2, length=7)
+    with pytest.raises(UserError, match="sampling.length is an option of the block sampler"):
+        Pipeline.diffusion(net, PROCESS).generate(1, steps=2, length=2 * L)

@@ -15,8 +15,8 @@ Options of BD3-LM's sampler: `first_hitting` (masked process; Zheng et al. 2024)
 reveals exactly one masked token per sequence, chosen uniformly, at the time t·u^(1/n) when the
 first of the n masked tokens would be revealed, so a block takes as many steps as it has masks
 and `steps` is ignored; `nucleus="drop"` (the token that crosses top-p dropped, as BD3-LM);
-`stop_at` an EOS id (BD3-LM's var_length). Not built: BD3-LM's entropy-based re-draw of
-low-entropy samples, and a sliding window for sequences longer than the model's length.
+`stop_at` an EOS id (BD3-LM's var_length); `context` (a sliding window for sequences longer than
+the model). Not built: BD3-LM's entropy-based re-draw of low-entropy samples.
 
 The sampler sees the denoiser only through `block_log_probs(z, t, prefix=, kv_cache=,
 generator=)`, `new_cache()` and `commit(x, cache)` (`denoiser.BlockDenoiser`).
@@ -62,6 +62,7 @@ def sample_blocks(
     first_hitting: bool = False,
     nucleus: str = "keep",
     stop_at: int | None = None,
+    context: int | None = None,
     progress: bool = False,
 ) -> Tensor:
     """`shape[0]` sequences of `shape[1]` tokens, block by block, `steps` steps per block. [B, L]
@@ -71,12 +72,19 @@ def sample_blocks(
     `stop_at` (an EOS id): a sequence ends at its first `stop_at` after position 0 (BD3-LM's
     var_length: the second EOS when the first token is BOS = EOS); the rest is filled with it,
     and no further block is generated once every sequence has ended.
+    `context` (the model's length): a sequence longer than it is generated with a sliding window;
+    a block sees the last `context − block_size` tokens before it (with the cache: the cached
+    keys of those tokens, computed when their own blocks were committed; without: the tokens,
+    re-read, so the two differ once the window slides).
     """
     check_sampling_args(steps, temperature, top_p, rule, noise_removal, nucleus)
     check_prompt(prompt, shape)
     batch, length = shape
     if length % block_size:
         raise UserError(f"block sampling: the length {length} must be a multiple of block_size {block_size}")
+    context = length if context is None else context
+    if context % block_size or context < block_size:
+        raise UserError(f"block sampling: the context {context} must be a positive multiple of block_size {block_size}")
     if first_hitting and not process.deterministic_prior:
         raise UserError("sampling.first_hitting reveals one masked token per step: it needs a masked-process model")
     times = torch.linspace(1.0, 0.0, steps + 1, device=device)
@@ -88,13 +96,16 @@ def sample_blocks(
         start = j * block_size
         given = _prompt_part(prompt, start, block_size)
         z = _keep(process.prior((batch, block_size), device=device, generator=generator), given)
+        window = finished[:, max(0, start + block_size - context):]  # the prefix a block may see
+        if cache is not None and cache.length + block_size > context:
+            cache.drop_first(cache.length + block_size - context)
         if first_hitting:
-            z = _first_hitting_block(denoiser, process, z, given, finished, cache, generator,
+            z = _first_hitting_block(denoiser, process, z, given, window, cache, generator,
                                      temperature=temperature, top_p=top_p, nucleus=nucleus)
             bar.update(steps)
         for i in range(0 if first_hitting else steps):
             t, s = times[i].expand(batch), times[i + 1].expand(batch)
-            log_p = denoiser.block_log_probs(z, t, prefix=None if kv_cache or j == 0 else finished,
+            log_p = denoiser.block_log_probs(z, t, prefix=None if kv_cache or j == 0 else window,
                                              kv_cache=cache, generator=generator)
             if noise_removal == "greedy" and i == steps - 1:
                 z = log_p.argmax(dim=-1)

@@ -52,7 +52,22 @@ def load_pipeline(cfg: DictConfig) -> tuple[Pipeline, str]:
         raise UserError(f"mode={cfg.mode} needs checkpoint=PATH (a .ckpt file or an exported directory)")
     if not Path(path).exists():
         raise UserError(f"checkpoint '{path}' does not exist")
-    return Pipeline.from_checkpoint(str(path), device=default_device(cfg)), str(path)
+    pipeline = Pipeline.from_checkpoint(str(path), device=default_device(cfg))
+    check_block_size(cfg, pipeline, str(path))
+    return pipeline, str(path)
+
+
+def check_block_size(cfg: DictConfig, pipeline: Pipeline, path: str) -> None:
+    """A `block_size` given on the command line (anything but its default, `model.length`) must
+    be the checkpoint's: a block model samples only with the block size it was trained with."""
+    asked = cfg.get("block_size")
+    if asked is None or asked == cfg.model.get("length"):
+        return
+    own = pipeline.block_size
+    if own != asked:
+        have = f"block_size={own}" if own is not None else "no block size (plain diffusion)"
+        raise UserError(f"block_size={asked} but checkpoint '{path}' has {have}; leave block_size out to sample "
+                        "it as trained")
 
 
 def checkpoint_data(cfg: DictConfig, meta: CheckpointMeta, length: int) -> DataBundle:
@@ -120,6 +135,7 @@ def generate(model, cfg: DictConfig, steps: int, *, prompt_rows: torch.Tensor | 
         top_p=float(s.top_p), noise_removal=str(s.noise_removal), batch_size=int(s.batch_size), progress=progress,
         prompts=prompts, nucleus=str(s.get("nucleus", "keep")), kv_cache=s.get("kv_cache"),
         first_hitting=bool(s.get("first_hitting", False)), stop_at_eos=bool(s.get("stop_at_eos", False)),
+        length=s.get("length"),
     )
 
 

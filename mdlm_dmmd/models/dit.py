@@ -327,7 +327,8 @@ class DiT(nn.Module):
         attn_mask: optional bool [S, T + S] over (cached tokens, input), T = kv_cache.length (0
             without a cache); True = may attend; combined with `causal`. None = full (or causal)
             attention.
-        positions: rotary positions, int [S] or [B, S]; default T, T + 1, ..., T + S − 1.
+        positions: rotary positions, int [S] or [B, S]; default T, T + 1, ..., T + S − 1 (after a
+            cache's sliding window dropped tokens: `kv_cache.end`, ...).
         kv_cache: a `KVCache` of T earlier tokens, which every query attends to as well; this
             call's keys and values become its pending entries (`kv_cache.commit()` keeps them).
         Returns float32 logits [B, S, V], computed in the parameters' dtype.
@@ -362,7 +363,8 @@ class DiT(nn.Module):
         # 2. time conditioning and positions
         c = F.silu(self.sigma_map(sigma))  # [B, C] or [B, S, C]
         if positions is None:
-            positions = torch.arange(T, T + S, device=h.device)  # [S]
+            start = kv_cache.end if kv_cache is not None else 0  # = T unless a sliding window dropped tokens
+            positions = torch.arange(start, start + S, device=h.device)  # [S]
         rotary = self.rotary_emb(positions.to(h.device))  # 2 x [(B,) S, hd]
 
         # 3. attention backend and mask, fixed for all blocks of this call

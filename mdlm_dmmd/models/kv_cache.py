@@ -32,11 +32,27 @@ class KVCache:
         self._keys: list[Tensor] = []
         self._values: list[Tensor] = []
         self._pending: list[tuple[Tensor, Tensor]] = []
+        self.dropped = 0  # tokens dropped from the front (a sliding window): the first cached one's position
 
     @property
     def length(self) -> int:
         """T, the number of committed tokens."""
         return self._keys[0].shape[1] if self._keys else 0
+
+    @property
+    def end(self) -> int:
+        """The position after the last cached token (dropped + T): where the next call starts."""
+        return self.dropped + self.length
+
+    def drop_first(self, count: int) -> None:
+        """Forget the `count` oldest tokens (a sliding window over a long sequence). The kept keys
+        stay rotated at their own positions; rotary attention depends only on position
+        differences, so new tokens continue at `end`."""
+        if not 0 <= count <= self.length:
+            raise ValueError(f"KVCache.drop_first: {count} of {self.length} cached tokens")
+        self._keys = [k[:, count:] for k in self._keys]
+        self._values = [v[:, count:] for v in self._values]
+        self.dropped += count
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Called by layer `layer` of a forward pass with its new k, v [B, S, H, hd]: records them

@@ -137,6 +137,11 @@ def test_block_size_reaches_model_loss_sampler_and_checkpoint(tmp_path, process)
     report = (run_dir / "report.md").read_text()  # NFE per block and in all (4 blocks, 2 steps each)
     for row in ("| steps per block | 2 |", "| NFE (all blocks) | 8 |", "| NFE with KV-cache commits | 11 |"):
         assert row in report, row
+    if process == "masked":  # sampling with another block size is refused, naming both
+        for other, needle in ((8, "block_size=8 but checkpoint"), (16, None)):
+            code = main(["mode=sample", f"checkpoint={run_dir / 'checkpoints' / 'final.ckpt'}", f"block_size={other}",
+                         "model.length=16", "sampling.num_samples=1", f"run_dir={tmp_path / f'sample{other}'}"])
+            assert code == (2 if needle else 0)
     if process == "masked":  # a sweep row of a block model: steps per block, nfe in all
         sweep_dir = tmp_path / "sweep"
         assert main(["mode=sweep", "data=shakespeare", "model.length=16", "sweep.num_samples=2", "sweep.reference_rows=false",
@@ -194,6 +199,7 @@ def fails(capsys, args, *needles, run_dir):
     (["algo=mdlm", "sampling.first_hitting=true", "trainer.max_steps=1"],
      ["sampling.first_hitting is an option of the block sampler; algo=mdlm is not block diffusion"]),
     (["algo=udlm", "sampling.stop_at_eos=true"], ["sampling.stop_at_eos is an option of the block sampler; algo=udlm"]),
+    (["algo=bd3lm", "sampling.length=-3"], ["sampling.length must be null (model.length) or a positive int, got -3"]),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, extra, needles):
     fails(capsys, [*extra, "data=digits", "debug=cpu"], *needles, run_dir=tmp_path / "run")

@@ -236,3 +236,43 @@ def test_stop_at_eos_ends_each_sequence_and_stops_when_all_have_ended(monkeypatc
     monkeypatch.setattr(denoiser, "block_log_probs", lambda *a, **k: calls.append(1) or block_log_probs(*a, **k))
     out = sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(2, L), stop_at=2)
     assert (out == 2).all() and len(calls) == 2  # one block of 2 steps, then stopped
+
+
+def test_a_sliding_window_generates_past_the_model_length(monkeypatch):
+    """3L tokens with a model of length L: a block sees at most L − K tokens before it (cached or
+    re-read), new tokens continue at their own positions, and the first L tokens are what a
+    sequence of length L gets under the same seed."""
+    denoiser = masked_denoiser()
+    seen = []
+    forward = denoiser.network.forward
+    monkeypatch.setattr(denoiser.network, "forward", lambda x, *a, kv_cache=None, **k: seen.append(
+        (x.shape[1], kv_cache.length if kv_cache is not None else 0, kv_cache.end if kv_cache is not None else 0))
+        or forward(x, *a, kv_cache=kv_cache, **k))
+    long = {}
+    for cached in (True, False):
+        seen.clear()
+        long[cached] = sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(2, 3 * L), context=L,
+                                     kv_cache=cached, generator=torch.Generator().manual_seed(7))
+        assert long[cached].shape == (2, 3 * L) and (long[cached] != V).all()
+        assert max(fed + cached_tokens for fed, cached_tokens, _ in seen) <= L  # never more than the context
+    assert seen[-1][0] == L  # uncached: the window of L − K tokens and the block
+    short = sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(2, L), context=L,
+                          generator=torch.Generator().manual_seed(7))
+    assert torch.equal(long[True][:, :L], short) and torch.equal(long[False][:, :L], short)
+    with pytest.raises(UserError, match="context 6 must be a positive multiple of block_size 4"):
+        sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(1, L), context=6)
+
+
+def test_the_cache_drops_its_oldest_tokens_and_keeps_positions():
+    from mdlm_dmmd.models.kv_cache import KVCache
+
+    cache = KVCache()
+    net = masked_denoiser().network
+    with torch.no_grad():
+        for i in range(3):
+            net(torch.zeros(1, K, dtype=torch.long), torch.zeros(1), kv_cache=cache)
+            cache.commit()
+    cache.drop_first(K)
+    assert cache.length == 2 * K and cache.dropped == K and cache.end == 3 * K
+    with pytest.raises(ValueError, match="drop_first"):
+        cache.drop_first(3 * K)
