@@ -17,10 +17,16 @@ BD3-LM's clipped, variance-minimising schedule is an option: with `algo.clip_sea
 (e.g. [0.5, 0.6, 0.7, 0.8, 0.9]) every validation also computes the loss with t drawn in each
 candidate interval [i, i + w] (i = 0, δ, 2δ, ... with δ = `clip_search_delta`; i raised to
 `training.sampling_eps` where it is 0), collects the per-(sequence, block) mean token losses of
-up to 100 batches, and training then draws t in the interval whose losses have the lowest
-variance (buffers `sampling_eps_min/max`, saved in checkpoints; `val/nll` stays the NELBO over
-[sampling_eps, 1]). Default off: t ∈ [sampling_eps, 1], as MDLM. Not built: the sampler's
-entropy-based re-draws and a sliding window beyond the model's length.
+up to 100 batches, and training then draws t in the interval whose losses vary least (the
+per-batch variances summed, as BD3-LM; buffers `sampling_eps_min/max`, saved in checkpoints;
+`val/nll` stays the NELBO over [sampling_eps, 1]). Default off: t ∈ [sampling_eps, 1], as MDLM.
+
+Other differences from the public code: the masking probability is 1 − α_t = (1 − ε)t of the
+log-linear schedule (MDLM's; BD3-LM masks with probability t, the weight 1/t is the same);
+with ignore_bos the first token also leaves the training loss's token count (BD3-LM drops it
+from the count only in evaluation); BD3-LM's `training.resample` (re-drawing blocks whose masked
+fraction falls outside the clipping interval) is not built; the sampler's entropy-based re-draw
+is not built.
 Config: `configs/algo/bd3lm.yaml`. Run: `mdlm-dmmd algo=bd3lm block_size=4 model.length=16 ...`.
 """
 
@@ -60,8 +66,13 @@ def clip_intervals(widths, delta: float, eps: float) -> list[tuple[float, float]
 
 
 def lowest_variance(losses: dict[tuple[float, float], list[Tensor]]) -> tuple[float, float]:
-    """The interval whose collected per-(sequence, block) losses vary least."""
-    return min(losses, key=lambda interval: torch.cat(losses[interval]).var().item())
+    """The interval whose per-(sequence, block) losses vary least: the variance within each
+    validation batch, summed over batches (BD3-LM's `_clipped_schedule_search`; under DDP it
+    all-gathers the per-rank sums first, which is not built here: multi-GPU is untested)."""
+    def spread(batches: list[Tensor]) -> float:
+        return sum(b.var().item() for b in batches if b.numel() > 1)
+
+    return min(losses, key=lambda interval: spread(losses[interval]))
 
 
 @dataclass

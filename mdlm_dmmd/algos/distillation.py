@@ -218,12 +218,13 @@ class Teacher:
 
     def student_block_size(self, asked: Any, length: int) -> int | None:
         """The student's block size: the teacher's (None for a plain teacher). `asked` is the
-        config's `block_size` (default `model.length`); any other value is a one-line error."""
-        asked = length if asked is None else asked
+        config's `block_size` (None: not given); any other value is a one-line error."""
+        if asked is None:
+            return self.block_size
         if self.block_size is None and asked != length:
             raise UserError(f"block_size={asked}: the teacher '{self.path}' is not a block-diffusion model; a plain "
-                            f"teacher distils into a plain student (leave block_size at model.length, {length})")
-        if self.block_size is not None and asked not in (length, self.block_size):
+                            f"teacher distils into a plain student (leave block_size out)")
+        if self.block_size is not None and asked != self.block_size:
             raise UserError(f"block_size={asked} differs from the teacher's block_size={self.block_size} ('{self.path}'); "
                             f"a block student takes its teacher's block size: leave block_size out or pass {self.block_size}")
         return self.block_size

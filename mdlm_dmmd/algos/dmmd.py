@@ -249,12 +249,25 @@ class DMMD(AlgoBase):
             return draw(batch)
         return tuple(block.per_token(u.view(batch, -1), self.block) for u in draw(batch * (length // self.block)))
 
+    @property
+    def first_token_clean(self) -> bool:
+        """A block teacher trained with ignore_bos never saw a noisy first token (nor scored it)."""
+        return self.block is not None and self.teacher_part.ignore_bos
+
     def keep_first(self, z: Tensor, x: Tensor) -> Tensor:
-        """A teacher trained with ignore_bos never saw a noisy first token: keep it clean."""
-        if self.block is not None and self.teacher_part.ignore_bos:
+        """z with its first token clean (x's), where the teacher never saw it noisy: in z_t and,
+        as a uniform posterior may re-noise it, in z_s too."""
+        if self.first_token_clean:
             z = z.clone()
             z[:, 0] = x[:, 0]
         return z
+
+    def scored(self, where: Tensor) -> Tensor:
+        """Positions a loss counts: `where` without the first token when it is kept clean."""
+        if self.first_token_clean:
+            where = where.clone()
+            where[:, 0] = 0
+        return where
 
     # -- training: alternating phases ---------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -292,7 +305,8 @@ class DMMD(AlgoBase):
             t = block.per_token(self.data_times(x, x.shape[1] // self.block).view(x.shape[0], -1), self.block)
         z_t = self.keep_first(self.process.corrupt(x, t), x)
         per_token = self.process.nelbo(self.log_probs(self.generator, z_t, t, clean=x), x, z_t, t)
-        return per_token.sum(), torch.tensor(float(x.numel()), device=x.device)
+        counted = self.scored(torch.ones_like(per_token))
+        return (per_token * counted).sum(), counted.sum()
 
     # -- checkpoints: the teacher is reloaded from its path unless swapped (the Teacher part) ----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -340,7 +354,7 @@ class DMMD(AlgoBase):
         with torch.set_grad_enabled(phase == "gen"):
             p_gen = self.log_probs(self.generator, z_t, t, clean=x_data).exp()  # [B, L, V]
         x = sample_categorical(p_gen.detach())  # float64 draw
-        z_s = self.process.sample_posterior(z_t, x, t, s)
+        z_s = self.keep_first(self.process.sample_posterior(z_t, x, t, s), x_data)
         # 2. teacher (tempered / nucleus-lowered, §3.3) and auxiliary at z_s
         with torch.no_grad():
             log_p_teacher = modified_teacher(self.log_probs(self.teacher, z_s, s, clean=x_data), st.teacher_temperature,
@@ -368,9 +382,9 @@ class DMMD(AlgoBase):
             per_token = generator_loss(target, log_p_teacher, log_p_aux, w)
         else:
             per_token = aux_loss(target, teacher_probs, log_p_aux, w)
-        where = self.process.denoising_positions(z_s).to(per_token.dtype)
+        where = self.scored(self.process.denoising_positions(z_s).to(per_token.dtype))
         loss = ((per_token * where).sum() / (B * L)).float()
-        noisy_t = self.process.denoising_positions(z_t).float()
+        noisy_t = self.scored(self.process.denoising_positions(z_t).float())
         return loss, {"gen_entropy": output_entropy(p_gen.detach(), noisy_t), "s": s.mean()}
 
     def to_posterior(self, probs: Tensor, z_s: Tensor, s: Tensor, s_prev: Tensor) -> Tensor:

@@ -194,6 +194,7 @@ class BlockSampler:
                              prompt=prompt, device=device, **options)
 
     def nfe(self, length: int, steps: int, kv_cache: bool | None = None, first_hitting: bool = False) -> dict[str, int]:
-        """Network evaluations per sequence (first hitting: one per token, `steps` ignored)."""
+        """Network evaluations per sequence (first hitting: one per masked token, `steps` ignored;
+        counted as `block_size` per block, an upper bound when a prompt or BOS fills part of one)."""
         return nfe(length, self.block_size, self.block_size if first_hitting else steps,
                    self.kv_cache if kv_cache is None else kv_cache)

@@ -58,13 +58,13 @@ def load_pipeline(cfg: DictConfig) -> tuple[Pipeline, str]:
 
 
 def check_block_size(cfg: DictConfig, pipeline: Pipeline, path: str) -> None:
-    """A `block_size` given on the command line (anything but its default, `model.length`) must
-    be the checkpoint's: a block model samples only with the block size it was trained with."""
+    """A `block_size` given (not null) must be the checkpoint's: a block model samples only with
+    the block size it was trained with, a plain one only as plain diffusion (= its length)."""
     asked = cfg.get("block_size")
-    if asked is None or asked == cfg.model.get("length"):
+    if asked is None:
         return
     own = pipeline.block_size
-    if own != asked:
+    if asked != (own if own is not None else pipeline.length):
         have = f"block_size={own}" if own is not None else "no block size (plain diffusion)"
         raise UserError(f"block_size={asked} but checkpoint '{path}' has {have}; leave block_size out to sample "
                         "it as trained")

@@ -111,10 +111,12 @@ def test_ignore_bos_keeps_the_first_token_clean_and_unscored():
 def test_times_are_per_block_and_antithetic_over_all_blocks():
     cfg, data = config("block_size=8")
     algo = BD3LM(cfg)
-    t = algo.data_times(batch(data)["input_ids"], algo.num_blocks)  # [4, 8]
-    assert t.shape == (4, 8)
-    bins = torch.floor((t.flatten() - EPS) / (1 - EPS) * 32).long()
-    assert sorted(bins.tolist()) == list(range(32))
+    t = algo.block_times(batch(data)["input_ids"])  # [4, 64]: 8 blocks of 8
+    assert t.shape == (4, 64)
+    per_block = t.view(4, 8, 8)
+    assert (per_block == per_block[..., :1]).all()  # constant inside a block
+    bins = torch.floor((per_block[..., 0].flatten() - EPS) / (1 - EPS) * 32).long()
+    assert sorted(bins.tolist()) == list(range(32))  # one time per 1/32 bin over all B · n_blocks
 
 
 # -- CPU training and the block size end to end -----------------------------------------------
@@ -138,7 +140,7 @@ def test_block_size_reaches_model_loss_sampler_and_checkpoint(tmp_path, process)
     for row in ("| steps per block | 2 |", "| NFE (all blocks) | 8 |", "| NFE with KV-cache commits | 11 |"):
         assert row in report, row
     if process == "masked":  # sampling with another block size is refused, naming both
-        for other, needle in ((8, "block_size=8 but checkpoint"), (16, None)):
+        for other, needle in ((8, "block_size=8 but checkpoint"), (16, "block_size=16 but checkpoint"), (4, None)):
             code = main(["mode=sample", f"checkpoint={run_dir / 'checkpoints' / 'final.ckpt'}", f"block_size={other}",
                          "model.length=16", "sampling.num_samples=1", f"run_dir={tmp_path / f'sample{other}'}"])
             assert code == (2 if needle else 0)
@@ -149,6 +151,9 @@ def test_block_size_reaches_model_loss_sampler_and_checkpoint(tmp_path, process)
                      f"run_dir={sweep_dir}"]) == 0
         (row,) = list(csv.DictReader(open(sweep_dir / "results.csv")))
         assert row["steps"] == "3" and row["nfe"] == "12"
+        assert main(["mode=sweep", "data=shakespeare", "model.length=16", "block_size=8", "sweep.num_samples=2",
+                     f"sweep.methods=[{{name: B, checkpoint: '{run_dir / 'checkpoints' / 'final.ckpt'}', steps: [3]}}]",
+                     f"run_dir={tmp_path / 'sweep8'}"]) == 2
 
 
 def test_training_lowers_the_loss():
@@ -234,8 +239,11 @@ def test_candidate_intervals_and_the_lowest_variance_pick():
 
     assert clip_intervals([0.5], 0.25, 1e-3) == [(1e-3, 0.5), (0.25, 0.75), (0.5, 1.0)]
     assert clip_intervals([1.0], 0.05, 1e-3) == [(1e-3, 1.0)]
-    losses = {(0.1, 0.6): [torch.tensor([1.0, 3.0])], (0.2, 0.7): [torch.tensor([1.0, 1.5]), torch.tensor([1.2])]}
+    # per-batch variances summed: 2.0 for the first; 0.125 + 0.5 for the second (pooled, it would be 0.375 + ...)
+    losses = {(0.1, 0.6): [torch.tensor([1.0, 3.0])], (0.2, 0.7): [torch.tensor([1.0, 1.5]), torch.tensor([5.0, 6.0])]}
     assert lowest_variance(losses) == (0.2, 0.7)
+    pooled_would_pick_the_first = torch.cat(losses[(0.2, 0.7)]).var() > torch.cat(losses[(0.1, 0.6)]).var()
+    assert pooled_would_pick_the_first  # the two rules differ here, so the test tells them apart
 
 
 def test_times_stay_in_the_interval_and_validation_moves_it(monkeypatch):
@@ -252,12 +260,12 @@ def test_times_stay_in_the_interval_and_validation_moves_it(monkeypatch):
     collected = {}
     search = BD3LM.on_validation_epoch_end
     monkeypatch.setattr(BD3LM, "on_validation_epoch_end",
-                        lambda self: collected.update({k: torch.cat(v) for k, v in self._search.items()}) or search(self))
+                        lambda self: collected.update({k: list(v) for k, v in self._search.items()}) or search(self))
     _, valid_loader = make_loaders(data, batch_size=8, eval_batch_size=8, seed=0)
     L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
               limit_val_batches=3).validate(algo, valid_loader, verbose=False)
-    assert set(collected) == set(algo.intervals) and all(len(v) == 3 * 8 * 4 for v in collected.values())
-    best = min(collected, key=lambda k: collected[k].var().item())
+    assert set(collected) == set(algo.intervals) and all([len(b) for b in v] == [8 * 4] * 3 for v in collected.values())
+    best = min(collected, key=lambda k: sum(b.var().item() for b in collected[k]))
     assert (float(algo.sampling_eps_min), float(algo.sampling_eps_max)) == best
     assert "sampling_eps_min" in algo.state_dict()  # saved with checkpoints
     t = algo.block_times(x)

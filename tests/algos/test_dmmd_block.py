@@ -21,12 +21,14 @@ from conftest import random_model
 VOCAB, LENGTH, BLOCK = 17, 64, 16
 
 
-def block_teacher(directory, *, block_size=BLOCK, seed=0):
-    """A random masked block teacher (BD3-LM layout) saved as an exported directory."""
-    model = random_model(DiTConfig(vocab_size=VOCAB + 1, length=LENGTH, hidden_dim=32, cond_dim=16, n_blocks=1,
-                                   n_heads=2, dropout=0.0), seed=seed)
-    meta = {"process": "masked", "mask_id": VOCAB, "schedule": "loglinear", "schedule_eps": 1e-3,
-            "time_conditioning": False, "block_size": block_size, "cross_attn": True, "algo": "bd3lm"}
+def block_teacher(directory, *, block_size=BLOCK, seed=0, uniform=False, ignore_bos=False):
+    """A random masked (or uniform) block teacher (BD3-LM layout) saved as an exported directory."""
+    model = random_model(DiTConfig(vocab_size=VOCAB + (0 if uniform else 1), length=LENGTH, hidden_dim=32, cond_dim=16,
+                                   n_blocks=1, n_heads=2, dropout=0.0), seed=seed)
+    process = {"process": "uniform", "vocab_size": VOCAB, "time_conditioning": True} if uniform else \
+        {"process": "masked", "mask_id": VOCAB, "time_conditioning": False}
+    meta = {**process, "schedule": "loglinear", "schedule_eps": 1e-3, "block_size": block_size, "cross_attn": True,
+            "algo": "bd3lm", "ignore_bos": ignore_bos}
     return save_backbone(directory, model, meta)
 
 
@@ -89,9 +91,10 @@ def test_generator_loss_equals_a_block_by_block_replay(teacher):
 
 def test_block_size_comes_from_the_teacher(teacher):
     assert DMMD(config(teacher, block_size=BLOCK)).block == BLOCK  # explicit and equal: fine
-    assert DMMD(config(teacher, block_size=LENGTH)).block == BLOCK  # the default (model.length): the teacher's
-    with pytest.raises(UserError, match=r"block_size=32 differs from the teacher's block_size=16 .* pass 16"):
-        DMMD(config(teacher, block_size=32))
+    assert DMMD(config(teacher)).block == BLOCK  # not given: the teacher's
+    for other in (32, LENGTH):  # another block size, or plain diffusion (= model.length)
+        with pytest.raises(UserError, match=rf"block_size={other} differs from the teacher's block_size=16 .* pass 16"):
+            DMMD(config(teacher, block_size=other))
 
 
 def test_plain_teacher_refuses_a_block_student(tmp_path):
@@ -125,3 +128,23 @@ def test_block_students_train_and_sample_block_by_block(tmp_path, process):
     assert isinstance(pipeline.sampler, BlockSampler) and pipeline.sampler.rule == "generator"
     samples = pipeline.generate(2, steps=2, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (2, 16) and (samples[:, 0] == pipeline.sampler.first_token).all()  # ignore_bos: BOS first
+
+
+def test_uniform_block_student_keeps_a_clean_first_token_where_the_teacher_did(tmp_path):
+    """ignore_bos: the teacher never saw a noisy first token, so neither z_t nor z_s (which a
+    uniform posterior could re-noise) has one, and no loss counts it."""
+    teacher = block_teacher(tmp_path / "uniform", uniform=True, ignore_bos=True)
+    algo = DMMD(config(teacher))
+    assert algo.settings.loss_space == "posterior" and algo.first_token_clean
+    x_data = torch.randint(0, VOCAB, (4, LENGTH), generator=torch.Generator().manual_seed(1))
+    inputs = []
+    log_probs = algo.log_probs
+    algo.log_probs = lambda network, z, *a, **k: inputs.append(z.clone()) or log_probs(network, z, *a, **k)
+    for phase in ("gen", "aux"):
+        for seed in range(3):
+            torch.manual_seed(seed)
+            algo.phase_loss({"input_ids": x_data}, phase)
+    assert len(inputs) == 3 * 2 * 3 and all(torch.equal(z[:, 0], x_data[:, 0]) for z in inputs)
+    assert algo.scored(torch.ones(2, 5))[:, 0].sum() == 0
+    total, count = algo.loss({"input_ids": x_data})
+    assert count == 4 * (LENGTH - 1)

@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 
 from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.errors import UserError
-from mdlm_dmmd.eval.scoring import compute_metrics, flatten, held_out_rows, nfe_report, sample_and_score, with_sampling
+from mdlm_dmmd.eval.scoring import (check_block_size, compute_metrics, flatten, held_out_rows, nfe_report,
+                                    sample_and_score, with_sampling)
 from mdlm_dmmd.eval.sweep.output import row_label
 from mdlm_dmmd.pipeline import Pipeline
 
@@ -52,6 +53,7 @@ def load_methods(cfg: DictConfig, entries: list[dict]) -> tuple[list[Method], Me
         key = str(Path(path).expanduser().resolve())
         if key not in loaded:
             loaded[key] = Pipeline.from_checkpoint(path, device="cpu")
+            check_block_size(cfg, loaded[key], path)  # an explicit block_size must be each checkpoint's
         return loaded[key]
 
     problems, lengths = [], {}
