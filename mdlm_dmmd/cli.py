@@ -117,11 +117,11 @@ def _check_sampling(cfg) -> None:
     length = s.get("length")
     if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
         raise UserError(f"sampling.length must be null (model.length) or a positive int, got {length!r}")
-    for key in ("kv_cache", "first_hitting", "stop_at_eos"):
+    for key in ("kv_cache", "first_hitting", "stop_at_eos", "entropy_redraw"):
         if not isinstance(s.get(key, False), bool):
             raise UserError(f"sampling.{key} must be true or false, got {s.get(key)!r}")
     check_sampling_args(1, 1.0, 1.0, "ancestral", nucleus=s.get("nucleus", "keep"))
-    for key in ("first_hitting", "stop_at_eos"):
+    for key in ("first_hitting", "stop_at_eos", "entropy_redraw"):
         if s.get(key) and cfg.mode == "train" and not getattr(registry.load_algo(cfg.algo.name), "block_diffusion", False):
             raise UserError(f"sampling.{key} is an option of the block sampler; algo={cfg.algo.name} is not block diffusion")
     default_device(cfg)  # sampling.device

@@ -8,6 +8,7 @@ directory) without the class that trained it, choosing the sampler once from its
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,8 @@ from mdlm_dmmd.diffusion.block_sampling import BlockSampler
 from mdlm_dmmd.diffusion.sampling import AutoregressiveSampler, DiffusionSampler
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT
+
+logger = logging.getLogger(__name__)
 
 
 def sampling_rule(meta: CheckpointMeta) -> str:
@@ -43,6 +46,7 @@ class Pipeline:
     denoiser: Denoiser | BlockDenoiser | CausalDenoiser
     sampler: DiffusionSampler | BlockSampler | AutoregressiveSampler
     meta: CheckpointMeta = field(default_factory=CheckpointMeta)  # empty unless read from a checkpoint
+    stats: dict = field(default_factory=dict)  # what the last `generate` reports (entropy_redraws)
 
     @classmethod
     def from_checkpoint(cls, path, *, device: str | torch.device = "cpu", use_ema: bool = True) -> "Pipeline":
@@ -126,22 +130,26 @@ class Pipeline:
         first_hitting: bool = False,
         stop_at_eos: bool = False,
         length: int | None = None,
+        entropy_redraw: bool = False,
     ) -> Tensor:
         """[num_samples, L] token ids, drawn `batch_size` sequences at a time; with `prompts`
         [num_samples, P], row i continues prompt i. `nucleus`: keep | drop the token that crosses
         top_p. Block models only: `kv_cache` (None: the sampler's setting, on by default) and
         `first_hitting` (BD3-LM's one-token-per-step rule, masked models) and `stop_at_eos` (a
         sequence ends at its first EOS after position 0, EOS-filled after; needs the data's EOS id
-        in the checkpoint) and `length` (longer than the model: a sliding window of the model's
-        length); `steps` is per block."""
+        in the checkpoint), `length` (longer than the model: a sliding window of the model's
+        length) and `entropy_redraw` (BD3-LM's re-draw of low-entropy samples; how many were
+        re-drawn is in `self.stats` and logged); `steps` is per block."""
         if not isinstance(num_samples, int) or num_samples < 1:
             raise UserError(f"sampling.num_samples must be a positive int, got {num_samples!r}")
         extra = {"nucleus": nucleus}
+        self.stats = {}
         if self.sampler.blockwise:
             extra.update(kv_cache=kv_cache, first_hitting=first_hitting, stop_at=self._eos() if stop_at_eos else None,
-                         context=self.length)
-        elif first_hitting or stop_at_eos or (length is not None and length != self.length):
-            key = "first_hitting" if first_hitting else "stop_at_eos" if stop_at_eos else "length"
+                         context=self.length, entropy_redraw=entropy_redraw, stats=self.stats)
+        elif first_hitting or stop_at_eos or entropy_redraw or (length is not None and length != self.length):
+            key = ("first_hitting" if first_hitting else "stop_at_eos" if stop_at_eos else
+                   "entropy_redraw" if entropy_redraw else "length")
             raise UserError(f"sampling.{key} is an option of the block sampler; this model is not block diffusion")
         device = self.device
         length = self.length if length is None else length
@@ -159,4 +167,7 @@ class Pipeline:
                                  temperature=temperature, top_p=top_p, noise_removal=noise_removal, prompt=prompt,
                                  progress=progress, **extra)
             chunks.append(chunk)
+        if self.stats.get("entropy_redraws"):
+            logger.warning("sampling.entropy_redraw: %d of %d samples re-drawn (unigram entropy of 256 tokens < 4 nats, "
+                           "BD3-LM's rule)", self.stats["entropy_redraws"], num_samples)
         return torch.cat(chunks)

@@ -16,7 +16,9 @@ reveals exactly one masked token per sequence, chosen uniformly, at the time t·
 first of the n masked tokens would be revealed, so a block takes as many steps as it has masks
 and `steps` is ignored; `nucleus="drop"` (the token that crosses top-p dropped, as BD3-LM);
 `stop_at` an EOS id (BD3-LM's var_length); `context` (a sliding window for sequences longer than
-the model). Not built: BD3-LM's entropy-based re-draw of low-entropy samples.
+the model); `entropy_redraw` (BD3-LM's `_check_stop_conds`, off by default: a sample whose last
+256 tokens at some block boundary have a unigram entropy below 4 nats is drawn again, up to 10
+times; the number of re-draws is reported through `stats`).
 
 The sampler sees the denoiser only through `block_log_probs(z, t, prefix=, kv_cache=,
 generator=)`, `new_cache()` and `commit(x, cache)` (`denoiser.BlockDenoiser`).
@@ -126,6 +128,24 @@ def sample_blocks(
     return finished
 
 
+REDRAW_TRIES, REDRAW_WINDOW, REDRAW_ENTROPY = 10, 256, 4.0  # BD3-LM's `_check_stop_conds`
+
+
+def low_entropy(x: Tensor, block_size: int) -> Tensor:
+    """Rows whose last 256 tokens, at some block boundary past 256 tokens, have a unigram
+    entropy (nats) below 4: BD3-LM's sign of a degenerate, repeating sample. [B] bool"""
+    low = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for end in range(block_size, x.shape[1] + 1, block_size):
+        if end <= REDRAW_WINDOW:
+            continue
+        window = x[:, end - REDRAW_WINDOW: end]
+        for row in range(x.shape[0]):
+            counts = torch.bincount(window[row]).double()
+            p = counts[counts > 0] / REDRAW_WINDOW
+            low[row] |= bool(-(p * p.log()).sum() < REDRAW_ENTROPY)
+    return low
+
+
 def _end_at(x: Tensor, eos: int) -> Tensor:
     """Every token after a sequence's first `eos` at a position ≥ 1 set to `eos`."""
     hit = (x == eos)
@@ -185,13 +205,28 @@ class BlockSampler:
     blockwise: ClassVar[bool] = True  # called with the denoiser object, not a (z, t) function
 
     def __call__(self, denoiser: Any, *, steps: int, shape: tuple[int, int], prompt: Tensor | None = None,
-                 device: torch.device | str = "cpu", kv_cache: bool | None = None, **options) -> Tensor:
-        """`kv_cache` None: the sampler's own setting; other options as `sample_blocks`."""
+                 device: torch.device | str = "cpu", kv_cache: bool | None = None, entropy_redraw: bool = False,
+                 stats: dict | None = None, **options) -> Tensor:
+        """`kv_cache` None: the sampler's own setting; `entropy_redraw` (module docstring) adds its
+        re-draw count to `stats["entropy_redraws"]`; other options as `sample_blocks`."""
         if prompt is None and self.first_token is not None:  # a model that never saw a noisy BOS
             prompt = torch.full((shape[0], 1), self.first_token, dtype=torch.long, device=device)
-        return sample_blocks(denoiser, self.process, block_size=self.block_size, steps=steps, shape=shape,
-                             rule=self.rule, kv_cache=self.kv_cache if kv_cache is None else kv_cache,
-                             prompt=prompt, device=device, **options)
+
+        def draw(rows: int, rows_prompt: Tensor | None) -> Tensor:
+            return sample_blocks(denoiser, self.process, block_size=self.block_size, steps=steps, shape=(rows, shape[1]),
+                                 rule=self.rule, kv_cache=self.kv_cache if kv_cache is None else kv_cache,
+                                 prompt=rows_prompt, device=device, **options)
+
+        x = draw(shape[0], prompt)
+        if entropy_redraw:
+            for _ in range(REDRAW_TRIES):
+                low = low_entropy(x, self.block_size)
+                if not low.any():
+                    break
+                if stats is not None:
+                    stats["entropy_redraws"] = stats.get("entropy_redraws", 0) + int(low.sum())
+                x[low] = draw(int(low.sum()), None if prompt is None else prompt[low])
+        return x
 
     def nfe(self, length: int, steps: int, kv_cache: bool | None = None, first_hitting: bool = False) -> dict[str, int]:
         """Network evaluations per sequence (first hitting: one per masked token, `steps` ignored;

@@ -135,7 +135,7 @@ def generate(model, cfg: DictConfig, steps: int, *, prompt_rows: torch.Tensor | 
         top_p=float(s.top_p), noise_removal=str(s.noise_removal), batch_size=int(s.batch_size), progress=progress,
         prompts=prompts, nucleus=str(s.get("nucleus", "keep")), kv_cache=s.get("kv_cache"),
         first_hitting=bool(s.get("first_hitting", False)), stop_at_eos=bool(s.get("stop_at_eos", False)),
-        length=s.get("length"),
+        length=s.get("length"), entropy_redraw=bool(s.get("entropy_redraw", False)),
     )
 
 

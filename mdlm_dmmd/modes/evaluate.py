@@ -19,6 +19,8 @@ def run(cfg: DictConfig) -> None:
     scored = sample_and_score(pipeline, cfg, steps, progress=True)
     rows = {"checkpoint": path, "sampling steps": steps, **nfe_report(pipeline.sampler, pipeline.length, steps, cfg),
             "samples": len(scored.samples)}
+    if cfg.sampling.get("entropy_redraw"):
+        rows["entropy re-draws (BD3-LM's rule)"] = pipeline.stats.get("entropy_redraws", 0)
     if scored.prompt_rows is not None:
         rows["prompt length"] = int(cfg.sampling.prompt_length)
     rows.update(scored.metrics)

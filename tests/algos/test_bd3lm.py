@@ -205,6 +205,7 @@ def fails(capsys, args, *needles, run_dir):
      ["sampling.first_hitting is an option of the block sampler; algo=mdlm is not block diffusion"]),
     (["algo=udlm", "sampling.stop_at_eos=true"], ["sampling.stop_at_eos is an option of the block sampler; algo=udlm"]),
     (["algo=bd3lm", "sampling.length=-3"], ["sampling.length must be null (model.length) or a positive int, got -3"]),
+    (["algo=mdlm", "sampling.entropy_redraw=true"], ["sampling.entropy_redraw is an option of the block sampler"]),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, extra, needles):
     fails(capsys, [*extra, "data=digits", "debug=cpu"], *needles, run_dir=tmp_path / "run")

@@ -276,3 +276,23 @@ def test_the_cache_drops_its_oldest_tokens_and_keeps_positions():
     assert cache.length == 2 * K and cache.dropped == K and cache.end == 3 * K
     with pytest.raises(ValueError, match="drop_first"):
         cache.drop_first(3 * K)
+
+
+def test_entropy_redraw_is_off_by_default_and_counts_what_it_redraws():
+    from mdlm_dmmd.diffusion.block_sampling import low_entropy
+
+    repeating = torch.zeros(2, 512, dtype=torch.long)
+    varied = torch.arange(512).remainder(300)[None]
+    assert low_entropy(torch.cat([repeating, varied]), 64).tolist() == [True, True, False]
+    assert not low_entropy(repeating[:, :256], 64).any()  # BD3-LM checks only past 256 tokens
+    denoiser = masked_denoiser()
+    with torch.no_grad():  # a degenerate model: every token 2, so every sample has entropy 0
+        denoiser.network.output_layer.linear.weight.zero_()
+        denoiser.network.output_layer.linear.bias.copy_(torch.where(torch.arange(V + 1) == 2, 50.0, 0.0))
+    sampler, stats = BlockSampler(denoiser.process, K), {}
+    sampler(denoiser, steps=1, shape=(2, 2 * L), context=L, entropy_redraw=True, stats=stats)
+    assert stats == {}  # 32 tokens: never checked (BD3-LM looks past 256)
+    sampler(denoiser, steps=1, shape=(2, 320), context=L, stats=stats)
+    assert stats == {}  # off by default
+    out = sampler(denoiser, steps=1, shape=(2, 320), context=L, entropy_redraw=True, stats=stats)
+    assert (out == 2).all() and stats == {"entropy_redraws": 2 * 10}  # both rows, every one of the 10 tries

@@ -17,7 +17,8 @@ from mdlm_dmmd.eval import plots, tables
 from mdlm_dmmd.eval.tables import as_number, markdown_table, value_stderr
 
 FIRST_COLUMNS = ["method", "label", "source", "steps", "distill_top_p", "top_p", "temperature"]
-LAST_COLUMNS = ["nfe", "num_samples", "sample_seconds", "checkpoint"]  # nfe: network calls per sequence in all
+# nfe: network calls per sequence in all; entropy_redraws: samples re-drawn by BD3-LM's rule (when on)
+LAST_COLUMNS = ["nfe", "entropy_redraws", "num_samples", "sample_seconds", "checkpoint"]
 
 
 def row_label(row: dict) -> str:
