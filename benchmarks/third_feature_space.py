@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from mdlm_dmmd.metrics import digits_classifier as dc
 from mdlm_dmmd.metrics import digits_mlp
@@ -52,7 +53,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=["teacher:8", "teacher:16", "teacher:32", "teacher:64", "dmmd_k8_noise:8"])
     args = parser.parse_args()
     started = time.time()
-    config = json.loads(json.dumps(__import__("yaml").safe_load((args.study / "config.yaml").read_text())))
+    config = OmegaConf.to_container(OmegaConf.load(args.study / "config.yaml"))
     num, seed, batch = int(config["study"]["num_samples"]), int(config["sampling"]["seed"]), int(config["sampling"]["batch_size"])
     with open(args.study / "results.csv", newline="") as f:
         study_rows = list(csv.DictReader(f))
