@@ -123,7 +123,7 @@ def sample_blocks(
                 bar.close()
                 return torch.cat([finished, finished.new_full((batch, length - finished.shape[1]), stop_at)], dim=1)
         if cache is not None and j < blocks - 1:
-            denoiser.commit(z, cache)
+            denoiser.commit(finished[:, start:], cache)  # the block as kept (EOS-filled after a stop)
     bar.close()
     return finished
 

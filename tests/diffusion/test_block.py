@@ -296,3 +296,15 @@ def test_entropy_redraw_is_off_by_default_and_counts_what_it_redraws():
     assert stats == {}  # off by default
     out = sampler(denoiser, steps=1, shape=(2, 320), context=L, entropy_redraw=True, stats=stats)
     assert (out == 2).all() and stats == {"entropy_redraws": 2 * 10}  # both rows, every one of the 10 tries
+
+
+def test_stop_at_eos_keeps_cached_and_uncached_sampling_equal():
+    denoiser = uniform_denoiser()
+    plain = sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(6, L),
+                          generator=torch.Generator().manual_seed(11))
+    eos = int(plain[:, K:2 * K].flatten().mode().values)  # a token the second blocks use: sequences end early
+    out = [sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(6, L), stop_at=eos, kv_cache=cached,
+                         generator=torch.Generator().manual_seed(11)) for cached in (True, False)]
+    assert torch.equal(out[0], out[1])
+    ended_early = (out[0][:, 1:2 * K] == eos).any(dim=1)
+    assert ended_early.any()  # some sequences ended in their first blocks: the stop path ran
