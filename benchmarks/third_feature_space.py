@@ -86,7 +86,7 @@ def main() -> None:
     lines = [f"# Other MLP seeds on {args.study.name}", "",
              f"`digits_mlp`'s architecture and recipe with seeds {args.seeds} (held-out accuracy "
              + ", ".join(f"seed {s}: {a:.3f}" for s, a in accuracy.items())
-             + f"); FD ± bootstrap s.d. (10 resamples); n = samples scored; train = the 1617 training digits, "
+             + "); FD ± bootstrap s.d. (10 resamples); n = samples scored; train = the 1617 training digits, "
              "all = all 1797.", "",
              "| " + " | ".join(c for c in columns if not c.endswith("_stderr")) + " |",
              "|" + "---|" * len([c for c in columns if not c.endswith("_stderr")])]

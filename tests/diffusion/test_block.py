@@ -61,7 +61,7 @@ def test_positions_repeat_and_times_are_constant_inside_a_block():
 
 @pytest.mark.parametrize("value", [0, -4, 5, 32, 2.0, True, "4"])
 def test_bad_block_sizes_are_one_line_errors(value):
-    with pytest.raises(UserError, match=rf"^block_size must be a positive int that divides model.length \(16\), got "):
+    with pytest.raises(UserError, match=r"^block_size must be a positive int that divides model.length \(16\), got "):
         block.check_block_size(value, 16)
     assert block.check_block_size(4, 16) == 4 and block.check_block_size(16, 16) == 16
 

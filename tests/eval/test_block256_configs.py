@@ -2,7 +2,6 @@
 settings and say what they assume; at a tiny width the uniform block teacher trains a step on
 1024 tokens and a 16-step block student is distilled from it (block size from the teacher)."""
 
-import pytest
 import torch
 from omegaconf import OmegaConf
 
