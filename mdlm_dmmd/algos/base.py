@@ -20,6 +20,7 @@ as one that never stopped (the train loader's position is in Lightning's own loo
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, Mapping
 
@@ -99,6 +100,16 @@ def algo_section(config: Mapping[str, Any]) -> dict:
     if isinstance(config, DictConfig):
         return OmegaConf.to_container(config.algo, resolve=True)
     return dict(config["algo"])
+
+
+def build_settings(cls, algo: Mapping[str, Any], noun: str):
+    """`cls(**algo)` for a settings dataclass, or a one-line UserError naming the first key `cls`
+    lacks (e.g. noun "a bd3lm": "algo.x is not a bd3lm key; accepted: ...")."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(algo) - known)
+    if unknown:
+        raise UserError(f"algo.{unknown[0]} is not {noun} key; accepted: {', '.join(sorted(known))}")
+    return cls(**dict(algo))
 
 
 def process_meta(process, time_conditioning: bool) -> dict:

@@ -32,13 +32,14 @@ Config: `configs/algo/bd3lm.yaml`. Run: `mdlm-dmmd algo=bd3lm block_size=4 model
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from mdlm_dmmd.algos.base import AlgoBase, algo_section, antithetic_times, backbone_config, process_meta
+from mdlm_dmmd.algos.base import (AlgoBase, algo_section, antithetic_times, backbone_config, build_settings,
+                                  process_meta)
 from mdlm_dmmd.denoiser import BlockDenoiser
 from mdlm_dmmd.diffusion import block
 from mdlm_dmmd.diffusion.block_sampling import BlockSampler
@@ -89,11 +90,7 @@ class BD3LMConfig:
 
     @classmethod
     def from_mapping(cls, algo: Mapping[str, Any]) -> "BD3LMConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(algo) - known)
-        if unknown:
-            raise UserError(f"algo.{unknown[0]} is not a bd3lm key; accepted: {', '.join(sorted(known))}")
-        config = cls(**dict(algo))
+        config = build_settings(cls, algo, "a bd3lm")
         problems = []
         if config.process not in PROCESSES:
             problems.append(f"algo.process must be one of {', '.join(PROCESSES)}, got {config.process!r}")

@@ -17,13 +17,14 @@ Composition, not a base class (DESIGN principle 6): an algo holds the parts it n
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 
+from mdlm_dmmd.algos.base import build_settings
 from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.checkpoints import LoadedBackbone, load_backbone, load_backbone_weights
 from mdlm_dmmd.diffusion import Process, process_from_meta
@@ -76,11 +77,7 @@ class DistillationConfig:
 
     @classmethod
     def from_mapping(cls, algo: Mapping[str, Any]):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(algo) - known)
-        if unknown:
-            raise UserError(f"algo.{unknown[0]} is not a {algo.get('name', 'distillation')} key; accepted: {', '.join(sorted(known))}")
-        config = cls(**dict(algo))
+        config = build_settings(cls, algo, f"a {algo.get('name', 'distillation')}")
         problems = config.problems()
         if problems:
             raise UserError("; ".join(problems))

@@ -26,14 +26,14 @@ Config: `configs/algo/sdtt.yaml`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from mdlm_dmmd.algos.base import AlgoBase, algo_section, process_meta
+from mdlm_dmmd.algos.base import AlgoBase, algo_section, build_settings, process_meta
 from mdlm_dmmd.algos.distillation import TEACHER_PREFIX, Teacher, copy_of, is_int
 from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.denoiser import Denoiser
@@ -61,11 +61,7 @@ class SDTTConfig:
 
     @classmethod
     def from_mapping(cls, algo: Mapping[str, Any]) -> "SDTTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(algo) - known)
-        if unknown:
-            raise UserError(f"algo.{unknown[0]} is not an sdtt key; accepted: {', '.join(sorted(known))}")
-        config = cls(**dict(algo))
+        config = build_settings(cls, algo, "an sdtt")
         problems = []
         for key in ("initial_steps", "final_steps", "steps_per_round"):
             value = getattr(config, key)

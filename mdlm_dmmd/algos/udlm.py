@@ -18,13 +18,13 @@ Validation always reports the NELBO (`val/nll`), whatever the training loss, so 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from mdlm_dmmd.algos.base import AlgoBase, algo_section, backbone_config, process_meta
+from mdlm_dmmd.algos.base import AlgoBase, algo_section, backbone_config, build_settings, process_meta
 from mdlm_dmmd.denoiser import Denoiser
 from mdlm_dmmd.diffusion.sampling import DiffusionSampler
 from mdlm_dmmd.diffusion.schedules import build_schedule
@@ -45,11 +45,7 @@ class UDLMConfig:
 
     @classmethod
     def from_mapping(cls, algo: Mapping[str, Any]) -> "UDLMConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(algo) - known)
-        if unknown:
-            raise UserError(f"algo.{unknown[0]} is not a udlm key; accepted: {', '.join(sorted(known))}")
-        config = cls(**dict(algo))
+        config = build_settings(cls, algo, "a udlm")
         problems = []
         if not isinstance(config.time_conditioning, bool):
             problems.append(f"algo.time_conditioning must be true or false, got {config.time_conditioning!r}")
