@@ -19,7 +19,7 @@ from mdlm_dmmd.training import vocab_info
 CONFIGS = config_dir()
 GROUPS = ("algo", "data", "model", "noise", "trainer", "experiment", "debug")
 OFFLINE_DATA = {"digits", "shakespeare", "text_files"}
-TEACHER_ALGOS = {"dmmd", "sdtt"}  # distillation: built only with algo.teacher=PATH
+TEACHER_ALGOS = {"dmmd", "sdtt", "idlm"}  # distillation: built only with algo.teacher=PATH
 
 
 def options(group):

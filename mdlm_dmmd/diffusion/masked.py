@@ -145,3 +145,14 @@ class MaskedProcess:
         nll = -log_p.gather(-1, x[..., None])[..., 0]
         weight = self.elbo_weight(per_token(t, x))
         return torch.where(z_t == self.mask_id, weight * nll, torch.zeros_like(nll))
+
+    def nelbo_soft(self, log_p: Tensor, x_probs: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
+        """`nelbo` with a probability vector x̂ [B, L, V] for the clean token (IDLM's relaxation,
+        §3.2): w(t) · −Σ_c x̂_c log p_θ,c on tokens masked in the hard z_t, 0 elsewhere. [B, L]
+
+        Linear in x̂; equals `nelbo` for one-hot x̂. The mask column never carries x̂ mass (SUBS),
+        so its NEG_INF log-prob contributes 0.
+        """
+        cross_entropy = -(x_probs.to(log_p.dtype) * log_p).sum(-1)
+        weight = self.elbo_weight(per_token(t, z_t)).to(log_p.dtype)
+        return torch.where(z_t == self.mask_id, weight * cross_entropy, torch.zeros_like(cross_entropy))

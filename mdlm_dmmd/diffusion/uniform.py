@@ -200,6 +200,28 @@ class UniformProcess:
         )
         return dalpha_t / (V * alpha_t) * (term1 - term2)
 
+    def nelbo_soft(self, log_p: Tensor, x_probs: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
+        """`nelbo` with a probability vector x̂ [B, L, V] for the clean token (IDLM §3.2, form (b):
+        x enters through x̄ = V q(z_t | x) = V α_t x + (1 − α_t), which is defined for soft x). [B, L]
+
+            loss = α'_t/(V α_t) · (V/x̄[z_t] − V/x̄_θ[z_t]
+                                   − Σ_v x̄_v/x̄[z_t] (log x̄_θ[z_t] − log x̄_θ[v] + log x̄_v − log x̄[z_t]))
+
+        Equal to `nelbo` for one-hot x̂ (tested) and 0 when x̂_θ = x̂. Differentiable in x̂ and
+        in log_p; z_t is the hard token (for Duo's soft input, its argmax).
+        """
+        V = self.vocab_size
+        alpha_t = self.schedule.alpha(per_token(t, z_t)).to(log_p.dtype)[..., None]  # [B, L, 1]
+        dalpha_t = self.schedule.dalpha(per_token(t, z_t)).to(log_p.dtype)
+        xbar = V * alpha_t * x_probs.to(log_p.dtype) + (1 - alpha_t)
+        log_xbar_theta = torch.log(V * alpha_t * log_p.exp() + (1 - alpha_t))
+        at_z = z_t[..., None]
+        xbar_z = xbar.gather(-1, at_z)
+        log_xbar_theta_z = log_xbar_theta.gather(-1, at_z)
+        term1 = V / xbar_z - V * torch.exp(-log_xbar_theta_z)
+        term2 = (xbar / xbar_z * (log_xbar_theta_z - log_xbar_theta + torch.log(xbar) - torch.log(xbar_z))).sum(-1, True)
+        return (dalpha_t[..., None] / (V * alpha_t) * (term1 - term2))[..., 0]
+
     def cross_entropy(self, log_p: Tensor, x: Tensor) -> Tensor:
         """−log x̂_θ(x | z_t) per token, unweighted (the `ce` teacher loss; D-MMD eq. 5, w = 1). [B, L]"""
         return -log_p.gather(-1, x[..., None])[..., 0]

@@ -7,8 +7,10 @@
    of samples, 4. score them with `eval.metrics`, 5. write `results.csv`, `report.md`,
    `samples.png` (a grid per method, image data) and `pareto.png` (first metric vs steps).
 
-A distillation algo is one whose config has `teacher` and `sampling_steps` (k); `noise_input`
-is set only where `study.noise_input` asks for true or false. What a row says about a student
+A distillation algo is one whose config has a `teacher` key. Its config says how a student gets
+its k (`steps_key`): `sampling_steps` (D-MMD: one student trained per k), `final_steps` (SDTT:
+one student per k, its rounds run down to k), or neither (IDLM: one student, not trained for a
+k, sampled at every k). `noise_input` is set only where `study.noise_input` asks for true or false. What a row says about a student
 comes from its checkpoint: the noise input from the loaded generator (`noise_dim` > 0), the
 generator output entropy (paper Table 6) from the last training steps recorded there.
 The quickstart and the digits reproduction in `benchmarks/` are this recipe at two sizes.
@@ -39,6 +41,7 @@ from mdlm_dmmd.training import fit, make_run_dir
 NOISE_LABELS = {None: "", True: " (noise input)", False: " (no noise input)"}
 FOLDER_NAMES = {None: "default", True: "noise", False: "nonoise"}
 FIRST_COLUMNS = ["method", "steps", "noise_input"]
+METHOD_NAMES = {"dmmd": "D-MMD", "sdtt": "SDTT", "idlm": "IDLM"}  # the papers' spellings, for tables
 
 
 def _cache_root() -> Path:
@@ -88,28 +91,36 @@ def student_algo(cfg: DictConfig) -> DictConfig:
     # a plain copy: Hydra's struct flag would refuse override keys the algo does not know, which
     # the algo's own validation names better; interpolations resolve in the student's config
     algo = OmegaConf.create(OmegaConf.to_container(composed, resolve=False))
-    missing = [key for key in ("teacher", "sampling_steps") if key not in algo]
-    if missing:
-        raise UserError(f"study.student_algo '{name}' is not a distillation algo: its config has no "
-                        f"{' or '.join(missing)} key")
+    if "teacher" not in algo:
+        raise UserError(f"study.student_algo '{name}' is not a distillation algo: its config has no teacher key")
     if any(noise is not None for noise in study.noise_input) and "noise_input" not in algo:
         raise UserError(f"study.noise_input={list(study.noise_input)} but algo '{name}' has no noise_input key; "
                         f"use study.noise_input=[null]")
     return OmegaConf.merge(algo, study.get("student_overrides") or {})
 
 
-def student_config(cfg: DictConfig, algo: DictConfig, teacher: Path, steps: int, noise: bool | None,
+def steps_key(algo: DictConfig) -> str | None:
+    """The student config key that sets its k: `sampling_steps`, `final_steps`, or None (one
+    student for every k)."""
+    return next((key for key in ("sampling_steps", "final_steps") if key in algo), None)
+
+
+def student_config(cfg: DictConfig, algo: DictConfig, teacher: Path, steps: int | None, noise: bool | None,
                    run_dir: Path) -> DictConfig:
-    """The teacher's config with `algo` replaced by the student's (noise None: its own setting).
-    The teacher is named by its resolved path, so the saved config works from any directory."""
+    """The teacher's config with `algo` replaced by the student's for k = `steps` (None: a
+    student of no particular k; noise None: its own setting). The teacher is named by its
+    resolved path, so the saved config works from any directory."""
     algo = algo.copy()
-    algo.teacher, algo.sampling_steps = str(Path(teacher).expanduser().resolve()), int(steps)
+    algo.teacher = str(Path(teacher).expanduser().resolve())
+    if steps is not None:
+        algo[steps_key(algo)] = int(steps)
     if noise is not None:
         algo.noise_input = noise
     student = cfg.copy()
     student.algo = algo
     student.mode = "train"
-    student.run_dir = str(run_dir / f"{algo.name}_k{steps}_{FOLDER_NAMES[noise]}")
+    student.run_dir = str(run_dir / "_".join([algo.name, *([f"k{steps}"] if steps is not None else []),
+                                              FOLDER_NAMES[noise]]))
     student.trainer.max_steps = int(cfg.study.student_max_steps)
     student.training.ema = float(cfg.study.student_ema)
     return student
@@ -134,7 +145,7 @@ def student_facts(checkpoint: Path, pipeline: Pipeline) -> dict[str, Any]:
 def run(cfg: DictConfig) -> Path:
     study = cfg.study
     algo = student_algo(cfg)
-    label = study.get("student_label") or algo.name
+    label = study.get("student_label") or METHOD_NAMES.get(algo.name, algo.name)
     run_dir = make_run_dir(cfg)
 
     teacher, teacher_note = teacher_checkpoint(cfg, run_dir)
@@ -145,9 +156,12 @@ def run(cfg: DictConfig) -> Path:
         rows.append({"method": "teacher", "steps": int(steps), "noise_input": "", **flatten(metrics)})
         grids[f"teacher, {steps} steps"] = samples
         print(f"[study] teacher @ {steps} steps: {rows[-1]}")
+    per_k = steps_key(algo) is not None
     for noise in study.noise_input:
+        fitted = None
         for steps in study.student_steps:
-            fitted = fit(student_config(cfg, algo, teacher, steps, noise, run_dir))
+            if per_k or fitted is None:  # a student of no particular k is trained once
+                fitted = fit(student_config(cfg, algo, teacher, steps if per_k else None, noise, run_dir))
             if fitted is None:
                 raise UserError("student training was interrupted; its crash.ckpt is in the student folder")
             metrics, samples, pipeline = evaluate(cfg, fitted.checkpoint, steps)

@@ -189,3 +189,21 @@ def test_a_run_resumed_inside_a_later_round_equals_an_uninterrupted_one(tmp_path
     for opt_a, opt_b in zip(a["optimizer_states"], b["optimizer_states"]):
         for state_a, state_b in zip(opt_a["state"].values(), opt_b["state"].values()):
             assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_study_trains_one_sdtt_student_per_k_down_to_it(tmp_path, monkeypatch):
+    """study.student_algo=sdtt: algo.final_steps is the student's k; its rounds from initial_steps."""
+    monkeypatch.setenv("MDLM_DMMD_CACHE", str(tmp_path / "cache"))  # its own teacher cache: test_study counts on the shared one
+    import csv
+
+    run_dir = tmp_path / "study"
+    assert cli.main(["experiment=quickstart", "debug=cpu", "study.student_max_steps=3", "study.num_samples=8",
+                     "study.teacher_steps=[]", "study.student_steps=[2,4]", "eval.metrics=[entropy]",
+                     "study.student_algo=sdtt", "~study.student_overrides", "study.noise_input=[null]",
+                     "+study.student_overrides={initial_steps: 8, steps_per_round: 1}", f"run_dir={run_dir}"]) == 0
+    with open(run_dir / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["steps"]) for r in rows] == [("SDTT", "2"), ("SDTT", "4")]
+    finals = [torch.load(run_dir / f"sdtt_k{k}_default" / "checkpoints" / "final.ckpt", map_location="cpu",
+                         weights_only=False) for k in (2, 4)]
+    assert [c["mdlm_dmmd"]["sampling_steps"] for c in finals] == [2, 4]

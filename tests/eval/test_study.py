@@ -64,7 +64,7 @@ def test_student_algo_must_be_an_installed_distillation_algo(tmp_path, capsys):
     fails(capsys, [*TINY, "study.student_algo=dmmdd"], "study.student_algo", "unknown algo 'dmmdd'",
           "did you mean 'dmmd'?", run_dir=run_dir)
     fails(capsys, [*TINY, "study.student_algo=mdlm"], "study.student_algo 'mdlm' is not a distillation algo",
-          "no teacher or sampling_steps key", run_dir=run_dir)
+          "its config has no teacher key", run_dir=run_dir)
 
 
 TOY_CONFIG = "name: toy_distill\nteacher: null\nsampling_steps: 8\nrate: 1.0\n"
