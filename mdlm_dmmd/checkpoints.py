@@ -4,8 +4,11 @@ Three formats load into one `DiT` (`research/host-pattern.md` §1.7, §8):
 
 - **hf_dir**: a directory with `config.json` (public field names: `vocab_size`, `model_length`,
   `hidden_dim`, ...) and `model.safetensors`, keys with or without a leading `backbone.`; as
-  published on the hub. Public HF weights are already the EMA weights. A `.safetensors` file
-  with a `config.json` beside it loads the same way.
+  published on the hub (MDLM, Duo, BD3-LM, and IDLM's students, which are MDLM/Duo `hf_dit`
+  checkpoints). Public HF weights are already the EMA weights. A `.safetensors` file with a
+  `config.json` beside it loads the same way. SDTT's released students (`jdeschena/sdtt`,
+  `PyTorchModelHubMixin`) are this layout with the run's whole OmegaConf tree as config.json
+  (the network under `model`, MDLM's Hydra names) and the module's state dict as weights.
 - **lightning_ckpt**: a `.ckpt` written by this package's training host. Read with
   `torch.load(weights_only=True)`; holds `state_dict` (keys under a prefix such as `backbone.`
   or `generator.`), `mdlm_dmmd` = {"backbone_config": dit_config_to_public(config), "backbone_prefix":
@@ -36,7 +39,14 @@ from torch import Tensor
 from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT, DiTConfig
-from mdlm_dmmd.public_config import dit_config_from_public, dit_config_to_public, public_meta
+from mdlm_dmmd.public_config import (
+    dit_config_from_public,
+    dit_config_to_public,
+    is_sdtt_hub_config,
+    public_meta,
+    sdtt_hub_config,
+    sdtt_hub_meta,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -161,7 +171,7 @@ def _config_from(hf_dict: dict, source: Path) -> DiTConfig:
 def _load_safetensors_dir(config_path: Path, weights_path: Path, prefix: str | None, fmt: str):
     """(config, DiT-keyed state dict, meta) from config.json + a safetensors file."""
     hf_config = _read_json(config_path)
-    config = _config_from(hf_config, config_path)
+    sdtt = is_sdtt_hub_config(hf_config)
     try:
         tensors = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError) as err:
@@ -169,9 +179,20 @@ def _load_safetensors_dir(config_path: Path, weights_path: Path, prefix: str | N
     tensors = _clean_keys(tensors)
     if prefix is None:
         prefix = "backbone." if any(key.startswith("backbone.") for key in tensors) else ""
-    state_dict = _select_prefix(tensors, prefix, source=str(weights_path), others_allowed=False)
+    # SDTT's mixin saves its whole LightningModule, so keys outside the backbone are expected there.
+    state_dict = _select_prefix(tensors, prefix, source=str(weights_path), others_allowed=sdtt)
     for key in IGNORED_KEYS:
         state_dict.pop(key, None)
+    if sdtt:
+        embedding = state_dict.get("vocab_embed.embedding")
+        if embedding is None:
+            raise UserError(f"{weights_path}: an SDTT checkpoint needs backbone.vocab_embed.embedding (its "
+                            "vocabulary size is read from it)")
+        config = _config_from(sdtt_hub_config(hf_config, embedding.shape[0]), config_path)
+        meta = sdtt_hub_meta(hf_config, config)
+        meta.update(ema=False, format=fmt)
+        return config, state_dict, meta
+    config = _config_from(hf_config, config_path)
 
     if isinstance(hf_config.get(META_KEY), dict):
         meta = dict(hf_config[META_KEY])

@@ -1,4 +1,4 @@
-"""The public config.json names of a DiT (MDLMConfig, DUOConfig, BD3LMConfig) <-> `DiTConfig`.
+"""The public config.json names of a DiT (MDLMConfig, DUOConfig, BD3LMConfig, SDTT's hub config) <-> `DiTConfig`.
 
 Part of the checkpoint layer (`checkpoints.py` reads and writes with it): the model knows only
 its own field names. Upstream's Hydra names (`hidden_size`, `length`) are accepted too, for
@@ -98,3 +98,22 @@ def public_meta(hf_config: dict, config: DiTConfig) -> dict:
         if config.vocab_size == GPT2_MODEL_VOCAB:
             meta["vocab"] = {"size": GPT2_MODEL_VOCAB - 1, "bos_id": GPT2_MODEL_VOCAB - 2, "eos_id": GPT2_MODEL_VOCAB - 2}
     return meta
+
+
+def is_sdtt_hub_config(d: dict) -> bool:
+    """SDTT's released students (`jdeschena/sdtt` revisions, `PyTorchModelHubMixin`): config.json
+    is the run's whole OmegaConf tree (`model`, `parameterization`, `tokenizer`, ...), not a
+    flat model config."""
+    return isinstance(d.get("model"), dict) and isinstance(d.get("parameterization"), dict)
+
+
+def sdtt_hub_config(d: dict, vocab_size: int) -> dict:
+    """The flat model config of an SDTT hub config: its `model` node (MDLM's Hydra names,
+    `hidden_size`, `length`) with the vocabulary size read from the weights (it is not stored)."""
+    return {**d["model"], "vocab_size": vocab_size}
+
+
+def sdtt_hub_meta(d: dict, config: DiTConfig) -> dict:
+    """SDTT students are MDLM networks: masked, the mask token last, log-linear schedule."""
+    return {"family": "sdtt", "process": "masked", "mask_id": config.vocab_size - 1, "schedule": "loglinear",
+            "time_conditioning": bool(d.get("time_conditioning", False))}

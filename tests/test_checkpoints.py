@@ -102,6 +102,48 @@ def test_duo_config_infers_uniform_process(tmp_path):
     torch.testing.assert_close(logits_of(loaded.model), logits_of(model), atol=0, rtol=0)
 
 
+SDTT_HUB_CONFIG = {  # jdeschena/sdtt config.json: the run's OmegaConf tree (MultiRoundSDTT.push_to_hub), sizes shrunk
+    "mode": "train", "backbone": "dit", "time_conditioning": False, "T": 0, "subs_masking": False,
+    "model": {"name": "small", "type": "ddit", "hidden_size": 16, "cond_dim": 8, "length": 8, "n_blocks": 1,
+              "n_heads": 2, "scale_by_sigma": True, "dropout": 0.1, "tie_word_embeddings": False},
+    "parameterization": {"name": "multi-round-sdtt", "num_distill_steps": 2, "orig_num_sampling_steps": 1024,
+                         "min_num_sampling_steps": 4, "distill_mode": "kl-bwd", "grow_dt_every": 10000,
+                         "checkpoint_path": "kuleshov-group/mdlm-owt", "start_from_hf": True},
+    "noise": {"type": "loglinear", "sigma_min": 1e-4, "sigma_max": 20},
+    "tokenizer": {"name": "gpt2"},
+}
+
+
+def test_sdtt_hub_layout_loads_as_a_masked_mdlm_network(tmp_path):
+    """A directory as `MultiRoundSDTT.from_pretrained` reads it: config.json = the OmegaConf tree,
+    model.safetensors = the module's state dict (the backbone under `backbone.`, other entries
+    beside it); the vocabulary size comes from the embedding, the mask is the last id."""
+    model = random_model(tiny_config(vocab_size=12))
+    extra = {"sampling_eps_tensor": torch.tensor(1e-3)}  # a module buffer outside the backbone
+    directory = write_public_dir(tmp_path / "sdtt", SDTT_HUB_CONFIG, model.state_dict(), extra)
+    loaded = load_backbone(directory)
+    assert (loaded.config.vocab_size, loaded.config.length, loaded.config.hidden_dim) == (12, 8, 16)
+    assert loaded.meta.process == "masked" and loaded.meta.mask_id == 11 and loaded.meta.time_conditioning is False
+    assert loaded.meta.schedule == {"schedule": "loglinear"} and loaded.meta.format == "hf_dir"
+    torch.testing.assert_close(logits_of(loaded.model), logits_of(model), atol=0, rtol=0)
+    (directory / "model.safetensors").unlink()
+    save_file({"backbone.blocks.0.attn_qkv.weight": torch.zeros(48, 16)}, str(directory / "model.safetensors"))
+    with pytest.raises(UserError, match="an SDTT checkpoint needs backbone.vocab_embed.embedding"):
+        load_backbone(directory)
+
+
+@pytest.mark.parametrize("model_type, process", [("mdlm", "masked"), ("duo", "uniform")])
+def test_idlm_students_load_in_the_hf_dit_layout(tmp_path, model_type, process):
+    """kekchpek/idlm-mdlm, idlm-duo and idlm-dcd are read by IDLM's code as `algo.backbone=hf_dit`
+    (its README), i.e. MDLM/Duo hub directories: they load as such, as the right process."""
+    model = random_model(tiny_config())
+    config = {"architectures": [model_type.upper()], "model_type": model_type, "vocab_size": 11, "model_length": 8,
+              "hidden_dim": 16, "cond_dim": 8, "n_blocks": 1, "n_heads": 2, "dropout": 0.1}
+    loaded = load_backbone(write_public_dir(tmp_path / f"idlm-{model_type}", config, model.state_dict()))
+    assert loaded.meta.process == process
+    torch.testing.assert_close(logits_of(loaded.model), logits_of(model), atol=0, rtol=0)
+
+
 def test_unprefixed_keys_and_compiled_prefix_load(tmp_path):
     model = random_model(tiny_config())
     directory = tmp_path / "plain"

@@ -1,4 +1,4 @@
-"""IDLM: Inverse-distilled Diffusion Language Models (arXiv 2602.19066), the D-MMD paper's
+"""IDLM: Inverse-distilled Diffusion Language Models (Li et al. 2026, arXiv 2602.19066), the D-MMD paper's
 concurrent method, as a baseline.
 
 A frozen teacher θ, a generator η and a fake model φ, both copies of the teacher. Per batch:
