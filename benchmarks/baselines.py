@@ -104,6 +104,21 @@ def methods_digits(teacher: Path, made: dict) -> str:
     return "sweep.methods=[" + ", ".join(entries) + "]"
 
 
+TABLE_COLUMNS = {True: ["gm_reference_ar_seed2", "gm_reference_ar_seed3", "gen_ppl_reference_ar_seed2", "entropy"],
+                 False: ["fd_digits_mlp", "fd_digits_cnn", "kid_digits_mlp", "entropy"]}
+
+
+def write_table5(out: Path, text: bool) -> None:
+    """out/table5.md: the sweep as Table 5 and the comparisons (benchmarks/table5.py)."""
+    import table5
+
+    rows = table5.read(out / "sweep" / "results.csv")
+    columns = TABLE_COLUMNS[text]
+    (out / "table5.md").write_text("\n".join(["## Table 5 shape: method × steps", "", *table5.table(rows, columns), "",
+                                              "## Differences (row − reference, z = difference / combined s.e.)", "",
+                                              *table5.comparisons(rows, columns), ""]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("task", choices=["text", "digits"])
@@ -140,6 +155,7 @@ def main() -> None:
                    methods_digits(teacher, made)]
     code = cli.main(["mode=sweep", *scoring, f"sweep.num_samples={samples}", "sampling.num_samples=1",
                      "sampling.batch_size=256", f"run_dir={out / 'sweep'}"])
+    write_table5(out, text)
     argv = f"{args.task} --student-steps {steps} --samples {samples} --sdtt-initial {sdtt_initial} --out {out}"
     write_run_info(out, run_info(f"python benchmarks/baselines.py {argv}", started, sweep_exit_code=code,
                                  chosen_top_p=p, teacher=str(teacher)))

@@ -17,6 +17,8 @@ How x̂_η is re-noised (`renoise`), by the teacher's process:
   soft token softmax(w/τ) (IDLM eq. 6, App. E; τ = `algo.duo_temperature`), *with* gradient
   (reparameterisation), so gradients reach η through the models' inputs too; the loss's hard
   z_t' is argmax w. A uniform teacher with another schedule has no such latent and is refused.
+  The generator's own input is the hard z_t ~ q(z_t | x_data), the τ → 0 limit that the official
+  code reaches after Duo's curriculum (and what this package's Duo teachers were trained on).
 
 Not k-specific: one generator, trained at continuous t on data-diffused inputs, is sampled with
 the teacher's sampler at any number of steps. Fake first, `algo.fake_every` fake updates per
