@@ -109,12 +109,13 @@ class BlockDenoiser(Denoiser):
 
     def commit(self, x_block: Tensor, kv_cache: KVCache) -> None:
         """Append a finished (clean) block [B, K] to the cache: one more forward pass, σ = 0 and
-        zero noise, as the clean half of training sees it."""
+        zero noise, as the clean half of training sees it; without the output head and the last
+        block's attention output and MLP, which only the logits need."""
         batch, size = x_block.shape
         device = x_block.device
         noise = None if self.network.noise_proj is None else \
             torch.zeros(batch, size, self.network.config.noise_features, device=device)
-        self.network(x_block, torch.zeros(batch, device=device), noise=noise, kv_cache=kv_cache)
+        self.network(x_block, torch.zeros(batch, device=device), noise=noise, kv_cache=kv_cache, logits=False)
         kv_cache.commit()
 
     def _token_sigma(self, t: Tensor, batch: int, size: int) -> Tensor:

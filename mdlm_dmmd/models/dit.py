@@ -164,17 +164,28 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln_chunks(self.adaLN_modulation(c), 6)
 
         # 1. attention branch
-        h = modulate(self.norm1(x), shift_msa, scale_msa)
-        qkv = self.attn_qkv(h).view(B, S, 3, self.n_heads, D // self.n_heads)  # [B, S, 3, H, hd]: (three h d)
-        q, k, v = qkv.unbind(2)  # 3 x [B, S, H, hd]
-        cos, sin = rotary
-        a = attend(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v).reshape(B, S, D)
+        a = attend(*self.queries_keys_values(x, shift_msa, scale_msa, rotary)).reshape(B, S, D)
         x = x + gate_msa * self.dropout(self.attn_out(a))
 
         # 2. MLP branch
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)
         x = x + gate_mlp * self.dropout(self.mlp(h))
         return x
+
+    def queries_keys_values(self, x: Tensor, shift: Tensor, scale: Tensor,
+                            rotary: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Rotated queries and keys and the values, 3 x [B, S, H, hd], of the attention branch."""
+        B, S, D = x.shape
+        h = modulate(self.norm1(x), shift, scale)
+        q, k, v = self.attn_qkv(h).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(2)  # (three h d)
+        cos, sin = rotary
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def keys_values(self, x: Tensor, c: Tensor, rotary: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Only what this block adds to a KV cache for x (keys rotated, values): a commit pass needs
+        no more of the last block, whose attention output and MLP feed only the logits."""
+        shift_msa, scale_msa = adaln_chunks(self.adaLN_modulation(c), 6)[:2]
+        return self.queries_keys_values(x, shift_msa, scale_msa, rotary)[1:]
 
 
 class FinalLayer(nn.Module):
@@ -318,7 +329,7 @@ class DiT(nn.Module):
         return noise_input.draw_noise(batch, length, self.config.noise_dim, self.config.noise_grid, generator, device)
 
     def forward(self, x: Tensor, sigma: Tensor, noise: Tensor | None = None, *, attn_mask: Tensor | None = None,
-                positions: Tensor | None = None, kv_cache: KVCache | None = None) -> Tensor:
+                positions: Tensor | None = None, kv_cache: KVCache | None = None, logits: bool = True) -> Tensor | None:
         """Logits for every input position.
 
         x: token ids [B, S] (int) or probabilities [B, S, V] (float); S is free.
@@ -331,8 +342,12 @@ class DiT(nn.Module):
             cache's sliding window dropped tokens: `kv_cache.end`, ...).
         kv_cache: a `KVCache` of T earlier tokens, which every query attends to as well; this
             call's keys and values become its pending entries (`kv_cache.commit()` keeps them).
+        logits: False for a pass that only fills `kv_cache` (committing a finished block): the
+            last block stops at its keys and values, the output head is skipped, None is returned.
         Returns float32 logits [B, S, V], computed in the parameters' dtype.
         """
+        if not logits and kv_cache is None:
+            raise ValueError("DiT: logits=False only fills a KV cache; pass kv_cache")
         B, S = x.shape[:2]
         T = kv_cache.length if kv_cache is not None else 0
         V = self.config.vocab_size
@@ -385,6 +400,9 @@ class DiT(nn.Module):
 
         # 4. blocks and output head
         for i, block in enumerate(self.blocks):
+            if not logits and i == len(self.blocks) - 1:
+                kv_cache.update(i, *block.keys_values(h, c, rotary))
+                return None
             h = block(h, c, rotary, functools.partial(attend, layer=i))
         return self.output_layer(h, c).float()  # [B, S, V]
 

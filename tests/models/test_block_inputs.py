@@ -266,3 +266,24 @@ def test_soft_input_through_the_kv_cache_is_differentiable():
     logits = torch.randn(B, K, 13, requires_grad=True)
     model(logits.softmax(-1), sigma, kv_cache=cache).sum().backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_a_cache_only_pass_stores_what_a_full_pass_stores():
+    """logits=False (committing a finished block) stops at the last block's keys and values: the
+    cache equals the one a full forward leaves, and the next block's logits are unchanged."""
+    model = random_model(tiny_config())
+    x, sigma = tokens(), torch.zeros(B)
+    full, cache_only = KVCache(), KVCache()
+    with torch.no_grad():
+        assert model(x[:, :K], sigma, kv_cache=full) is not None
+        assert model(x[:, :K], sigma, kv_cache=cache_only, logits=False) is None
+        full.commit()
+        cache_only.commit()
+        for layer in range(2):
+            assert torch.equal(full._keys[layer], cache_only._keys[layer])
+            assert torch.equal(full._values[layer], cache_only._values[layer])
+        after_full = model(x[:, K:2 * K], sigma, kv_cache=full)
+        after_cache_only = model(x[:, K:2 * K], sigma, kv_cache=cache_only)
+    assert torch.equal(after_full, after_cache_only)
+    with pytest.raises(ValueError, match="logits=False only fills a KV cache"):
+        model(x, sigma, logits=False)
