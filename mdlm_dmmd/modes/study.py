@@ -10,9 +10,10 @@
 A distillation algo is one whose config has a `teacher` key. Its config says how a student gets
 its k (`steps_key`): `sampling_steps` (D-MMD: one student trained per k), `final_steps` (SDTT:
 one student per k, its rounds run down to k), or neither (IDLM: one student, not trained for a
-k, sampled at every k). `noise_input` is set only where `study.noise_input` asks for true or false. What a row says about a student
-comes from its checkpoint: the noise input from the loaded generator (`noise_dim` > 0), the
-generator output entropy (paper Table 6) from the last training steps recorded there.
+k, sampled at every k). `noise_input` is set only where `study.noise_input` asks for true or
+false. What a row says about a student comes from its checkpoint: the noise input from the
+loaded generator (`noise_dim` > 0), the generator output entropy (paper Table 6) from the last
+training steps recorded there.
 The quickstart and the digits reproduction in `benchmarks/` are this recipe at two sizes.
 """
 
