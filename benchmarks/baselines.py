@@ -6,7 +6,8 @@ number of optimiser updates (`--student-steps`; generator and auxiliary/fake upd
 - D-MMD students at k = 4, 8, 16 (noise input on, the two-rate default of the quickstart);
 - SDTT (kl_bwd) from `--sdtt-initial` steps down to the smallest k, one round every
   student_steps / rounds updates; every round's student is scored at its own k;
-- IDLM, one student sampled at 4, 8, 16 steps.
+- IDLM, one student sampled at 4, 8, 16 steps (the official single rate for generator and fake
+  model), and one with the fake model at 3x the generator's rate (D-MMD's two-rate setting).
 
 text (bundled Shakespeare, 2048-token BPE, 64 tokens; the teacher and the two reference ARs of
 `--reuse`, by default benchmarks/results/gm_text_2refs_2026-12-05): top-p protocol of the paper's
@@ -82,6 +83,10 @@ def students(out: Path, data: list[str], teacher: Path, steps: int, sdtt_initial
                                f"trainer.max_steps={steps + 1}"])  # the step after the last round saves it
     made["sdtt_rounds"] = sorted(sdtt.parent.glob("round*_k*.ckpt"), key=lambda p: int(p.stem.split("round")[1].split("_")[0]))
     made["idlm"] = train(out, "idlm", ["algo=idlm", *RATES["idlm"], *common, limit])
+    # IDLM with D-MMD's two-rate setting (fake model 3x the generator's rate): a sensitivity row,
+    # since D-MMD's auxiliary model needed it on digits (benchmarks/results/README.md)
+    made["idlm_fake3x"] = train(out, "idlm_fake3x", ["algo=idlm", "algo.lr_generator=1e-4", "algo.lr_fake=3e-4",
+                                                     *common, limit])
     return made
 
 
@@ -93,14 +98,17 @@ def methods_text(teacher: Path, made: dict, p: float) -> str:
     entries.append(f"{{name: 'D-MMD', checkpoint: '{made['dmmd_k8_p1']}', steps: null, top_p: [1.0], distill_top_p: 1.0}}")
     entries += [f"{{name: 'SDTT', checkpoint: '{ckpt}', steps: null, top_p: [{p}, 1.0]}}" for ckpt in made["sdtt_rounds"]]
     entries.append(f"{{name: 'IDLM', checkpoint: '{made['idlm']}', steps: [4, 8, 16], top_p: [{p}, 1.0]}}")
+    entries.append(f"{{name: 'IDLM, fake rate 3x', checkpoint: '{made['idlm_fake3x']}', steps: [4, 8, 16], "
+                   f"top_p: [{p}, 1.0]}}")
     return "sweep.methods=[" + ", ".join(entries) + "]"
 
 
 def methods_digits(teacher: Path, made: dict) -> str:
-    entries = [f"{{name: 'Masked teacher', checkpoint: '{teacher}', steps: [4, 8, 16, 64]}}"]
+    entries = [f"{{name: 'Masked teacher', checkpoint: '{teacher}', steps: [4, 8, 16, 32, 64]}}"]
     entries += [f"{{name: 'D-MMD', checkpoint: '{made[f'dmmd_k{k}']}', steps: null}}" for k in KS]
     entries += [f"{{name: 'SDTT', checkpoint: '{ckpt}', steps: null}}" for ckpt in made["sdtt_rounds"]]
     entries.append(f"{{name: 'IDLM', checkpoint: '{made['idlm']}', steps: [4, 8, 16]}}")
+    entries.append(f"{{name: 'IDLM, fake rate 3x', checkpoint: '{made['idlm_fake3x']}', steps: [4, 8, 16]}}")
     return "sweep.methods=[" + ", ".join(entries) + "]"
 
 

@@ -6,7 +6,8 @@ every metric column given (e.g. GM under both reference LMs, FD in both feature 
 - each method against the teacher at the same steps and sampling top-p (and, for a student
   distilled at a top-p, against the teacher at that top-p);
 - D-MMD at its largest k against the teacher at its most steps (the paper's claim: at or below);
-- SDTT round by round (the paper's claim: it degrades as the rounds go on).
+- SDTT round by round (the paper's claim: it degrades as the rounds go on);
+- D-MMD against each baseline at the same number of steps.
 
     python benchmarks/table5.py SWEEP/results.csv --columns gm_reference_ar_seed2 gm_reference_ar_seed3 \
         gen_ppl_reference_ar_seed2 entropy > table5.md
@@ -87,8 +88,12 @@ def comparisons(rows: list[dict], columns: list[str]) -> list[str]:
     for p in sorted({r["top_p"] for r in rows if r["method"] == "SDTT"}):
         rounds = sorted((r for r in rows if r["method"] == "SDTT" and r["top_p"] == p), key=lambda r: -int(r["steps"]))
         for earlier, later in zip(rounds, rounds[1:]):
-            add(f"SDTT (p = {float(p):.2f}) {later['steps']} − {earlier['steps']} steps (next round − previous)" if p else
-                f"SDTT {later['steps']} − {earlier['steps']} steps (next round − previous)", later, earlier)
+            add(f"{describe(later)}: round with {later['steps']} steps − the round before ({earlier['steps']} steps)",
+                later, earlier)
+    for row in sorted(dmmd, key=key):  # D-MMD against each baseline at the same number of steps
+        for other in sorted((r for r in rows if r["method"] not in ("D-MMD", "Masked teacher")
+                             and r["steps"] == row["steps"]), key=key):
+            add(f"{describe(row)} − {describe(other)}, {row['steps']} steps", row, other)
     return lines
 
 
