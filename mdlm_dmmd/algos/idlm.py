@@ -51,6 +51,8 @@ from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.denoiser import Denoiser
 from mdlm_dmmd.diffusion import Process
 from mdlm_dmmd.diffusion.sampling import DiffusionSampler, sample_categorical
+from mdlm_dmmd.diffusion.schedules import DuoSchedule, build_schedule
+from mdlm_dmmd.diffusion.uniform import UniformProcess
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT
 from mdlm_dmmd.models.ema import EMA
@@ -160,9 +162,9 @@ class IDLM(AlgoBase):
         self.settings = settings = IDLMConfig.from_mapping(algo_section(config))
         self.automatic_optimization = False
         self.teacher_part = Teacher(settings.teacher, data_vocab_size=self.data_vocab_size, length=self.cfg.model.length)
-        self.process, self.time_conditioning = self.teacher_part.process, self.teacher_part.time_conditioning
+        # the process of the losses; the teacher's own (`teacher_part.process`) is the one sampled
+        self.process, self.time_conditioning = self.training_process(), self.teacher_part.time_conditioning
         self.check_teacher()
-        check_schedule(self.cfg.noise, self.data_vocab_size, self.process)
         self.teacher = self.teacher_part.network
         self.generator = copy_of(self.teacher, dropout=settings.student_dropout)
         self.fake = copy_of(self.teacher, dropout=settings.student_dropout)
@@ -175,14 +177,29 @@ class IDLM(AlgoBase):
         decay = float(self.cfg.training.get("ema", 0.0))
         self.fake_ema = EMA(self.fake, decay) if decay > 0 else None
 
+    def training_process(self) -> Process:
+        """The teacher's process, except for a public Duo checkpoint with `noise=duo`: it records no
+        γ range (Duo keeps it in its algo config) and samples with the log-linear schedule, while
+        it was trained, and IDLM-Duo trains, on the Gaussian latent of the γ schedule given here.
+        The student then samples as its teacher does (`sampler`, checkpoint metadata)."""
+        teacher = self.teacher_part.process
+        configured = build_schedule(self.cfg.noise, self.data_vocab_size)
+        public_duo = self.teacher_part.meta.extra.get("family") == "duo" and not teacher.soft_corruption
+        if public_duo and isinstance(configured, DuoSchedule):
+            return UniformProcess(configured, vocab_size=teacher.vocab_size)
+        check_schedule(self.cfg.noise, self.data_vocab_size, teacher)
+        return teacher
+
     def check_teacher(self) -> None:
         source = f"algo.teacher '{self.teacher_part.path}'"
         if self.teacher_part.block_size is not None:
             raise UserError(f"algo=idlm takes plain (non-block) teachers; {source} is a block-diffusion model")
         kind = soft_marginal_kind(self.process)
         if kind is None:
+            hint = " (a public Duo checkpoint: pass noise=duo with the γ range it was trained with)" \
+                if self.teacher_part.meta.extra.get("family") == "duo" else ""
             raise UserError(f"algo=idlm needs a teacher whose process has a soft marginal: masked, or uniform with Duo's "
-                            f"Gaussian schedule (noise=duo); {source} is {self.process.name} with "
+                            f"Gaussian schedule (noise=duo){hint}; {source} is {self.process.name} with "
                             f"{self.process.schedule.describe()}, whose soft input would carry no gradient")
         if not hasattr(self.process, "nelbo_soft"):
             raise UserError(f"algo=idlm needs the teacher's loss on soft targets (nelbo_soft); the {self.process.name} "
@@ -201,18 +218,23 @@ class IDLM(AlgoBase):
         return self
 
     def denoiser(self, network: torch.nn.Module) -> Denoiser:
+        """`network` as sampled: with the teacher's process (its σ(t))."""
+        return Denoiser(network, self.teacher_part.process, self.time_conditioning)
+
+    def training_denoiser(self, network: torch.nn.Module) -> Denoiser:
+        """`network` in the losses: with the training process (`training_process`)."""
         return Denoiser(network, self.process, self.time_conditioning)
 
     def sampler(self) -> DiffusionSampler:
         # The generator is a denoiser like its teacher, so it is sampled by the teacher's rule.
-        return DiffusionSampler(self.process, self.teacher_part.meta.sampling_rule or "ancestral")
+        return DiffusionSampler(self.teacher_part.process, self.teacher_part.meta.sampling_rule or "ancestral")
 
     # -- the losses -----------------------------------------------------------------------------
     def generate_soft(self, x_data: Tensor) -> Tensor:
         """x̂_η(z_t) [B, L, V] for z_t ~ q(z_t | x_data) at antithetic t (with gradient)."""
         t = self.data_times(x_data)
         z_t = self.process.corrupt(x_data, t)
-        return self.denoiser(self.generator)(z_t, t).exp()
+        return self.training_denoiser(self.generator)(z_t, t).exp()
 
     def renoised(self, x_probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(model input, hard z_t', t') for x̂ re-noised at a fresh antithetic t' (`renoise`)."""
@@ -223,7 +245,7 @@ class IDLM(AlgoBase):
     def model_loss(self, network: torch.nn.Module, x_probs: Tensor, renoised: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         """ℓ_network(x̂): the teacher's training loss of `network` on the re-noised x̂, summed over tokens."""
         model_input, z, t = renoised
-        log_p = self.denoiser(network)(model_input, t)
+        log_p = self.training_denoiser(network)(model_input, t)
         return soft_loss(self.process, log_p, x_probs, z, t, self.settings.weighting).sum()
 
     def phase_loss(self, batch: Mapping[str, Tensor], phase: str) -> Tensor:
@@ -262,7 +284,7 @@ class IDLM(AlgoBase):
         x = batch["input_ids"]
         t = self.data_times(x)
         z_t = self.process.corrupt(x, t)
-        per_token = self.process.nelbo(self.denoiser(self.generator)(z_t, t), x, z_t, t)
+        per_token = self.process.nelbo(self.training_denoiser(self.generator)(z_t, t), x, z_t, t)
         return per_token.sum(), torch.tensor(float(per_token.numel()), device=x.device)
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -282,7 +304,7 @@ class IDLM(AlgoBase):
 
     def checkpoint_meta(self) -> dict:
         # No sampling_steps: the generator is not trained for one k (sampling.steps picks it).
-        return {**super().checkpoint_meta(), **process_meta(self.process, self.time_conditioning),
+        return {**super().checkpoint_meta(), **process_meta(self.teacher_part.process, self.time_conditioning),
                 "sampling_rule": self.sampler().rule, **self.teacher_part.provenance(),
                 **({"loss": self.teacher_part.meta.loss} if self.teacher_part.meta.loss else {})}
 

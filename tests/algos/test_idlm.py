@@ -141,7 +141,7 @@ def test_duo_gradient_reaches_eta_through_the_teachers_input(duo):
 
     def through_input(x):  # the named function's soft input, with its noise fixed; the target slot fixed
         soft = torch.softmax((torch.sigmoid(-gamma).sqrt() * x + torch.sigmoid(gamma).sqrt() * eps) / 0.5, -1)
-        log_p = algo.denoiser(algo.teacher)(soft, t)
+        log_p = algo.training_denoiser(algo.teacher)(soft, t)
         return soft_loss(algo.process, log_p, x_hat, z, t, "elbo").double().sum()
 
     x = x_hat.clone().requires_grad_()
@@ -281,3 +281,34 @@ def test_a_uniform_teacher_without_the_gaussian_schedule_is_refused(tmp_path):
     with pytest.raises(UserError, match="algo=idlm needs a teacher whose process has a soft marginal: .* is uniform "
                                         "with loglinear"):
         IDLM(config(path))
+
+
+def test_a_public_duo_teacher_trains_on_the_gamma_schedule_and_samples_like_its_teacher(tmp_path):
+    """A public Duo folder records no γ range and samples log-linear: with noise=duo, IDLM's losses
+    use the Gaussian latent of that γ schedule, while its student samples (σ(t), steps) as the
+    teacher does; without noise=duo the refusal says what to pass."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from mdlm_dmmd.pipeline import Pipeline
+
+    model = random_model(DiTConfig(vocab_size=VOCAB, length=LENGTH, hidden_dim=32, cond_dim=16, n_blocks=1, n_heads=2,
+                                   dropout=0.0))
+    folder = tmp_path / "duo-public"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["DUO"], "model_type": "duo", "vocab_size": VOCAB, "model_length": LENGTH, "hidden_dim": 32,
+        "cond_dim": 16, "n_blocks": 1, "n_heads": 2, "dropout": 0.0}))
+    save_file({f"backbone.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    with pytest.raises(UserError, match="a public Duo checkpoint: pass noise=duo"):
+        IDLM(config(folder))
+    algo = IDLM(config(folder, DUO_NOISE))
+    assert isinstance(algo.process.schedule, DuoSchedule) and algo.process.soft_corruption
+    assert isinstance(algo.denoiser(algo.generator).process.schedule, LogLinear)  # sampled as the teacher is
+    assert algo.checkpoint_meta()["schedule"] == "loglinear"
+    x = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    assert torch.isfinite(algo.phase_loss({"input_ids": x}, "gen"))
+    samples = Pipeline(algo.denoiser(algo.generator), algo.sampler(), None).generate(2, steps=4)
+    assert samples.shape == (2, LENGTH)
