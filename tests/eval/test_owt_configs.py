@@ -103,3 +103,18 @@ def test_dmmd_without_teacher_is_refused(name, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "sweep.methods.0.checkpoint is required" in err
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("name, noise, top_p", [("owt_masked_idlm", "loglinear", 0.85), ("owt_duo_idlm", "duo", 0.5)])
+def test_idlm_configs_hold_idlm_settings(name, noise, top_p):
+    """IDLM paper App. E: global batch 512, constant rate after 2500 warmup steps, EMA 0.9999; the
+    official code's fp32 and rate 1e-6; one student sampled at 4-32 steps; Duo teachers with noise=duo."""
+    cfg = plain(name)
+    assert cfg["algo"]["name"] == "idlm" and cfg["noise"]["type"] == noise
+    assert cfg["loader"]["batch_size"] * cfg["trainer"]["accumulate_grad_batches"] == 512
+    assert cfg["optim"]["warmup_steps"] == 2500 and cfg["training"]["ema"] == 0.9999
+    assert cfg["algo"]["lr_generator"] == cfg["algo"]["lr_fake"] == 1e-6 and cfg["trainer"]["precision"] == "32-true"
+    [idlm] = cfg["sweep"]["methods"]
+    assert idlm["steps"] == [4, 8, 16, 32] and idlm["top_p"] == [1.0, top_p]
+    header = (config_dir() / "experiment" / f"{name}.yaml").read_text().split("defaults:")[0]
+    assert f"mdlm-dmmd experiment={name}" in header and "mode=sweep" in header
