@@ -9,7 +9,8 @@ step feeds the network `block_size` new tokens instead of the whole prefix. With
 every step re-reads [prefix, block]; both give the same tokens under the same seed.
 
 NFE: `steps` per block, `steps · L / block_size` in all, plus (with the cache) one commit pass
-per finished block but the last (`nfe`).
+per finished block but the last (`nfe`); a commit pass stops at the last layer's keys and values
+(no output head), so it costs less than a denoising step.
 
 Options of BD3-LM's sampler: `first_hitting` (masked process; Zheng et al. 2024): each step
 reveals exactly one masked token per sequence, chosen uniformly, at the time t·u^(1/n) when the
