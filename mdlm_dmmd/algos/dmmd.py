@@ -206,7 +206,8 @@ class DMMD(AlgoBase):
             accumulate=int(self.cfg.trainer.get("accumulate_grad_batches", 1) or 1),
             clip=self.cfg.trainer.get("gradient_clip_val"), max_nonfinite=settings.max_nonfinite_steps,
         )
-        self.recent_gen_entropy: deque[float] = deque(maxlen=100)
+        # 0-d tensors, read (a host sync) only when a checkpoint is written or the mean is asked for
+        self.recent_gen_entropy: deque[Tensor | float] = deque(maxlen=100)
         self.init_ema(self.generator)
 
     # The generator is what base-class helpers (checkpoint meta, EMA, sampling) call "backbone".
@@ -279,7 +280,7 @@ class DMMD(AlgoBase):
         self.alternation.step(loss, backward=self.manual_backward, network=network, optimizer=self.optimizers()[index],
                               scheduler=self.lr_schedulers()[index], after_update=ema)
         if "gen_entropy" in logs:
-            self.recent_gen_entropy.append(float(logs["gen_entropy"]))
+            self.recent_gen_entropy.append(logs["gen_entropy"].detach())  # no float(): no sync per step
         self.log(f"train/loss_{phase}", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         for key, value in logs.items():
             self.log(f"train/{key}", value, on_step=True, on_epoch=False)
@@ -287,7 +288,7 @@ class DMMD(AlgoBase):
 
     def mean_gen_entropy(self) -> float:
         """Generator output entropy (paper Table 6) averaged over the last 100 training steps."""
-        return sum(self.recent_gen_entropy) / max(len(self.recent_gen_entropy), 1)
+        return sum(map(float, self.recent_gen_entropy)) / max(len(self.recent_gen_entropy), 1)
 
     def configure_optimizers(self):
         st = self.settings
@@ -312,7 +313,7 @@ class DMMD(AlgoBase):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         self.teacher_part.save_to(checkpoint)
-        checkpoint["distillation"] = {**self.alternation.state_dict(), "recent_gen_entropy": list(self.recent_gen_entropy)}
+        checkpoint["distillation"] = {**self.alternation.state_dict(), "recent_gen_entropy": [float(value) for value in self.recent_gen_entropy]}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
