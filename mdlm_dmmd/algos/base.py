@@ -164,7 +164,7 @@ class AlgoBase(L.LightningModule):
         return check_block_size(value, length)
 
     def ema_module(self) -> torch.nn.Module:
-        """The module whose weights the EMA tracks (the backbone; D-MMD: the generator)."""
+        """The module whose weights the EMA tracks: the backbone (a distillation algo's generator or student)."""
         return self.backbone
 
     @contextmanager

@@ -215,9 +215,6 @@ class DMMD(AlgoBase):
     def backbone(self) -> DiT:
         return self.generator
 
-    def ema_module(self) -> torch.nn.Module:
-        return self.generator
-
     def train(self, mode: bool = True):
         """Lightning switches every submodule to train mode; the teacher stays in eval (no dropout)."""
         super().train(mode)

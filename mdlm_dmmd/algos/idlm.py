@@ -209,9 +209,6 @@ class IDLM(AlgoBase):
     def backbone(self) -> DiT:
         return self.generator
 
-    def ema_module(self) -> torch.nn.Module:
-        return self.generator
-
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()

@@ -150,9 +150,6 @@ class SDTT(AlgoBase):
     def backbone(self) -> DiT:
         return self.student
 
-    def ema_module(self) -> torch.nn.Module:
-        return self.student
-
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()
