@@ -73,3 +73,37 @@ def write_ar_checkpoint(directory, vocab=17, length=64, seed=0, process="autoreg
         {"process": process, "mask_id": vocab, "schedule": "loglinear", "time_conditioning": False}
     save_backbone(directory, model, meta)
     return directory
+
+
+def host_config(algo: dict, *, vocab: int = 17, length: int = 64, ema: float = 0.0, clip: float | None = 1.0,
+                noise: dict | None = None, **top) -> dict:
+    """A composed config for building an algo directly (no Hydra): `algo` plus the host keys at
+    tiny-test settings (digits-sized vocabulary, lr 1e-3 without warmup); `top` adds top-level keys."""
+    return {
+        "algo": algo,
+        "model": {"length": length},
+        "training": {"ema": ema, "antithetic_sampling": True, "sampling_eps": 1e-3},
+        "optim": {"lr": 1e-3, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "warmup_steps": 0},
+        "trainer": {"accumulate_grad_batches": 1, "gradient_clip_val": clip},
+        "noise": noise or {"type": "loglinear", "eps": 1e-3},
+        "vocab": {"size": vocab},
+        "data": {"name": "digits"},
+        **top,
+    }
+
+
+STUDY_TINY = ["experiment=quickstart", "debug=cpu", "study.num_samples=8", "study.teacher_steps=[]",
+              "eval.metrics=[entropy]", "~study.student_overrides", "study.noise_input=[null]"]
+
+
+def study_rows(tmp_path, monkeypatch, *overrides) -> list[dict]:
+    """mode=study at quickstart settings shrunk to seconds, with its own teacher cache (the shared
+    one is what tests/eval/test_study.py counts on); the rows of its results.csv."""
+    import csv
+
+    from mdlm_dmmd import cli
+
+    monkeypatch.setenv("MDLM_DMMD_CACHE", str(tmp_path / "cache"))
+    assert cli.main([*STUDY_TINY, *overrides, f"run_dir={tmp_path / 'study'}"]) == 0
+    with open(tmp_path / "study" / "results.csv") as f:
+        return list(csv.DictReader(f))

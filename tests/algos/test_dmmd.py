@@ -20,6 +20,8 @@ from mdlm_dmmd.diffusion.sampling import top_p_mask
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT, DiTConfig
 
+from conftest import host_config
+
 VOCAB = 17  # digits: real tokens; the teacher has VOCAB + 1 with the mask
 LENGTH = 64
 
@@ -37,17 +39,8 @@ def make_teacher(directory, *, vocab=VOCAB, seed=0):
 
 
 def dmmd_config(teacher, **algo):
-    settings = {"name": "dmmd", "teacher": str(teacher), "sampling_steps": 4, "noise_dim": 8, **algo}
-    return {
-        "algo": settings,
-        "model": {"length": LENGTH},
-        "training": {"ema": 0.999, "antithetic_sampling": True, "sampling_eps": 1e-3},
-        "optim": {"lr": 1e-3, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "warmup_steps": 0},
-        "trainer": {"accumulate_grad_batches": 1, "gradient_clip_val": 1.0},
-        "noise": {"type": "loglinear", "eps": 1e-3},
-        "vocab": {"size": VOCAB},
-        "data": {"name": "digits"},
-    }
+    return host_config({"name": "dmmd", "teacher": str(teacher), "sampling_steps": 4, "noise_dim": 8, **algo},
+                       vocab=VOCAB, length=LENGTH, ema=0.999)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiTConfig
 from mdlm_dmmd.pipeline import Pipeline
 
-from conftest import random_model
+from conftest import host_config, random_model
 
 VOCAB, LENGTH, BLOCK = 17, 64, 16
 
@@ -33,19 +33,9 @@ def block_teacher(directory, *, block_size=BLOCK, seed=0, uniform=False, ignore_
 
 
 def config(teacher, block_size=None, **algo):
-    out = {
-        "algo": {"name": "dmmd", "teacher": str(teacher), "sampling_steps": 4, "noise_input": False, **algo},
-        "model": {"length": LENGTH},
-        "training": {"ema": 0.0, "antithetic_sampling": True, "sampling_eps": 1e-3},
-        "optim": {"lr": 1e-3, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "warmup_steps": 0},
-        "trainer": {"accumulate_grad_batches": 1, "gradient_clip_val": 1.0},
-        "noise": {"type": "loglinear", "eps": 1e-3},
-        "vocab": {"size": VOCAB},
-        "data": {"name": "digits"},
-    }
-    if block_size is not None:
-        out["block_size"] = block_size
-    return out
+    extra = {} if block_size is None else {"block_size": block_size}
+    return host_config({"name": "dmmd", "teacher": str(teacher), "sampling_steps": 4, "noise_input": False, **algo},
+                       vocab=VOCAB, length=LENGTH, **extra)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from mdlm_dmmd.diffusion.uniform import UniformProcess
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiTConfig
 
-from conftest import random_model
+from conftest import host_config, random_model, study_rows
 
 VOCAB, LENGTH = 17, 64
 
@@ -35,16 +35,8 @@ def saved_teacher(directory, process="masked", seed=0):
 
 
 def config(teacher, noise=None, **algo):
-    return {
-        "algo": {"name": "idlm", "teacher": str(teacher), **algo},
-        "model": {"length": LENGTH},
-        "training": {"ema": 0.0, "antithetic_sampling": True, "sampling_eps": 1e-3},
-        "optim": {"lr": 1e-3, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "warmup_steps": 0},
-        "trainer": {"accumulate_grad_batches": 1, "gradient_clip_val": None},
-        "noise": noise or {"type": "loglinear", "eps": 1e-3},
-        "vocab": {"size": VOCAB},
-        "data": {"name": "digits"},
-    }
+    return host_config({"name": "idlm", "teacher": str(teacher), **algo}, vocab=VOCAB, length=LENGTH, clip=None,
+                       noise=noise)
 
 
 DUO_NOISE = {"type": "duo", "gamma_min": -3.5, "gamma_max": -1.75}
@@ -244,18 +236,10 @@ def test_one_checkpoint_samples_at_any_k(cli_teacher):
 
 
 def test_study_trains_one_idlm_student_and_samples_it_at_every_k(tmp_path, monkeypatch):
-    monkeypatch.setenv("MDLM_DMMD_CACHE", str(tmp_path / "cache"))  # its own teacher cache: test_study counts on the shared one
-    import csv
-
-    run_dir = tmp_path / "study"
-    assert cli.main(["experiment=quickstart", "debug=cpu", "study.student_max_steps=2", "study.num_samples=8",
-                     "study.teacher_steps=[]", "study.student_steps=[2,4]", "eval.metrics=[entropy]",
-                     "study.student_algo=idlm", "~study.student_overrides", "study.noise_input=[null]",
-                     f"run_dir={run_dir}"]) == 0
-    with open(run_dir / "results.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = study_rows(tmp_path, monkeypatch, "study.student_algo=idlm", "study.student_max_steps=2",
+                      "study.student_steps=[2,4]")
     assert [(r["method"], r["steps"]) for r in rows] == [("IDLM", "2"), ("IDLM", "4")]
-    assert [p.name for p in run_dir.iterdir() if p.name.startswith("idlm")] == ["idlm_default"]
+    assert [p.name for p in (tmp_path / "study").iterdir() if p.name.startswith("idlm")] == ["idlm_default"]
 
 
 def test_weighting_other_than_elbo_warns(masked, caplog):

@@ -14,7 +14,7 @@ from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiTConfig
 from mdlm_dmmd.pipeline import Pipeline
 
-from conftest import random_model
+from conftest import host_config, random_model, study_rows
 
 VOCAB, LENGTH = 17, 64
 
@@ -28,17 +28,8 @@ def masked_teacher(directory, seed=0):
 
 
 def config(teacher, **algo):
-    return {
-        "algo": {"name": "sdtt", "teacher": str(teacher), "initial_steps": 16, "final_steps": 4, "steps_per_round": 2,
-                 **algo},
-        "model": {"length": LENGTH},
-        "training": {"ema": 0.0, "antithetic_sampling": True, "sampling_eps": 1e-3},
-        "optim": {"lr": 1e-3, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "warmup_steps": 0},
-        "trainer": {"accumulate_grad_batches": 1, "gradient_clip_val": 1.0},
-        "noise": {"type": "loglinear", "eps": 1e-3},
-        "vocab": {"size": VOCAB},
-        "data": {"name": "digits"},
-    }
+    return host_config({"name": "sdtt", "teacher": str(teacher), "initial_steps": 16, "final_steps": 4,
+                        "steps_per_round": 2, **algo}, vocab=VOCAB, length=LENGTH)
 
 
 @pytest.fixture(scope="module")
@@ -193,17 +184,9 @@ def test_a_run_resumed_inside_a_later_round_equals_an_uninterrupted_one(tmp_path
 
 def test_study_trains_one_sdtt_student_per_k_down_to_it(tmp_path, monkeypatch):
     """study.student_algo=sdtt: algo.final_steps is the student's k; its rounds from initial_steps."""
-    monkeypatch.setenv("MDLM_DMMD_CACHE", str(tmp_path / "cache"))  # its own teacher cache: test_study counts on the shared one
-    import csv
-
-    run_dir = tmp_path / "study"
-    assert cli.main(["experiment=quickstart", "debug=cpu", "study.student_max_steps=3", "study.num_samples=8",
-                     "study.teacher_steps=[]", "study.student_steps=[2,4]", "eval.metrics=[entropy]",
-                     "study.student_algo=sdtt", "~study.student_overrides", "study.noise_input=[null]",
-                     "+study.student_overrides={initial_steps: 8, steps_per_round: 1}", f"run_dir={run_dir}"]) == 0
-    with open(run_dir / "results.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = study_rows(tmp_path, monkeypatch, "study.student_algo=sdtt", "study.student_max_steps=3",
+                      "study.student_steps=[2,4]", "+study.student_overrides={initial_steps: 8, steps_per_round: 1}")
     assert [(r["method"], r["steps"]) for r in rows] == [("SDTT", "2"), ("SDTT", "4")]
-    finals = [torch.load(run_dir / f"sdtt_k{k}_default" / "checkpoints" / "final.ckpt", map_location="cpu",
+    finals = [torch.load(tmp_path / "study" / f"sdtt_k{k}_default" / "checkpoints" / "final.ckpt", map_location="cpu",
                          weights_only=False) for k in (2, 4)]
     assert [c["mdlm_dmmd"]["sampling_steps"] for c in finals] == [2, 4]
