@@ -37,7 +37,7 @@ from pathlib import Path
 
 from mdlm_dmmd import cli
 
-from run_info import run_info, write_run_info  # benchmarks/ is on sys.path when run as a script
+from run_info import run_info, train_or_reuse as train, write_run_info  # benchmarks/ is on sys.path as a script
 
 TEXT = ["data=shakespeare", "data.tokenizer=bpe", "data.bpe_vocab_size=2048", "model.length=64",
         "data.train_shard=[0,2]"]  # the judged half: teacher, students and GM's data minibatches
@@ -48,14 +48,6 @@ RATES = {"dmmd": ["algo.lr_generator=1e-4", "algo.lr_aux=3e-4"],  # the quicksta
          "idlm": ["algo.lr_generator=1e-4", "algo.lr_fake=1e-4"],  # the official code: one rate for both
          "sdtt": ["optim.lr=1e-4"]}
 KS = (4, 8, 16)
-
-
-def train(out: Path, name: str, overrides: list[str]) -> Path:
-    """Train (or, when `out/name` already holds a finished run, reuse) one student."""
-    final = out / name / "checkpoints" / "final.ckpt"
-    if not final.is_file() and cli.main([*overrides, f"run_dir={out / name}"]) != 0:
-        raise SystemExit(f"training {name} failed")
-    return final
 
 
 def chosen_top_p(sweep_csv: Path) -> float:

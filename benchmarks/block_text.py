@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mdlm_dmmd import cli
 
-from run_info import run_info, write_run_info  # benchmarks/ is on sys.path when run as a script
+from run_info import run_info, train_or_reuse as train, write_run_info  # benchmarks/ is on sys.path as a script
 
 MODEL = ["model.hidden_dim=128", "model.cond_dim=64", "model.n_blocks=4", "model.n_heads=4", "model.dropout=0.0"]
 DATA = ["data=shakespeare", "data.tokenizer=bpe", "data.bpe_vocab_size=2048"]
@@ -33,17 +33,6 @@ TRAINING = ["loader.batch_size=32", "optim.lr=1e-3", "optim.warmup_steps=100", "
             "sampling.num_samples=0"]
 JUDGED_SHARD = "data.train_shard=[0,2]"  # teacher, student and GM's data minibatches
 REFERENCE_SHARD = "data.train_shard=[1,2]"  # the reference LMs only
-
-
-def train(out: Path, name: str, overrides: list[str]) -> Path:
-    """Train (or, when `out/name` already holds a finished run, reuse) one model."""
-    run_dir = out / name
-    final = run_dir / "checkpoints" / "final.ckpt"
-    if final.is_file():
-        return final
-    if cli.main([*overrides, f"run_dir={run_dir}"]) != 0:
-        raise SystemExit(f"training {name} failed")
-    return final
 
 
 def main() -> None:

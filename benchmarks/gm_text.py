@@ -35,7 +35,7 @@ import torch
 
 from mdlm_dmmd import cli
 
-from run_info import run_info, write_run_info  # benchmarks/ is on sys.path when run as a script
+from run_info import run_info, train_or_reuse, write_run_info  # benchmarks/ is on sys.path as a script
 
 COMMON = ["data=shakespeare", "data.tokenizer=bpe", "data.bpe_vocab_size=2048", "model.length=64",
           "model.hidden_dim=128", "model.cond_dim=64", "model.n_blocks=4", "model.n_heads=4", "model.dropout=0.0",
@@ -50,13 +50,7 @@ REFERENCE_SHARD = "data.train_shard=[1,2]"  # the reference LM only
 
 def train(out: Path, name: str, algo: str, seed: int, steps: int, shard: str) -> Path:
     """Train (or, when `out/name` already holds a finished run, reuse) one model."""
-    run_dir = out / name
-    if (run_dir / "checkpoints" / "final.ckpt").is_file():
-        return run_dir / "checkpoints" / "final.ckpt"
-    code = cli.main([f"algo={algo}", *COMMON, shard, f"seed={seed}", f"trainer.max_steps={steps}", f"run_dir={run_dir}"])
-    if code != 0:
-        raise SystemExit(f"training {name} failed")
-    return run_dir / "checkpoints" / "final.ckpt"
+    return train_or_reuse(out, name, [f"algo={algo}", *COMMON, shard, f"seed={seed}", f"trainer.max_steps={steps}"])
 
 
 def data_rows_gm(references: list[Path], num: int) -> dict:

@@ -1,4 +1,5 @@
-"""What every benchmark writes next to its results: command, date, machine, versions, wall time."""
+"""What every benchmark writes next to its results (command, date, machine, versions, wall time),
+and the train-or-reuse step of the benchmarks that train models."""
 
 from __future__ import annotations
 
@@ -30,3 +31,14 @@ def write_run_info(folder: Path, info: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "run_info.json").write_text(json.dumps(info, indent=2))
     print(json.dumps(info, indent=2))
+
+
+def train_or_reuse(out: Path, name: str, overrides: list[str]) -> Path:
+    """`mdlm-dmmd OVERRIDES run_dir=out/name`, unless that folder already holds a finished run
+    (its checkpoints/final.ckpt), which is reused: an interrupted benchmark resumes where it stopped."""
+    from mdlm_dmmd import cli
+
+    final = out / name / "checkpoints" / "final.ckpt"
+    if not final.is_file() and cli.main([*overrides, f"run_dir={out / name}"]) != 0:
+        raise SystemExit(f"training {name} failed")
+    return final

@@ -20,6 +20,8 @@ import csv
 import math
 from pathlib import Path
 
+from metric_agreement import number as parse  # benchmarks/ is on sys.path as a script
+
 
 def read(path: Path) -> list[dict]:
     with open(path) as f:
@@ -27,8 +29,9 @@ def read(path: Path) -> list[dict]:
 
 
 def number(row: dict, column: str) -> tuple[float, float]:
-    value, stderr = row.get(column, ""), row.get(f"{column}_stderr", "")
-    return (float(value) if value else math.nan), (float(stderr) if stderr else math.nan)
+    """(value, s.e.) of a metric column; NaN where blank (`metric_agreement.number` parses)."""
+    value, stderr = parse(row.get(column)), parse(row.get(f"{column}_stderr"))
+    return (math.nan if value is None else value), (math.nan if stderr is None else stderr)
 
 
 def cell(row: dict, column: str) -> str:
