@@ -35,10 +35,13 @@ def write_run_info(folder: Path, info: dict) -> None:
 
 def train_or_reuse(out: Path, name: str, overrides: list[str]) -> Path:
     """`mdlm-dmmd OVERRIDES run_dir=out/name`, unless that folder already holds a finished run
-    (its checkpoints/final.ckpt), which is reused: an interrupted benchmark resumes where it stopped."""
+    (its checkpoints/final.ckpt), which is reused; a run stopped before its end resumes from its
+    checkpoints/last.ckpt: an interrupted benchmark goes on where it stopped."""
     from mdlm_dmmd import cli
 
     final = out / name / "checkpoints" / "final.ckpt"
-    if not final.is_file() and cli.main([*overrides, f"run_dir={out / name}"]) != 0:
+    last = out / name / "checkpoints" / "last.ckpt"
+    resume = [f"checkpoint={last}"] if last.is_file() else []
+    if not final.is_file() and cli.main([*overrides, *resume, f"run_dir={out / name}"]) != 0:
         raise SystemExit(f"training {name} failed")
     return final

@@ -30,15 +30,19 @@ class Denoiser:
         """The network's conditioning σ(t); zeros when it is not time-conditioned."""
         return self.process.schedule.sigma(t) if self.time_conditioning else torch.zeros_like(t)
 
-    def log_probs(self, z_t: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def log_probs(self, z_t: Tensor, t: Tensor, generator: torch.Generator | None = None, *,
+                  at: Tensor | None = None) -> Tensor:
         """x̂(z_t) as log-probs [B, L, V]; a noise-input network gets fresh noise on every call,
-        so a noise-conditioned student can never be evaluated without its noise."""
+        so a noise-conditioned student can never be evaluated without its noise. `at` (bool
+        [B, L], token ids only): x̂ at those positions only, [N, V] (the output head runs there)."""
         batch, length = z_t.shape[:2]
         noise = self.network.draw_noise(batch, length, generator=generator, device=z_t.device)
-        return self.process.log_probs(self.network(z_t, self.sigma(t), noise=noise), z_t)
+        logits = self.network(z_t, self.sigma(t), noise=noise, logits_at=at)
+        return self.process.log_probs(logits, z_t if at is None else z_t[at])
 
-    def __call__(self, z_t: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return self.log_probs(z_t, t, generator)
+    def __call__(self, z_t: Tensor, t: Tensor, generator: torch.Generator | None = None, *,
+                 at: Tensor | None = None) -> Tensor:
+        return self.log_probs(z_t, t, generator, at=at)
 
 
 @dataclass
@@ -80,11 +84,13 @@ class BlockDenoiser(Denoiser):
         return self.log_probs(z_t, t, generator, clean=clean)
 
     def block_log_probs(self, z_block: Tensor, t: Tensor, *, prefix: Tensor | None = None,
-                        kv_cache: KVCache | None = None, generator: torch.Generator | None = None) -> Tensor:
+                        kv_cache: KVCache | None = None, generator: torch.Generator | None = None,
+                        at: Tensor | None = None) -> Tensor:
         """Sampling: x̂ for one noisy block z_block [B, K] at time t [B], given the clean tokens
         before it either as ids `prefix` [B, P] (P a multiple of block_size; the network sees
         [prefix, z_block] block-causally, positions 0..P+K−1) or as `kv_cache` (only z_block is
-        fed, at positions T..T+K−1). Both give the same numbers up to kernel rounding."""
+        fed, at positions T..T+K−1). Both give the same numbers up to kernel rounding. `at`
+        (bool [B, K]): x̂ at those positions of the block only, [N, V]."""
         batch, size = z_block.shape
         device = z_block.device
         sigma = self._token_sigma(t, batch, size)
@@ -92,17 +98,22 @@ class BlockDenoiser(Denoiser):
         if kv_cache is not None:
             if prefix is not None:
                 raise ValueError("block_log_probs: give the clean prefix as tokens or as a KV cache, not both")
-            logits = self.network(z_block, sigma, noise=noise, kv_cache=kv_cache)
+            logits = self.network(z_block, sigma, noise=noise, kv_cache=kv_cache, logits_at=at)
         else:
             before = 0 if prefix is None else prefix.shape[1]
             if before % self.block_size:
                 raise ValueError(f"block_log_probs: the prefix ({before} tokens) must be whole blocks of {self.block_size}")
             tokens = z_block if prefix is None else torch.cat([prefix, z_block], dim=1)
+            at_tokens = (torch.cat([at.new_zeros(batch, before), at], dim=1) if at is not None
+                         else torch.cat([z_block.new_zeros(batch, before, dtype=torch.bool),
+                                         z_block.new_ones(batch, size, dtype=torch.bool)], dim=1))
             logits = self.network(
                 tokens, torch.cat([sigma.new_zeros(batch, before), sigma], dim=1),
                 noise=None if noise is None else torch.cat([noise.new_zeros(batch, before, noise.shape[-1]), noise], dim=1),
-                attn_mask=block.block_causal_mask(before + size, self.block_size, device))[:, before:]
-        return self.process.log_probs(logits, z_block)
+                attn_mask=block.block_causal_mask(before + size, self.block_size, device), logits_at=at_tokens)
+            if at is None:
+                logits = logits.view(batch, size, -1)
+        return self.process.log_probs(logits, z_block if at is None else z_block[at])
 
     def new_cache(self) -> KVCache:
         return KVCache()

@@ -17,10 +17,21 @@ from conftest import fixture_path
 LEGACY = ("mdlm", 128), ("dmmd_masked", 2)  # (run, the steps `mode=sample sampling.steps=null` used)
 
 
+def exponential_race(probs, generator=None):
+    """The categorical draw of commit dfabb0a (one Exp(1) per vocabulary entry, argmax of p / e);
+    the package now inverts the CDF with one uniform per row, which draws other tokens per seed."""
+    e = -torch.log1p(-torch.rand(probs.shape, generator=generator, dtype=torch.float64))
+    return (probs.double() / e).argmax(dim=-1)
+
+
 @pytest.mark.parametrize("run,steps", LEGACY)
-def test_checkpoint_written_before_the_change_loads_and_samples_identically(run, steps):
+def test_checkpoint_written_before_the_change_loads_and_samples_identically(run, steps, monkeypatch):
     """tests/fixtures/legacy/: `mode=train` checkpoints written at commit dfabb0a (before typed
-    metadata) and the samples that commit's `mode=sample` drew from them (seed 1, 4 samples)."""
+    metadata) and the samples that commit's `mode=sample` drew from them (seed 1, 4 samples),
+    with that commit's categorical draw and dense steps restored (every sequence through the
+    network before the revealed tokens are drawn: the order of the draws of a noise input)."""
+    monkeypatch.setattr("mdlm_dmmd.diffusion.sampling.sample_categorical", exponential_race)
+    monkeypatch.setattr("mdlm_dmmd.diffusion.sampling.takes_positions", lambda denoise: False)
     legacy = fixture_path("legacy")
     pipeline = Pipeline.from_checkpoint(legacy / f"{run}_dfabb0a.ckpt")
     assert "meta_version" not in torch.load(legacy / f"{run}_dfabb0a.ckpt", weights_only=True)["mdlm_dmmd"]

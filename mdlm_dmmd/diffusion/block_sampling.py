@@ -10,7 +10,11 @@ every step re-reads [prefix, block]; both give the same tokens under the same se
 
 NFE: `steps` per block, `steps · L / block_size` in all, plus (with the cache) one commit pass
 per finished block but the last (`nfe`); a commit pass stops at the last layer's keys and values
-(no output head), so it costs less than a denoising step.
+(no output head), so it costs less than a denoising step. With a masked process the tokens a
+step reveals are drawn before the network is called (whether a token is revealed does not
+depend on x), the output head runs at those positions only, and a step that reveals nothing
+(possible when few masks are left, or a prompt fills the block) makes no call at all: `nfe` is
+then an upper bound.
 
 Options of BD3-LM's sampler: `first_hitting` (masked process; Zheng et al. 2024): each step
 reveals exactly one masked token per sequence, chosen uniformly, at the time t·u^(1/n) when the
@@ -35,7 +39,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mdlm_dmmd.diffusion.process import Process
-from mdlm_dmmd.diffusion.sampling import adjust, check_prompt, check_sampling_args, sample_categorical, step
+from mdlm_dmmd.diffusion.sampling import (adjust, check_prompt, check_sampling_args, greedy_step, sample_categorical,
+                                          step)
 from mdlm_dmmd.errors import UserError
 
 
@@ -108,15 +113,19 @@ def sample_blocks(
             bar.update(steps)
         for i in range(0 if first_hitting else steps):
             t, s = times[i].expand(batch), times[i + 1].expand(batch)
+            # masked process: the tokens this step reveals are drawn first, x̂ is computed there only
+            updated = process.draw_updated_positions(z, t, s, generator)
+            bar.update()
+            if updated is not None and not updated.any():
+                continue  # nothing revealed: z_s = z_t, no network call
             log_p = denoiser.block_log_probs(z, t, prefix=None if kv_cache or j == 0 else window,
-                                             kv_cache=cache, generator=generator)
+                                             kv_cache=cache, generator=generator, at=updated)
             if noise_removal == "greedy" and i == steps - 1:
-                z = log_p.argmax(dim=-1)
+                z = greedy_step(z, log_p, updated)
             else:
                 z = step(process, log_p, z, t, s, rule=rule, temperature=temperature, top_p=top_p, nucleus=nucleus,
-                         generator=generator)
+                         generator=generator, updated=updated)
             z = _keep(z, given)
-            bar.update()
         finished = torch.cat([finished, z], dim=1)
         if stop_at is not None:
             finished = _end_at(finished, stop_at)
@@ -168,13 +177,15 @@ def _first_hitting_block(denoiser, process, z, given, finished, cache, generator
             return z
         u = torch.rand(batch, dtype=torch.float64, device=z.device, generator=generator)
         t = torch.where(left > 0, t * u ** (1.0 / left.clamp_min(1)), t)
-        log_p = denoiser.block_log_probs(z, t.float(), prefix=None if cache is not None or not finished.shape[1]
-                                         else finished, kv_cache=cache, generator=generator)
         weights = torch.rand(masked.shape, dtype=torch.float64, device=z.device, generator=generator) * masked
         position = weights.argmax(dim=1)  # a uniform masked position (none: ignored below)
-        token = sample_categorical(adjust(log_p[rows, position], **adjust_options), generator)
+        active = left > 0
+        at = torch.zeros_like(masked)
+        at[rows[active], position[active]] = True  # x̂ is computed at the revealed token only
+        log_p = denoiser.block_log_probs(z, t.float(), prefix=None if cache is not None or not finished.shape[1]
+                                         else finished, kv_cache=cache, generator=generator, at=at)
         z = z.clone()
-        z[rows[left > 0], position[left > 0]] = token[left > 0]
+        z[rows[active], position[active]] = sample_categorical(adjust(log_p, **adjust_options), generator)
         z = _keep(z, given)
 
 

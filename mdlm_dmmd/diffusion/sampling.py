@@ -11,8 +11,13 @@ caller, inside the denoiser closure. Two step rules:
 
 A process (`diffusion.process.Process`) that can say which tokens change before x is drawn
 (`draw_updated_positions`; the masked process: the revealed ones) gets x sampled at those
-positions only, the rest of the float64 work per step is skipped. Uniform diffusion returns
-None and takes the full path.
+positions only, the rest of the float64 work per step is skipped. A denoiser that accepts
+`at=` (`denoiser.Denoiser`) is then called after the draw, on the sequences with a revealed
+token only, with the output head at the revealed tokens only; a step that reveals nothing
+makes no call. At many steps most steps reveal nothing in most sequences (MDLM's p_x0 cache
+exploits the same, for the whole batch and only for models without time conditioning); the
+tokens are those of the dense path whenever the network draws no noise (same draws, same
+order). Uniform diffusion returns None and takes the full path.
 
 Time grid: t_j = j/k, stepping from 1 to 0; the last step has s = 0 (α_s = 1), which reveals
 every token, so k steps cost exactly k network evaluations.
@@ -20,6 +25,7 @@ every token, so k steps cost exactly k network evaluations.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -30,23 +36,26 @@ from tqdm.auto import tqdm
 from mdlm_dmmd.diffusion.process import Process
 from mdlm_dmmd.errors import UserError
 
-Denoiser = Callable[[Tensor, Tensor], Tensor]  # (z_t [B, L], t [B]) -> log-probs [B, L, V]
+Denoiser = Callable[..., Tensor]  # (z_t [B, L], t [B][, at=bool [B, L]]) -> log-probs [B, L, V] (at: [N, V])
 RULES = ("ancestral", "generator")
 NOISE_REMOVALS = ("ancestral", "greedy")
 NUCLEUS_RULES = ("keep", "drop")  # the token that crosses top_p: kept (Duo/HF, ours) | dropped (BD3-LM)
 
 
 def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Index ~ Cat(probs) along the last dim via the exponential race, in float64.
+    """Index ~ Cat(probs) along the last dim by inverting the float64 CDF: one uniform per row.
 
-    float64 because float32 Gumbel noise truncates the tail of small probabilities, which
-    measurably lowers sample entropy (Zheng et al. 2024; Duo's `use_float64`). Accepts
-    unnormalised probabilities.
+    float64 because float32 sampling (Gumbel noise, or a float32 CDF) truncates the tail of
+    small probabilities, which measurably lowers sample entropy (Zheng et al. 2024; Duo's
+    `use_float64`); a float64 CDF resolves masses down to ~1e-16 of the row's total. One uniform
+    per row instead of one per vocabulary entry (an exponential race) matters at V = 50k.
+    Accepts unnormalised probabilities; a zero-probability index is never drawn.
     """
-    probs = probs.double()
-    u = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=torch.float64)
-    exponential = -torch.log1p(-u)  # Exp(1); log1p(−u) avoids log(0) at u = 0
-    return (probs / exponential).argmax(dim=-1)
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[..., -1:]
+    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=torch.float64) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total even after rounding
+    return torch.searchsorted(cdf, u, right=True)[..., 0]  # the first index whose CDF exceeds u
 
 
 def top_p_mask(log_p: Tensor, top_p: float, rule: str = "keep") -> Tensor:
@@ -126,16 +135,43 @@ def sample(
     check_prompt(prompt, shape)
     z = keep_prompt(process.prior(shape, device=device, generator=generator), prompt)
     times = torch.linspace(1.0, 0.0, steps + 1, device=device)
+    sparse = takes_positions(denoise)
     for j in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
         t = times[j].expand(shape[0])
         s = times[j + 1].expand(shape[0])
-        log_p = denoise(z, t)
+        updated = process.draw_updated_positions(z, t, s, generator) if sparse else None
+        if updated is not None:  # x̂ at the revealed tokens of the sequences that reveal any
+            rows = updated.any(dim=1)
+            if not rows.any():
+                continue
+            log_p = denoise(z[rows], t[rows], at=updated[rows])  # [N, V], row-major like z[updated]
+        else:
+            log_p = denoise(z, t)
         if noise_removal == "greedy" and j == steps - 1:
-            z = log_p.argmax(dim=-1)  # argmax is unchanged by temperature > 0 and top-p
+            z = greedy_step(z, log_p, updated)  # argmax is unchanged by temperature > 0 and top-p
         else:
             z = step(process, log_p, z, t, s, rule=rule, temperature=temperature, top_p=top_p, nucleus=nucleus,
-                     generator=generator)
+                     generator=generator, updated=updated)
         z = keep_prompt(z, prompt)
+    return z
+
+
+def takes_positions(denoise: Denoiser) -> bool:
+    """Whether `denoise` accepts `at=` (x̂ at some positions only): a `denoiser.Denoiser`, or a
+    partial of one; any other `(z_t, t) -> log-probs` function is called densely."""
+    try:
+        return "at" in inspect.signature(denoise).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def greedy_step(z: Tensor, log_p: Tensor, updated: Tensor | None) -> Tensor:
+    """Duo's greedy last step: argmax x̂ everywhere (log_p [B, L, V]) or at the `updated`
+    positions only (log_p [N, V]; a masked process's other tokens are already clean)."""
+    if updated is None:
+        return log_p.argmax(dim=-1)
+    z = z.clone()
+    z[updated] = log_p.argmax(dim=-1)
     return z
 
 
@@ -168,14 +204,21 @@ def step(
     top_p: float = 1.0,
     nucleus: str = "keep",
     generator: torch.Generator | None = None,
+    updated: Tensor | None = None,
 ) -> Tensor:
-    """z_s given z_t and the denoiser's log-probs x̂(z_t) [B, L, V]: one step of `sample`. [B, L]"""
-    updated = process.draw_updated_positions(z_t, t, s, generator)
+    """z_s given z_t and the denoiser's log-probs x̂(z_t) [B, L, V]: one step of `sample`. [B, L]
+
+    `updated` (masked process): the positions `process.draw_updated_positions` drew before the
+    denoiser was called, which then gave x̂ at those positions only (log_p [N, V]).
+    """
+    if updated is None:
+        updated = process.draw_updated_positions(z_t, t, s, generator)
+        log_p = log_p if updated is None else log_p[updated]
     if updated is not None:
         # Masked: which tokens change does not depend on x and the posterior is linear in x,
         # so both rules reduce to drawing x at the revealed positions only.
         z_s = z_t.clone()
-        z_s[updated] = sample_categorical(adjust(log_p[updated], temperature, top_p, nucleus), generator)
+        z_s[updated] = sample_categorical(adjust(log_p, temperature, top_p, nucleus), generator)
         return z_s
     probs = adjust(log_p, temperature, top_p, nucleus)  # [B, L, V] float64
     if rule == "generator":

@@ -161,12 +161,58 @@ def test_the_cache_feeds_one_block_per_step(monkeypatch):
     lengths = []
     forward = denoiser.network.forward
     monkeypatch.setattr(denoiser.network, "forward", lambda x, *a, **k: lengths.append(x.shape[1]) or forward(x, *a, **k))
-    sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(2, L), kv_cache=True)
+    sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(2, L), kv_cache=True,
+                  generator=torch.Generator().manual_seed(0))
     assert lengths == [K] * (2 * 4 + 3)  # 2 steps per block + a commit after each block but the last
     lengths.clear()
-    sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(2, L), kv_cache=False)
+    sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(2, L), kv_cache=False,
+                  generator=torch.Generator().manual_seed(0))
     assert lengths == [K, K, 2 * K, 2 * K, 3 * K, 3 * K, 4 * K, 4 * K]  # the prefix is re-read
     assert nfe(L, K, 2, True) == {"per_block": 2, "denoising": 8, "commit": 3, "total": 11}
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_log_probs_at_some_positions_are_those_rows_of_the_full_block(cached):
+    denoiser = masked_denoiser()
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(0, V, (3, 2 * K), generator=g)
+    z = torch.where(torch.rand(3, K, generator=g) < 0.6, V, torch.randint(0, V, (3, K), generator=g))
+    at = (z == V) & (torch.rand(3, K, generator=g) < 0.7)
+    t = torch.tensor([0.9, 0.5, 0.3])
+    with torch.no_grad():
+        cache = None
+        if cached:
+            cache = denoiser.new_cache()
+            for j in range(2):
+                denoiser.commit(prefix[:, j * K:(j + 1) * K], cache)
+        kwargs = dict(kv_cache=cache) if cached else dict(prefix=prefix)
+        full = denoiser.block_log_probs(z, t, **kwargs)  # a cached call's keys stay pending: the next replaces them
+        some = denoiser.block_log_probs(z, t, at=at, **kwargs)
+    assert 0 < at.sum() < at.numel() and some.shape == (int(at.sum()), V + 1)
+    torch.testing.assert_close(some, full[at], atol=1e-5, rtol=0)
+
+
+def test_the_output_head_runs_at_the_revealed_tokens_only_and_a_step_revealing_none_calls_nothing(monkeypatch):
+    """Masked process: per step, logits at exactly the tokens that step reveals; a block the
+    prompt fills completely takes no network call."""
+    denoiser = masked_denoiser()
+    rows = []  # per call: logits rows, or "commit"
+    forward = denoiser.network.forward
+
+    def recording(x, *a, logits_at=None, **k):
+        out = forward(x, *a, logits_at=logits_at, **k)
+        rows.append("commit" if out is None else out.shape[0] if logits_at is not None else "all")
+        return out
+
+    monkeypatch.setattr(denoiser.network, "forward", recording)
+    prompt = torch.randint(0, V, (2, K), generator=torch.Generator().manual_seed(1))
+    out = sample_blocks(denoiser, denoiser.process, block_size=K, steps=3, shape=(2, L), prompt=prompt,
+                        generator=torch.Generator().manual_seed(2))
+    assert torch.equal(out[:, :K], prompt) and (out != V).all()
+    assert rows[0] == "commit"  # the first block (all prompt) made no denoising call
+    assert rows.count("commit") == L // K - 1 and "all" not in rows
+    revealed = [n for n in rows if n != "commit"]
+    assert sum(revealed) == 2 * (L - K) and min(revealed) >= 1  # each revealed token's logits computed once
 
 
 def test_prompt_tokens_are_kept_across_blocks():

@@ -3,10 +3,14 @@
 import pytest
 import torch
 
+from mdlm_dmmd.denoiser import Denoiser
 from mdlm_dmmd.diffusion.masked import MaskedProcess
 from mdlm_dmmd.diffusion.sampling import adjust, sample, sample_autoregressive, sample_categorical, step, top_p_mask
 from mdlm_dmmd.diffusion.schedules import LogLinear
 from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.models.dit import DiTConfig
+
+from conftest import random_model
 
 MASK = 5
 process = MaskedProcess(LogLinear(), mask_id=MASK)
@@ -38,11 +42,49 @@ def test_uniform_denoiser_frequencies_chi_square():
     assert chi2 < 18.47  # 99.9% quantile of chi-square with 4 degrees of freedom
 
 
+@pytest.mark.parametrize("noise_removal", ["ancestral", "greedy"])
+def test_masked_sampling_at_the_revealed_tokens_only_draws_the_dense_tokens(noise_removal):
+    """A `Denoiser` (takes `at=`) is called on the sequences with a revealed token, with logits
+    at those tokens only, and not at all in a step that reveals none; a plain function gets
+    every sequence at every step. With no noise input the draws are the same, so the tokens are."""
+    process = MaskedProcess(LogLinear(), mask_id=7)
+    network = random_model(DiTConfig(vocab_size=8, length=6, hidden_dim=16, cond_dim=8, n_blocks=1, n_heads=2,
+                                     dropout=0.0))
+    denoiser = Denoiser(network, process, time_conditioning=True)
+    rows, calls = [], []
+
+    def sparse(z, t, at=None):
+        rows.append(z.shape[0])
+        out = denoiser(z, t, at=at)
+        assert out.shape == (int(at.sum()), 8)
+        return out
+
+    def dense(z, t):
+        calls.append(z.shape[0])
+        return denoiser(z, t)
+
+    options = dict(steps=40, shape=(5, 6), top_p=0.9, noise_removal=noise_removal)
+    got = sample(sparse, process, generator=torch.Generator().manual_seed(3), **options)
+    want = sample(dense, process, generator=torch.Generator().manual_seed(3), **options)
+    assert torch.equal(got, want) and (got != 7).all()
+    assert calls == [5] * 40 and len(rows) < 40 and sum(rows) < 5 * 40  # fewer sequences through the network
+
+
 def test_sample_categorical_frequencies():
     p = torch.tensor([0.1, 0.6, 0.3]).expand(30000, 3)
     draws = sample_categorical(p, torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=3).double() / 30000
     assert torch.allclose(freq, torch.tensor([0.1, 0.6, 0.3], dtype=torch.float64), atol=0.01)
+
+
+def test_sample_categorical_inverts_the_cdf_and_never_draws_a_zero_probability_index(monkeypatch):
+    """One uniform u per row, scaled by the row's mass; the draw is the first index whose CDF
+    exceeds u. Even u just below 1 (and rounding of u · total) cannot reach a trailing
+    zero-probability index such as the mask id."""
+    probs = torch.tensor([[0.0, 2.0, 0.0, 1.0, 1.0, 0.0]] * 4)  # unnormalised, CDF 0, 2, 2, 3, 4, 4
+    u = torch.tensor([[0.0], [0.49], [0.5], [1 - 2.0 ** -53]], dtype=torch.float64)  # u · 4 = 0, 1.96, 2, ~4
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: u)
+    assert sample_categorical(probs).tolist() == [1, 1, 3, 4]
 
 
 def test_top_p_one_is_identity_and_nucleus_keeps_crossing_token():

@@ -115,6 +115,22 @@ def test_scalar_sigma_broadcasts():
         assert torch.equal(model(x, torch.tensor(0.5)), model(x, torch.full((2,), 0.5)))
 
 
+@pytest.mark.parametrize("per_token_sigma", [False, True])
+def test_logits_at_some_positions_are_those_rows_of_the_full_logits(per_token_sigma):
+    config = tiny_config()
+    model = random_model(config)
+    x = tokens(config)
+    g = torch.Generator().manual_seed(2)
+    sigma = torch.rand(2, config.length, generator=g) if per_token_sigma else torch.tensor([0.3, 1.2])
+    with torch.no_grad():
+        at = torch.rand(2, config.length, generator=g) < 0.4
+        full, some = model(x, sigma), model(x, sigma, logits_at=at)
+    assert 0 < at.sum() < at.numel() and some.shape == (int(at.sum()), config.vocab_size)
+    torch.testing.assert_close(some, full[at], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"logits_at must be bool \[B, S\]"):
+        model(x, sigma, logits_at=at[:, :3])
+
+
 def test_bad_input_shapes_raise():
     config = tiny_config()
     model = random_model(config)
