@@ -59,10 +59,11 @@ class BlockDenoiser(Denoiser):
     block_size: int = 0
 
     def log_probs(self, z_t: Tensor, t: Tensor, generator: torch.Generator | None = None, *,
-                  clean: Tensor | None = None) -> Tensor:
+                  clean: Tensor | None = None, at: Tensor | None = None) -> Tensor:
         """Training layout: x̂ for every block of z_t [B, L] (ids or soft [B, L, V]), t per token
         [B, L] or per sequence [B], given the clean sequence `clean` [B, L]: the network sees
-        [z_t, x_0] (2L tokens) under the block-diffusion mask, positions 0..L−1 for each half."""
+        [z_t, x_0] (2L tokens) under the block-diffusion mask, positions 0..L−1 for each half.
+        `at` (bool [B, L], token ids only): x̂ at those positions of z_t only, [N, V]."""
         if clean is None:
             raise ValueError("BlockDenoiser.log_probs needs the clean sequence (clean=x_0): block j of z_t "
                              "is denoised given the clean blocks before it")
@@ -76,12 +77,15 @@ class BlockDenoiser(Denoiser):
             torch.cat([z_t, x0], dim=1), torch.cat([sigma, torch.zeros_like(sigma)], dim=1),
             noise=None if noise is None else torch.cat([noise, torch.zeros_like(noise)], dim=1),
             attn_mask=block.training_mask(length, self.block_size, device),
-            positions=block.training_positions(length, device))
+            positions=block.training_positions(length, device),
+            logits_at=None if at is None else torch.cat([at, torch.zeros_like(at)], dim=1))
+        if at is not None:
+            return self.process.log_probs(logits, z_t[at])
         return self.process.log_probs(logits[:, :length], z_t)
 
     def __call__(self, z_t: Tensor, t: Tensor, generator: torch.Generator | None = None, *,
-                 clean: Tensor | None = None) -> Tensor:
-        return self.log_probs(z_t, t, generator, clean=clean)
+                 clean: Tensor | None = None, at: Tensor | None = None) -> Tensor:
+        return self.log_probs(z_t, t, generator, clean=clean, at=at)
 
     def block_log_probs(self, z_block: Tensor, t: Tensor, *, prefix: Tensor | None = None,
                         kv_cache: KVCache | None = None, generator: torch.Generator | None = None,

@@ -221,12 +221,13 @@ class DMMD(AlgoBase):
         self.teacher.eval()
         return self
 
-    def log_probs(self, network: DiT, z: Tensor, t: Tensor, clean: Tensor | None = None) -> Tensor:
-        """x̂(z) of one of the three networks as log-probs [B, L, V] (fresh generator noise); a
-        block student's networks see [z, clean] (`BlockDenoiser`)."""
+    def log_probs(self, network: DiT, z: Tensor, t: Tensor, clean: Tensor | None = None,
+                  at: Tensor | None = None) -> Tensor:
+        """x̂(z) of one of the three networks as log-probs [B, L, V] (fresh generator noise), or
+        [N, V] at the positions `at` only; a block student's networks see [z, clean] (`BlockDenoiser`)."""
         if self.block is None:
-            return self.denoiser(network)(z, t)
-        return self.denoiser(network)(z, t, clean=clean)
+            return self.denoiser(network)(z, t, at=at)
+        return self.denoiser(network)(z, t, clean=clean, at=at)
 
     def denoiser(self, network: torch.nn.Module) -> Denoiser:
         if self.block is None:
@@ -349,6 +350,8 @@ class DMMD(AlgoBase):
         # (block student: s, t per (sequence, block), spread over its tokens; x_data is the clean prefix)
         s, t = self.times(x_data, lambda n: distillation_times(n, st.sampling_steps, x_data.device))
         z_t = self.keep_first(self.process.corrupt(x_data, t), x_data)
+        if st.loss_space == "x0" and self.process.deterministic_prior:
+            return self.masked_phase_loss(x_data, s, t, z_t, phase)
         with torch.set_grad_enabled(phase == "gen"):
             p_gen = self.log_probs(self.generator, z_t, t, clean=x_data).exp()  # [B, L, V]
         x = sample_categorical(p_gen.detach())  # float64 draw
@@ -384,6 +387,41 @@ class DMMD(AlgoBase):
         loss = ((per_token * where).sum() / (B * L)).float()
         noisy_t = self.scored(self.process.denoising_positions(z_t).float())
         return loss, {"gen_entropy": output_entropy(p_gen.detach(), noisy_t), "s": s.mean()}
+
+    def masked_phase_loss(self, x_data: Tensor, s: Tensor, t: Tensor, z_t: Tensor, phase: str):
+        """`phase_loss` for a masked teacher in x0 space, on gathered rows: the hard draw, both
+        losses and the generator's entropy live on the tokens masked in z_t (those of z_s are a
+        subset), so each network's output head runs there only and every [., V] tensor has one
+        row per such token ([N, V], no [B, L, V] one: at V = 50k and B·L = 32k tokens a float32
+        [B, L, V] is 6.6 GB). The tokens z_s reveals are drawn first (`draw_updated_positions`),
+        then x ~ Cat(x̂_η) at every masked token (the hard auxiliary target needs it where z_s
+        stays masked too)."""
+        st = self.settings
+        B, L = x_data.shape
+        noisy = self.scored(self.process.denoising_positions(z_t).float()).bool()  # [B, L]
+        with torch.set_grad_enabled(phase == "gen"):
+            p_gen = self.log_probs(self.generator, z_t, t, clean=x_data, at=noisy).exp()  # [N_t, V]
+        revealed = self.process.draw_updated_positions(z_t, t, s) & noisy
+        x = sample_categorical(p_gen.detach())  # [N_t], float64 CDF per row
+        z_s = z_t.clone()
+        z_s[revealed] = x[revealed[noisy]]
+        left = noisy & ~revealed  # masked in z_s: where the losses count
+        rows = left[noisy]  # those among the N_t rows (row-major order is kept)
+        with torch.no_grad():
+            log_p_teacher = modified_teacher(self.log_probs(self.teacher, z_s, s, clean=x_data, at=left),
+                                             st.teacher_temperature, st.teacher_top_p, st.top_p_delta)
+        with torch.set_grad_enabled(phase == "aux"):
+            log_p_aux = self.log_probs(self.aux, z_s, s, clean=x_data, at=left)  # [N_s, V]
+        w = self.weight(s).expand(B, L)[left]  # [N_s]
+        if phase == "gen":
+            per_token = generator_loss(p_gen[rows], log_p_teacher, log_p_aux, w)
+        else:
+            target = (p_gen.detach()[rows] if st.aux_target == "soft" else
+                      torch.nn.functional.one_hot(x[rows], p_gen.shape[-1]).to(p_gen.dtype))
+            per_token = aux_loss(target, log_p_teacher.exp(), log_p_aux, w)
+        loss = (per_token.sum() / (B * L)).float()
+        entropy = output_entropy(p_gen.detach(), torch.ones(p_gen.shape[0], device=p_gen.device))
+        return loss, {"gen_entropy": entropy, "s": s.mean()}
 
     def to_posterior(self, probs: Tensor, z_s: Tensor, s: Tensor, s_prev: Tensor) -> Tensor:
         """π(x̂, z_s) = q(z_{s−ds} | z_s, x̂), eq. 4 from s to s − ds (App. D). [B, L, V] float64"""

@@ -16,11 +16,11 @@ from mdlm_dmmd.algos.dmmd import (
     output_entropy,
 )
 from mdlm_dmmd.checkpoints import load_backbone, save_backbone
-from mdlm_dmmd.diffusion.sampling import top_p_mask
+from mdlm_dmmd.diffusion.sampling import sample_categorical, top_p_mask
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT, DiTConfig
 
-from conftest import host_config
+from conftest import host_config, random_model
 
 VOCAB = 17  # digits: real tokens; the teacher has VOCAB + 1 with the mask
 LENGTH = 64
@@ -136,6 +136,64 @@ def test_generator_loss_and_gradient_are_zero_when_aux_is_teacher(teacher_dir):
     loss.backward()
     grads = [p.grad for p in algo.generator.parameters() if p.grad is not None]
     assert grads and all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+@pytest.mark.parametrize("phase,aux_target", [("gen", "hard"), ("aux", "hard"), ("aux", "soft")])
+def test_phase_loss_on_the_masked_rows_equals_the_dense_formula(teacher_dir, phase, aux_target):
+    """The masked path gathers the tokens masked in z_t before any [., V] work; replayed here
+    densely over [B, L, V] with the same draws (times, z_t, the generator's noise, reveals, then
+    one inverse-CDF uniform per masked token): eqs. 11-12 with ELBO weights and a top-p teacher."""
+    algo = DMMD(dmmd_config(teacher_dir, aux_target=aux_target, weighting="elbo", teacher_top_p=0.8))
+    for seed, network in enumerate((algo.generator, algo.aux), start=1):  # three different networks
+        network.load_state_dict(random_model(network.config, seed=seed).state_dict())
+    data = batch(4)
+    torch.manual_seed(11)
+    loss, logs = algo.phase_loss(data, phase)
+
+    torch.manual_seed(11)
+    process, x_data = algo.process, data["input_ids"]
+    s, t = distillation_times(4, 4, "cpu")
+    z_t = process.corrupt(x_data, t)
+    with torch.no_grad():
+        p_gen = algo.log_probs(algo.generator, z_t, t).exp()  # [B, L, V], the noise drawn as in training
+        masked = z_t == VOCAB
+        revealed = masked & (torch.rand(z_t.shape, dtype=torch.float64) < process.reveal_probability(z_t, t, s))
+        x = z_t.clone()
+        x[masked] = sample_categorical(p_gen[masked])
+        z_s = torch.where(revealed, x, z_t)
+        log_teacher = modified_teacher(algo.log_probs(algo.teacher, z_s, s), 1.0, 0.8, 2.0)
+        log_aux = algo.log_probs(algo.aux, z_s, s)
+    w = 1 / s.clamp_min(algo.cfg.training.sampling_eps)[:, None]  # log-linear: −α'/(1 − α) = 1/s
+    if phase == "gen":
+        per_token = -w * (p_gen * (log_teacher - log_aux)).sum(-1)
+    else:
+        target = p_gen if aux_target == "soft" else torch.nn.functional.one_hot(x, VOCAB + 1).float()
+        per_token = -w * ((target + log_teacher.exp()) * log_aux).sum(-1)
+    expected = (per_token * (z_s == VOCAB)).sum() / z_t.numel()
+    assert revealed.any() and (masked & ~revealed).any()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    entropy = -(p_gen * p_gen.clamp_min(1e-30).log()).sum(-1)[masked].mean()
+    assert logs["gen_entropy"].item() == pytest.approx(entropy.item(), rel=1e-5)
+
+
+def test_the_masked_phase_builds_no_full_vocabulary_tensor(teacher_dir, monkeypatch):
+    """Every network call of a masked x0-space phase runs its head at the gathered tokens only:
+    no [B, L, V] logits exist (the memory that stops V = 50k runs)."""
+    algo = DMMD(dmmd_config(teacher_dir))
+    shapes = []
+    forward = DiT.forward
+
+    def recording(network, x, *args, **kwargs):
+        out = forward(network, x, *args, **kwargs)
+        shapes.append((kwargs.get("logits_at") is not None, tuple(out.shape)))
+        return out
+
+    monkeypatch.setattr(DiT, "forward", recording)
+    torch.manual_seed(0)
+    for phase in ("gen", "aux"):
+        algo.phase_loss(batch(4), phase)
+    assert len(shapes) == 6 and all(gathered and len(shape) == 2 for gathered, shape in shapes)
+    assert all(shape[0] < 4 * LENGTH for _, shape in shapes)
 
 
 def _snapshot(module):

@@ -69,8 +69,13 @@ def test_generator_loss_equals_a_block_by_block_replay(teacher):
 
     with torch.no_grad():
         p_gen = by_blocks(algo.generator, z_t, t).exp()
-        x = sample_categorical(p_gen)
-        z_s = process.sample_posterior(z_t, x, t, s)
+        # the draw order of the gathered masked path: reveals first, then x at every masked token
+        masked = z_t == process.mask_id
+        reveal = process.reveal_probability(z_t, t, s)
+        revealed = masked & (torch.rand(z_t.shape, dtype=torch.float64) < reveal)
+        x = z_t.clone()
+        x[masked] = sample_categorical(p_gen[masked])
+        z_s = torch.where(revealed, x, z_t)
         teacher_log_p = by_blocks(algo.teacher, z_s, s)
         aux_log_p = by_blocks(algo.aux, z_s, s)
     per_token = generator_loss(p_gen, teacher_log_p, aux_log_p, torch.ones_like(s))
