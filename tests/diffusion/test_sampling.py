@@ -87,6 +87,14 @@ def test_sample_categorical_inverts_the_cdf_and_never_draws_a_zero_probability_i
     assert sample_categorical(probs).tolist() == [1, 1, 3, 4]
 
 
+def test_sample_categorical_draws_the_same_in_chunks(monkeypatch):
+    probs = torch.rand(3, 7, 50, generator=torch.Generator().manual_seed(0))
+    whole = sample_categorical(probs, torch.Generator().manual_seed(1))
+    monkeypatch.setattr("mdlm_dmmd.diffusion.sampling.CATEGORICAL_CHUNK", 120)  # 2 rows of 50 per chunk
+    assert torch.equal(sample_categorical(probs, torch.Generator().manual_seed(1)), whole)
+    assert whole.shape == (3, 7) and sample_categorical(probs[:0]).shape == (0, 7)
+
+
 def test_top_p_one_is_identity_and_nucleus_keeps_crossing_token():
     log_p = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.allclose(adjust(log_p, top_p=1.0), log_p.exp().double())
