@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from mdlm_dmmd.algos.base import AlgoBase, algo_section, process_meta
@@ -116,6 +117,9 @@ def elbo_not_mean(process: Process, teacher_meta: CheckpointMeta) -> bool:
     """Whether the teacher's x̂ is the ELBO optimum rather than E[x | z_t]: an ELBO-trained
     teacher of a process whose posterior is not linear in x (App. D)."""
     return not process.posterior_linear_in_x and (teacher_meta.loss or "elbo") != "ce"
+
+
+POSTERIOR_CHUNK = 1 << 22  # [., V] entries per chunk of the posterior-space loss (32 MB in float64)
 
 
 # -- losses: pure functions on tensors ------------------------------------------------------
@@ -371,18 +375,12 @@ class DMMD(AlgoBase):
             target = torch.nn.functional.one_hot(x, p_gen.shape[-1]).to(p_gen.dtype)
         w = self.weight(s)
         if st.loss_space == "posterior":
-            s_prev = (s - st.posterior_ds).clamp_min(0)
-            target = self.to_posterior(target, z_s, s, s_prev)
-            teacher_probs = self.to_posterior(log_p_teacher.exp(), z_s, s, s_prev)
-            log_p_aux = torch.log(self.to_posterior(log_p_aux.exp(), z_s, s, s_prev).clamp_min(1e-300))
-            log_p_teacher = torch.log(teacher_probs.clamp_min(1e-300))
-            w = w * posterior_step_weight(s, st.posterior_ds)
-        else:
-            teacher_probs = log_p_teacher.exp()
-        if phase == "gen":
+            per_token = self.posterior_space_loss(phase, target, log_p_teacher, log_p_aux, z_s, s,
+                                                  w * posterior_step_weight(s, st.posterior_ds))
+        elif phase == "gen":
             per_token = generator_loss(target, log_p_teacher, log_p_aux, w)
         else:
-            per_token = aux_loss(target, teacher_probs, log_p_aux, w)
+            per_token = aux_loss(target, log_p_teacher.exp(), log_p_aux, w)
         where = self.scored(self.process.denoising_positions(z_s).to(per_token.dtype))
         loss = ((per_token * where).sum() / (B * L)).float()
         noisy_t = self.scored(self.process.denoising_positions(z_t).float())
@@ -422,6 +420,41 @@ class DMMD(AlgoBase):
         loss = (per_token.sum() / (B * L)).float()
         entropy = output_entropy(p_gen.detach(), torch.ones(p_gen.shape[0], device=p_gen.device))
         return loss, {"gen_entropy": entropy, "s": s.mean()}
+
+    def posterior_space_loss(self, phase: str, target: Tensor, log_p_teacher: Tensor, log_p_aux: Tensor,
+                             z_s: Tensor, s: Tensor, w: Tensor) -> Tensor:
+        """App. D (eqs. 24-26): the phase's loss per token [B, L] with target, teacher and
+        auxiliary mapped to π(·, z_s) = q(z_{s−ds} | z_s, ·) in float64.
+
+        Each posterior is several float64 [., V] tensors; over all of [B, L, V] at once, and
+        kept for the backward pass, they would be the step's largest memory (13 GB each at
+        B = 32, L = 1024, V = 50k). So the loss runs over `POSTERIOR_CHUNK` entries of rows at a
+        time, each chunk under activation checkpointing (recomputed in backward, not stored):
+        peak float64 memory is a few chunks, whatever B · L is. Same numbers and gradients as
+        one pass (tested)."""
+        B, L, V = log_p_aux.shape
+        s_prev = (s - self.settings.posterior_ds).clamp_min(0)
+        rows = lambda u: (u[:, None] if u.dim() == 1 else u).expand(B, L).reshape(1, B * L)  # noqa: E731
+        flat = lambda u: u.reshape(1, B * L, V)  # noqa: E731
+        tensors = (flat(target), flat(log_p_teacher), flat(log_p_aux), z_s.reshape(1, B * L), rows(s), rows(s_prev),
+                   rows(w.to(log_p_aux.dtype)))
+        size = max(1, POSTERIOR_CHUNK // V)
+        parts = []
+        for start in range(0, B * L, size):
+            chunk = [u[:, start: start + size] for u in tensors]
+            if torch.is_grad_enabled():
+                parts.append(torch.utils.checkpoint.checkpoint(self._posterior_chunk, phase, *chunk, use_reentrant=False))
+            else:
+                parts.append(self._posterior_chunk(phase, *chunk))
+        return torch.cat(parts, dim=1).view(B, L)
+
+    def _posterior_chunk(self, phase, target, log_p_teacher, log_p_aux, z_s, s, s_prev, w) -> Tensor:
+        target = self.to_posterior(target, z_s, s, s_prev)
+        teacher_probs = self.to_posterior(log_p_teacher.exp(), z_s, s, s_prev)
+        log_p_aux = torch.log(self.to_posterior(log_p_aux.exp(), z_s, s, s_prev).clamp_min(1e-300))
+        if phase == "gen":
+            return generator_loss(target, torch.log(teacher_probs.clamp_min(1e-300)), log_p_aux, w)
+        return aux_loss(target, teacher_probs, log_p_aux, w)
 
     def to_posterior(self, probs: Tensor, z_s: Tensor, s: Tensor, s_prev: Tensor) -> Tensor:
         """π(x̂, z_s) = q(z_{s−ds} | z_s, x̂), eq. 4 from s to s − ds (App. D). [B, L, V] float64"""
