@@ -124,6 +124,8 @@ def test_cuda_sampling_device_without_a_gpu_fails_before_training(capsys, run_di
     ("logger=bogus", "logger"),
     ("training.ema=2", "training.ema"),
     ("model.n_heads=3", "model.n_heads"),
+    ("model.compile=yes", "model.compile must be true or false, got 'yes'"),
+    ("model.activation_checkpointing=1", "model.activation_checkpointing must be true or false, got 1"),
     ("loader.batch_size=100000", "batch size"),
     ("sampling.prompt_length=64", "sampling.prompt_length must be an int in [0, 64) (model length 64), got 64"),
     ("sampling.prompt_length=-1", "sampling.prompt_length must be an int in [0, 64)"),
@@ -344,3 +346,27 @@ def test_unwritable_run_dir_is_one_line(capsys, tmp_path, trained_ckpt, mode):
              "sweep": [f"sweep.methods=[{{name: T, checkpoint: '{trained_ckpt}', steps: [2]}}]", "sweep.num_samples=2"]}
     fails(capsys, TINY + [f"mode={mode}", *extra[mode], f"run_dir={run_dir}"], f"run_dir '{run_dir}'",
           "cannot be written", run_dir=run_dir)
+
+
+def test_compiled_and_checkpointed_training_keeps_plain_checkpoint_keys(tmp_path, monkeypatch):
+    """`model.compile=true` compiles every DiT in place (here with torch's eager backend: no C++
+    toolchain in a unit test), `model.activation_checkpointing=true` recomputes blocks; the
+    checkpoint's keys carry no `_orig_mod.` and `mode=sample` loads it."""
+    import torch
+
+    compiled = []
+    original = torch.nn.Module.compile
+
+    def eager(module, *args, **kwargs):
+        compiled.append(type(module).__name__)
+        return original(module, backend="eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", eager)
+    run = tmp_path / "run"
+    assert main(TINY + ["trainer.max_steps=2", "sampling.num_samples=0", "model.compile=true",
+                        "model.activation_checkpointing=true", f"run_dir={run}"]) == 0
+    assert compiled == ["DiT"]
+    state = torch.load(run / "checkpoints" / "final.ckpt", weights_only=False)["state_dict"]
+    assert state and not any("_orig_mod" in key for key in state)
+    assert main(["mode=sample", f"checkpoint={run / 'checkpoints' / 'final.ckpt'}", "sampling.num_samples=2",
+                 "sampling.steps=2", f"run_dir={tmp_path / 'sample'}"]) == 0

@@ -32,7 +32,7 @@ from torch import Tensor
 from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.diffusion.block import check_block_size
 from mdlm_dmmd.errors import UserError
-from mdlm_dmmd.models.dit import DiTConfig
+from mdlm_dmmd.models.dit import DiT, DiTConfig
 from mdlm_dmmd.models.ema import EMA
 from mdlm_dmmd.pipeline import Pipeline
 from mdlm_dmmd.public_config import dit_config_to_public
@@ -58,6 +58,18 @@ def backbone_config(cfg: DictConfig, vocab_size: int, *, causal: bool = False, n
     )
     config.validate()
     return config
+
+
+def runtime_options(cfg: DictConfig) -> dict[str, bool]:
+    """The `model.*` switches that change how networks run, not what they are (never stored in
+    a checkpoint's backbone config): `activation_checkpointing` and `compile` (torch.compile)."""
+    options = {}
+    for key in ("activation_checkpointing", "compile"):
+        value = cfg.model.get(key, False)
+        if not isinstance(value, bool):
+            raise UserError(f"model.{key} must be true or false, got {value!r}")
+        options[key] = value
+    return options
 
 
 def antithetic_times(n: int, eps: float, antithetic: bool, device, generator=None) -> Tensor:
@@ -137,6 +149,7 @@ class AlgoBase(L.LightningModule):
             raise UserError("config has no vocab.size; build the algo through the CLI or set vocab.size")
         self.data_vocab_size = int(vocab.size)
         self.block_size()  # an algo without block diffusion refuses block_size < model.length here
+        self.runtime = runtime_options(self.cfg)
         self.ema: EMA | None = None
         self._rng_to_restore: Mapping[str, Any] | None = None
 
@@ -197,6 +210,15 @@ class AlgoBase(L.LightningModule):
         # Manual-optimisation algos never reach this hook and update their EMA themselves.
         if self.ema is not None:
             self.ema.update(self.ema_module())
+
+    def on_fit_start(self):
+        """`model.activation_checkpointing` and `model.compile` on every DiT of the algo; compiled
+        in place (`nn.Module.compile`), so state_dict keys, EMA and checkpoints are unchanged."""
+        for module in self.modules():
+            if isinstance(module, DiT):
+                module.activation_checkpointing = self.runtime["activation_checkpointing"]
+                if self.runtime["compile"]:
+                    module.compile()
 
     def on_train_start(self):
         # Here and not in on_load_checkpoint: Lightning seeds and builds everything before this

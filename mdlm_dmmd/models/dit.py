@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from mdlm_dmmd.errors import UserError
@@ -282,6 +283,10 @@ class DiTConfig:
 class DiT(nn.Module):
     """Tokens or probabilities + noise level sigma -> fp32 logits [B, S, V]."""
 
+    # Recompute each block's activations in backward instead of storing them (a runtime switch,
+    # `model.activation_checkpointing`; not part of the architecture or its checkpoints).
+    activation_checkpointing: bool = False
+
     def __init__(self, config: DiTConfig):
         super().__init__()
         config.validate()
@@ -406,11 +411,16 @@ class DiT(nn.Module):
             return attention(q, k, v, mask, causal=causal, backend=backend)
 
         # 4. blocks and output head
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
         for i, block in enumerate(self.blocks):
             if not logits and i == len(self.blocks) - 1:
                 kv_cache.update(i, *block.keys_values(h, c, rotary))
                 return None
-            h = block(h, c, rotary, functools.partial(attend, layer=i))
+            if recompute:  # non-reentrant: the RNG (dropout) is replayed in the recomputation
+                h = torch.utils.checkpoint.checkpoint(block, h, c, rotary, functools.partial(attend, layer=i),
+                                                      use_reentrant=False)
+            else:
+                h = block(h, c, rotary, functools.partial(attend, layer=i))
         if logits_at is not None:
             c = c if c.ndim == 3 else c[:, None].expand(B, S, c.shape[-1])
             return self.output_layer(h[logits_at][None], c[logits_at][None])[0].float()  # [N, V]

@@ -131,6 +131,24 @@ def test_logits_at_some_positions_are_those_rows_of_the_full_logits(per_token_si
         model(x, sigma, logits_at=at[:, :3])
 
 
+def test_activation_checkpointing_gives_the_same_loss_and_gradients_with_dropout():
+    """Blocks recomputed in backward replay their dropout masks (non-reentrant checkpoint)."""
+    config = tiny_config(dropout=0.3)
+
+    def run(recompute: bool):
+        model = random_model(config).train()
+        model.activation_checkpointing = recompute
+        torch.manual_seed(4)
+        loss = model(tokens(config), torch.tensor([0.3, 1.2])).logsumexp(-1).mean()
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters()]
+
+    (loss_a, grads_a), (loss_b, grads_b) = run(False), run(True)
+    assert torch.equal(loss_a, loss_b)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_bad_input_shapes_raise():
     config = tiny_config()
     model = random_model(config)
