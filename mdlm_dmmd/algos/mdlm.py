@@ -16,7 +16,7 @@ from torch import Tensor
 
 from mdlm_dmmd.algos.base import AlgoBase, backbone_config, process_meta
 from mdlm_dmmd.denoiser import Denoiser
-from mdlm_dmmd.diffusion.masked import MaskedProcess
+from mdlm_dmmd.diffusion.masked import MaskedProcess, per_token as per_token_time
 from mdlm_dmmd.diffusion.sampling import DiffusionSampler
 from mdlm_dmmd.diffusion.schedules import build_schedule
 from mdlm_dmmd.errors import UserError
@@ -40,8 +40,13 @@ class MDLM(AlgoBase):
         valid = batch.get("attention_mask", torch.ones_like(x)).to(torch.float32)
         t = self.data_times(x)
         z_t = self.process.corrupt(x, t)
-        log_p = self.denoiser(self.backbone)(z_t, t)
-        per_token = self.process.nelbo(log_p, x, z_t, t)  # [B, L]
+        # The NELBO counts masked tokens only, so the output head runs there only: no [B, L, V]
+        # logits (at V = 50k, B·L = 32k tokens one such float32 tensor is 6.6 GB).
+        masked = self.process.denoising_positions(z_t)
+        log_p = self.denoiser(self.backbone)(z_t, t, at=masked)  # [N, V]
+        per_token = torch.zeros_like(valid)
+        rows = lambda u: u[masked][None]  # noqa: E731  [1, N]: the masked tokens as one row
+        per_token[masked] = self.process.nelbo(log_p[None], rows(x), rows(z_t), rows(per_token_time(t, x)))[0]
         return (per_token * valid).sum(), valid.sum()
 
     def denoiser(self, network: torch.nn.Module) -> Denoiser:
