@@ -392,17 +392,20 @@ class DMMD(AlgoBase):
         subset), so each network's output head runs there only and every [., V] tensor has one
         row per such token ([N, V], no [B, L, V] one: at V = 50k and B·L = 32k tokens a float32
         [B, L, V] is 6.6 GB). The tokens z_s reveals are drawn first (`draw_updated_positions`),
-        then x ~ Cat(x̂_η) at every masked token (the hard auxiliary target needs it where z_s
-        stays masked too)."""
+        then x ~ Cat(x̂_η) where it is used: at those tokens, and at every masked token for the
+        hard auxiliary target (its one-hot x where z_s stays masked)."""
         st = self.settings
         B, L = x_data.shape
         noisy = self.scored(self.process.denoising_positions(z_t).float()).bool()  # [B, L]
         with torch.set_grad_enabled(phase == "gen"):
-            p_gen = self.log_probs(self.generator, z_t, t, clean=x_data, at=noisy).exp()  # [N_t, V]
+            log_p_gen = self.log_probs(self.generator, z_t, t, clean=x_data, at=noisy)  # [N_t, V]
+            p_gen = log_p_gen.exp()
         revealed = self.process.draw_updated_positions(z_t, t, s) & noisy
-        x = sample_categorical(p_gen.detach())  # [N_t], float64 CDF per row
-        z_s = z_t.clone()
-        z_s[revealed] = x[revealed[noisy]]
+        hard_target = phase == "aux" and st.aux_target == "hard"
+        drawn = noisy if hard_target else revealed  # where x ~ Cat(x̂_η) is needed
+        x = torch.full_like(z_t, -1)
+        x[drawn] = sample_categorical(p_gen.detach()[drawn[noisy]])  # float64 CDF per row
+        z_s = torch.where(revealed, x, z_t)
         left = noisy & ~revealed  # masked in z_s: where the losses count
         rows = left[noisy]  # those among the N_t rows (row-major order is kept)
         with torch.no_grad():
@@ -414,11 +417,12 @@ class DMMD(AlgoBase):
         if phase == "gen":
             per_token = generator_loss(p_gen[rows], log_p_teacher, log_p_aux, w)
         else:
-            target = (p_gen.detach()[rows] if st.aux_target == "soft" else
-                      torch.nn.functional.one_hot(x[rows], p_gen.shape[-1]).to(p_gen.dtype))
+            target = (torch.nn.functional.one_hot(x[left], p_gen.shape[-1]).to(p_gen.dtype) if hard_target
+                      else p_gen.detach()[rows])
             per_token = aux_loss(target, log_p_teacher.exp(), log_p_aux, w)
         loss = (per_token.sum() / (B * L)).float()
-        entropy = output_entropy(p_gen.detach(), torch.ones(p_gen.shape[0], device=p_gen.device))
+        with torch.no_grad():  # from the log-probs at hand (the mask's NEG_INF times p = 0 adds 0)
+            entropy = -(p_gen * log_p_gen).sum(-1).mean() if p_gen.shape[0] else p_gen.new_zeros(())
         return loss, {"gen_entropy": entropy, "s": s.mean()}
 
     def posterior_space_loss(self, phase: str, target: Tensor, log_p_teacher: Tensor, log_p_aux: Tensor,

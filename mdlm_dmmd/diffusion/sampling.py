@@ -20,7 +20,8 @@ tokens are those of the dense path whenever the network draws no noise (same dra
 order). Uniform diffusion returns None and takes the full path.
 
 Time grid: t_j = j/k, stepping from 1 to 0; the last step has s = 0 (α_s = 1), which reveals
-every token, so k steps cost exactly k network evaluations.
+every token, so k steps cost k network evaluations (at most k where steps that reveal nothing
+are skipped).
 """
 
 from __future__ import annotations
