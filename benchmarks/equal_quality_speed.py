@@ -1,0 +1,138 @@
+"""Sampling speed at equal quality: teacher steps that match a D-MMD student, and the wall clock.
+
+Issue 15, benchmark 2. From a sweep's `results.csv` (default: `baselines_digits_2026-12-05`, the
+digits teacher at 4–64 steps and D-MMD students at k = 4, 8, 1000 samples, Fréchet distances in
+two feature spaces with bootstrap s.e.), for each student and feature space: the teacher steps n
+whose FD equals the student's, interpolated linearly in log2(steps) between the two measured
+teacher rows that bracket it, with an s.e. from a parametric bootstrap (the three FDs drawn
+from normals with their s.e.); the NFE ratio n / k is the research result. Then the engineering
+check: the wall clock of the teacher at round(n) steps over the student's at k, the two
+samplers alternating in one process (same batch, seed, machine), which should be ≥ 0.9 × the
+NFE ratio (a student step costs what a teacher step costs).
+
+    python benchmarks/equal_quality_speed.py [--results DIR/sweep/results.csv --samples 1000 --repeats 3]
+Writes benchmarks/results/equal_quality_speed_<time>/ (results.md, results.json, run_info.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from mdlm_dmmd.pipeline import Pipeline
+
+from run_info import run_info, write_run_info  # benchmarks/ is on sys.path when run as a script
+
+SPACES = ("digits_mlp", "digits_cnn")
+
+
+def matching_steps(curve: list[tuple[int, float]], target: float) -> float | None:
+    """Teacher steps where its FD (decreasing in steps, roughly) crosses `target`, linear in
+    log2(steps) between the bracketing rows; None outside the measured range."""
+    for (n0, f0), (n1, f1) in zip(curve, curve[1:]):
+        if min(f0, f1) <= target <= max(f0, f1) and f0 != f1:
+            fraction = (f0 - target) / (f0 - f1)
+            return 2 ** (math.log2(n0) + fraction * (math.log2(n1) - math.log2(n0)))
+    return None
+
+
+def bootstrap_se(curve, errors, target, target_se, draws: int = 2000) -> float:
+    g = torch.Generator().manual_seed(0)
+    values = []
+    for _ in range(draws):
+        noisy = [(n, f + e * float(torch.randn(1, generator=g))) for (n, f), e in zip(curve, errors)]
+        hit = matching_steps(noisy, target + target_se * float(torch.randn(1, generator=g)))
+        if hit is not None:
+            values.append(math.log2(hit))
+    if len(values) < 2:
+        return float("nan")
+    mean = sum(values) / len(values)
+    log_sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return log_sd * math.log(2) * 2 ** mean  # delta method back from log2(steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path,
+                        default=Path("benchmarks/results/baselines_digits_2026-12-05/sweep/results.csv"))
+    parser.add_argument("--teacher", default="Masked teacher", help="the teacher's `method` in results.csv")
+    parser.add_argument("--student", default="D-MMD", help="the students' `method` in results.csv")
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    started = time.time()
+    out = Path("benchmarks/results") / f"equal_quality_speed_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
+    with open(args.results) as f:
+        rows = [r for r in csv.DictReader(f) if r["top_p"] in ("1.0", "")]
+    teacher = sorted((r for r in rows if r["method"] == args.teacher), key=lambda r: int(r["steps"]))
+    students = sorted((r for r in rows if r["method"] == args.student), key=lambda r: int(r["steps"]))
+    if not teacher or not students:
+        raise SystemExit(f"{args.results}: no rows for teacher {args.teacher!r} or student {args.student!r}")
+
+    results = []
+    pipelines = {"teacher": Pipeline.from_checkpoint(teacher[0]["checkpoint"])}
+    for student in students:
+        k = int(student["steps"])
+        pipelines[k] = Pipeline.from_checkpoint(student["checkpoint"])
+        for space in SPACES:
+            curve = [(int(r["steps"]), float(r[f"fd_{space}"])) for r in teacher]
+            errors = [float(r[f"fd_{space}_stderr"]) for r in teacher]
+            target, target_se = float(student[f"fd_{space}"]), float(student[f"fd_{space}_stderr"])
+            n = matching_steps(curve, target)
+            results.append({"k": k, "space": space, "student_fd": target, "student_fd_se": target_se,
+                            "teacher_steps": n, "teacher_steps_se": bootstrap_se(curve, errors, target, target_se)
+                            if n is not None else None, "nfe_ratio": None if n is None else n / k})
+
+    timings = {}
+    for k in sorted({r["k"] for r in results}):
+        for space_row in (r for r in results if r["k"] == k and r["teacher_steps"] is not None):
+            n = round(space_row["teacher_steps"])
+            if (k, n) in timings:
+                space_row["wall"] = timings[(k, n)]
+                continue
+            best = {"teacher": float("inf"), "student": float("inf")}
+            for repeat in range(args.repeats):
+                order = ("teacher", "student") if repeat % 2 == 0 else ("student", "teacher")
+                for who in order:
+                    pipeline, steps = (pipelines["teacher"], n) if who == "teacher" else (pipelines[k], k)
+                    begin = time.perf_counter()
+                    pipeline.generate(args.samples, steps=steps, generator=torch.Generator().manual_seed(1))
+                    best[who] = min(best[who], time.perf_counter() - begin)
+            timings[(k, n)] = {"teacher_steps_timed": n, **{f"{w}_s": v for w, v in best.items()},
+                               "wall_ratio": best["teacher"] / best["student"], "nfe_ratio_timed": n / k}
+            space_row["wall"] = timings[(k, n)]
+            print(k, space_row["space"], timings[(k, n)], flush=True)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({**{k: str(v) for k, v in vars(args).items()}, "rows": results},
+                                                 indent=2))
+    lines = [f"# Teacher steps at a D-MMD student's quality, and the wall clock ({args.samples} samples, "
+             f"best of {args.repeats})", "",
+             "| student k | feature space | student FD | teacher steps at that FD (± s.e.) | NFE ratio | "
+             "timed: teacher n / student k (s) | wall ratio | wall / NFE ratio (n = round) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r["teacher_steps"] is None:
+            lines.append(f"| {r['k']} | {r['space']} | {r['student_fd']:.1f} ± {r['student_fd_se']:.1f} | "
+                         "outside the teacher's measured range | | | | |")
+            continue
+        w = r["wall"]
+        lines.append(f"| {r['k']} | {r['space']} | {r['student_fd']:.1f} ± {r['student_fd_se']:.1f} | "
+                     f"{r['teacher_steps']:.1f} ± {r['teacher_steps_se']:.1f} | {r['nfe_ratio']:.2f} | "
+                     f"{w['teacher_steps_timed']}: {w['teacher_s']:.2f} / {w['student_s']:.2f} | "
+                     f"{w['wall_ratio']:.2f} | {w['wall_ratio'] / w['nfe_ratio_timed']:.2f} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    write_run_info(out, run_info(f"python benchmarks/equal_quality_speed.py --results {args.results} "
+                                 f"--samples {args.samples} --repeats {args.repeats}", started))
+
+
+if __name__ == "__main__":
+    main()
