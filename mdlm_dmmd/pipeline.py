@@ -163,10 +163,11 @@ class Pipeline:
             prompt = None if prompts is None else prompts[start: start + shape[0]].to(device)
             # noise inputs draw from the generator too; a block sampler calls the denoiser's block methods
             denoise = self.denoiser if self.sampler.blockwise else functools.partial(self.denoiser, generator=generator)
-            chunk = self.sampler(denoise, steps=steps, shape=shape, generator=generator, device=device,
-                                 temperature=temperature, top_p=top_p, noise_removal=noise_removal, prompt=prompt,
-                                 progress=progress, **extra)
-            chunks.append(chunk)
+            with torch.inference_mode():  # no autograd bookkeeping at all while sampling
+                chunk = self.sampler(denoise, steps=steps, shape=shape, generator=generator, device=device,
+                                     temperature=temperature, top_p=top_p, noise_removal=noise_removal,
+                                     prompt=prompt, progress=progress, **extra)
+            chunks.append(chunk.clone())  # a normal tensor: callers may write to it or feed it to autograd
         if self.stats.get("entropy_redraws"):
             logger.warning("sampling.entropy_redraw: %d of %d samples re-drawn (unigram entropy of 256 tokens < 4 nats, "
                            "BD3-LM's rule)", self.stats["entropy_redraws"], num_samples)

@@ -65,6 +65,19 @@ def test_pipeline_from_checkpoint_reproduces_the_algo(run):
     assert torch.equal(pipe.generate(4, steps=4, generator=seeded(1)), written)
 
 
+def test_samples_are_normal_tensors_and_optimizers_are_not_fused_on_cpu(run):
+    """Sampling runs under inference_mode, but callers get tensors they may write to and use
+    with autograd; AdamW is fused on CUDA only (that path is untested: no GPU here)."""
+    ckpt = run / "checkpoints" / "final.ckpt"
+    samples = Pipeline.from_checkpoint(ckpt).generate(3, steps=2, generator=seeded(0))
+    assert not samples.is_inference()
+    samples[:, 0] = 1  # an inference tensor would refuse this outside inference_mode
+    weights = torch.ones(18, requires_grad=True)
+    weights[samples].sum().backward()  # and could not be saved for backward
+    optimizer = algo_from_checkpoint(ckpt).configure_optimizers()["optimizer"]  # the mdlm run's AdamW
+    assert isinstance(optimizer, torch.optim.AdamW) and not optimizer.param_groups[0]["fused"]
+
+
 def test_pipeline_from_exported_dir_reproduces_the_checkpoint(run, tmp_path):
     ckpt = run / "checkpoints" / "final.ckpt"
     loaded = load_backbone(ckpt)

@@ -255,13 +255,17 @@ class AlgoBase(L.LightningModule):
 
     def build_optimizer(self, params, optim: DictConfig, lr: float | None = None) -> dict:
         """AdamW with linear warmup to a constant rate (MDLM/Duo `constant_warmup`); `lr`
-        overrides `optim.lr` (distillation gives each network its own rate)."""
+        overrides `optim.lr` (distillation gives each network its own rate). Fused (one kernel
+        for all parameters) when they are on CUDA; the default implementation elsewhere."""
+        params = list(params)
+        tensors = [t for group in params for t in (group["params"] if isinstance(group, dict) else [group])]
         opt = torch.optim.AdamW(
             params,
             lr=optim.lr if lr is None else lr,
             betas=(optim.beta1, optim.beta2),
             eps=optim.eps,
             weight_decay=optim.weight_decay,
+            fused=bool(tensors) and all(t.is_cuda for t in tensors) or None,
         )
         warmup = max(int(optim.warmup_steps), 0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
