@@ -133,7 +133,9 @@ class MaskedProcess:
             kept = z_t.to(log_p.dtype).index_fill(-1, torch.tensor([self.mask_id], device=z_t.device), 0.0)
             return torch.log((masked_mass * log_p.exp() + kept).clamp_min(1e-30)).clamp_min(NEG_INF)
         clean = (z_t != self.mask_id)[..., None]
-        if not clean.any():  # rows gathered at masked tokens (samplers, gathered losses): nothing to carry
+        # rows gathered at masked tokens (samplers, gathered losses): nothing to carry (one host
+        # sync on a GPU, as the boolean gathers of those callers already make)
+        if not clean.any():
             return log_p
         carry = torch.full_like(log_p, NEG_INF).scatter_(-1, z_t[..., None], 0.0)
         return torch.where(clean, carry, log_p)
