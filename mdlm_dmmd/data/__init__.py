@@ -70,6 +70,7 @@ from mdlm_dmmd.errors import UserError
 # name -> (module, builder). Builders take (cfg, length, seed=...) and return a DataBundle.
 _BUILDERS = {
     "digits": ("mdlm_dmmd.data.images", "build_digits"),
+    "cifar10_pixels": ("mdlm_dmmd.data.pixels", "build_pixels"),
     "shakespeare": ("mdlm_dmmd.data.text", "build_shakespeare"),
     "text_files": ("mdlm_dmmd.data.text", "build_text_files"),
     "openwebtext": ("mdlm_dmmd.data.hub", "build_hub"),

@@ -10,7 +10,7 @@ from mdlm_dmmd.errors import UserError
 
 def test_available_datasets():
     assert available_datasets() == sorted([
-        "digits", "shakespeare", "text_files", "openwebtext", "openwebtext-split", "wikitext103",
+        "cifar10_pixels", "digits", "shakespeare", "text_files", "openwebtext", "openwebtext-split", "wikitext103",
         "wikitext2", "lm1b", "text8"])
 
 
@@ -18,7 +18,7 @@ def test_unknown_name_suggests():
     with pytest.raises(UserError) as err:
         build_data({"name": "shakspeare"}, 64)
     message = str(err.value)
-    assert message.startswith("unknown data 'shakspeare'; available: digits, lm1b, ")
+    assert message.startswith("unknown data 'shakspeare'; available: cifar10_pixels, digits, lm1b, ")
     assert message.endswith("(did you mean 'shakespeare'?)")
     assert "\n" not in message
     with pytest.raises(UserError, match=r"available: .*text_files, wikitext103, wikitext2$"):
