@@ -15,7 +15,8 @@ sample entropy on text; Fréchet distance on digits). Optional extra rows:
   tables and drawn with an `x` marker, never mistaken for something measured here.
 
 A row keeps the distillation top-p of a student apart from its sampling top-p (`eval/sweep/plan.py`);
-rows are written to `results.csv`, `results.md` and pictures (`eval/sweep/output.py`). The judge
+rows are written to `results.csv`, `results.md` and pictures (`eval/sweep/output.py`), and for
+image data the first 64 samples of every row to `grids/<method>_<steps>steps_p<top-p>.png`. The judge
 is never judged: a `gradient_moment` or `gen_ppl` reference that is one of the evaluated
 checkpoints (the AR baseline included) is refused (`eval/sweep/judges.py`).
 
@@ -35,6 +36,7 @@ sampled again: with the same seed it would give the same numbers. Training the c
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -87,6 +89,9 @@ def run(cfg: DictConfig) -> Path:
                 rows.append(kept)
             elif twin is not None:
                 rows.append({**twin, **keys})
+                twin_grid = plan.grid_path(cfg, twin["method"], steps, top_p)
+                if twin_grid.is_file():  # the same samples: the same picture under this row's name
+                    shutil.copyfile(twin_grid, plan.grid_path(cfg, method.name, steps, top_p))
             else:
                 method.pipeline.network.to(device)
                 rows.append(plan.measure(cfg, method, steps, top_p))

@@ -85,6 +85,11 @@ def test_sweep_table_matches_direct_sampling_and_scoring(teacher, tmp_path, monk
     for column in ("label", "distill_top_p", "temperature", "entropy", "entropy_stderr", "frechet", "checkpoint"):
         assert column in rows[0]
     assert rows[1]["label"] == "Teacher (p = 0.90)" and rows[1]["distill_top_p"] == ""
+    # an RGB grid per sweep point (image data); the Copy rows are the Teacher's draws, copied
+    assert sorted(p.name for p in (run_dir / "grids").iterdir()) == sorted(
+        f"{m}_{s}steps_p{p}.png" for m in ("Teacher", "Copy") for s in (2, 4) for p in ("1", "0.9"))
+    assert (run_dir / "grids" / "Copy_4steps_p0.9.png").read_bytes() == \
+        (run_dir / "grids" / "Teacher_4steps_p0.9.png").read_bytes()
 
     # 2. a row equals sampling through Pipeline with the same seed and scoring directly
     samples = Pipeline.from_checkpoint(teacher).generate(8, steps=4, generator=torch.Generator().manual_seed(3), top_p=0.9)

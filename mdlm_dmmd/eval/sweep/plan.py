@@ -132,12 +132,30 @@ def measure(cfg: DictConfig, method: Method, steps: int, top_p: float) -> dict:
     sampling_cfg = with_sampling(cfg, num_samples=int(cfg.sweep.num_samples), top_p=float(top_p),
                                  temperature=method.temperature)
     scored = sample_and_score(method.pipeline, sampling_cfg, int(steps))
+    write_grid(method.pipeline, scored.samples, grid_path(cfg, method.name, steps, top_p))
     report = nfe_report(method.pipeline.sampler, method.pipeline.length, int(steps), sampling_cfg)
     return {**row_keys(method, steps, top_p), **flatten(scored.metrics),
             "num_samples": int(cfg.sweep.num_samples), "sample_seconds": round(scored.seconds, 3),
             "nfe": report.get("NFE (all blocks)", int(steps)),
             **({"entropy_redraws": method.pipeline.stats.get("entropy_redraws", 0)}
                if cfg.sampling.get("entropy_redraw") else {})}
+
+
+def grid_path(cfg: DictConfig, name: str, steps: int, top_p: float) -> Path:
+    """grids/<method>_<steps>steps_p<top-p>.png in the sweep's run_dir (image data)."""
+    slug = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in f"{name}_{int(steps)}steps_p{float(top_p):g}")
+    return Path(cfg.run_dir) / "grids" / f"{slug}.png"
+
+
+def write_grid(pipeline: Pipeline, samples, path: Path) -> None:
+    """The first 64 samples of an image model as a picture at `path` (text: nothing)."""
+    vocab = pipeline.meta.vocab or {}
+    if vocab.get("modality") != "image" or not vocab.get("image_shape"):
+        return
+    from mdlm_dmmd.data.images import save_image_grid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image_grid(samples[:64].cpu(), path, max_value=int(vocab["size"]) - 1, image_shape=vocab["image_shape"])
 
 
 def job_key(method: Method, steps: int, top_p: float) -> tuple:
