@@ -88,11 +88,15 @@ def argmax_probability(gamma: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:
 
 @functools.lru_cache(maxsize=16)
 def _integral_cache(vocab_size: int, gamma_min: float, gamma_max: float, num_points: int, device: str) -> Tensor:
-    """Duo's "integral cache": p and dp/dγ on an even γ grid, float64 [2, num_points], per device."""
-    if device != "cpu":
-        return _integral_cache(vocab_size, gamma_min, gamma_max, num_points, "cpu").to(device)
-    gammas = torch.linspace(gamma_min, gamma_max, num_points, dtype=torch.float64)
-    return torch.stack(argmax_probability(gammas, vocab_size))
+    """Duo's "integral cache": p and dp/dγ on an even γ grid, float64 [2, num_points], per device.
+
+    Built outside inference mode even when first asked for while sampling (`Pipeline.generate`
+    runs under `torch.inference_mode`): the cached table must stay usable in training."""
+    with torch.inference_mode(False):
+        if device != "cpu":
+            return _integral_cache(vocab_size, gamma_min, gamma_max, num_points, "cpu").to(device)
+        gammas = torch.linspace(gamma_min, gamma_max, num_points, dtype=torch.float64)
+        return torch.stack(argmax_probability(gammas, vocab_size))
 
 
 @dataclass(frozen=True)

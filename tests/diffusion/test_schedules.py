@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from mdlm_dmmd import cli, registry
 from mdlm_dmmd.cli import compose
 from mdlm_dmmd.data import build_data
-from mdlm_dmmd.diffusion import MaskedProcess, UniformProcess, process_from_meta
+from mdlm_dmmd.diffusion import MaskedProcess, UniformProcess, process_from_meta, schedules
 from mdlm_dmmd.diffusion.schedules import DuoSchedule, LogLinear, argmax_probability, build_schedule
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.pipeline import Pipeline
@@ -194,3 +194,13 @@ def test_udlm_duo_loss_is_finite():
     x = torch.randint(0, DIGITS_V, (4, 64), generator=torch.Generator().manual_seed(0))
     total, count = algo.loss({"input_ids": x})
     assert torch.isfinite(total) and total > 0 and count == 4 * 64
+
+
+def test_duo_integral_cache_first_built_while_sampling_stays_usable_in_training():
+    """Pipeline.generate samples under torch.inference_mode; a table cached then must not be an
+    inference tensor (those cannot be saved for backward nor written outside inference mode)."""
+    schedules._integral_cache.cache_clear()
+    with torch.inference_mode():
+        table = schedules._integral_cache(7, -3.0, 3.0, 64, "cpu")
+    assert not table.is_inference()
+    schedules._integral_cache.cache_clear()
