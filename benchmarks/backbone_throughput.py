@@ -18,18 +18,15 @@ Writes benchmarks/results/backbone_throughput_<time>/ (results.md, results.json,
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from mdlm_dmmd.models.dit import DiT, DiTConfig
 
-from run_info import run_info, write_run_info  # benchmarks/ is on sys.path when run as a script
+from run_info import command_line, results_dir, run_info, write_results, write_run_info  # benchmarks/ is on sys.path
 
 
 def naive_forward(p: dict, config: DiTConfig, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -87,7 +84,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the DiT (inductor)")
     args = parser.parse_args()
     started = time.time()
-    out = Path("benchmarks/results") / f"backbone_throughput_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
+    out = results_dir("backbone_throughput")
     torch.manual_seed(0)
     config = DiTConfig(vocab_size=args.vocab, length=args.length, hidden_dim=args.hidden, cond_dim=128,
                        n_blocks=args.layers, n_heads=args.heads, dropout=0.0)
@@ -149,17 +146,13 @@ def main() -> None:
     tokens = args.batch * args.length
     rows = [{"variant": name, "mode": mode, "seconds": seconds, "tokens_per_s": tokens / seconds,
              "vs_naive": best[("naive reference", mode)] / seconds} for (name, mode), seconds in best.items()]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({**vars(args), "rows": rows}, indent=2))
     lines = [f"# DiT vs naive reference ({args.hidden} wide × {args.layers}, {args.heads} heads, V = {args.vocab}, "
              f"B = {args.batch}, L = {args.length}; CPU fp32, best of {args.repeats})", "",
              "| variant | mode | seconds | tokens/s | speed vs naive |", "|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['mode']} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} | {r['vs_naive']:.2f}× |"
               for r in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    argv = " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "compile") + (" --compile" if args.compile else "")
-    write_run_info(out, run_info(f"python benchmarks/backbone_throughput.py {argv}", started))
+    write_results(out, {**vars(args), "rows": rows}, lines)
+    write_run_info(out, run_info(command_line("backbone_throughput.py", args), started))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
-import json
 import math
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ import torch
 
 from mdlm_dmmd.pipeline import Pipeline
 
-from run_info import run_info, write_run_info  # benchmarks/ is on sys.path when run as a script
+from run_info import command_line, results_dir, run_info, write_results, write_run_info  # benchmarks/ is on sys.path
 
 SPACES = ("digits_mlp", "digits_cnn")
 
@@ -68,7 +66,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     started = time.time()
-    out = Path("benchmarks/results") / f"equal_quality_speed_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
+    out = results_dir("equal_quality_speed")
     with open(args.results) as f:
         rows = [r for r in csv.DictReader(f) if r["top_p"] in ("1.0", "")]
     teacher = sorted((r for r in rows if r["method"] == args.teacher), key=lambda r: int(r["steps"]))
@@ -110,9 +108,6 @@ def main() -> None:
             space_row["wall"] = timings[(k, n)]
             print(k, space_row["space"], timings[(k, n)], flush=True)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({**{k: str(v) for k, v in vars(args).items()}, "rows": results},
-                                                 indent=2))
     lines = [f"# Teacher steps at a D-MMD student's quality, and the wall clock ({args.samples} samples, "
              f"best of {args.repeats})", "",
              "| student k | feature space | student FD | teacher steps at that FD (± s.e.) | NFE ratio | "
@@ -128,10 +123,8 @@ def main() -> None:
                      f"{r['teacher_steps']:.1f} ± {r['teacher_steps_se']:.1f} | {r['nfe_ratio']:.2f} | "
                      f"{w['teacher_steps_timed']}: {w['teacher_s']:.2f} / {w['student_s']:.2f} | "
                      f"{w['wall_ratio']:.2f} | {w['wall_ratio'] / w['nfe_ratio_timed']:.2f} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    write_run_info(out, run_info(f"python benchmarks/equal_quality_speed.py --results {args.results} "
-                                 f"--samples {args.samples} --repeats {args.repeats}", started))
+    write_results(out, {**{k: str(v) for k, v in vars(args).items()}, "rows": results}, lines)
+    write_run_info(out, run_info(command_line("equal_quality_speed.py", args), started))
 
 
 if __name__ == "__main__":

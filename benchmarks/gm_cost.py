@@ -18,10 +18,7 @@ Writes benchmarks/results/gm_cost_<time>/ (results.md, results.json, run_info.js
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +26,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from mdlm_dmmd.metrics.gradient_moment import gradient_moment
 
-from run_info import run_info, write_run_info  # benchmarks/ is on sys.path when run as a script
+from run_info import command_line, results_dir, run_info, write_results, write_run_info  # benchmarks/ is on sys.path
 
 
 def main() -> None:
@@ -43,7 +40,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     started = time.time()
-    out = Path("benchmarks/results") / f"gm_cost_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
+    out = results_dir("gm_cost")
     torch.manual_seed(0)
     reference = GPT2LMHeadModel(GPT2Config(vocab_size=args.vocab, n_positions=args.length + 1, n_embd=args.hidden,
                                            n_layer=args.layers, n_head=4, bos_token_id=args.vocab - 1,
@@ -75,18 +72,14 @@ def main() -> None:
         print(f"repeat {repeat}: {best}", flush=True)
     ratio = best["gm_pair"] / best["four_fwd_bwd"]
     result = {**vars(args), "seconds": best, "ratio": ratio, "target": 1.3}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
     lines = [f"# Gradient moment cost (GPT-2 architecture {args.layers} × {args.hidden}, V = {args.vocab}, "
              f"{args.batch} rows × {args.length} tokens per minibatch, CPU fp32, best of {args.repeats})", "",
              "| | seconds |", "|---|---|",
              f"| one GM pair (4 minibatch gradients + float64 dot) | {best['gm_pair']:.3f} |",
              f"| 4 × (forward + backward) | {best['four_fwd_bwd']:.3f} |",
-             f"| **ratio** (target ≤ 1.3) | **{ratio:.2f}** |", ""]
-    (out / "results.md").write_text("\n".join(lines))
-    print("\n".join(lines))
-    argv = " ".join(f"--{k} {v}" for k, v in vars(args).items())
-    write_run_info(out, run_info(f"python benchmarks/gm_cost.py {argv}", started))
+             f"| **ratio** (target ≤ 1.3) | **{ratio:.2f}** |"]
+    write_results(out, result, lines)
+    write_run_info(out, run_info(command_line("gm_cost.py", args), started))
 
 
 if __name__ == "__main__":

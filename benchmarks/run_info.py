@@ -3,10 +3,12 @@ and the train-or-reuse step of the benchmarks that train models."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import platform
+import shlex
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -25,6 +27,32 @@ def run_info(command: str, started: float, **extra) -> dict:
         "wall_minutes": round((time.time() - started) / 60, 1),
         **extra,
     }
+
+
+def results_dir(name: str) -> Path:
+    """benchmarks/results/<name>_<date>_<time>/, where a run's files go (created when written)."""
+    return Path("benchmarks/results") / f"{name}_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
+
+
+def command_line(script: str, args: argparse.Namespace) -> str:
+    """`python benchmarks/<script>` with the parsed flags spelled out again: lists joined by
+    spaces, a true store_true flag bare, false and None values left out."""
+    words = ["python", f"benchmarks/{script}"]
+    for key, value in vars(args).items():
+        if value is None or value is False:
+            continue
+        words.append(f"--{key.replace('_', '-')}")
+        if value is not True:
+            words += [shlex.quote(str(v)) for v in (value if isinstance(value, list) else [value])]
+    return " ".join(words)
+
+
+def write_results(folder: Path, data, lines: list[str]) -> None:
+    """results.json (`data`) and results.md (the table `lines`, also printed) in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(data, indent=2))
+    (folder / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def write_run_info(folder: Path, info: dict) -> None:

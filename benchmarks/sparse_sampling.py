@@ -17,10 +17,7 @@ Writes benchmarks/results/sparse_sampling_<time>/ (results.md, results.json, run
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -30,7 +27,7 @@ from mdlm_dmmd.diffusion.sampling import sample
 from mdlm_dmmd.diffusion.schedules import LogLinear
 from mdlm_dmmd.models.dit import DiT, DiTConfig
 
-from run_info import run_info, write_run_info  # benchmarks/ is on sys.path when run as a script
+from run_info import command_line, results_dir, run_info, write_results, write_run_info  # benchmarks/ is on sys.path
 
 
 def counted(denoise, counts: dict):
@@ -58,7 +55,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     started = time.time()
-    out = Path("benchmarks/results") / f"sparse_sampling_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
+    out = results_dir("sparse_sampling")
     torch.manual_seed(0)
     network = DiT(DiTConfig(vocab_size=args.vocab, length=args.length, hidden_dim=args.hidden, cond_dim=64,
                             n_blocks=args.layers, n_heads=4, dropout=0.0)).eval()
@@ -83,8 +80,6 @@ def main() -> None:
                          "speedup": round(best["dense"] / best["sparse"], 2),
                          "sequences": counts, "same_tokens": True})
             print(rows[-1], flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
     lines = [f"# Masked sampling: network at the revealed tokens only vs dense (DiT {args.hidden} wide × {args.layers}, "
              f"V = {args.vocab}, B = {args.batch}, L = {args.length}; CPU fp32, best of {args.repeats})", "",
              "| steps | dense (s) | revealed only (s) | speed-up | sequences through the network (dense / sparse) "
@@ -92,11 +87,8 @@ def main() -> None:
     lines += [f"| {r['steps']} | {r['dense_s']} | {r['sparse_s']} | {r['speedup']}× | "
               f"{r['sequences']['dense']['sequences']} / {r['sequences']['sparse']['sequences']} | "
               f"{r['sequences']['dense']['head_rows']} / {r['sequences']['sparse']['head_rows']} | yes |" for r in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    argv = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                    for k, v in vars(args).items())
-    write_run_info(out, run_info(f"python benchmarks/sparse_sampling.py {argv}", started))
+    write_results(out, rows, lines)
+    write_run_info(out, run_info(command_line("sparse_sampling.py", args), started))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ Writes benchmarks/results/step_cost_<time>/ (results.md, results.json, run_info.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import tempfile
 import time
@@ -34,7 +32,7 @@ from mdlm_dmmd import cli, registry
 from mdlm_dmmd.checkpoints import save_backbone
 from mdlm_dmmd.models.dit import DiT, DiTConfig
 
-from run_info import run_info, write_run_info  # benchmarks/ is on sys.path when run as a script
+from run_info import command_line, results_dir, run_info, write_results, write_run_info  # benchmarks/ is on sys.path
 
 VOCAB = 50257  # GPT-2; the masked networks add the mask
 
@@ -82,7 +80,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     started = time.time()
-    out = Path("benchmarks/results") / f"step_cost_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
+    out = results_dir("step_cost")
     shape = {"length": args.length, "hidden_dim": args.hidden, "n_blocks": args.layers, "n_heads": args.heads}
     times: dict[str, list[float]] = {"mdlm": [], "dmmd_even": [], "dmmd_odd": []}  # D-MMD: the two phases
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,19 +104,15 @@ def main() -> None:
     median["dmmd"] = (median["dmmd_even"] + median["dmmd_odd"]) / 2
     result = {**vars(args), "vocab": VOCAB + 1, "median_step_s": median, "steps_timed": {k: len(v) for k, v in times.items()},
               "ratio": median["dmmd"] / median["mdlm"], "ideal": 5 / 3, "target": 1.8}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
     lines = [f"# D-MMD update vs teacher update (DiT {args.hidden} wide × {args.layers}, V = {VOCAB + 1}, "
              f"L = {args.length}, B = {args.batch}; CPU fp32, {len(times['mdlm'])} teacher and "
              f"{len(times['dmmd_even']) + len(times['dmmd_odd'])} D-MMD steps timed)",
              "", "| update | median s | ratio | ideal (pass count) | target |", "|---|---|---|---|---|",
              f"| teacher (mdlm) | {median['mdlm']:.3f} | 1.00 | 1 | |",
              f"| D-MMD (mean of the two phases' medians: {median['dmmd_even']:.3f}, {median['dmmd_odd']:.3f}) | "
-             f"{median['dmmd']:.3f} | **{result['ratio']:.2f}** | 1.67 | ≤ 1.8 |", ""]
-    (out / "results.md").write_text("\n".join(lines))
-    print("\n".join(lines))
-    argv = " ".join(f"--{k} {v}" for k, v in vars(args).items())
-    write_run_info(out, run_info(f"python benchmarks/step_cost.py {argv}", started))
+             f"{median['dmmd']:.3f} | **{result['ratio']:.2f}** | 1.67 | ≤ 1.8 |"]
+    write_results(out, result, lines)
+    write_run_info(out, run_info(command_line("step_cost.py", args), started))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Writes benchmarks/results/step_memory_<time>/ (results.md, results.json, run_inf
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import resource
 import subprocess
@@ -23,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from run_info import command_line, results_dir, run_info, write_results, write_run_info  # benchmarks/ is on sys.path
 
 VOCAB = 50257  # GPT-2; the masked networks have one more (the mask)
 
@@ -97,7 +98,7 @@ def main() -> None:
         print(json.dumps(child(algo, int(batch), None if teacher == "-" else teacher, shape)))
         return
     started = time.time()
-    out = Path("benchmarks/results") / f"step_memory_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
+    out = results_dir("step_memory")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,14 +123,8 @@ def main() -> None:
         ratio = f"{r['peak_above_imports_gb'] / teacher_peak[r['batch']]:.2f}" if r["algo"] == "dmmd" else ""
         lines.append(f"| {r['algo']} | {r['batch']} | {r['after_build_gb']} | {r['peak_gb']} | "
                      f"{r['peak_above_imports_gb']} | {ratio} | {r['seconds']} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    sys.path.insert(0, str(Path(__file__).parent))
-    from run_info import run_info, write_run_info
-
-    write_run_info(out, run_info(f"python benchmarks/step_memory.py --batches {' '.join(map(str, args.batches))} "
-                                 f"--length {args.length} --hidden {args.hidden} --layers {args.layers} "
-                                 f"--heads {args.heads}", started))
+    write_results(out, rows, lines)
+    write_run_info(out, run_info(command_line("step_memory.py", args), started))
 
 
 if __name__ == "__main__":
