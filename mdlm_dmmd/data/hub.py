@@ -134,7 +134,7 @@ def hub_cache_path(cfg: Mapping, length: int, split: str) -> Path:
     return cache_root(cfg) / "_".join(parts)
 
 
-def _is_hub_failure(err: Exception) -> bool:
+def is_hub_failure(err: Exception) -> bool:
     """Errors that mean "the hub or its cache could not give us the data"."""
     from datasets.exceptions import DatasetsError
 
@@ -142,6 +142,11 @@ def _is_hub_failure(err: Exception) -> bool:
     module = type(err).__module__ or ""
     return isinstance(err, (OSError, DatasetsError)) or module.startswith(
         ("httpx", "huggingface_hub", "requests"))
+
+
+def failure_reason(err: Exception) -> str:
+    """The first line of a hub or `datasets` error, for a one-line UserError."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _load_raw(cfg: Mapping, name: str, split: str, cache_path: Path):
@@ -153,12 +158,11 @@ def _load_raw(cfg: Mapping, name: str, split: str, cache_path: Path):
     try:
         raw = datasets.load_dataset(source.path, source.config, split=hub_split,
                                     revision=source.revision)
-    except Exception as err:  # noqa: BLE001 - narrowed by _is_hub_failure, re-raised otherwise
-        if not _is_hub_failure(err):
+    except Exception as err:  # noqa: BLE001 - narrowed by is_hub_failure, re-raised otherwise
+        if not is_hub_failure(err):
             raise
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"data '{name}' needs the Hugging Face hub or a cache at {cache_path}; "
-                        f"load_dataset('{source.path}') failed: {reason}") from err
+                        f"load_dataset('{source.path}') failed: {failure_reason(err)}") from err
     if name == "openwebtext-split":
         fraction = float(option(cfg, "valid_fraction", 0.02))
         if not 0.0 < fraction < 1.0:

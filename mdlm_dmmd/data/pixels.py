@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from mdlm_dmmd.data import DataBundle, TokenDataset, option
-from mdlm_dmmd.data.hub import _is_hub_failure
+from mdlm_dmmd.data.hub import failure_reason, is_hub_failure
 from mdlm_dmmd.errors import UserError
 
 LEVELS = 256  # pixel values 0..255: the vocabulary (the masked process adds its mask)
@@ -104,18 +104,16 @@ def _hub_images(cfg: Mapping) -> tuple[np.ndarray, np.ndarray]:
     """CIFAR-10 from the hub (or a save_to_disk copy at data.path): train and test splits."""
     import datasets
 
-    path, hub_name = option(cfg, "path"), option(cfg, "hub_name", "uoft-cs/cifar10")
+    path = _path(cfg) if option(cfg, "path") else None
+    hub_name = option(cfg, "hub_name", "uoft-cs/cifar10")
     try:
-        data = datasets.load_from_disk(str(_path(cfg))) if path else datasets.load_dataset(hub_name)
-    except UserError:
-        raise
-    except Exception as err:  # noqa: BLE001 - narrowed by _is_hub_failure, re-raised otherwise
-        if path is None and not _is_hub_failure(err):
+        data = datasets.load_from_disk(str(path)) if path else datasets.load_dataset(hub_name)
+    except Exception as err:  # noqa: BLE001 - hub failures (any error of a local copy) wrapped, the rest re-raised
+        if path is None and not is_hub_failure(err):
             raise
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         where = f"data.path '{path}' (a save_to_disk copy)" if path else f"load_dataset('{hub_name}') from the hub"
-        raise UserError(f"data=cifar10_pixels with data.source=hub: {where} failed: {reason}; offline, use "
-                        "data.source=npy or png with data.path") from err
+        raise UserError(f"data=cifar10_pixels with data.source=hub: {where} failed: {failure_reason(err)}; "
+                        "offline, use data.source=npy or png with data.path") from err
     column = next(c for c in ("img", "image") if c in data["train"].column_names)
     arrays = [np.stack([np.asarray(image.convert("RGB")) for image in data[split][column]]) for split in ("train", "test")]
     return _checked(arrays[0], "hub train split"), _checked(arrays[1], "hub test split")
