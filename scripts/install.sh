@@ -7,3 +7,7 @@ cd "$(dirname "$0")/.."
 PIP="${PIP:-python -m pip}"
 $PIP install --quiet "torch==2.13.0"
 $PIP install --quiet -e ".[dev]" "torch==2.13.0"
+# The tests run torch-fidelity's Inception (pure torch). Its torchvision dependency is left out:
+# the index has no CPU build of torchvision for this torch, and the tests stub the three names
+# torch-fidelity imports from it (tests/metrics/test_fid.py).
+$PIP install --quiet --no-deps "torch-fidelity==0.4.0"

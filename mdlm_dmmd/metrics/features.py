@@ -4,8 +4,9 @@ kernel distances compare (Inception's pool3 layer for FID; small digits classifi
 Extractors are chosen by name with `eval.metric_options.frechet.features`, one name or a list
 (default `[digits_mlp, digits_cnn]`: two independent feature spaces, the first one primary).
 Each lives in its own module and is listed in `_EXTRACTORS` below, imported only when asked
-for; adding one (e.g. Inception for CIFAR-10 FID) is one new module with a class (or factory)
-that meets `FeatureExtractor` plus its line here. The Gaussian fit and the distances stay in
+for; adding one is one new module with a class (or factory) that meets `FeatureExtractor` plus
+its line here (`inception.py`, FID's Inception, and `random_conv.py`, its stand-in, were added
+so; both read the run's own image data through `image_features.py`). The Gaussian fit and the distances stay in
 `frechet.py` and `kernel_distance.py`, the same for every extractor.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from typing import Any, Mapping, Protocol, runtime_checkable
 
 import numpy as np
@@ -23,11 +25,14 @@ from mdlm_dmmd.errors import UserError
 OPTION = "eval.metric_options.frechet.features"
 DEFAULT = ("digits_mlp", "digits_cnn")  # the first is the primary feature space
 
-# name -> "module:callable"; called without arguments, it must not load weights or data (the
-# metric asks for them when it runs).
+# name -> "module:callable". It is called with the keyword options it declares of
+# `load_extractor`'s (data_config, the metric's extractor options) and must not load weights or
+# data yet (the metric asks for them when it runs).
 _EXTRACTORS = {
     "digits_mlp": "mdlm_dmmd.metrics.digits_mlp:DigitsMLPFeatures",
     "digits_cnn": "mdlm_dmmd.metrics.digits_cnn:DigitsCNNFeatures",
+    "inception": "mdlm_dmmd.metrics.inception:InceptionFeatures",  # FID's; the [images] extra
+    "random_conv": "mdlm_dmmd.metrics.random_conv:RandomConvFeatures",  # stand-in, not FID
 }
 
 
@@ -82,12 +87,16 @@ def extractor_names(value: Any) -> list[str]:
     return names
 
 
-def load_extractor(name: Any = DEFAULT[0]) -> FeatureExtractor:
-    """The extractor registered as `name`; a one-line UserError naming the option otherwise."""
+def load_extractor(name: Any = DEFAULT[0], **options: Any) -> FeatureExtractor:
+    """The extractor registered as `name`, given those of `options` its factory declares (the
+    image extractors take data_config, reference_stats, feature_batch_size, feature_device,
+    inception_weights; the digits ones none); a one-line UserError naming the option otherwise."""
     names = available_extractors()
     if not isinstance(name, str) or name not in _EXTRACTORS:
         close = difflib.get_close_matches(str(name), names, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise UserError(f"frechet: unknown {OPTION} {name!r}; available: {', '.join(names)}{hint}")
     module, attr = _EXTRACTORS[name].split(":")
-    return getattr(importlib.import_module(module), attr)()
+    factory = getattr(importlib.import_module(module), attr)
+    parameters = inspect.signature(factory).parameters
+    return factory(**{k: v for k, v in options.items() if k in parameters})

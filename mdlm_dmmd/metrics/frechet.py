@@ -107,7 +107,8 @@ def _space(extractor, samples: Tensor, reference: str, data_config: Mapping | No
 
 def frechet(samples: Tensor, *, reference: str = "train", data_config: Mapping | None = None,
             num_bootstrap: int = 0, seed: int = 0, features: Any = DEFAULT, kid: bool = True,
-            kid_subset_size: int = 100, **_) -> dict:
+            kid_subset_size: int = 100, reference_stats: str | None = None, feature_batch_size: int = 250,
+            feature_device: str = "auto", inception_weights: str | None = None, **_) -> dict:
     """Registered metric `frechet`: FD and KID of `samples` against a real split, in every
     feature space of `features`.
 
@@ -124,9 +125,16 @@ def frechet(samples: Tensor, *, reference: str = "train", data_config: Mapping |
     Returns value/stderr (the primary FD), `features` (the primary space), the primary space's
     details (e.g. classifier_accuracy), num_samples, reference, `spaces` (every space's numbers
     and details) and `columns` (the flat table columns fd_<space>, kid_<space>, with _stderr).
+
+    The image extractors (`inception`, `random_conv`) score the run's own image data and take
+    `reference_stats` (a statistics file to use or write; default: the cache, see
+    `image_features.py`), `feature_batch_size`, `feature_device` (auto | cpu | cuda[:N]) and,
+    for `inception`, `inception_weights` (a local weights file); the digits extractors ignore them.
     """
     names = extractor_names(features)
-    extractors = [load_extractor(name) for name in names]
+    options = dict(data_config=data_config, reference_stats=reference_stats, feature_batch_size=feature_batch_size,
+                   feature_device=feature_device, inception_weights=inception_weights)
+    extractors = [load_extractor(name, **options) for name in names]
     _check_options(num_bootstrap, kid, kid_subset_size)
     spaces = {e.name: _space(e, samples, reference, data_config, num_bootstrap, seed, kid, kid_subset_size)
               for e in extractors}

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mdlm_dmmd.errors import UserError
-from mdlm_dmmd.metrics.gradient_moment import check_samples, data_bundle, reference_for
+from mdlm_dmmd.metrics.gradient_moment import check_samples, reference_for
+from mdlm_dmmd.metrics.run_data import data_bundle
 from mdlm_dmmd.metrics.reference import (
     as_rows,
     check_causal,

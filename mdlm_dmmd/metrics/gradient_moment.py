@@ -39,7 +39,6 @@ Generative perplexity lives in gen_ppl.py; the reference loader in reference.py.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -66,6 +65,7 @@ from mdlm_dmmd.metrics.reference import (
     token_nll,
 )
 from mdlm_dmmd.metrics.references import under_each_reference
+from mdlm_dmmd.metrics.run_data import data_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -297,31 +297,6 @@ def gradient_moment(
 
 
 # ----------------------------------------------------------------------------- registered metric
-
-_BUNDLES: dict[tuple[str, int], Any] = {}
-
-
-def data_bundle(data_config: Mapping | None, length: int, metric: str):
-    """`build_data(data_config, length)`, cached in-process per (config, length)."""
-    if data_config is None:
-        raise UserError(f"{metric}: needs the data config (data_config=...) for the tokenizer and "
-                        f"reference data")
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(data_config, DictConfig):
-            plain = OmegaConf.to_container(data_config, resolve=True)
-        else:
-            plain = dict(data_config)
-    except ImportError:
-        plain = dict(data_config)
-    key = (json.dumps(plain, sort_keys=True, default=str), int(length))
-    if key not in _BUNDLES:
-        from mdlm_dmmd.data import build_data
-
-        _BUNDLES[key] = build_data(plain, int(length))
-    return _BUNDLES[key]
-
 
 def check_samples(samples: Any, vocab_size: int, metric: str) -> Tensor:
     """Samples as a CPU LongTensor [N, L] of ids below the data vocabulary, or a UserError."""

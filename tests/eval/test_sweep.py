@@ -119,7 +119,7 @@ def test_sweep_table_matches_direct_sampling_and_scoring(teacher, tmp_path, monk
 
     # 5. results.md: one NFE table per metric (Table 2's shape) and every row with ± stderr
     report = (run_dir / "results.md").read_text()
-    assert "## frechet vs NFE" in report and "## entropy vs NFE" in report
+    assert "## frechet: FD in digits_mlp features (primary; also digits_cnn (fd_*, kid_* columns)) vs NFE" in report and "## entropy vs NFE" in report
     assert "| method | 2 | 4 | 8 | — |" in report  # frechet: NFE columns, then the Data column
     assert f"| Teacher (p = 0.90) | {value_stderr(float(rows[1]['frechet']))} | {value_stderr(float(rows[3]['frechet']))} |  |  |" in report
     assert "| Old method (quoted) |  |  | 123.5 |  |" in report
@@ -220,7 +220,7 @@ def test_reference_model_never_judges_itself(teacher, ar, tmp_path, capsys):
 def bad_cases(teacher: Path, ar: Path, tmp: Path):
     ok = {"name": "T", "checkpoint": teacher, "steps": [2]}
     bad_csv = tmp / "bad.csv"
-    bad_csv.write_text("method,steps,fid\nX,4,1.0\n")
+    bad_csv.write_text("method,steps,inception_score\nX,4,1.0\n")
     return {
         "missing checkpoint": ([methods({**ok, "checkpoint": tmp / "nope.ckpt"})], ["sweep.methods.0.checkpoint", "does not exist"]),
         "no checkpoint": ([methods({"name": "T", "steps": [2]})], ["sweep.methods.0.checkpoint is required"]),
@@ -237,7 +237,7 @@ def bad_cases(teacher: Path, ar: Path, tmp: Path):
         "duplicate rows": ([methods(ok, ok)], ["two rows 'T (p = 1.00)' at 2 steps"]),
         "num_samples": ([methods(ok), "sweep.num_samples=0"], ["sweep.num_samples"]),
         "resume": ([methods(ok), "sweep.resume=3"], ["sweep.resume must be true or false"]),
-        "literature column": ([methods(ok), f"sweep.literature_csv={bad_csv}"], ["sweep.literature_csv", "unknown column(s) fid"]),
+        "literature column": ([methods(ok), f"sweep.literature_csv={bad_csv}"], ["sweep.literature_csv", "unknown column(s) inception_score"]),
         "two problems at once": ([methods({**ok, "steps": [0], "top_p": [2.0]})], ["sweep.methods.0.steps", "sweep.methods.0.top_p"]),
     }
 

@@ -320,7 +320,7 @@ def test_bad_samples_are_refused(samples, match):
     ({"data_config": {"name": "shakespeare"}}, "features=digits_mlp needs data.name=digits .* got 'shakespeare'"),
     ({"kid": "yes"}, "kid must be true or false, got 'yes'"),
     ({"kid_subset_size": 1}, "kid_subset_size must be an int >= 2, got 1"),
-    ({"features": []}, r"features must be a name or a list of distinct names of digits_cnn, digits_mlp, got \[\]"),
+    ({"features": []}, r"features must be a name or a list of distinct names of digits_cnn, digits_mlp, inception, random_conv, got \[\]"),
     ({"features": ["digits_mlp", "digits_mlp"]}, "list of distinct names"),
     ({"features": {"a": 1}}, r"unknown eval.metric_options.frechet.features \{'a': 1\}"),
 ])
@@ -360,16 +360,17 @@ def test_primary_space_gives_the_old_numbers():
 
 
 def test_registry_lists_and_loads_extractors():
-    assert feature_registry.available_extractors() == ["digits_cnn", "digits_mlp"]
+    assert feature_registry.available_extractors() == ["digits_cnn", "digits_mlp", "inception", "random_conv"]
     for name in ("digits_mlp", "digits_cnn"):
         extractor = feature_registry.load_extractor(name)
         assert isinstance(extractor, feature_registry.FeatureExtractor)
         assert extractor.name == name and extractor.image_shape == (8, 8, 1)
 
 
-@pytest.mark.parametrize("name, hint", [("inception", ""), ("digits_mpl", " (did you mean 'digits_mlp'?)"), (3, "")])
+@pytest.mark.parametrize("name, hint", [("vgg", ""), ("digits_mpl", " (did you mean 'digits_mlp'?)"), (3, "")])
 def test_unknown_extractor_is_one_line_naming_the_option(name, hint):
-    message = f"frechet: unknown eval.metric_options.frechet.features {name!r}; available: digits_cnn, digits_mlp{hint}"
+    message = (f"frechet: unknown eval.metric_options.frechet.features {name!r}; available: digits_cnn, digits_mlp, "
+               f"inception, random_conv{hint}")
     with pytest.raises(UserError, match="^" + re.escape(message) + "$"):
         fd.frechet(_digits("valid")[:4], features=name)
     with pytest.raises(UserError, match="^" + re.escape(message) + "$"):

@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from mdlm_dmmd.eval import plots, tables
+from mdlm_dmmd.eval.scoring import describe
 from mdlm_dmmd.eval.tables import as_number, markdown_table, value_stderr
 
 FIRST_COLUMNS = ["method", "label", "source", "steps", "distill_top_p", "top_p", "temperature"]
@@ -86,9 +87,12 @@ def write_markdown(run_dir: Path, cfg: DictConfig, rows: list[dict], metrics: li
         + (f" Rows marked (quoted) are copied from `{literature}`, not measured." if literature else ""),
         "",
     ]
+    registered = set(cfg.eval.metrics or [])
     for metric in metrics:
         if any(as_number(r.get(metric)) is not None for r in rows):
-            lines += [f"## {metric} vs NFE", "", *nfe_table(rows, metric), ""]
+            # a registered metric's heading says what it measures here (e.g. fid on a stand-in feature space)
+            heading = describe(cfg, metric) if metric in registered else metric
+            lines += [f"## {heading} vs NFE", "", *nfe_table(rows, metric), ""]
     head = ["method", "NFE", "distill top-p", "top-p", "temperature", *metrics]
     cells = [[r["label"], str(r.get("steps", "")), *(value_stderr(as_number(r.get(k)))
                                                       for k in ("distill_top_p", "top_p", "temperature")),
