@@ -155,6 +155,16 @@ def compute_metrics(cfg: DictConfig, samples: torch.Tensor, *, prompt_rows: torc
     return results
 
 
+def check_metrics_ready(cfg: DictConfig) -> None:
+    """Before sampling: each of `eval.metrics` that can check itself (`metric.check_ready(**options)`,
+    e.g. fid: its library and Inception weights) says now if it cannot run, not after the samples."""
+    options = cfg.eval.get("metric_options") or {}
+    for name in cfg.eval.get("metrics", []) or []:
+        check = getattr(registry.load_metric(name), "check_ready", None)
+        if check is not None:
+            check(**(OmegaConf.to_container(options[name], resolve=True) if name in options else {}))
+
+
 @dataclass
 class Scored:
     """One sampled and scored draw: the samples [N, L], `eval.metrics` of them, the prompting

@@ -77,25 +77,26 @@ def available_extractors() -> list[str]:
     return sorted(_EXTRACTORS)
 
 
-def extractor_names(value: Any) -> list[str]:
+def extractor_names(value: Any, option: str = OPTION) -> list[str]:
     """The option's value (one name or a list of distinct names) as a list; a one-line UserError
     otherwise. Unknown names are refused by `load_extractor`."""
     names = list(value) if isinstance(value, (list, tuple)) else [value]
     if not names or len({repr(n) for n in names}) != len(names):
-        raise UserError(f"frechet: {OPTION} must be a name or a list of distinct names of "
+        raise UserError(f"frechet: {option} must be a name or a list of distinct names of "
                         f"{', '.join(available_extractors())}, got {value!r}")
     return names
 
 
-def load_extractor(name: Any = DEFAULT[0], **options: Any) -> FeatureExtractor:
+def load_extractor(name: Any = DEFAULT[0], option: str = OPTION, **options: Any) -> FeatureExtractor:
     """The extractor registered as `name`, given those of `options` its factory declares (the
     image extractors take data_config, reference_stats, feature_batch_size, feature_device,
-    inception_weights; the digits ones none); a one-line UserError naming the option otherwise."""
+    inception_weights; the digits ones none); a one-line UserError naming the option (the config
+    key `option`, which differs for the `fid` metric) otherwise."""
     names = available_extractors()
     if not isinstance(name, str) or name not in _EXTRACTORS:
         close = difflib.get_close_matches(str(name), names, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise UserError(f"frechet: unknown {OPTION} {name!r}; available: {', '.join(names)}{hint}")
+        raise UserError(f"frechet: unknown {option} {name!r}; available: {', '.join(names)}{hint}")
     module, attr = _EXTRACTORS[name].split(":")
     factory = getattr(importlib.import_module(module), attr)
     parameters = inspect.signature(factory).parameters

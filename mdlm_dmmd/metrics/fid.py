@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
+from mdlm_dmmd.metrics.frechet import check_ready as check_frechet_ready
 from mdlm_dmmd.metrics.frechet import describe as describe_frechet
 from mdlm_dmmd.metrics.frechet import frechet
 
@@ -26,7 +27,7 @@ FEATURES = "inception"
 
 def fid(samples: Tensor, *, features: Any = FEATURES, kid: bool = False, reference: str = "train", **options) -> dict:
     """FID of image samples [N, H·W·C] of the run's image data (`data_config`); see `frechet`."""
-    return frechet(samples, features=features, kid=kid, reference=reference, **options)
+    return frechet(samples, features=features, kid=kid, reference=reference, metric_name="fid", **options)
 
 
 def describe(features: Any = FEATURES, **_) -> str:
@@ -35,4 +36,10 @@ def describe(features: Any = FEATURES, **_) -> str:
     return describe_frechet(features=features)
 
 
+def check_ready(features: Any = FEATURES, **options) -> None:
+    """Before any sampling: torch-fidelity imports and the Inception weights are here."""
+    check_frechet_ready(features=features, metric_name="fid", **options)
+
+
 fid.describe = describe
+fid.check_ready = check_ready

@@ -20,6 +20,7 @@ bias: equal distributions score ≈ 0 at any N.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping
 
 import numpy as np
@@ -108,7 +109,8 @@ def _space(extractor, samples: Tensor, reference: str, data_config: Mapping | No
 def frechet(samples: Tensor, *, reference: str = "train", data_config: Mapping | None = None,
             num_bootstrap: int = 0, seed: int = 0, features: Any = DEFAULT, kid: bool = True,
             kid_subset_size: int = 100, reference_stats: str | None = None, feature_batch_size: int = 250,
-            feature_device: str = "auto", inception_weights: str | None = None, **_) -> dict:
+            feature_device: str = "auto", inception_weights: str | None = None, metric_name: str = "frechet",
+            **unknown) -> dict:
     """Registered metric `frechet`: FD and KID of `samples` against a real split, in every
     feature space of `features`.
 
@@ -130,11 +132,14 @@ def frechet(samples: Tensor, *, reference: str = "train", data_config: Mapping |
     `reference_stats` (a statistics file to use or write; default: the cache, see
     `image_features.py`), `feature_batch_size`, `feature_device` (auto | cpu | cuda[:N]) and,
     for `inception`, `inception_weights` (a local weights file); the digits extractors ignore them.
+    `metric_name` is the registered name the options come from (for error messages: `fid` reuses this).
     """
-    names = extractor_names(features)
+    _refuse_unknown(unknown, metric_name)
+    option = f"eval.metric_options.{metric_name}.features"
+    names = extractor_names(features, option)
     options = dict(data_config=data_config, reference_stats=reference_stats, feature_batch_size=feature_batch_size,
                    feature_device=feature_device, inception_weights=inception_weights)
-    extractors = [load_extractor(name, **options) for name in names]
+    extractors = [load_extractor(name, option, **options) for name in names]
     _check_options(num_bootstrap, kid, kid_subset_size)
     spaces = {e.name: _space(e, samples, reference, data_config, num_bootstrap, seed, kid, kid_subset_size)
               for e in extractors}
@@ -153,6 +158,25 @@ def frechet(samples: Tensor, *, reference: str = "train", data_config: Mapping |
             "columns": columns}
 
 
+def _refuse_unknown(unknown: Mapping, metric_name: str) -> None:
+    if unknown:
+        accepted = [p for p in inspect.signature(frechet).parameters if p not in ("samples", "unknown", "metric_name")]
+        raise UserError(f"frechet: unknown eval.metric_options.{metric_name} key(s) {', '.join(sorted(unknown))}; "
+                        f"accepted: {', '.join(accepted)}")
+
+
+def check_ready(features: Any = DEFAULT, inception_weights: str | None = None, metric_name: str = "frechet",
+                **options) -> None:
+    """Before any sampling: the options are known, and every feature space of `features` is known
+    and can run here (e.g. Inception's library and weights), so a long run does not fail at its
+    first score."""
+    _refuse_unknown({k: v for k, v in options.items() if k not in inspect.signature(frechet).parameters}, metric_name)
+    option = f"eval.metric_options.{metric_name}.features"
+    for name in extractor_names(features, option):
+        extractor = load_extractor(name, option, inception_weights=inception_weights)
+        getattr(extractor, "check_ready", lambda: None)()
+
+
 def describe(features: Any = DEFAULT, **_) -> str:
     """What the `frechet` column is, for plot labels: the primary feature space, and the others."""
     names = extractor_names(features)
@@ -161,3 +185,4 @@ def describe(features: Any = DEFAULT, **_) -> str:
 
 
 frechet.describe = describe
+frechet.check_ready = check_ready

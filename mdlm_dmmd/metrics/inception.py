@@ -118,9 +118,13 @@ class InceptionFeatures(ImageFeatures):
     def weights(self) -> Path:
         return weights_path(self.weights_option)
 
-    def check_samples(self, samples: Any) -> Tensor:
-        library_version()  # a missing extra or weights fail here, before any data is loaded
+    def check_ready(self) -> None:
+        """torch-fidelity imports and the weights are here (or downloaded now); a UserError otherwise."""
+        library_version()
         self.weights()
+
+    def check_samples(self, samples: Any) -> Tensor:
+        self.check_ready()  # a missing extra or weights fail here, before any data is loaded
         return super().check_samples(samples)
 
     def network(self, channels: int) -> nn.Module:

@@ -87,7 +87,7 @@ def test_app_c_sweeps_read_what_training_writes():
     assert "Fig. 4" in header("cifar10_sampling_sweep") and "Figs. 5a and 6" in header("cifar10_masked_distill_sweep")
 
 
-def test_masked_protocol_runs_end_to_end_on_a_4x4_crop(tmp_path, monkeypatch):
+def test_masked_protocol_runs_end_to_end_on_a_4x4_crop(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MDLM_DMMD_CACHE", str(tmp_path / "cache"))
     images = np.random.default_rng(0).integers(0, 256, size=(40, 8, 8, 3), dtype=np.uint8)
     np.save(tmp_path / "cifar.npy", images)
@@ -95,6 +95,7 @@ def test_masked_protocol_runs_end_to_end_on_a_4x4_crop(tmp_path, monkeypatch):
     # 1. teacher, 2. a 2-step student from it
     assert main(["experiment=cifar10_masked_teacher", *SHRINK, *data, f"run_dir={tmp_path / 'teacher'}"]) == 0
     teacher = tmp_path / "teacher" / "checkpoints" / "final.ckpt"
+    assert (tmp_path / "teacher" / "samples.png").is_file()  # an RGB grid of every image run
     assert main(["experiment=cifar10_masked_dmmd", *SHRINK, *data, f"algo.teacher={teacher}", "algo.sampling_steps=2",
                  "sampling.steps=null",
                  f"run_dir={tmp_path / 'student'}"]) == 0
@@ -115,3 +116,15 @@ def test_masked_protocol_runs_end_to_end_on_a_4x4_crop(tmp_path, monkeypatch):
     assert grids == ["Masked_D-MMD_2steps_p1.png", "Masked_teacher_2steps_p1.png", "Masked_teacher_4steps_p1.png"]
     report = (sweep_dir / "results.md").read_text()
     assert "## fid: FD in random_conv features (primary) vs NFE" in report
+
+    # FID proper, offline, without Inception weights: one line, exit code 2
+    capsys.readouterr()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(["experiment=cifar10_masked_teacher", "mode=eval", *SHRINK, *data, f"checkpoint={teacher}",
+                 "eval.metric_options.fid.features=inception", f"eval.metric_options.fid.inception_weights={tmp_path}/no.pth",
+                 f"run_dir={tmp_path / 'eval'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    # before any sampling (no progress bar): torch-fidelity is missing here, or else the weights
+    assert code == 2 and len(err) == 1 and err[0].startswith("mdlm-dmmd: error: frechet: ")
+    assert "torch-fidelity" in err[0] or "inception_weights" in err[0]
+    assert not (tmp_path / "eval").exists()

@@ -292,3 +292,26 @@ def test_real_inception_weights(data, fidelity):
     assert inception._sha256(str(path)).startswith("6726825d")
     result = fid(tokens_of(images(n=8, seed=1)), data_config=config)
     assert math.isfinite(result["value"]) and result["spaces"]["inception"]["num_features"] == 2048
+
+
+def test_check_ready_runs_before_any_samples_exist(fidelity, tmp_path, monkeypatch):
+    from mdlm_dmmd.metrics import frechet
+
+    monkeypatch.delenv(inception.ENV, raising=False)
+    frechet.frechet.check_ready()  # the digits spaces need nothing in advance
+    fid.check_ready(features="random_conv")
+    with pytest.raises(UserError, match=r"^frechet: inception_weights '.*no\.pth' does not exist"):
+        fid.check_ready(inception_weights=str(tmp_path / "no.pth"))
+    with pytest.raises(UserError, match="^frechet: unknown eval.metric_options.fid.features 'vgg'"):
+        fid.check_ready(features="vgg")
+
+
+def test_unknown_options_are_refused_naming_the_metric(data):
+    from mdlm_dmmd.metrics import frechet
+
+    config, _ = data
+    with pytest.raises(UserError, match=r"^frechet: unknown eval\.metric_options\.fid key\(s\) inception_weight; "
+                                        r"accepted: reference, data_config, num_bootstrap, .*inception_weights$"):
+        fid.check_ready(inception_weight="/w.pth")
+    with pytest.raises(UserError, match=r"^frechet: unknown eval\.metric_options\.frechet key\(s\) bootstrap;"):
+        frechet.frechet(tokens_of(images(n=4)), data_config=config, features="random_conv", bootstrap=3)
