@@ -44,10 +44,20 @@ def main(argv: list[str]) -> int:
     if len(folders) < 2:
         raise SystemExit(__doc__)
     out, runs = folders[0], folders[1:]
+    score_runs(out, runs, overrides)
+    write_run_info(out, run_info(" ".join(["python", "benchmarks/checkpoint_trajectory.py", *argv]), started))
+    return 0
+
+
+def score_runs(out: Path, runs: list[Path], overrides: list[str], exclude: tuple[str, ...] = ()) -> list[dict]:
+    """Score every checkpoint of `runs` (runs named in `exclude`, e.g. "teacher", left out),
+    writing the trajectory files after every row; returns the rows."""
     cfg = cli.compose(["experiment=dmmd_digits", "sampling.num_samples=${study.num_samples}", *overrides])
     rows = []
     for folder in runs:
         for name, updates, path in checkpoints(folder):
+            if name in exclude:
+                continue
             pipeline = Pipeline.from_checkpoint(path, device=default_device(cfg))
             steps = sampling_steps(cfg, pipeline.meta)
             samples = generate(pipeline, cfg, steps, progress=False)
@@ -57,8 +67,7 @@ def main(argv: list[str]) -> int:
             print(row, flush=True)
             rows.append(row)
             write(out, rows)  # after every row: a stopped run keeps what it scored
-    write_run_info(out, run_info(" ".join(["python", "benchmarks/checkpoint_trajectory.py", *argv]), started))
-    return 0
+    return rows
 
 
 def write(out: Path, rows: list[dict]) -> None:

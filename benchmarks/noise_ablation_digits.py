@@ -1,7 +1,7 @@
 """Table 6's noise ablation on 8x8 digits (CPU): masked D-MMD at k = 4 and 8 with the generator
 noise input off, as white per-token noise, and as the 2D noise pyramid.
 
-Every student distils the same cached teacher (the quickstart's) with the same update budget and
+Every student distils the same cached teacher (the quickstart's, trained first if not cached) with the same update budget and
 rates (the quickstart's two-rate default). Reported per variant and k: Fréchet distance ± bootstrap
 s.e. in both digits feature spaces, KID, and the generator output entropy (mean per-position
 entropy of the generator's x̂ at masked positions, logged while training), at the end and along
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from mdlm_dmmd import cli
+from mdlm_dmmd.modes.study import teacher_checkpoint
 
 import checkpoint_trajectory  # benchmarks/ is on sys.path when run as a script
 from run_info import command_line, results_dir, run_info, write_results, write_run_info
@@ -68,13 +69,19 @@ def main() -> int:
     started = time.time()
     out = args.out or results_dir("noise_ablation_digits")
     out.mkdir(parents=True, exist_ok=True)
+    # the teacher first, trained (if not cached yet) with the quickstart's checkpoint interval: the
+    # studies below save the students' checkpoints more often, for the trajectory
+    teacher, how = teacher_checkpoint(cli.compose(["experiment=dmmd_digits"]), out / "teacher_run")
+    print(f"teacher: {teacher} ({how})", flush=True)
 
     pyramid_off = study(out, "study_pyramid_off", args, ["study.teacher_steps=[4,8,64]", "study.noise_input=[true,false]"])
     white = study(out, "study_white", args, ["study.teacher_steps=[4]", "study.noise_input=[true]",
                                              "++study.student_overrides.noise_pyramid=false"])
     trajectory = out / "trajectory"
-    if not (trajectory / "trajectory.csv").is_file():
-        checkpoint_trajectory.main([str(trajectory), str(pyramid_off), str(white), f"study.num_samples={args.samples}"])
+    if not (trajectory / "run_info.json").is_file():  # scored to the end once (rows are written as they come)
+        checkpoint_trajectory.score_runs(trajectory, [pyramid_off, white], [f"study.num_samples={args.samples}"],
+                                         exclude=("teacher",))
+        write_run_info(trajectory, run_info(command_line("noise_ablation_digits.py", args), started))
 
     # ------------------------------------------------------------------ collect
     final = {}
@@ -137,7 +144,7 @@ def main() -> int:
             "entropy_curves": {f"{v}_k{k}": c for (v, k), c in curves.items()}, "updates": args.updates,
             "samples": args.samples}
     write_results(out, data, lines)
-    write_run_info(out, run_info(command_line("benchmarks/noise_ablation_digits.py", args), started))
+    write_run_info(out, run_info(command_line("noise_ablation_digits.py", args), started))
     return 0
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mdlm_dmmd import registry
@@ -52,8 +53,13 @@ def check_run_dir(cfg: DictConfig) -> None:
 
 
 def make_run_dir(cfg: DictConfig) -> Path:
-    """`run_dir`, created, with the resolved config saved as `config.yaml`."""
+    """`run_dir`, created, with the resolved config saved as `config.yaml` (by rank 0 only, in
+    a multi-process run: every launched process runs this before training)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
     run_dir = Path(cfg.run_dir)
+    if rank_zero_only.rank != 0:
+        return run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -220,6 +226,24 @@ def fit(cfg: DictConfig) -> Fitted | None:
     trainer.fit(algo, train_loader, valid_loader, ckpt_path=resume)
     if trainer.interrupted:
         return None
+    check_ranks_agree(algo)
     checkpoint = run_dir / "checkpoints" / "final.ckpt"
-    trainer.save_checkpoint(str(checkpoint), weights_only=False)
+    trainer.save_checkpoint(str(checkpoint), weights_only=False)  # collective; rank 0 writes
     return Fitted(run_dir, checkpoint, algo, data, trainer, (time.time() - started) / 60)
+
+
+def check_ranks_agree(algo: L.LightningModule) -> None:
+    """In a multi-process run, every rank must end training with the same weights and EMA (data
+    parallelism keeps replicas equal; an alternation or EMA that drifted would not): compare one
+    float64 checksum per tensor across the ranks, and stop with an error if they differ."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    tensors = [t for t in algo.state_dict().values() if torch.is_tensor(t) and t.is_floating_point()]
+    if algo.ema is not None:
+        tensors += list(algo.ema.shadow.values())
+    sums = torch.stack([t.detach().double().sum() for t in tensors]).to(algo.device)
+    gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, sums)
+    if any(not torch.equal(g, gathered[0]) for g in gathered[1:]):
+        raise RuntimeError("data-parallel ranks ended training with different weights; please report this as a bug")

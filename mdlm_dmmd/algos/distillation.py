@@ -8,9 +8,12 @@ Composition, not a base class (DESIGN principle 6): an algo holds the parts it n
   after which the teacher must travel in the checkpoint (`in_checkpoint`).
 - `Alternation`: manual optimisation of networks in turns. `PhaseSchedule` says which network
   an optimiser update belongs to, counted in updates (not micro-batches), so gradient
-  accumulation never splits an update across phases; non-finite losses are skipped and
-  counted (`NonFiniteGuard`); clipping, the optimiser and scheduler steps and the EMA step
-  happen on an update's last micro-batch.
+  accumulation never splits an update across phases; an update with a non-finite loss or
+  gradient is skipped and counted (`NonFiniteGuard`); clipping, the optimiser and scheduler
+  steps and the EMA step happen on an update's last micro-batch. Under DDP it averages the
+  updated network's gradients itself, once per update (`average_gradients`; DDP's own hooks
+  would expect every parameter of the module in every backward, but each update trains one
+  network), so every rank takes the same step and makes the same skip decision.
 - `copy_of`, `noise_grid`, `generator_param_groups`: building students from the teacher.
 """
 
@@ -121,7 +124,8 @@ class DistillationConfig:
 
 
 class NonFiniteGuard:
-    """Counts consecutive non-finite losses; past `limit` in a row, training stops with a message."""
+    """Counts consecutive non-finite updates (a loss or the gradient); past `limit` in a row,
+    training stops with a message."""
 
     def __init__(self, limit: int):
         self.limit = limit
@@ -266,6 +270,44 @@ class Teacher:
                             "pass that teacher (a moved copy with the same bytes is accepted)")
 
 
+def world() -> int:
+    """Processes in the default torch.distributed group (1 without one)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def average_gradients(parameters, extra: Tensor) -> Tensor:
+    """Average the gradients of `parameters` over the ranks, and sum `extra` (a scalar), in one
+    all-reduce; returns the summed `extra`. A no-op (returning `extra`) in a single process.
+
+    Parameters without a gradient count as zeros, so every rank reduces the same buffer."""
+    count = world()
+    if count == 1:
+        return extra
+    params = [p for p in parameters if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads] + [extra.reshape(1).to(torch.float32)])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = (flat[offset: offset + g.numel()] / count).view_as(g).to(g.dtype)
+        offset += g.numel()
+    return flat[-1]
+
+
+def take_over_gradient_sync(trainer) -> bool:
+    """Under DDP, turn off the wrapper's gradient hooks for a manual-optimisation algo whose
+    `Alternation` averages gradients itself; True if it did. Call at the start of every
+    training_step, before its backward: Lightning turns the hooks back on after each step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = getattr(getattr(trainer, "strategy", None), "model", None)
+    if isinstance(model, DistributedDataParallel):
+        model.require_backward_grad_sync = False  # as inside DDP's no_sync(), for this step's backward
+        return True
+    return False
+
+
 class Alternation:
     """Manual optimisation of networks in turns, with accumulation, clipping and a NaN guard."""
 
@@ -275,6 +317,7 @@ class Alternation:
         self.accumulate = accumulate
         self.clip = clip
         self.micro_step = 0
+        self._nonfinite_losses: Tensor | None = None  # this update's count, on the device (no sync per micro-batch)
 
     def update_index(self) -> int:
         """Optimiser updates completed so far (each update is one network's step)."""
@@ -285,22 +328,36 @@ class Alternation:
 
     def step(self, loss: Tensor, *, backward: Callable[[Tensor], None], network: torch.nn.Module, optimizer,
              scheduler, after_update: Callable[[], None] | None = None) -> bool:
-        """Backward `loss` (skipped if non-finite); on an update's last micro-batch clip,
-        step, zero the gradients, step the schedule, then `after_update` (e.g. the EMA).
-        Returns whether an update was made."""
-        if self.guard.ok(loss):
-            backward(loss / self.accumulate)
+        """Backward `loss`; on an update's last micro-batch average the gradients over the ranks,
+        then, unless a loss of the update (on any rank) or the gradient is non-finite, clip and
+        step; zero the gradients, step the schedule, then `after_update` (e.g. the EMA) after a
+        step. Returns whether the optimiser stepped. One host sync per update (the skip decision),
+        none per micro-batch."""
+        bad = (~torch.isfinite(loss.detach())).any().to(torch.float32)
+        self._nonfinite_losses = bad if self._nonfinite_losses is None else self._nonfinite_losses + bad
+        backward(loss / self.accumulate)  # a non-finite loss poisons the gradient; the update is skipped below
         self.micro_step += 1
         if self.micro_step % self.accumulate:
             return False
-        if self.clip:
-            torch.nn.utils.clip_grad_norm_(network.parameters(), float(self.clip))
-        optimizer.step()
+        params = [p for p in network.parameters() if p.requires_grad]
+        bad_total = average_gradients(params, self._nonfinite_losses)
+        self._nonfinite_losses = None
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else bad_total.new_zeros(())
+        # NaN when any rank saw a non-finite loss: every rank holds the same reduced values, so
+        # every rank decides alike
+        signal = torch.where(bad_total > 0, torch.full_like(norm, float("nan")), norm)
+        stepped = self.guard.ok(signal)
+        if stepped and self.clip:
+            torch.nn.utils.clip_grads_with_norm_(params, float(self.clip), norm)
+        if not stepped:  # no gradient: AdamW leaves every parameter and its state as they are
+            optimizer.zero_grad(set_to_none=True)
+        optimizer.step()  # called either way: Lightning counts its steps (max_steps, checkpoint intervals)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        if after_update is not None:
+        if stepped and after_update is not None:
             after_update()
-        return True
+        return stepped
 
     def state_dict(self) -> dict:
         return {"micro_step": self.micro_step, "nonfinite_total": self.guard.total}

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from mdlm_dmmd.algos.base import AlgoBase, algo_section, process_meta
 from mdlm_dmmd.algos.distillation import (
+    take_over_gradient_sync,
     TEACHER_PREFIX,
     Alternation,
     DistillationConfig,
@@ -274,6 +275,7 @@ class DMMD(AlgoBase):
 
     # -- training: alternating phases ---------------------------------------------------------
     def training_step(self, batch, batch_idx):
+        take_over_gradient_sync(self.trainer)  # DDP: the Alternation averages each update's gradients itself
         phase = self.alternation.phase()
         index = 0 if phase == "gen" else 1
         network = self.generator if phase == "gen" else self.aux

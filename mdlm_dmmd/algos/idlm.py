@@ -39,6 +39,7 @@ from torch import Tensor
 
 from mdlm_dmmd.algos.base import AlgoBase, algo_section, build_settings, process_meta
 from mdlm_dmmd.algos.distillation import (
+    take_over_gradient_sync,
     TEACHER_PREFIX,
     Alternation,
     PhaseSchedule,
@@ -260,6 +261,7 @@ class IDLM(AlgoBase):
             return (self.model_loss(self.teacher, x_probs, renoised) - self.model_loss(self.fake, x_probs, renoised)) * scale
 
     def training_step(self, batch, batch_idx):
+        take_over_gradient_sync(self.trainer)  # DDP: the Alternation averages each update's gradients itself
         phase = self.alternation.phase()
         network, index = (self.generator, 0) if phase == "gen" else (self.fake, 1)
         loss = self.phase_loss(batch, phase)

@@ -19,8 +19,8 @@ from mdlm_dmmd.training import fit
 
 def run(cfg: DictConfig) -> None:
     fitted = fit(cfg)
-    if fitted is None:
-        return
+    if fitted is None or fitted.trainer.global_rank != 0:
+        return  # multi-process runs: rank 0 alone samples and writes the report
     rows: dict[str, Any] = {"algo": cfg.algo.name, "data": cfg.data.name,
                             "optimizer steps": fitted.trainer.global_step, "train minutes": fitted.minutes}
     rows.update({k: float(v) for k, v in fitted.trainer.callback_metrics.items() if k.startswith("val/")})
