@@ -83,3 +83,13 @@ def test_check_ranks_agree_finds_a_replica_that_drifted():
     mp.spawn(_agree, args=(port, results), nprocs=2, join=True)
     assert results[(0, False)] == results[(1, False)] == "agree"
     assert all("different weights" in results[(rank, True)] for rank in (0, 1))  # 1e-6 on one weight of rank 1
+
+
+def test_torchrun_launch_as_the_readme_gives_it(tmp_path):
+    """`torchrun --nproc_per_node=2 -m mdlm_dmmd ...`: Lightning takes the processes torchrun started."""
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "mdlm_dmmd", "algo=mdlm", *DDP, f"run_dir={tmp_path / 'run'}"],
+                         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("run written to") == 1
+    assert (tmp_path / "run" / "checkpoints" / "final.ckpt").is_file()
