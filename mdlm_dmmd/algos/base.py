@@ -29,6 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from mdlm_dmmd import rng
 from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.diffusion.block import check_block_size
 from mdlm_dmmd.errors import UserError
@@ -73,10 +74,12 @@ def runtime_options(cfg: DictConfig) -> dict[str, bool]:
 
 
 def antithetic_times(n: int, eps: float, antithetic: bool, device, generator=None) -> Tensor:
-    """t ∈ [eps, 1] for n sequences; antithetic draws are stratified over the batch (MDLM)."""
-    u = torch.rand(n, device=device, generator=generator)
+    """t ∈ [eps, 1] for n sequences; antithetic draws are stratified over the batch (MDLM), the
+    global batch when `generator` is a `rng.BatchShare` (data parallelism)."""
+    u = rng.rand((n,), generator, device=device)
     if antithetic:
-        u = (u / n + torch.arange(n, device=device) / n) % 1
+        index, total = rng.positions(n, generator, device)
+        u = (u / total + index / total) % 1
     return (1 - eps) * u + eps
 
 
@@ -158,12 +161,25 @@ class AlgoBase(L.LightningModule):
         decay = float(self.cfg.training.get("ema", 0.0))
         self.ema = EMA(module, decay) if decay > 0 else None
 
+    def batch_share(self) -> rng.BatchShare:
+        """Where this process's training draws come from: its rows of draws made for the global
+        batch (`rng.BatchShare`), so that they do not depend on the number of processes."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return rng.BatchShare()
+        return rng.BatchShare(trainer.world_size, trainer.global_rank)
+
     def data_times(self, x: Tensor, blocks: int = 1) -> Tensor:
         """Diffusion times for a batch x [B, L] under `training.sampling_eps` / `antithetic_sampling`:
         [B], or one per (sequence, block) [B, blocks] (antithetic over all B · blocks, as BD3-LM)."""
-        training = self.cfg.training
-        t = antithetic_times(x.shape[0] * blocks, training.sampling_eps, training.antithetic_sampling, x.device)
-        return t if blocks == 1 else t.view(x.shape[0], blocks)
+        training, share, device = self.cfg.training, self.batch_share(), x.device
+        u = rng.rand((x.shape[0], blocks), share, device=device)
+        if training.antithetic_sampling:  # stratified over the global batch's B · blocks times
+            rows, total = rng.positions(x.shape[0], share, device)
+            index, total = rows[:, None] * blocks + torch.arange(blocks, device=device), total * blocks
+            u = (u / total + index / total) % 1
+        t = (1 - training.sampling_eps) * u + training.sampling_eps
+        return t[:, 0] if blocks == 1 else t
 
     def block_size(self) -> int:
         """The top-level `block_size` (default `model.length`); an algo without block diffusion
@@ -226,6 +242,11 @@ class AlgoBase(L.LightningModule):
         if self._rng_to_restore is not None:
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
+        else:
+            # A fresh run's draws start from the seed, whatever the setup drew before (it draws
+            # differently with one process and with several), so that with `batch_share` a
+            # multi-process run draws what a one-process run of the same global batch draws.
+            torch.manual_seed(int(self.cfg.get("seed", 0) or 0))
 
     def on_validation_epoch_start(self):
         self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)

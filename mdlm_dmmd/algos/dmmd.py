@@ -30,6 +30,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
+from mdlm_dmmd import rng
 from mdlm_dmmd.algos.base import AlgoBase, algo_section, process_meta
 from mdlm_dmmd.algos.distillation import (
     take_over_gradient_sync,
@@ -124,10 +125,12 @@ POSTERIOR_CHUNK = 1 << 22  # [., V] entries per chunk of the posterior-space los
 
 
 # -- losses: pure functions on tensors ------------------------------------------------------
-def distillation_times(n: int, k: int, device, generator=None) -> tuple[Tensor, Tensor]:
-    """Algorithm 1: s ~ U(0,1), δ ~ U(0, 1/k), t = min(1, s + δ). Two [n] tensors."""
-    s = torch.rand(n, device=device, generator=generator)
-    delta = torch.rand(n, device=device, generator=generator) / k
+def distillation_times(shape, k: int, device, generator=None) -> tuple[Tensor, Tensor]:
+    """Algorithm 1: s ~ U(0,1), δ ~ U(0, 1/k), t = min(1, s + δ). Two tensors of `shape` (an
+    int n: [n]); `generator` may be a `rng.BatchShare` (then shape[0] is the batch)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    s = rng.rand(shape, generator, device=device)
+    delta = rng.rand(shape, generator, device=device) / k
     return s, torch.clamp(s + delta, max=1.0)
 
 
@@ -227,12 +230,12 @@ class DMMD(AlgoBase):
         return self
 
     def log_probs(self, network: DiT, z: Tensor, t: Tensor, clean: Tensor | None = None,
-                  at: Tensor | None = None) -> Tensor:
+                  at: Tensor | None = None, generator=None) -> Tensor:
         """x̂(z) of one of the three networks as log-probs [B, L, V] (fresh generator noise), or
         [N, V] at the positions `at` only; a block student's networks see [z, clean] (`BlockDenoiser`)."""
         if self.block is None:
-            return self.denoiser(network)(z, t, at=at)
-        return self.denoiser(network)(z, t, clean=clean, at=at)
+            return self.denoiser(network)(z, t, generator, at=at)
+        return self.denoiser(network)(z, t, generator, clean=clean, at=at)
 
     def denoiser(self, network: torch.nn.Module) -> Denoiser:
         if self.block is None:
@@ -247,11 +250,11 @@ class DMMD(AlgoBase):
         return BlockSampler(self.process, self.block, "generator", first_token=bos)
 
     def times(self, x: Tensor, draw) -> tuple[Tensor, ...]:
-        """`draw(n)` for n = B (plain) or B · n_blocks (block: then spread to tokens [B, L])."""
+        """`draw(shape)` for shape (B,) (plain) or (B, n_blocks) (block: then spread to tokens [B, L])."""
         batch, length = x.shape
         if self.block is None:
-            return draw(batch)
-        return tuple(block.per_token(u.view(batch, -1), self.block) for u in draw(batch * (length // self.block)))
+            return draw((batch,))
+        return tuple(block.per_token(u.view(batch, -1), self.block) for u in draw((batch, length // self.block)))
 
     @property
     def first_token_clean(self) -> bool:
@@ -354,14 +357,16 @@ class DMMD(AlgoBase):
         B, L = x_data.shape
         # 1. times, z_t ~ q(z_t | x_data), generator prediction, hard x, z_s ~ q(z_s | z_t, x)
         # (block student: s, t per (sequence, block), spread over its tokens; x_data is the clean prefix)
-        s, t = self.times(x_data, lambda n: distillation_times(n, st.sampling_steps, x_data.device))
-        z_t = self.keep_first(self.process.corrupt(x_data, t), x_data)
+        # every draw from the share of the global batch: the same per example on any number of processes
+        share = self.batch_share()
+        s, t = self.times(x_data, lambda shape: distillation_times(shape, st.sampling_steps, x_data.device, share))
+        z_t = self.keep_first(self.process.corrupt(x_data, t, share), x_data)
         if st.loss_space == "x0" and self.process.deterministic_prior:
-            return self.masked_phase_loss(x_data, s, t, z_t, phase)
+            return self.masked_phase_loss(x_data, s, t, z_t, phase, share)
         with torch.set_grad_enabled(phase == "gen"):
-            p_gen = self.log_probs(self.generator, z_t, t, clean=x_data).exp()  # [B, L, V]
-        x = sample_categorical(p_gen.detach())  # float64 draw
-        z_s = self.keep_first(self.process.sample_posterior(z_t, x, t, s), x_data)
+            p_gen = self.log_probs(self.generator, z_t, t, clean=x_data, generator=share).exp()  # [B, L, V]
+        x = sample_categorical(p_gen.detach(), share)  # float64 draw
+        z_s = self.keep_first(self.process.sample_posterior(z_t, x, t, s, share), x_data)
         # 2. teacher (tempered / nucleus-lowered, §3.3) and auxiliary at z_s
         with torch.no_grad():
             log_p_teacher = modified_teacher(self.log_probs(self.teacher, z_s, s, clean=x_data), st.teacher_temperature,
@@ -388,7 +393,7 @@ class DMMD(AlgoBase):
         noisy_t = self.scored(self.process.denoising_positions(z_t).float())
         return loss, {"gen_entropy": output_entropy(p_gen.detach(), noisy_t), "s": s.mean()}
 
-    def masked_phase_loss(self, x_data: Tensor, s: Tensor, t: Tensor, z_t: Tensor, phase: str):
+    def masked_phase_loss(self, x_data: Tensor, s: Tensor, t: Tensor, z_t: Tensor, phase: str, share=None):
         """`phase_loss` for a masked teacher in x0 space, on gathered rows: the hard draw, both
         losses and the generator's entropy live on the tokens masked in z_t (those of z_s are a
         subset), so each network's output head runs there only and every [., V] tensor has one
@@ -400,13 +405,15 @@ class DMMD(AlgoBase):
         B, L = x_data.shape
         noisy = self.scored(self.process.denoising_positions(z_t).float()).bool()  # [B, L]
         with torch.set_grad_enabled(phase == "gen"):
-            log_p_gen = self.log_probs(self.generator, z_t, t, clean=x_data, at=noisy)  # [N_t, V]
+            log_p_gen = self.log_probs(self.generator, z_t, t, clean=x_data, at=noisy, generator=share)  # [N_t, V]
             p_gen = log_p_gen.exp()
-        revealed = self.process.draw_updated_positions(z_t, t, s) & noisy
+        revealed = self.process.draw_updated_positions(z_t, t, s, share) & noisy
         hard_target = phase == "aux" and st.aux_target == "hard"
         drawn = noisy if hard_target else revealed  # where x ~ Cat(x̂_η) is needed
         x = torch.full_like(z_t, -1)
-        x[drawn] = sample_categorical(p_gen.detach()[drawn[noisy]])  # float64 CDF per row
+        # one uniform per token of the batch (so the draws do not depend on which tokens need one)
+        uniforms = rng.rand((B, L), share, device=z_t.device, dtype=torch.float64)
+        x[drawn] = sample_categorical(p_gen.detach()[drawn[noisy]], uniforms=uniforms[drawn])  # float64 CDF per row
         z_s = torch.where(revealed, x, z_t)
         left = noisy & ~revealed  # masked in z_s: where the losses count
         rows = left[noisy]  # those among the N_t rows (row-major order is kept)

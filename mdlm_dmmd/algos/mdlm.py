@@ -39,7 +39,7 @@ class MDLM(AlgoBase):
         x = batch["input_ids"]  # [B, L]
         valid = batch.get("attention_mask", torch.ones_like(x)).to(torch.float32)
         t = self.data_times(x)
-        z_t = self.process.corrupt(x, t)
+        z_t = self.process.corrupt(x, t, self.batch_share())
         # The NELBO counts masked tokens only, so the output head runs there only: no [B, L, V]
         # logits (at V = 50k, B·L = 32k tokens one such float32 tensor is 6.6 GB).
         masked = self.process.denoising_positions(z_t)

@@ -71,7 +71,7 @@ class UDLM(AlgoBase):
         x = batch["input_ids"]  # [B, L]
         valid = batch.get("attention_mask", torch.ones_like(x)).to(torch.float32)
         t = self.data_times(x)
-        z_t = self.process.corrupt(x, t)
+        z_t = self.process.corrupt(x, t, self.batch_share())
         log_p = self.denoiser(self.backbone)(z_t, t)  # [B, L, V]
         if (kind or self.settings.loss) == "elbo":
             per_token = self.process.nelbo(log_p, x, z_t, t)  # [B, L]

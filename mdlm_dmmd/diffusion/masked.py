@@ -14,6 +14,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from mdlm_dmmd import rng
+
 from mdlm_dmmd.diffusion.process import as_probs
 from mdlm_dmmd.diffusion.schedules import Schedule
 from mdlm_dmmd.errors import UserError
@@ -60,7 +62,7 @@ class MaskedProcess:
     def corrupt(self, x: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """z_t ~ q(z_t | x): each token is masked independently with probability 1 − α_t."""
         alpha_t = self.schedule.alpha(per_token(t, x))
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=alpha_t.dtype)
+        u = rng.rand(x.shape, generator, device=x.device, dtype=alpha_t.dtype)
         return torch.where(u < alpha_t, x, self.mask_id)
 
     def marginal_probs(self, x: Tensor, t: Tensor) -> Tensor:
@@ -109,7 +111,7 @@ class MaskedProcess:
         float64 work instead of L (`sampling.sample`).
         """
         reveal = self.reveal_probability(z_t, t, s)
-        u = torch.rand(z_t.shape, generator=generator, device=z_t.device, dtype=torch.float64)
+        u = rng.rand(z_t.shape, generator, device=z_t.device, dtype=torch.float64)
         return (z_t == self.mask_id) & (u < reveal)
 
     def sample_posterior(

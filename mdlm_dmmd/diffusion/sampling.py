@@ -32,6 +32,8 @@ from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor
+
+from mdlm_dmmd import rng
 from tqdm.auto import tqdm
 
 from mdlm_dmmd.diffusion.process import Process
@@ -46,7 +48,7 @@ NUCLEUS_RULES = ("keep", "drop")  # the token that crosses top_p: kept (Duo/HF, 
 CATEGORICAL_CHUNK = 1 << 24  # float64 CDF entries built at once (128 MB): rows are drawn in chunks
 
 
-def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def sample_categorical(probs: Tensor, generator: torch.Generator | None = None, uniforms: Tensor | None = None) -> Tensor:
     """Index ~ Cat(probs) along the last dim by inverting the float64 CDF: one uniform per row.
 
     float64 because float32 sampling (Gumbel noise, or a float32 CDF) truncates the tail of
@@ -55,10 +57,17 @@ def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) 
     per row instead of one per vocabulary entry (an exponential race) matters at V = 50k, and
     the float64 CDF is built for `CATEGORICAL_CHUNK` entries at a time, never for all of a
     [B, L, V] input (13 GB at B = 32, L = 1024, V = 50k); the draws do not depend on the chunking.
-    Accepts unnormalised probabilities; a zero-probability index is never drawn.
+    Accepts unnormalised probabilities; a zero-probability index is never drawn. `uniforms`
+    (float64, one per row in row-major order) are drawn here when not given; with a
+    `rng.BatchShare`, `probs` must be batch-first ([B, ..., V]).
     """
     flat = probs.reshape(-1, probs.shape[-1])
-    u = torch.rand(flat.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
+    if uniforms is not None:
+        u = uniforms.reshape(-1, 1).to(torch.float64)
+    elif isinstance(generator, rng.BatchShare):
+        u = rng.rand(probs.shape[:-1], generator, device=probs.device, dtype=torch.float64).reshape(-1, 1)
+    else:
+        u = torch.rand(flat.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
     drawn = torch.empty(flat.shape[0], dtype=torch.long, device=probs.device)
     rows = max(1, CATEGORICAL_CHUNK // flat.shape[-1])
     for start in range(0, flat.shape[0], rows):

@@ -29,6 +29,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from mdlm_dmmd import rng
+
 from mdlm_dmmd.diffusion.masked import per_token
 from mdlm_dmmd.diffusion.process import as_probs
 from mdlm_dmmd.diffusion.schedules import DuoSchedule, Schedule
@@ -77,8 +79,8 @@ class UniformProcess:
     def corrupt(self, x: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """z_t ~ q(z_t | x): with probability 1 − α_t a token is redrawn uniformly (maybe as x)."""
         alpha_t = self.schedule.alpha(per_token(t, x))
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=alpha_t.dtype)
-        noise = torch.randint(0, self.vocab_size, x.shape, generator=generator, device=x.device)
+        u = rng.rand(x.shape, generator, device=x.device, dtype=alpha_t.dtype)
+        noise = rng.randint(0, self.vocab_size, x.shape, generator, device=x.device)
         return torch.where(u < alpha_t, x, noise)
 
     def marginal_probs(self, x: Tensor, t: Tensor) -> Tensor:
@@ -99,7 +101,7 @@ class UniformProcess:
             raise UserError(f"corrupt_soft: temperature must be > 0, got {temperature}")
         x = as_probs(x, self.vocab_size).float()
         gamma = self.schedule.gamma(per_token(t, x).float())[..., None]  # [B, L, 1]
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = rng.randn(x.shape, generator, device=x.device, dtype=x.dtype)
         latent = torch.sigmoid(-gamma).sqrt() * x + torch.sigmoid(gamma).sqrt() * noise
         return torch.softmax(latent / temperature, dim=-1)
 
@@ -153,8 +155,8 @@ class UniformProcess:
         evidence = alpha_t * same + (1 - alpha_t) / V
         p_keep = alpha_ts * ((1 - alpha_s) / V + alpha_s * same) / evidence
         p_data = (1 - alpha_ts) * alpha_s / V / evidence
-        u = torch.rand(z_t.shape, generator=generator, device=z_t.device, dtype=torch.float64)
-        uniform = torch.randint(0, V, z_t.shape, generator=generator, device=z_t.device)
+        u = rng.rand(z_t.shape, generator, device=z_t.device, dtype=torch.float64)
+        uniform = rng.randint(0, V, z_t.shape, generator, device=z_t.device)
         return torch.where(u < p_keep, z_t, torch.where(u < p_keep + p_data, x, uniform))
 
     # 3. parameterisation and loss -----------------------------------------------------------

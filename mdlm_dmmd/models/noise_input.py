@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mdlm_dmmd import rng
+
 
 def pyramid_levels(height: int, width: int) -> list[tuple[int, int]]:
     """Grid sizes of the pyramid, fine to coarse, halving (rounding up) down to 1×1."""
@@ -38,7 +40,7 @@ def draw_noise(
 ) -> Tensor:
     """Noise [B, L, dim] (white) or [B, L, dim · levels] (pyramid over `grid`)."""
     if grid is None:
-        return torch.randn(batch, length, dim, generator=generator, device=device)
+        return rng.randn((batch, length, dim), generator, device=device)
     h, w = grid[0], grid[1]
     c = grid[2] if len(grid) == 3 else 1
     if h * w * c != length:
@@ -46,8 +48,8 @@ def draw_noise(
         raise ValueError(f"DiT: a noise pyramid over {shape} tokens needs length {h * w * c}, got {length}")
     # Draw order = the 2-D pyramid's (fine, then coarse); [B, dim, H, W, 1] holds the same numbers
     # as [B, dim, H, W], so C = 1 reproduces it.
-    fine = torch.randn(batch, dim, h, w, c, generator=generator, device=device)  # [B, dim, H, W, C]
-    coarse = [torch.randn(batch, dim, *size, generator=generator, device=device) for size in pyramid_levels(h, w)[1:]]
+    fine = rng.randn((batch, dim, h, w, c), generator, device=device)  # [B, dim, H, W, C]
+    coarse = [rng.randn((batch, dim, *size), generator, device=device) for size in pyramid_levels(h, w)[1:]]
     upsampled = [F.interpolate(level, size=(h, w), mode="nearest")[..., None].expand(-1, -1, -1, -1, c)
                  for level in coarse]  # each [B, dim, H, W, C], shared over C
     return torch.cat([fine, *upsampled], dim=1).flatten(2).transpose(1, 2)  # [B, H·W·C, dim · levels]

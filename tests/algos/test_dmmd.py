@@ -142,8 +142,8 @@ def test_generator_loss_and_gradient_are_zero_when_aux_is_teacher(teacher_dir):
 def test_phase_loss_on_the_masked_rows_equals_the_dense_formula(teacher_dir, phase, aux_target):
     """The masked path gathers the tokens masked in z_t before any [., V] work; replayed here
     densely over [B, L, V] with the same draws (times, z_t, the generator's noise, reveals, then
-    one inverse-CDF uniform per revealed token, or per masked token for the hard auxiliary
-    target): eqs. 11-12 with ELBO weights and a top-p teacher."""
+    one inverse-CDF uniform per token of the batch, used at the revealed tokens, or at every
+    masked token for the hard auxiliary target): eqs. 11-12 with ELBO weights and a top-p teacher."""
     algo = DMMD(dmmd_config(teacher_dir, aux_target=aux_target, weighting="elbo", teacher_top_p=0.8))
     for seed, network in enumerate((algo.generator, algo.aux), start=1):  # three different networks
         network.load_state_dict(random_model(network.config, seed=seed).state_dict())
@@ -161,7 +161,8 @@ def test_phase_loss_on_the_masked_rows_equals_the_dense_formula(teacher_dir, pha
         revealed = masked & (torch.rand(z_t.shape, dtype=torch.float64) < process.reveal_probability(z_t, t, s))
         drawn = masked if (phase, aux_target) == ("aux", "hard") else revealed  # x is drawn where it is used
         x = z_t.clone()
-        x[drawn] = sample_categorical(p_gen[drawn])
+        uniforms = torch.rand(z_t.shape, dtype=torch.float64)
+        x[drawn] = sample_categorical(p_gen[drawn], uniforms=uniforms[drawn])
         z_s = torch.where(revealed, x, z_t)
         log_teacher = modified_teacher(algo.log_probs(algo.teacher, z_s, s), 1.0, 0.8, 2.0)
         log_aux = algo.log_probs(algo.aux, z_s, s)

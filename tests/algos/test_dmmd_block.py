@@ -69,12 +69,14 @@ def test_generator_loss_equals_a_block_by_block_replay(teacher):
 
     with torch.no_grad():
         p_gen = by_blocks(algo.generator, z_t, t).exp()
-        # the draw order of the gathered masked path: reveals first, then x at the revealed tokens
+        # the draw order of the gathered masked path: reveals first, then one uniform per token,
+        # used for x at the revealed tokens
         masked = z_t == process.mask_id
         reveal = process.reveal_probability(z_t, t, s)
         revealed = masked & (torch.rand(z_t.shape, dtype=torch.float64) < reveal)
         x = z_t.clone()
-        x[revealed] = sample_categorical(p_gen[revealed])
+        uniforms = torch.rand(z_t.shape, dtype=torch.float64)
+        x[revealed] = sample_categorical(p_gen[revealed], uniforms=uniforms[revealed])
         z_s = torch.where(revealed, x, z_t)
         teacher_log_p = by_blocks(algo.teacher, z_s, s)
         aux_log_p = by_blocks(algo.aux, z_s, s)
