@@ -3,7 +3,8 @@ end with the weights of 1 process on the same global batch (every draw is the ex
 `rng.BatchShare`), the ranks agree (checked by `check_ranks_agree` at the end of every
 multi-process fit), and only rank 0 samples and writes.
 
-Not yet here (issue 15): FSDP, multi-node, and an exact kill-and-resume of a 2-process run.
+A 2-process dmmd run stopped after 2 updates and resumed from its last.ckpt ends where an
+uninterrupted one does, bit for bit. Not yet here (issue 15): FSDP and multi-node.
 """
 
 import os
@@ -61,6 +62,21 @@ def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(
         runs[name] = weights(tmp_path / f"student_{name}")
     assert runs["two"]["global_step"] == 4 and runs["two"]["distillation"]["micro_step"] == 4
     assert max_difference(runs["one"]["state_dict"], runs["two"]["state_dict"]) < TOLERANCE
+
+
+def test_a_two_process_run_resumes_exactly(tmp_path):
+    common = ["data=digits", "debug=cpu", "model.dropout=0.0", "sampling.num_samples=0", "loader.batch_size=4", *DDP]
+    teacher = cli("algo=mdlm", *common, "trainer.max_steps=2", f"run_dir={tmp_path / 'teacher'}", cwd=tmp_path)
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    student = ["algo=dmmd", f"algo.teacher={tmp_path / 'teacher' / 'checkpoints' / 'final.ckpt'}", *common]
+    assert cli(*student, "trainer.max_steps=4", f"run_dir={tmp_path / 'straight'}", cwd=tmp_path).returncode == 0
+    assert cli(*student, "trainer.max_steps=2", f"run_dir={tmp_path / 'stopped'}", cwd=tmp_path).returncode == 0
+    resumed = cli(*student, "trainer.max_steps=4", f"run_dir={tmp_path / 'stopped'}",
+                  f"checkpoint={tmp_path / 'stopped' / 'checkpoints' / 'last.ckpt'}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight, stopped = weights(tmp_path / "straight"), weights(tmp_path / "stopped")
+    assert stopped["global_step"] == 4 and stopped["distillation"] == straight["distillation"]
+    assert max_difference(straight["state_dict"], stopped["state_dict"]) == 0.0  # the RNG, loader and phase restored
 
 
 class _Replica(torch.nn.Module):
