@@ -172,14 +172,19 @@ class AlgoBase(L.LightningModule):
     def data_times(self, x: Tensor, blocks: int = 1) -> Tensor:
         """Diffusion times for a batch x [B, L] under `training.sampling_eps` / `antithetic_sampling`:
         [B], or one per (sequence, block) [B, blocks] (antithetic over all B · blocks, as BD3-LM)."""
-        training, share, device = self.cfg.training, self.batch_share(), x.device
+        t = (1 - self.cfg.training.sampling_eps) * self.time_uniforms(x, blocks) + self.cfg.training.sampling_eps
+        return t[:, 0] if blocks == 1 else t
+
+    def time_uniforms(self, x: Tensor, blocks: int = 1) -> Tensor:
+        """u ∈ [0, 1) per (sequence, block) [B, blocks], stratified over the global batch's
+        B · blocks draws under `training.antithetic_sampling`, from this process's `batch_share`."""
+        share, device = self.batch_share(), x.device
         u = rng.rand((x.shape[0], blocks), share, device=device)
-        if training.antithetic_sampling:  # stratified over the global batch's B · blocks times
+        if self.cfg.training.antithetic_sampling:
             rows, total = rng.positions(x.shape[0], share, device)
             index, total = rows[:, None] * blocks + torch.arange(blocks, device=device), total * blocks
             u = (u / total + index / total) % 1
-        t = (1 - training.sampling_eps) * u + training.sampling_eps
-        return t[:, 0] if blocks == 1 else t
+        return u
 
     def block_size(self) -> int:
         """The top-level `block_size` (default `model.length`); an algo without block diffusion

@@ -38,7 +38,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from mdlm_dmmd.algos.base import (AlgoBase, algo_section, antithetic_times, backbone_config, build_settings,
+from mdlm_dmmd.algos.base import (AlgoBase, algo_section, backbone_config, build_settings,
                                   process_meta)
 from mdlm_dmmd.denoiser import BlockDenoiser
 from mdlm_dmmd.diffusion import block
@@ -148,10 +148,8 @@ class BD3LM(AlgoBase):
         """t per token [B, L], one per (sequence, block), antithetic over B · n_blocks, in
         `interval` (default: the training interval, [sampling_eps, 1] unless the search moved it)."""
         low, high = interval or (float(self.sampling_eps_min), float(self.sampling_eps_max))
-        training = self.cfg.training
-        u = antithetic_times(x.shape[0] * self.num_blocks, 0.0, training.antithetic_sampling, x.device)
-        t = (high - low) * u + low  # = MDLM's (1 − eps) u + eps on [eps, 1]
-        return block.per_token(t.view(x.shape[0], -1), self.block)  # constant inside a block
+        t = (high - low) * self.time_uniforms(x, self.num_blocks) + low  # = MDLM's (1 − eps) u + eps on [eps, 1]
+        return block.per_token(t, self.block)  # constant inside a block
 
     def loss(self, batch: Mapping[str, Tensor], kind: str | None = None,
              interval: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
@@ -165,7 +163,7 @@ class BD3LM(AlgoBase):
         x = batch["input_ids"]  # [B, L]
         valid = batch.get("attention_mask", torch.ones_like(x)).to(torch.float32)
         t = self.block_times(x, interval)
-        z_t = self.process.corrupt(x, t)
+        z_t = self.process.corrupt(x, t, self.batch_share())
         if self.ignore_bos:  # BD3-LM: the BOS token is never noised, and carries no loss
             z_t[:, 0] = x[:, 0]
             valid[:, 0] = 0

@@ -111,7 +111,7 @@ def soft_marginal_kind(process: Process) -> str | None:
     return None
 
 
-def renoise(process: Process, x_probs: Tensor, t: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def renoise(process: Process, x_probs: Tensor, t: Tensor, temperature: float, generator=None) -> tuple[Tensor, Tensor]:
     """(model input, hard z_t') for a soft x̂ [B, L, V] at times t.
 
     masked: z_t' ~ Cat(α_t x̂ + (1 − α_t) e_mask) drawn in float64, no gradient; the input is z_t'.
@@ -119,9 +119,9 @@ def renoise(process: Process, x_probs: Tensor, t: Tensor, temperature: float) ->
     (reparameterisation); z_t' is its argmax.
     """
     if soft_marginal_kind(process) == "masked":
-        z = sample_categorical(process.marginal_probs(x_probs.detach(), t))
+        z = sample_categorical(process.marginal_probs(x_probs.detach(), t), generator)
         return z, z
-    soft = process.corrupt_soft(x_probs, t, temperature=temperature)
+    soft = process.corrupt_soft(x_probs, t, generator, temperature=temperature)
     return soft, soft.detach().argmax(-1)
 
 
@@ -231,13 +231,13 @@ class IDLM(AlgoBase):
     def generate_soft(self, x_data: Tensor) -> Tensor:
         """x̂_η(z_t) [B, L, V] for z_t ~ q(z_t | x_data) at antithetic t (with gradient)."""
         t = self.data_times(x_data)
-        z_t = self.process.corrupt(x_data, t)
+        z_t = self.process.corrupt(x_data, t, self.batch_share())
         return self.training_denoiser(self.generator)(z_t, t).exp()
 
     def renoised(self, x_probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(model input, hard z_t', t') for x̂ re-noised at a fresh antithetic t' (`renoise`)."""
         t = self.data_times(x_probs)
-        model_input, z = renoise(self.process, x_probs, t, self.settings.duo_temperature)
+        model_input, z = renoise(self.process, x_probs, t, self.settings.duo_temperature, self.batch_share())
         return model_input, z, t
 
     def model_loss(self, network: torch.nn.Module, x_probs: Tensor, renoised: tuple[Tensor, Tensor, Tensor]) -> Tensor:
@@ -282,7 +282,7 @@ class IDLM(AlgoBase):
         """Validation: the generator's NELBO on held-out data (a drift diagnostic, as D-MMD's)."""
         x = batch["input_ids"]
         t = self.data_times(x)
-        z_t = self.process.corrupt(x, t)
+        z_t = self.process.corrupt(x, t, self.batch_share())
         per_token = self.process.nelbo(self.training_denoiser(self.generator)(z_t, t), x, z_t, t)
         return per_token.sum(), torch.tensor(float(per_token.numel()), device=x.device)
 

@@ -181,7 +181,7 @@ class SDTT(AlgoBase):
         """(Σ divergence over positions masked in z_t, their number)."""
         x = batch["input_ids"]
         t = self.data_times(x)
-        z_t = self.process.corrupt(x, t)
+        z_t = self.process.corrupt(x, t, self.batch_share())
         target = self.teacher_targets(z_t, t)
         student = self.denoiser(self.student)(z_t, t)
         masked = (z_t == self.process.mask_id).to(student.dtype)
@@ -236,7 +236,7 @@ class SDTT(AlgoBase):
         # val/nll: the student's NELBO on held-out data (a drift diagnostic, as D-MMD's generator)
         x = batch["input_ids"]
         t = self.data_times(x)
-        z_t = self.process.corrupt(x, t)
+        z_t = self.process.corrupt(x, t, self.batch_share())
         per_token = self.process.nelbo(self.denoiser(self.student)(z_t, t), x, z_t, t)
         self._val_sum += per_token.sum().double()
         self._val_count += float(x.numel())
