@@ -11,9 +11,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
+from mdlm_dmmd.algos.bd3lm import clip_intervals
 from mdlm_dmmd.training import check_ranks_agree
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled",
@@ -72,6 +74,16 @@ def test_block_diffusion_on_two_processes_trains_what_one_process_trains(tmp_pat
         assert run.returncode == 0, run.stderr[-3000:]
     # measured 6e-8: t per (sequence, block) stratified over the global batch, as on one process
     assert max_difference(weights(tmp_path / "one")["state_dict"], weights(tmp_path / "two")["state_dict"]) < TOLERANCE
+    # BD3-LM's clip search: each process validates its own shard; the spreads are summed over the
+    # processes, so both move to the same interval (else check_ranks_agree stops the run)
+    run = cli(*common, "loader.batch_size=4", *DDP, "algo.clip_search_widths=[0.3,1.0]", "trainer.max_steps=4",
+              f"run_dir={tmp_path / 'clip'}", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    saved = weights(tmp_path / "clip")
+    config = saved["hyper_parameters"]["config"]
+    candidates = clip_intervals((0.3, 1.0), config["algo"]["clip_search_delta"], config["training"]["sampling_eps"])
+    chosen = (saved["state_dict"]["sampling_eps_min"].item(), saved["state_dict"]["sampling_eps_max"].item())
+    assert any(chosen == pytest.approx(interval) for interval in candidates)
 
 
 def test_a_two_process_run_resumes_exactly(tmp_path):

@@ -66,14 +66,21 @@ def clip_intervals(widths, delta: float, eps: float) -> list[tuple[float, float]
     return out
 
 
-def lowest_variance(losses: dict[tuple[float, float], list[Tensor]]) -> tuple[float, float]:
-    """The interval whose per-(sequence, block) losses vary least: the variance within each
-    validation batch, summed over batches (BD3-LM's `_clipped_schedule_search`; under DDP it
-    all-gathers the per-rank sums first, which is not built here: multi-GPU is untested)."""
-    def spread(batches: list[Tensor]) -> float:
-        return sum(b.var().item() for b in batches if b.numel() > 1)
+def spreads(losses: dict[tuple[float, float], list[Tensor]]) -> Tensor:
+    """Per interval, the variance of the per-(sequence, block) losses within each validation
+    batch, summed over batches. [n_intervals] float64"""
+    return torch.tensor([sum(b.var().item() for b in batches if b.numel() > 1) for batches in losses.values()],
+                        dtype=torch.float64)
 
-    return min(losses, key=lambda interval: spread(losses[interval]))
+
+def lowest_variance(losses: dict[tuple[float, float], list[Tensor]], reduce=None) -> tuple[float, float]:
+    """The interval whose per-(sequence, block) losses vary least (BD3-LM's
+    `_clipped_schedule_search`). `reduce` sums each interval's spread over the processes (each
+    validates its own shard), so every process picks the same interval, as BD3-LM's all-gather."""
+    total = spreads(losses)
+    if reduce is not None:
+        total = reduce(total)
+    return list(losses)[int(torch.argmin(total))]
 
 
 @dataclass
@@ -194,7 +201,8 @@ class BD3LM(AlgoBase):
     def on_validation_epoch_end(self):
         super().on_validation_epoch_end()
         if self._search:
-            interval = lowest_variance(self._search)
+            interval = lowest_variance(self._search, lambda x: self.trainer.strategy.reduce(
+                x.to(self.device), reduce_op="sum").cpu())
             self.sampling_eps_min.fill_(interval[0])
             self.sampling_eps_max.fill_(interval[1])
             self.log("train/sampling_eps_min", interval[0])
