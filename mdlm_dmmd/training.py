@@ -181,6 +181,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, algo: L.LightningModule) -> L.
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     check_trainer_types(kwargs)
     if not algo.automatic_optimization:
+        if str(kwargs.get("precision")) in ("16-mixed", "16"):
+            # fp16 loss scaling needs the scaler to see every step's gradients; the alternation
+            # skips non-finite updates itself and clips unscaled gradients
+            raise UserError(f"trainer.precision={kwargs['precision']} (fp16 loss scaling) is not supported by "
+                            f"algo={cfg.algo.name}; use bf16-mixed or 32-true")
         # Manual-optimisation algos (distillation) read both keys from the config and do the
         # accumulation and clipping themselves; Lightning refuses them with manual optimisation.
         kwargs.pop("accumulate_grad_batches", None)
@@ -239,10 +244,12 @@ def check_ranks_agree(algo: L.LightningModule) -> None:
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
+    from mdlm_dmmd.models.ema import EMA
+
     tensors = [t for t in algo.state_dict().values() if torch.is_tensor(t) and t.is_floating_point()]
-    if algo.ema is not None:
-        tensors += list(algo.ema.shadow.values())
-    sums = torch.stack([t.detach().double().sum() for t in tensors]).to(algo.device)
+    for ema in (v for v in vars(algo).values() if isinstance(v, EMA)):  # the EMA, IDLM's fake_ema, ...
+        tensors += list(ema.shadow.values())
+    sums = torch.stack([t.detach().double().sum() for t in tensors]).to(algo.device).view(torch.int64)  # bits: NaN = NaN
     gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, sums)
     if any(not torch.equal(g, gathered[0]) for g in gathered[1:]):

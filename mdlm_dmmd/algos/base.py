@@ -84,19 +84,27 @@ def antithetic_times(n: int, eps: float, antithetic: bool, device, generator=Non
 
 
 def rng_state() -> dict[str, Any]:
-    """The global torch RNG (CPU, and CUDA where it is in use): it draws t, z_t, dropout, noise."""
+    """The global torch RNG (CPU, and CUDA where it is in use): it draws t, z_t, dropout, noise.
+
+    CUDA: the generator of this process's device (`cuda_current`). With several processes only
+    rank 0 writes checkpoints, and every rank's device generator holds the state of rank 0's
+    (`rng.BatchShare`: all ranks make the same draws), so each rank restores it onto its own device."""
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_current"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Undo of `rng_state`; CUDA states are set for the devices that both runs have."""
+    """Undo of `rng_state` (older checkpoints: one CUDA state per device index, set where present)."""
     torch.set_rng_state(state["cpu"])
-    if torch.cuda.is_available():
-        for index, device_state in enumerate(state.get("cuda", [])[: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(device_state, index)
+    if not torch.cuda.is_available():
+        return
+    if "cuda_current" in state:
+        torch.cuda.set_rng_state(state["cuda_current"], torch.cuda.current_device())
+        return
+    for index, device_state in enumerate(state.get("cuda", [])[: torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(device_state, index)
 
 
 @contextmanager
@@ -251,7 +259,9 @@ class AlgoBase(L.LightningModule):
             # A fresh run's draws start from the seed, whatever the setup drew before (it draws
             # differently with one process and with several), so that with `batch_share` a
             # multi-process run draws what a one-process run of the same global batch draws.
-            torch.manual_seed(int(self.cfg.get("seed", 0) or 0))
+            # seed + 1: validation draws from the seed itself (`isolated_rng`), and training's
+            # first batch should not reuse validation's first t and masks.
+            torch.manual_seed(int(self.cfg.get("seed", 0) or 0) + 1)
 
     def on_validation_epoch_start(self):
         self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)

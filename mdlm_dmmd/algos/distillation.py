@@ -280,17 +280,20 @@ def average_gradients(parameters, extra: Tensor) -> Tensor:
     """Average the gradients of `parameters` over the ranks, and sum `extra` (a scalar), in one
     all-reduce; returns the summed `extra`. A no-op (returning `extra`) in a single process.
 
-    Parameters without a gradient count as zeros, so every rank reduces the same buffer."""
+    A parameter without a gradient counts as zeros, so every rank reduces the same buffer; one
+    that has none on every rank keeps none (as in one process, where AdamW then leaves it alone)."""
     count = world()
     if count == 1:
         return extra
     params = [p for p in parameters if p.requires_grad]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads] + [extra.reshape(1).to(torch.float32)])
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=extra.device)
+    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads]
+                     + [has_grad.to(grads[0].device) if grads else has_grad, extra.reshape(1).to(torch.float32)])
     torch.distributed.all_reduce(flat)
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = (flat[offset: offset + g.numel()] / count).view_as(g).to(g.dtype)
+    offset, flags = 0, flat[-1 - len(params): -1]
+    for index, (p, g) in enumerate(zip(params, grads)):
+        p.grad = (flat[offset: offset + g.numel()] / count).view_as(g).to(g.dtype) if flags[index] > 0 else None
         offset += g.numel()
     return flat[-1]
 

@@ -311,8 +311,9 @@ class DMMD(AlgoBase):
             t = self.data_times(x)
         else:
             t = block.per_token(self.data_times(x, x.shape[1] // self.block).view(x.shape[0], -1), self.block)
-        z_t = self.keep_first(self.process.corrupt(x, t), x)
-        per_token = self.process.nelbo(self.log_probs(self.generator, z_t, t, clean=x), x, z_t, t)
+        share = self.batch_share()
+        z_t = self.keep_first(self.process.corrupt(x, t, share), x)
+        per_token = self.process.nelbo(self.log_probs(self.generator, z_t, t, clean=x, generator=share), x, z_t, t)
         counted = self.scored(torch.ones_like(per_token))
         return (per_token * counted).sum(), counted.sum()
 

@@ -137,6 +137,9 @@ def frechet(samples: Tensor, *, reference: str = "train", data_config: Mapping |
     _refuse_unknown(unknown, metric_name)
     option = f"eval.metric_options.{metric_name}.features"
     names = extractor_names(features, option)
+    if reference_stats and len(names) > 1:
+        raise UserError(f"frechet: eval.metric_options.{metric_name}.reference_stats names one statistics file, but "
+                        f"features lists {len(names)} feature spaces; give one feature space or leave reference_stats unset")
     options = dict(data_config=data_config, reference_stats=reference_stats, feature_batch_size=feature_batch_size,
                    feature_device=feature_device, inception_weights=inception_weights)
     extractors = [load_extractor(name, option, **options) for name in names]

@@ -46,7 +46,9 @@ class RandomConvFeatures(ImageFeatures):
         return self._nets[channels]
 
     def identity(self) -> dict[str, Any]:
-        return {"name": self.name, "seed": SEED, "architecture": repr(RandomConvNet(1))}
+        with torch.random.fork_rng(devices=[]):  # building a module draws its initial weights
+            architecture = repr(RandomConvNet(1))
+        return {"name": self.name, "seed": SEED, "architecture": architecture}
 
     def details(self) -> dict[str, Any]:
         return {"note": "random_conv: a random-weight stand-in for Inception; its FD is not FID"}

@@ -339,6 +339,15 @@ def test_cli_distils_a_teacher_and_student_checkpoint_restores_noise(tmp_path, t
     assert not any(k.startswith("teacher.") for k in raw["state_dict"])  # reloaded from algo.teacher
 
 
+def test_fp16_loss_scaling_is_refused_in_one_line(tmp_path, teacher_dir, capsys):
+    run_dir = tmp_path / "student"
+    code = cli.main(["algo=dmmd", f"algo.teacher={teacher_dir}", "data=digits", "debug=cpu", "model.length=64",
+                     "trainer.precision=16-mixed", f"run_dir={run_dir}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["mdlm-dmmd: error: trainer.precision=16-mixed (fp16 loss scaling) is not supported by "
+                                 "algo=dmmd; use bf16-mixed or 32-true"]
+
+
 def test_noise_schedule_must_match_the_teacher(teacher_dir):
     config = dmmd_config(teacher_dir)
     config["noise"] = {"type": "loglinear", "eps": 0.01}

@@ -315,3 +315,11 @@ def test_unknown_options_are_refused_naming_the_metric(data):
         fid.check_ready(inception_weight="/w.pth")
     with pytest.raises(UserError, match=r"^frechet: unknown eval\.metric_options\.frechet key\(s\) bootstrap;"):
         frechet.frechet(tokens_of(images(n=4)), data_config=config, features="random_conv", bootstrap=3)
+
+
+def test_one_statistics_file_serves_one_feature_space(data, tmp_path):
+    config, _ = data
+    with pytest.raises(UserError, match=r"^frechet: eval\.metric_options\.fid\.reference_stats names one statistics "
+                                        r"file, but features lists 2 feature spaces;"):
+        fid(tokens_of(images(n=4)), data_config=config, features=["random_conv", "inception"],
+            reference_stats=str(tmp_path / "s.npz"))
