@@ -125,12 +125,19 @@ class DistillationConfig:
 
 class NonFiniteGuard:
     """Counts consecutive non-finite updates (a loss or the gradient); past `limit` in a row,
-    training stops with a message."""
+    training stops with a message.
 
-    def __init__(self, limit: int):
+    `ok(value)` decides on the host (one sync). `record(bad)` counts on the device instead and
+    looks at the counts on the host only every `check_every` records (`check`), so a GPU step
+    never waits for it; the stop then comes up to `check_every` updates late."""
+
+    def __init__(self, limit: int, check_every: int = 50):
         self.limit = limit
+        self.check_every = max(1, int(check_every))
         self.in_a_row = 0
         self.total = 0
+        self._device: tuple[Tensor, Tensor] | None = None  # (in a row, total) not yet checked
+        self._pending = 0
 
     def ok(self, loss: Tensor) -> bool:
         if torch.isfinite(loss).all():
@@ -138,12 +145,35 @@ class NonFiniteGuard:
             return True
         self.in_a_row += 1
         self.total += 1
+        self._stop_if_over()
+        return False
+
+    def record(self, bad: Tensor) -> None:
+        """Count one update on the device: `bad` is a bool scalar tensor."""
+        bad = bad.to(torch.int64)
+        in_a_row, total = self._device or (bad.new_tensor(self.in_a_row), bad.new_tensor(0))
+        self._device = ((in_a_row + bad) * bad, total + bad)
+        self._pending += 1
+        if self._pending >= self.check_every:
+            self.check()
+
+    def check(self) -> None:
+        """Fold the device counts into the host ones (one sync) and stop if over the limit."""
+        if self._device is not None:
+            in_a_row, total = (int(v) for v in self._device)
+            self.in_a_row, self.total, self._device, self._pending = in_a_row, self.total + total, None, 0
+        self._stop_if_over()
+
+    def count(self) -> Tensor | float:
+        """Non-finite updates so far, for logging without a sync (a device tensor while uncounted)."""
+        return float(self.total) if self._device is None else self._device[1] + self.total
+
+    def _stop_if_over(self) -> None:
         if self.in_a_row >= self.limit:
             raise UserError(
                 f"loss was NaN/Inf for {self.in_a_row} steps in a row ({self.total} in total); "
                 "lower optim.lr or algo.lr_*, or check the teacher (algo.max_nonfinite_steps sets the limit)"
             )
-        return False
 
 
 def load_teacher(path: str | None, *, data_vocab_size: int, length: int) -> tuple[LoadedBackbone, Process, bool]:
@@ -314,9 +344,10 @@ def take_over_gradient_sync(trainer) -> bool:
 class Alternation:
     """Manual optimisation of networks in turns, with accumulation, clipping and a NaN guard."""
 
-    def __init__(self, phases: PhaseSchedule, *, accumulate: int, clip: float | None, max_nonfinite: int):
+    def __init__(self, phases: PhaseSchedule, *, accumulate: int, clip: float | None, max_nonfinite: int,
+                 check_every: int = 50):
         self.phases = phases
-        self.guard = NonFiniteGuard(max_nonfinite)
+        self.guard = NonFiniteGuard(max_nonfinite, check_every)
         self.accumulate = accumulate
         self.clip = clip
         self.micro_step = 0
@@ -330,12 +361,17 @@ class Alternation:
         return self.phases.phase(self.update_index())
 
     def step(self, loss: Tensor, *, backward: Callable[[Tensor], None], network: torch.nn.Module, optimizer,
-             scheduler, after_update: Callable[[], None] | None = None) -> bool:
+             scheduler, after_update: Callable[..., None] | None = None) -> bool | Tensor:
         """Backward `loss`; on an update's last micro-batch average the gradients over the ranks,
         then, unless a loss of the update (on any rank) or the gradient is non-finite, clip and
-        step; zero the gradients, step the schedule, then `after_update` (e.g. the EMA) after a
-        step. Returns whether the optimiser stepped. One host sync per update (the skip decision),
-        none per micro-batch."""
+        step; zero the gradients, step the schedule, then `after_update` (e.g. the EMA).
+        Returns whether the optimiser updated the weights (False between micro-batches).
+
+        With a fused optimiser (AdamW on CUDA) the skip is decided on the device, as GradScaler
+        does (`found_inf`: the fused kernel leaves weights and state as they were), and
+        `after_update(keep=...)` gets the device flag: no host sync in the step at all; the
+        return value is then that flag, a bool tensor. Otherwise the decision is one host sync
+        per update (free on a CPU), none per micro-batch."""
         bad = (~torch.isfinite(loss.detach())).any().to(torch.float32)
         self._nonfinite_losses = bad if self._nonfinite_losses is None else self._nonfinite_losses + bad
         backward(loss / self.accumulate)  # a non-finite loss poisons the gradient; the update is skipped below
@@ -347,6 +383,9 @@ class Alternation:
         self._nonfinite_losses = None
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else bad_total.new_zeros(())
+        inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper holds the torch optimiser
+        if inner.defaults.get("fused"):
+            return self._device_step(params, norm, bad_total > 0, optimizer, inner, scheduler, after_update)
         # NaN when any rank saw a non-finite loss: every rank holds the same reduced values, so
         # every rank decides alike
         signal = torch.where(bad_total > 0, torch.full_like(norm, float("nan")), norm)
@@ -362,7 +401,24 @@ class Alternation:
             after_update()
         return stepped
 
+    def _device_step(self, params, norm: Tensor, bad_loss: Tensor, optimizer, inner, scheduler, after_update) -> Tensor:
+        bad = bad_loss | ~torch.isfinite(norm)
+        self.guard.record(bad)
+        if self.clip:  # NaN gradients when bad: the fused step below skips them
+            torch.nn.utils.clip_grads_with_norm_(params, float(self.clip), norm)
+        inner.found_inf = bad.to(torch.float32)
+        try:
+            optimizer.step()  # Lightning counts it either way
+        finally:
+            del inner.found_inf
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if after_update is not None:
+            after_update(keep=~bad)
+        return ~bad
+
     def state_dict(self) -> dict:
+        self.guard.check()  # one sync per checkpoint: the device counts become host ones
         return {"micro_step": self.micro_step, "nonfinite_total": self.guard.total}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -213,6 +213,7 @@ class DMMD(AlgoBase):
             PhaseSchedule(settings.first_step, settings.aux_steps_per_gen_step),
             accumulate=int(self.cfg.trainer.get("accumulate_grad_batches", 1) or 1),
             clip=self.cfg.trainer.get("gradient_clip_val"), max_nonfinite=settings.max_nonfinite_steps,
+            check_every=int(self.cfg.trainer.get("log_every_n_steps") or 50),
         )
         # 0-d tensors, read (a host sync) only when a checkpoint is written or the mean is asked for
         self.recent_gen_entropy: deque[Tensor | float] = deque(maxlen=100)
@@ -283,7 +284,7 @@ class DMMD(AlgoBase):
         index = 0 if phase == "gen" else 1
         network = self.generator if phase == "gen" else self.aux
         loss, logs = self.phase_loss(batch, phase)
-        ema = (lambda: self.ema.update(self.generator)) if phase == "gen" and self.ema is not None else None
+        ema = (lambda keep=None: self.ema.update(self.generator, keep)) if phase == "gen" and self.ema is not None else None
         self.alternation.step(loss, backward=self.manual_backward, network=network, optimizer=self.optimizers()[index],
                               scheduler=self.lr_schedulers()[index], after_update=ema)
         if "gen_entropy" in logs:
@@ -291,7 +292,7 @@ class DMMD(AlgoBase):
         self.log(f"train/loss_{phase}", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         for key, value in logs.items():
             self.log(f"train/{key}", value, on_step=True, on_epoch=False)
-        self.log("train/nonfinite_steps", float(self.alternation.guard.total), on_step=True, on_epoch=False)
+        self.log("train/nonfinite_steps", self.alternation.guard.count(), on_step=True, on_epoch=False)
 
     def mean_gen_entropy(self) -> float:
         """Generator output entropy (paper Table 6) averaged over the last 100 training steps."""

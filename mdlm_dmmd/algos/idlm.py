@@ -173,6 +173,7 @@ class IDLM(AlgoBase):
             PhaseSchedule("aux", settings.fake_every),
             accumulate=int(self.cfg.trainer.get("accumulate_grad_batches", 1) or 1),
             clip=self.cfg.trainer.get("gradient_clip_val"), max_nonfinite=settings.max_nonfinite_steps,
+            check_every=int(self.cfg.trainer.get("log_every_n_steps") or 50),
         )
         self.init_ema(self.generator)
         decay = float(self.cfg.training.get("ema", 0.0))
@@ -268,10 +269,10 @@ class IDLM(AlgoBase):
         ema = self.ema if phase == "gen" else self.fake_ema
         self.alternation.step(loss, backward=self.manual_backward, network=network, optimizer=self.optimizers()[index],
                               scheduler=self.lr_schedulers()[index],
-                              after_update=None if ema is None else (lambda: ema.update(network)))
+                              after_update=None if ema is None else (lambda keep=None: ema.update(network, keep)))
         name = "gen" if phase == "gen" else "fake"
         self.log(f"train/loss_{name}", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
-        self.log("train/nonfinite_steps", float(self.alternation.guard.total), on_step=True, on_epoch=False)
+        self.log("train/nonfinite_steps", self.alternation.guard.count(), on_step=True, on_epoch=False)
 
     def configure_optimizers(self):
         gen = self.build_optimizer(self.generator.parameters(), self.cfg.optim, lr=self.settings.lr_generator)

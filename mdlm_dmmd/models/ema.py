@@ -25,7 +25,9 @@ class EMA:
         self.shadow = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
+    def update(self, module: nn.Module, keep: torch.Tensor | None = None) -> None:
+        """One EMA step; with `keep` (a bool scalar tensor, decided on the device) a false value
+        leaves the shadow as it is, without a host sync (the warm-up count still advances)."""
         self.num_updates += 1
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         for name, param in module.named_parameters():
@@ -33,7 +35,8 @@ class EMA:
                 shadow = self.shadow[name]
                 if shadow.device != param.device:
                     shadow = self.shadow[name] = shadow.to(param.device)
-                shadow.lerp_(param.detach(), 1 - decay)
+                weight = 1 - decay if keep is None else keep.to(shadow.dtype) * (1 - decay)
+                shadow.lerp_(param.detach(), weight)
 
     @contextmanager
     def swapped_in(self, module: nn.Module) -> Iterator[None]:

@@ -1,0 +1,61 @@
+"""`Alternation.step` with a fused optimiser: the skip of a non-finite update is decided on the
+device (fused AdamW's `found_inf`), with no host sync; it must equal not taking that update."""
+
+import pytest
+import torch
+from torch import nn
+
+from mdlm_dmmd.algos.distillation import Alternation, PhaseSchedule
+from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.models.ema import EMA
+
+
+def parts(fused: bool):
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.1, fused=fused)
+    return net, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def loss_of(net, x, finite=True):
+    loss = net(x).pow(2).mean()
+    return loss if finite else loss * float("nan")
+
+
+def test_a_nonfinite_update_is_skipped_on_the_device_as_if_it_never_happened():
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    net, optimizer, scheduler = parts(fused=True)
+    ema = EMA(net, 0.5)
+    alternation = Alternation(PhaseSchedule("gen", 1), accumulate=1, clip=0.05, max_nonfinite=5, check_every=10)
+    shadows = []
+    for finite in (True, False, True):
+        kept = alternation.step(loss_of(net, x, finite), backward=lambda loss: loss.backward(), network=net,
+                                optimizer=optimizer, scheduler=scheduler,
+                                after_update=lambda keep=None: ema.update(net, keep))
+        assert isinstance(kept, torch.Tensor) and bool(kept) is finite  # the device flag
+        shadows.append({k: v.clone() for k, v in ema.shadow.items()})
+    assert all(torch.equal(shadows[1][k], shadows[0][k]) for k in shadows[0])  # the EMA did not move either
+    assert alternation.guard.total == 0 and float(alternation.guard.count()) == 1.0  # counted on the device
+    alternation.guard.check()
+    assert (alternation.guard.total, alternation.guard.in_a_row) == (1, 0)
+
+    # the same two finite updates alone, clipped by hand: the same weights, bit for bit
+    reference, ref_optimizer, _ = parts(fused=True)
+    for _ in range(2):
+        ref_optimizer.zero_grad()
+        loss_of(reference, x).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        ref_optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), reference.parameters()))
+    assert optimizer.state[net.weight]["step"] == 2  # the skipped update left AdamW's step count alone
+
+
+def test_too_many_nonfinite_updates_stop_at_the_next_check():
+    x = torch.randn(5, 4)
+    net, optimizer, scheduler = parts(fused=True)
+    alternation = Alternation(PhaseSchedule("gen", 1), accumulate=1, clip=None, max_nonfinite=3, check_every=2)
+    step = lambda: alternation.step(loss_of(net, x, False), backward=lambda loss: loss.backward(),  # noqa: E731
+                                    network=net, optimizer=optimizer, scheduler=scheduler)
+    step(), step(), step()  # checked after 2: 2 in a row, under the limit
+    with pytest.raises(UserError, match="NaN/Inf for 4 steps in a row"):
+        step()  # checked after 4
