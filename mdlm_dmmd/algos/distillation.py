@@ -369,7 +369,7 @@ class Alternation:
 
         With a fused optimiser (AdamW on CUDA) the skip is decided on the device, as GradScaler
         does (`found_inf`: the fused kernel leaves weights and state as they were), and
-        `after_update(keep=...)` gets the device flag: no host sync in the step at all; the
+        `after_update(keep=...)` gets the device flag: the decision adds no host sync; the
         return value is then that flag, a bool tensor. Otherwise the decision is one host sync
         per update (free on a CPU), none per micro-batch."""
         bad = (~torch.isfinite(loss.detach())).any().to(torch.float32)
