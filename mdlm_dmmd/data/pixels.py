@@ -7,7 +7,7 @@ over [H, W, C], channels last (the R, G, B values of a pixel are neighbours; `da
 Sources (`data.source`):
 - `hub`: Hugging Face `datasets` CIFAR-10 (`data.hub_name`, default `uoft-cs/cifar10`; its
   train split for training, its test split for validation), or a `datasets.save_to_disk` copy of
-  it at `data.path` (needs network the first time; not run in this package's offline tests);
+  it at `data.path` (the download needs network and never ran here; a saved copy is tested offline);
 - `npy`: an array [N, H, W, C] of integers 0..255 at `data.path`;
 - `png`: every `*.png` under the folder `data.path` (recursively, sorted by path), RGB.
 For `npy` and `png` the validation rows are `data.valid_fraction` of the images, chosen by a

@@ -73,6 +73,22 @@ def test_the_hub_source_offline_is_a_one_line_error(tmp_path):
         build_data({"name": "cifar10_pixels", "path": str(tmp_path / "missing")}, 3072)
 
 
+def test_a_save_to_disk_copy_in_the_hub_layout_loads_offline(tmp_path):
+    """The hub source's code path, offline: a `datasets.save_to_disk` DatasetDict with CIFAR-10's
+    layout (splits train and test, a PIL image column `img`); train for training, test for valid."""
+    import datasets
+
+    train, test = images(n=5, seed=1), images(n=3, seed=2)
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    split = lambda a: datasets.Dataset.from_dict(  # noqa: E731
+        {"img": [Image.fromarray(x) for x in a], "label": [0] * len(a)}, features=features)
+    datasets.DatasetDict({"train": split(train), "test": split(test)}).save_to_disk(str(tmp_path / "cifar"))
+    bundle = build_data({"name": "cifar10_pixels", "source": "hub", "path": str(tmp_path / "cifar")}, 48)
+    assert bundle.image_shape == (4, 4, 3) and (len(bundle.train), len(bundle.valid)) == (5, 3)
+    assert torch.equal(bundle.train.input_ids, torch.from_numpy(train.reshape(5, -1).astype(np.int64)))
+    assert torch.equal(bundle.valid.input_ids, torch.from_numpy(test.reshape(3, -1).astype(np.int64)))
+
+
 def test_a_masked_teacher_trains_on_pixel_tokens_through_the_cli(tmp_path, capsys):
     np.save(tmp_path / "x.npy", images(n=40))
     run = tmp_path / "run"
