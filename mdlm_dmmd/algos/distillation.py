@@ -311,7 +311,8 @@ def average_gradients(parameters, extra: Tensor) -> Tensor:
     all-reduce; returns the summed `extra`. A no-op (returning `extra`) in a single process.
 
     A parameter without a gradient counts as zeros, so every rank reduces the same buffer; one
-    that has none on every rank keeps none (as in one process, where AdamW then leaves it alone)."""
+    that has none on every rank keeps none (as in one process, where AdamW then leaves it alone).
+    Learning which is one host sync per update (multi-process runs only)."""
     count = world()
     if count == 1:
         return extra
@@ -321,9 +322,9 @@ def average_gradients(parameters, extra: Tensor) -> Tensor:
     flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads]
                      + [has_grad.to(grads[0].device) if grads else has_grad, extra.reshape(1).to(torch.float32)])
     torch.distributed.all_reduce(flat)
-    offset, flags = 0, flat[-1 - len(params): -1]
-    for index, (p, g) in enumerate(zip(params, grads)):
-        p.grad = (flat[offset: offset + g.numel()] / count).view_as(g).to(g.dtype) if flags[index] > 0 else None
+    offset, flags = 0, (flat[-1 - len(params): -1] > 0).tolist()  # one host sync (which parameters got a gradient)
+    for p, g, flag in zip(params, grads, flags):
+        p.grad = (flat[offset: offset + g.numel()] / count).view_as(g).to(g.dtype) if flag else None
         offset += g.numel()
     return flat[-1]
 

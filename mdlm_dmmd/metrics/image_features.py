@@ -67,7 +67,10 @@ class ImageFeatures:
         self.data_config = plain_config(data_config or {})
         self.reference_stats = reference_stats
         self.batch_size = feature_batch_size
-        self.device = torch.device(feature_device)
+        try:
+            self.device = torch.device(feature_device)
+        except (RuntimeError, TypeError):
+            raise UserError(f"frechet: feature_device must be auto, cpu or cuda[:N], got {feature_device!r}") from None
         self.image_shape: tuple[int, int, int] | None = None  # (H, W, C), set by check_samples
 
     # ----------------------------------------------------------------- subclass hooks

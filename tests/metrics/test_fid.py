@@ -323,3 +323,11 @@ def test_one_statistics_file_serves_one_feature_space(data, tmp_path):
                                         r"file, but features lists 2 feature spaces;"):
         fid(tokens_of(images(n=4)), data_config=config, features=["random_conv", "inception"],
             reference_stats=str(tmp_path / "s.npz"))
+
+
+def test_bad_feature_options_are_one_line_errors(data):
+    config, _ = data
+    with pytest.raises(UserError, match=r"^frechet: feature_device must be auto, cpu or cuda\[:N\], got 'gpu0'$"):
+        fid(tokens_of(images(n=4)), data_config=config, features="random_conv", feature_device="gpu0")
+    with pytest.raises(UserError, match=r"^frechet: feature_batch_size must be a positive int, got 0$"):
+        fid(tokens_of(images(n=4)), data_config=config, features="random_conv", feature_batch_size=0)
