@@ -228,9 +228,19 @@ class AlgoBase(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         total, count = self.loss(batch)
-        loss = total / count.clamp_min(1)
+        loss = total / self.mean_count(count).clamp_min(1)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
+
+    def mean_count(self, count: Tensor) -> Tensor:
+        """The mean over the processes of the tokens each counts (itself with one process): DDP
+        averages the processes' gradients, so dividing each one's sum by this mean makes the
+        loss the global sum over the global count, as one process with the whole batch has it,
+        even where the counts differ (padding, masked tokens). One all-reduce, no host sync."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return count
+        return trainer.strategy.reduce(count.to(torch.float32), reduce_op="mean")
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
