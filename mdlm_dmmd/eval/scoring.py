@@ -139,14 +139,19 @@ def generate(model, cfg: DictConfig, steps: int, *, prompt_rows: torch.Tensor | 
     )
 
 
+def metric_options(cfg: DictConfig, name: str) -> dict[str, Any]:
+    """`eval.metric_options.<name>` as a plain dict (empty when not given)."""
+    options = cfg.eval.get("metric_options") or {}
+    return OmegaConf.to_container(options[name], resolve=True) if name in options else {}
+
+
 def compute_metrics(cfg: DictConfig, samples: torch.Tensor, *, prompt_rows: torch.Tensor | None = None) -> dict[str, Any]:
     """`eval.metrics` of `samples`. With the `prompt_rows` the samples continue, metrics that
     take them (gradient_moment: conditional GM, paper §5) compare with those rows; the others
     score the whole sequences."""
     results = {}
-    options = cfg.eval.get("metric_options") or {}
     for name in cfg.eval.get("metrics", []) or []:
-        extra = OmegaConf.to_container(options[name], resolve=True) if name in options else {}
+        extra = metric_options(cfg, name)
         metric = registry.load_metric(name)
         if prompt_rows is not None and "prompt_rows" in inspect.signature(metric).parameters:
             extra.update(prompt_rows=prompt_rows, prompt_length=int(cfg.sampling.prompt_length))
@@ -158,11 +163,10 @@ def compute_metrics(cfg: DictConfig, samples: torch.Tensor, *, prompt_rows: torc
 def check_metrics_ready(cfg: DictConfig) -> None:
     """Before sampling: each of `eval.metrics` that can check itself (`metric.check_ready(**options)`,
     e.g. fid: its library and Inception weights) says now if it cannot run, not after the samples."""
-    options = cfg.eval.get("metric_options") or {}
     for name in cfg.eval.get("metrics", []) or []:
         check = getattr(registry.load_metric(name), "check_ready", None)
         if check is not None:
-            check(**(OmegaConf.to_container(options[name], resolve=True) if name in options else {}))
+            check(**metric_options(cfg, name))
 
 
 @dataclass
@@ -214,6 +218,4 @@ def describe(cfg: DictConfig, name: str) -> str:
     described = getattr(registry.load_metric(name), "describe", None)
     if described is None:
         return name
-    options = cfg.eval.get("metric_options") or {}
-    extra = OmegaConf.to_container(options[name], resolve=True) if name in options else {}
-    return f"{name}: {described(**extra)}"
+    return f"{name}: {described(**metric_options(cfg, name))}"

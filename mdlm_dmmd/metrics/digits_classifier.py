@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from mdlm_dmmd.data.images import digits_arrays
+from mdlm_dmmd.data.rows import cache_root
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.metrics.features import OPTION, feature_statistics
 
@@ -139,8 +140,7 @@ def train(recipe: Recipe) -> tuple[nn.Module, float]:
 
 def cache_path(recipe: Recipe) -> Path:
     """$MDLM_DMMD_CACHE (default ~/.cache/mdlm_dmmd)/frechet/<name>-<settings hash>.pt"""
-    root = os.environ.get("MDLM_DMMD_CACHE") or "~/.cache/mdlm_dmmd"
-    return Path(root).expanduser() / "frechet" / f"{recipe.name}-{recipe.settings_hash()}.pt"
+    return cache_root({}) / "frechet" / f"{recipe.name}-{recipe.settings_hash()}.pt"
 
 
 def load(recipe: Recipe) -> tuple[nn.Module, float]:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mdlm_dmmd.data.rows import cache_root
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.metrics.features import feature_statistics
 from mdlm_dmmd.metrics.run_data import data_bundle, plain_config
@@ -42,8 +43,7 @@ _DATA_IDENTITY = ("name", "source", "hub_name", "path", "image_size", "valid_fra
 
 
 def stats_dir() -> Path:
-    root = os.environ.get("MDLM_DMMD_CACHE") or "~/.cache/mdlm_dmmd"
-    return Path(root).expanduser() / "frechet" / "stats"
+    return cache_root({}) / "frechet" / "stats"
 
 
 def _data_identity(data_config: Mapping) -> dict[str, Any]:

@@ -46,9 +46,7 @@ class RandomConvFeatures(ImageFeatures):
         return self._nets[channels]
 
     def identity(self) -> dict[str, Any]:
-        with torch.random.fork_rng(devices=[]):  # building a module draws its initial weights
-            architecture = repr(RandomConvNet(1))
-        return {"name": self.name, "seed": SEED, "architecture": architecture}
+        return {"name": self.name, "seed": SEED, "architecture": repr(self.network(1))}
 
     def details(self) -> dict[str, Any]:
         return {"note": "random_conv: a random-weight stand-in for Inception; its FD is not FID"}
