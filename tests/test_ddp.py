@@ -1,4 +1,4 @@
-"""Data parallelism through Lightning on CPU (gloo, 2 processes): mdlm, bd3lm and dmmd on 2 processes
+"""Data parallelism through Lightning on CPU (gloo, 2 processes): every algo on 2 processes
 end with the weights of 1 process on the same global batch (every draw is the example's own,
 `rng.BatchShare`), the ranks agree (checked by `check_ranks_agree` at the end of every
 multi-process fit), and only rank 0 samples and writes.
@@ -64,6 +64,50 @@ def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(
         runs[name] = weights(tmp_path / f"student_{name}")
     assert runs["two"]["global_step"] == 4 and runs["two"]["distillation"]["micro_step"] == 4
     assert max_difference(runs["one"]["state_dict"], runs["two"]["state_dict"]) < TOLERANCE
+
+
+def test_the_other_algos_on_two_processes_train_what_one_process_trains(tmp_path):
+    """udlm (uniform draws), ar (no draws), sdtt (its teacher's two steps draw per example, and the
+    round swap at step 2 happens on both processes alike) and idlm (alternating manual updates,
+    re-noised x̂ drawn per example). Measured: see TOLERANCE."""
+    common = ["data=digits", "debug=cpu", "model.dropout=0.0", "sampling.num_samples=0"]
+    teacher = cli("algo=mdlm", *common, "trainer.max_steps=2", "loader.batch_size=8", f"run_dir={tmp_path / 'teacher'}",
+                  cwd=tmp_path)
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    teacher = tmp_path / "teacher" / "checkpoints" / "final.ckpt"
+    algos = {"udlm": ["algo=udlm"], "ar": ["algo=ar"],
+             "sdtt": ["algo=sdtt", f"algo.teacher={teacher}", "algo.initial_steps=16", "algo.final_steps=4",
+                      "algo.steps_per_round=2"],
+             "idlm": ["algo=idlm", f"algo.teacher={teacher}", "algo.lr_generator=1e-3", "algo.lr_fake=1e-3"]}
+    for algo, overrides in algos.items():
+        runs = {}
+        for name, extra in (("one", ["loader.batch_size=8"]), ("two", ["loader.batch_size=4", *DDP])):
+            run = cli(*overrides, *common, "trainer.max_steps=4", *extra, f"run_dir={tmp_path / (algo + name)}",
+                      cwd=tmp_path)
+            assert run.returncode == 0, run.stderr[-3000:]
+            runs[name] = weights(tmp_path / (algo + name))
+        assert runs["two"]["global_step"] == runs["one"]["global_step"] > 0
+        difference = max_difference(runs["one"]["state_dict"], runs["two"]["state_dict"])
+        assert difference < TOLERANCE, algo
+
+
+def test_gradient_accumulation_on_two_processes(tmp_path):
+    """Accumulating 2 micro-batches of 2 rows on each of 2 processes = 2 micro-batches of 4 rows on
+    one: Lightning's accumulation (mdlm) and the Alternation's own (dmmd: micro-steps counted per
+    process, gradients averaged once per update)."""
+    common = ["data=digits", "debug=cpu", "model.dropout=0.0", "sampling.num_samples=0", "trainer.max_steps=3",
+              "trainer.accumulate_grad_batches=2"]
+    setups = (("one", ["loader.batch_size=4"]), ("two", ["loader.batch_size=2", *DDP]))
+    teacher = tmp_path / "mdlm_one" / "checkpoints" / "final.ckpt"
+    for algo, overrides in (("mdlm", ["algo=mdlm"]), ("dmmd", ["algo=dmmd", f"algo.teacher={teacher}"])):
+        runs = {}
+        for name, extra in setups:
+            run = cli(*overrides, *common, *extra, f"run_dir={tmp_path / f'{algo}_{name}'}", cwd=tmp_path)
+            assert run.returncode == 0, run.stderr[-3000:]
+            runs[name] = weights(tmp_path / f"{algo}_{name}")
+        assert runs["two"]["global_step"] == runs["one"]["global_step"] == 3
+        assert max_difference(runs["one"]["state_dict"], runs["two"]["state_dict"]) < TOLERANCE, algo
+    assert runs["two"]["distillation"]["micro_step"] == 6  # 3 updates of 2 micro-batches
 
 
 def test_padded_rows_are_weighted_as_on_one_process(tmp_path):

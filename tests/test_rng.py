@@ -20,3 +20,25 @@ def test_a_share_keeps_its_rows_of_the_global_draw():
         assert torch.equal(mine, global_rows[rank::2])
         index, total = rng.positions(3, rng.BatchShare(2, rank))
         assert index.tolist() == [rank, 2 + rank, 4 + rank] and total == 6
+
+
+def test_a_masked_step_with_a_share_draws_each_rows_own_tokens():
+    """A masked step gathers the revealed positions before the categorical draw ([N, V], not
+    batch-first); with a share its uniforms are still drawn per batch row, so each rank's rows of
+    a step equal the rows of the step on one process (SDTT's teacher steps under DDP)."""
+    from mdlm_dmmd.diffusion.masked import MaskedProcess
+    from mdlm_dmmd.diffusion.sampling import step
+    from mdlm_dmmd.diffusion.schedules import LogLinear
+
+    process = MaskedProcess(LogLinear(), mask_id=6)
+    generator = torch.Generator().manual_seed(1)
+    z_t = torch.where(torch.rand(4, 9, generator=generator) < 0.7, 6, torch.randint(0, 6, (4, 9), generator=generator))
+    log_p = process.log_probs(torch.randn(4, 9, 7, generator=generator), z_t)
+    t, s = torch.full((4,), 0.8), torch.full((4,), 0.3)
+    torch.manual_seed(0)
+    whole = step(process, log_p, z_t, t, s, generator=rng.BatchShare())
+    assert (whole != z_t).any() and (whole != 6).any()  # the step reveals something
+    for rank in (0, 1):
+        torch.manual_seed(0)
+        mine = step(process, log_p[rank::2], z_t[rank::2], t[rank::2], s[rank::2], generator=rng.BatchShare(2, rank))
+        assert torch.equal(mine, whole[rank::2])

@@ -172,7 +172,8 @@ class SDTT(AlgoBase):
         teacher = self.denoiser(self.teacher)
         t1, s1, t2, _ = teacher_times(t, self.dt(), self.settings.official_grid, float(self.cfg.training.sampling_eps))
         log_p1 = teacher(z_t, t1)
-        z_1 = step(self.process, log_p1, z_t, t1, s1)  # an end below 0 reveals every mask
+        # an end below 0 reveals every mask; the draws are each example's own on any number of processes
+        z_1 = step(self.process, log_p1, z_t, t1, s1, generator=self.batch_share())
         revealed = (z_t == self.process.mask_id) & (z_1 != self.process.mask_id)
         log_p2 = teacher(z_1, t2.clamp_min(0))
         return torch.where(revealed[..., None], log_p1, log_p2)

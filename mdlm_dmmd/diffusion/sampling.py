@@ -224,10 +224,13 @@ def step(
     temperature: float = 1.0,
     top_p: float = 1.0,
     nucleus: str = "keep",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | rng.BatchShare | None = None,
     updated: Tensor | None = None,
 ) -> Tensor:
     """z_s given z_t and the denoiser's log-probs x̂(z_t) [B, L, V]: one step of `sample`. [B, L]
+
+    With a `rng.BatchShare` (training: SDTT's teacher steps) every draw is the example's own, so
+    a step on W processes draws what it draws on one.
 
     `updated` (masked process): the positions `process.draw_updated_positions` drew before the
     denoiser was called, which then gave x̂ at those positions only (log_p [N, V]).
@@ -239,7 +242,12 @@ def step(
         # Masked: which tokens change does not depend on x and the posterior is linear in x,
         # so both rules reduce to drawing x at the revealed positions only.
         z_s = z_t.clone()
-        z_s[updated] = sample_categorical(adjust(log_p, temperature, top_p, nucleus), generator)
+        probs = adjust(log_p, temperature, top_p, nucleus)  # [N, V]: not batch-first
+        if isinstance(generator, rng.BatchShare):  # a share draws per batch row: one uniform per position
+            uniforms = rng.rand(z_t.shape, generator, device=z_t.device, dtype=torch.float64)[updated]
+            z_s[updated] = sample_categorical(probs, uniforms=uniforms)
+        else:
+            z_s[updated] = sample_categorical(probs, generator)
         return z_s
     probs = adjust(log_p, temperature, top_p, nucleus)  # [B, L, V] float64
     if rule == "generator":

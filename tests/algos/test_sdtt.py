@@ -55,8 +55,8 @@ def test_target_is_two_explicit_teacher_steps(teacher):
         u = torch.rand(z_t.shape, dtype=torch.float64)
         revealed = (z_t == VOCAB) & (u < reveal[:, None])
         z_1 = z_t.clone()
-        cdf = log_p1[revealed].double().exp().cumsum(-1)  # one uniform per revealed token, inverse CDF
-        u = torch.rand(cdf.shape[0], 1, dtype=torch.float64) * cdf[:, -1:]
+        cdf = log_p1[revealed].double().exp().cumsum(-1)  # inverse CDF with one uniform per position of z_t
+        u = torch.rand(z_t.shape, dtype=torch.float64)[revealed][:, None] * cdf[:, -1:]  # kept where revealed
         z_1[revealed] = (cdf <= u).sum(-1)  # the first index whose CDF exceeds u
         log_p2 = algo.process.log_probs(algo.teacher(z_1, torch.zeros(3)), z_1)
     expected = torch.where(revealed[..., None], log_p1, log_p2)
