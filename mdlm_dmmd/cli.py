@@ -20,6 +20,7 @@ from typing import Sequence
 
 from mdlm_dmmd import registry
 from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.ranks import launched
 
 GROUPS = ("data", "model", "noise", "trainer", "experiment", "debug")  # config groups besides algo
 
@@ -134,6 +135,10 @@ def dispatch(cfg) -> None:
     from mdlm_dmmd.eval.scoring import check_metrics_ready
     from mdlm_dmmd.modes import MODES  # see mode_names
 
+    if cfg.mode == "study" and launched() > 1:
+        raise UserError(f"mode=study runs in one process, but the launcher started {launched()} (WORLD_SIZE): train its "
+                        f"runs with mode=train trainer.strategy=ddp trainer.devices=N, then score them with mode=sweep "
+                        f"under torchrun")
     if cfg.mode in ("eval", "sweep", "study") or (cfg.mode == "train" and int(cfg.sampling.num_samples) > 0):
         check_metrics_ready(cfg)  # these modes score samples: a metric that cannot run fails before the work
     MODES[cfg.mode](cfg)

@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mdlm_dmmd import registry
+from mdlm_dmmd import ranks, registry
 from mdlm_dmmd.algos.base import AlgoBase
 from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.checkpoints import _torch_load
@@ -241,8 +241,8 @@ def check_ranks_agree(algo: L.LightningModule) -> None:
     """In a multi-process run, every rank must end training with the same weights and EMA (data
     parallelism keeps replicas equal; an alternation or EMA that drifted would not): compare one
     float64 checksum per tensor across the ranks, and stop with an error if they differ."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    _, world = ranks.current()
+    if world == 1:
         return
     from mdlm_dmmd.models.ema import EMA
 
@@ -250,7 +250,7 @@ def check_ranks_agree(algo: L.LightningModule) -> None:
     for ema in (v for v in vars(algo).values() if isinstance(v, EMA)):  # the EMA, IDLM's fake_ema, ...
         tensors += list(ema.shadow.values())
     sums = torch.stack([t.detach().double().sum() for t in tensors]).to(algo.device).view(torch.int64)  # bits: NaN = NaN
-    gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, sums)
+    gathered = [torch.empty_like(sums) for _ in range(world)]
+    torch.distributed.all_gather(gathered, sums)
     if any(not torch.equal(g, gathered[0]) for g in gathered[1:]):
         raise RuntimeError("data-parallel ranks ended training with different weights; please report this as a bug")

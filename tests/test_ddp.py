@@ -215,3 +215,42 @@ def test_torchrun_launch_as_the_readme_gives_it(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("run written to") == 1
     assert (tmp_path / "run" / "checkpoints" / "final.ckpt").is_file()
+
+
+def torchrun(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "mdlm_dmmd", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=240)
+
+
+def test_sampling_modes_under_torchrun_share_the_batches_and_draw_what_one_process_draws(tmp_path):
+    """mode=sample and mode=sweep under torchrun: each process draws its sample batches (batch b from
+    its own seed; 3 batches over 2 processes: rank 0 draws two), rank 0 gathers, scores and writes,
+    and the files hold what one process writes."""
+    trained = cli("algo=mdlm", "data=digits", "debug=cpu", "trainer.max_steps=2", "sampling.num_samples=0",
+                  f"run_dir={tmp_path / 'teacher'}", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    sampling = [f"checkpoint={tmp_path / 'teacher' / 'checkpoints' / 'final.ckpt'}", "sampling.num_samples=6",
+                "sampling.batch_size=2", "sampling.steps=4", "sampling.device=cpu"]
+    one = cli("mode=sample", *sampling, f"run_dir={tmp_path / 'one'}", cwd=tmp_path)
+    two = torchrun("mode=sample", *sampling, f"run_dir={tmp_path / 'two'}", cwd=tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-3000:]
+    assert two.stdout.count("samples written to") == 1  # rank 0 alone writes
+    samples = torch.load(tmp_path / "one" / "samples.pt")
+    assert samples.shape[0] == 6 and torch.equal(samples, torch.load(tmp_path / "two" / "samples.pt"))
+    assert not torch.equal(samples[:2], samples[2:4])  # each batch its own seed
+
+    teacher = tmp_path / "teacher" / "checkpoints" / "final.ckpt"
+    sweep = ["mode=sweep", "data=digits", "model.length=64", "sweep.num_samples=6", "sampling.batch_size=4",
+             "sampling.device=cpu", "eval.metrics=[entropy]",
+             f"sweep.methods=[{{name: Teacher, checkpoint: '{teacher}', steps: [2, 4], top_p: [1.0]}}]"]
+    one = cli(*sweep, f"run_dir={tmp_path / 'sweep_one'}", cwd=tmp_path)
+    two = torchrun(*sweep, f"run_dir={tmp_path / 'sweep_two'}", cwd=tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-3000:]
+    assert two.stdout.count("sweep written to") == 1
+
+    def table(run_dir):
+        import csv
+        with open(run_dir / "results.csv") as f:
+            return [{k: v for k, v in row.items() if k != "sample_seconds"} for row in csv.DictReader(f)]
+    assert table(tmp_path / "sweep_one") == table(tmp_path / "sweep_two")
+    assert [row["method"] for row in table(tmp_path / "sweep_two")] == ["Teacher", "Teacher", "Data"]

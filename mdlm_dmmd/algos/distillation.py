@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
+from mdlm_dmmd import ranks
 from mdlm_dmmd.algos.base import build_settings
 from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.checkpoints import LoadedBackbone, load_backbone, load_backbone_weights
@@ -300,12 +301,6 @@ class Teacher:
                             "pass that teacher (a moved copy with the same bytes is accepted)")
 
 
-def world() -> int:
-    """Processes in the default torch.distributed group (1 without one)."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def average_gradients(parameters, extra: Tensor) -> Tensor:
     """Average the gradients of `parameters` over the ranks, and sum `extra` (a scalar), in one
     all-reduce; returns the summed `extra`. A no-op (returning `extra`) in a single process.
@@ -313,7 +308,7 @@ def average_gradients(parameters, extra: Tensor) -> Tensor:
     A parameter without a gradient counts as zeros, so every rank reduces the same buffer; one
     that has none on every rank keeps none (as in one process, where AdamW then leaves it alone).
     Learning which is one host sync per update (multi-process runs only)."""
-    count = world()
+    _, count = ranks.current()
     if count == 1:
         return extra
     params = [p for p in parameters if p.requires_grad]

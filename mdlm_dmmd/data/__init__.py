@@ -65,6 +65,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from mdlm_dmmd import ranks
 from mdlm_dmmd.errors import UserError
 
 # name -> (module, builder). Builders take (cfg, length, seed=...) and return a DataBundle.
@@ -268,12 +269,6 @@ class EpochShuffle(DistributedSampler):
         self.epoch = 0
         self._skip = 0
 
-    @staticmethod
-    def _world() -> tuple[int, int]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_world_size(), torch.distributed.get_rank()
-        return 1, 0
-
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
@@ -283,7 +278,7 @@ class EpochShuffle(DistributedSampler):
 
     def order(self, epoch: int) -> Tensor:
         """This rank's full index order of `epoch`."""
-        world, rank = self._world()
+        rank, world = ranks.current()
         # SeedSequence mixes (seed, epoch) so that e.g. seed 2 / epoch 0 and seed 1 / epoch 1 differ.
         mixed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0])
         generator = torch.Generator().manual_seed(mixed)
@@ -295,7 +290,7 @@ class EpochShuffle(DistributedSampler):
         return iter(self.order(self.epoch)[start:].tolist())
 
     def __len__(self) -> int:
-        return self.size // self._world()[0]
+        return self.size // ranks.current()[1]
 
 
 class ResumableLoader(DataLoader):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,6 +26,7 @@ from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.data import DataBundle, build_data
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.pipeline import Pipeline
+from mdlm_dmmd.ranks import Ranks, local_device
 
 DEFAULT_STEPS = 128
 
@@ -36,8 +38,8 @@ def default_device(cfg: DictConfig | None = None) -> str:
     on the CPU; `sampling.device=cpu` reproduces CPU samples on a GPU machine.
     """
     value = str((cfg.sampling.get("device") if cfg is not None else None) or "auto")
-    if value == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    if value == "auto":  # several processes (torchrun): each its own GPU, cuda:LOCAL_RANK
+        return local_device("cuda") if torch.cuda.is_available() else "cpu"
     if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
         raise UserError(f"sampling.device must be auto, cpu, cuda or cuda:N; got {value!r}")
     if value.startswith("cuda") and not torch.cuda.is_available():
@@ -121,22 +123,44 @@ def prompt_rows(cfg: DictConfig, length: int) -> torch.Tensor | None:
     return rows
 
 
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of sample batch `batch` under `sampling.seed`: the seed itself for batch 0 (so one
+    batch is what `Pipeline.generate` draws with that seed), later batches (seed, batch) mixed by
+    numpy's SeedSequence into 64 bits, so no two batches share a stream (seed 1's batch 1 is not
+    seed 2's batch 0)."""
+    if batch == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), int(batch)]).generate_state(1, np.uint64)[0])
+
+
 def generate(model, cfg: DictConfig, steps: int, *, prompt_rows: torch.Tensor | None = None,
-             progress: bool = True) -> torch.Tensor:
-    """`sampling.num_samples` sequences in `steps` steps, seeded with `sampling.seed`; with
-    `prompt_rows` (see `prompt_rows`), sample i continues the first `sampling.prompt_length`
-    tokens of row i."""
+             progress: bool = True, ranks: Ranks = Ranks()) -> torch.Tensor:
+    """`sampling.num_samples` sequences in `steps` steps, `sampling.batch_size` at a time, batch b
+    drawn from `batch_seed(sampling.seed, b)`; with `prompt_rows` (see `prompt_rows`), sample i
+    continues the first `sampling.prompt_length` tokens of row i. With several `ranks` each process
+    draws its batches (b = rank, rank + world, ...) and every process gets all the samples: the
+    same samples as one process draws. `model.stats["entropy_redraws"]` counts over all batches."""
     s = cfg.sampling
     prompts = None if prompt_rows is None else prompt_rows[:, : int(s.prompt_length)]
-    # The generator must live where the samples are drawn (a CPU generator cannot feed CUDA draws).
-    generator = torch.Generator(device=model.device).manual_seed(int(s.seed))
-    return model.generate(
-        int(s.num_samples), steps=steps, generator=generator, temperature=float(s.temperature),
-        top_p=float(s.top_p), noise_removal=str(s.noise_removal), batch_size=int(s.batch_size), progress=progress,
-        prompts=prompts, nucleus=str(s.get("nucleus", "keep")), kv_cache=s.get("kv_cache"),
-        first_hitting=bool(s.get("first_hitting", False)), stop_at_eos=bool(s.get("stop_at_eos", False)),
-        length=s.get("length"), entropy_redraw=bool(s.get("entropy_redraw", False)),
-    )
+    count, size = int(s.num_samples), int(s.batch_size or s.num_samples)
+    drawn, redraws = {}, 0
+    for batch in ranks.mine(-(-count // size)):
+        rows = slice(batch * size, min(count, (batch + 1) * size))
+        # The generator must live where the samples are drawn (a CPU generator cannot feed CUDA draws).
+        generator = torch.Generator(device=model.device).manual_seed(batch_seed(int(s.seed), batch))
+        drawn[batch] = model.generate(
+            rows.stop - rows.start, steps=steps, generator=generator, temperature=float(s.temperature),
+            top_p=float(s.top_p), noise_removal=str(s.noise_removal), progress=progress and ranks.writer,
+            prompts=None if prompts is None else prompts[rows], nucleus=str(s.get("nucleus", "keep")),
+            kv_cache=s.get("kv_cache"), first_hitting=bool(s.get("first_hitting", False)),
+            stop_at_eos=bool(s.get("stop_at_eos", False)), length=s.get("length"),
+            entropy_redraw=bool(s.get("entropy_redraw", False)),
+        )
+        redraws += (getattr(model, "stats", None) or {}).get("entropy_redraws", 0)
+    drawn = ranks.gather(drawn)
+    if s.get("entropy_redraw") and hasattr(model, "stats"):
+        model.stats = {"entropy_redraws": ranks.total(redraws)}
+    return torch.cat([drawn[batch] for batch in sorted(drawn)])
 
 
 def metric_options(cfg: DictConfig, name: str) -> dict[str, Any]:
@@ -180,14 +204,17 @@ class Scored:
     seconds: float
 
 
-def sample_and_score(model, cfg: DictConfig, steps: int, *, progress: bool = False) -> Scored:
+def sample_and_score(model, cfg: DictConfig, steps: int, *, progress: bool = False,
+                     ranks: Ranks = Ranks()) -> Scored:
     """Sample `model` as `cfg.sampling` says (prompted when `sampling.prompt_length` > 0) in
-    `steps` steps and score the samples with `eval.metrics`."""
+    `steps` steps and score the samples with `eval.metrics` (rank 0 only; the other processes of
+    several `ranks` help sample and get no metrics)."""
     prompts = prompt_rows(cfg, model.length)
     started = time.time()
-    samples = generate(model, cfg, int(steps), prompt_rows=prompts, progress=progress)
+    samples = generate(model, cfg, int(steps), prompt_rows=prompts, progress=progress, ranks=ranks)
     seconds = time.time() - started
-    return Scored(samples, compute_metrics(cfg, samples, prompt_rows=prompts), prompts, seconds)
+    metrics = compute_metrics(cfg, samples, prompt_rows=prompts) if ranks.writer else {}
+    return Scored(samples, metrics, prompts, seconds)
 
 
 def with_sampling(cfg: DictConfig, **values) -> DictConfig:

@@ -1,5 +1,6 @@
 """mode=eval: sample a checkpoint and score the samples with `eval.metrics`; run_dir gets the
-samples (as mode=sample writes them), `metrics.json` and `report.md`."""
+samples (as mode=sample writes them), `metrics.json` and `report.md`. Under `torchrun` the
+processes share the sample batches and rank 0 scores and writes (`ranks`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from omegaconf import DictConfig
 
 from mdlm_dmmd.eval.scoring import checkpoint_data, load_pipeline, nfe_report, sample_and_score, sampling_steps
 from mdlm_dmmd.eval.tables import write_report
+from mdlm_dmmd.ranks import join
 from mdlm_dmmd.training import check_run_dir, make_run_dir
 
 
@@ -16,7 +18,10 @@ def run(cfg: DictConfig) -> None:
     check_run_dir(cfg)  # before sampling, which may take long
     pipeline, path = load_pipeline(cfg)
     steps = sampling_steps(cfg, pipeline.meta)
-    scored = sample_and_score(pipeline, cfg, steps, progress=True)
+    ranks = join(pipeline.device)
+    scored = sample_and_score(pipeline, cfg, steps, progress=True, ranks=ranks)
+    if not ranks.writer:
+        return
     rows = {"checkpoint": path, "sampling steps": steps, **nfe_report(pipeline.sampler, pipeline.length, steps, cfg),
             "samples": len(scored.samples)}
     if cfg.sampling.get("entropy_redraw"):

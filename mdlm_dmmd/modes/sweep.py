@@ -23,7 +23,8 @@ checkpoints (the AR baseline included) is refused (`eval/sweep/judges.py`).
 Everything (config, paths, checkpoints, the CSV) is checked before run_dir is created, so a wrong
 input leaves nothing behind; `results.csv` is rewritten after every row, so a long sweep that
 dies keeps what it measured, and the same command run again (`sweep.resume`, on by default)
-keeps those rows and measures only the missing ones. A row is kept when its method, steps,
+keeps those rows and measures only the missing ones. Under `torchrun` the processes share the
+sample batches of each row (`ranks`); rank 0 alone scores and writes. A row is kept when its method, steps,
 top-p values, temperature and checkpoint path match and the folder's `config.yaml` has the same
 `data`, `sampling`, `eval` and `sweep.num_samples`; other settings there are an error, never a
 silent mix (a checkpoint retrained at the same path is not noticed: use `sweep.resume=false`).
@@ -49,6 +50,7 @@ from mdlm_dmmd.eval.sweep.config import check_config, reject_training_run_dir
 from mdlm_dmmd.eval.sweep.judges import check_judges
 from mdlm_dmmd.eval.sweep.literature import metric_columns, read_literature
 from mdlm_dmmd.eval.sweep.resume import measured_rows, resume_key
+from mdlm_dmmd.ranks import join
 from mdlm_dmmd.training import make_run_dir
 
 logger = logging.getLogger(__name__)
@@ -72,14 +74,17 @@ def run(cfg: DictConfig) -> Path:
     plan.check_unique([plan.row_keys(m, s, p) for m, s, p in jobs] + quoted)
     columns = metric_columns(metrics, quoted)
     done = measured_rows(cfg, run_dir)
+    device = default_device(cfg)
+    ranks = join(device)
+    ranks.barrier()  # every process has read results.csv before rank 0 rewrites it: all keep the same rows
 
     # 2. sample and score, one row at a time (results.csv rewritten after each)
     run_dir = make_run_dir(cfg)
-    device = default_device(cfg)
+    writer = ranks.writer
     rows: list[dict] = []
     measured: dict[tuple, dict] = {}
     data_row = bool(cfg.sweep.reference_rows) and not cfg.sampling.get("prompt_length")
-    with tqdm(total=len(jobs) + int(data_row), desc="sweep", unit="row") as bar:
+    with tqdm(total=len(jobs) + int(data_row), desc="sweep", unit="row", disable=not writer) as bar:
         for i, (method, steps, top_p) in enumerate(jobs):
             bar.set_postfix_str(f"{method.name}, {steps} steps, top-p {top_p:g}")
             keys, job = plan.row_keys(method, steps, top_p), plan.job_key(method, steps, top_p)
@@ -90,18 +95,21 @@ def run(cfg: DictConfig) -> Path:
             elif twin is not None:
                 rows.append({**twin, **keys})
                 twin_grid = plan.grid_path(cfg, twin["method"], steps, top_p)
-                if twin_grid.is_file():  # the same samples: the same picture under this row's name
+                if writer and twin_grid.is_file():  # the same samples: the same picture under this row's name
                     shutil.copyfile(twin_grid, plan.grid_path(cfg, method.name, steps, top_p))
             else:
                 method.pipeline.network.to(device)
-                rows.append(plan.measure(cfg, method, steps, top_p))
+                rows.append(plan.measure(cfg, method, steps, top_p, ranks=ranks))
             if all(method is not later for later, _, _ in jobs[i + 1:]):
                 method.pipeline.network.to("cpu")  # done with it (measured or not): free the accelerator
             measured.setdefault(job, rows[-1])
             origin = "kept from results.csv" if kept else "same draw as an earlier row" if twin else "measured"
-            logger.info("sweep (%s): %s", origin, rows[-1])
-            output.write_csv(run_dir, rows + quoted, output.all_metrics(columns, rows))
+            if writer:
+                logger.info("sweep (%s): %s", origin, rows[-1])
+                output.write_csv(run_dir, rows + quoted, output.all_metrics(columns, rows))
             bar.update()
+        if not writer:  # the other processes helped sample; rank 0 scores the data and writes
+            return run_dir
         if data_row:  # (prompted sampling: no second data continuation of a prompt exists)
             bar.set_postfix_str("Data (held-out sequences)")
             rows.append(done.get(resume_key(plan.data_row_keys(cfg))) or plan.measure_data(cfg, length))

@@ -69,7 +69,7 @@ def fails(capsys, args, *needles, run_dir: Path):
 def test_sweep_table_matches_direct_sampling_and_scoring(teacher, tmp_path, monkeypatch):
     calls = []
     measure = plan.measure
-    monkeypatch.setattr(plan, "measure", lambda *a: calls.append(a[2:]) or measure(*a))
+    monkeypatch.setattr(plan, "measure", lambda *a, **k: calls.append(a[2:]) or measure(*a, **k))
     literature = tmp_path / "literature.csv"
     literature.write_text("method,steps,frechet,frechet_stderr,entropy,note\nOld method,8,123.5,4.5,,Table 9\n")
     run_dir = tmp_path / "sweep"

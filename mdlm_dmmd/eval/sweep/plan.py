@@ -21,6 +21,7 @@ from mdlm_dmmd.eval.scoring import (check_block_size, compute_metrics, flatten, 
                                     sample_and_score, with_sampling)
 from mdlm_dmmd.eval.sweep.output import row_label
 from mdlm_dmmd.pipeline import Pipeline
+from mdlm_dmmd.ranks import Ranks
 
 
 @dataclass
@@ -127,11 +128,14 @@ def check_unique(rows: list[dict]) -> None:
         seen.add(key)
 
 
-def measure(cfg: DictConfig, method: Method, steps: int, top_p: float) -> dict:
-    """Sample one (method, steps, top-p) with `sweep.num_samples` and `sampling.seed`, and score it."""
+def measure(cfg: DictConfig, method: Method, steps: int, top_p: float, ranks: Ranks = Ranks()) -> dict:
+    """Sample one (method, steps, top-p) with `sweep.num_samples` and `sampling.seed`, and score it
+    (with several `ranks`: they share the sampling; the others than rank 0 get the keys only)."""
     sampling_cfg = with_sampling(cfg, num_samples=int(cfg.sweep.num_samples), top_p=float(top_p),
                                  temperature=method.temperature)
-    scored = sample_and_score(method.pipeline, sampling_cfg, int(steps))
+    scored = sample_and_score(method.pipeline, sampling_cfg, int(steps), ranks=ranks)
+    if not ranks.writer:
+        return row_keys(method, steps, top_p)
     write_grid(method.pipeline, scored.samples, grid_path(cfg, method.name, steps, top_p))
     report = nfe_report(method.pipeline.sampler, method.pipeline.length, int(steps), sampling_cfg)
     return {**row_keys(method, steps, top_p), **flatten(scored.metrics),

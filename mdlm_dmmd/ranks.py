@@ -1,0 +1,85 @@
+"""Which process this is, and sampling work shared between processes outside Lightning.
+
+Lightning starts and joins the processes of a fit (`trainer.strategy=ddp`). The modes that only
+sample and score (`sample`, `eval`, `sweep`) run outside Lightning: started by `torchrun`, they
+join the process group here (`join`), each process draws its share of the sample batches
+(`Ranks.mine`; batch b is drawn from its own seed, so the samples do not depend on the number of
+processes), the batches are gathered (`Ranks.gather`), and rank 0 alone scores and writes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+def current() -> tuple[int, int]:
+    """(rank, number of processes) of the default torch.distributed group; (0, 1) without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Process `rank` of `world` sharing a sampling job; `Ranks()` is a single process."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process scores and writes (rank 0)."""
+        return self.rank == 0
+
+    def mine(self, count: int) -> range:
+        """The indices (of `count` batches) this process draws: rank, rank + world, ..."""
+        return range(self.rank, count, self.world)
+
+    def gather(self, pieces: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Every process's {index: tensor}, merged, on every process (tensors on the CPU)."""
+        pieces = {index: piece.cpu() for index, piece in pieces.items()}
+        if self.world == 1:
+            return pieces
+        everyone: list = [None] * self.world
+        torch.distributed.all_gather_object(everyone, pieces)
+        return {index: piece for share in everyone for index, piece in share.items()}
+
+    def total(self, value: int) -> int:
+        """`value` summed over the processes (e.g. a count of re-drawn samples)."""
+        if self.world == 1:
+            return int(value)
+        everyone: list = [None] * self.world
+        torch.distributed.all_gather_object(everyone, int(value))
+        return sum(everyone)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def launched() -> int:
+    """How many processes the launcher started (torchrun's WORLD_SIZE; 1 without one)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def join(device: str | torch.device) -> Ranks:
+    """Under `torchrun` (WORLD_SIZE > 1) join the default process group once, NCCL for a CUDA
+    device and gloo otherwise, and say which process this is; a single process joins nothing."""
+    dist = torch.distributed
+    if launched() > 1 and not dist.is_initialized():
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(torch.device(device))  # NCCL's object collectives use the current device
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Ranks(*current())
+
+
+def local_device(device: str) -> str:
+    """`cuda` → this process's GPU (`cuda:LOCAL_RANK`) when a launcher started several processes."""
+    if device == "cuda" and launched() > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device

@@ -1,0 +1,63 @@
+"""`scoring.generate`: sample batches with their own seeds, shared between processes."""
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from mdlm_dmmd import cli
+from mdlm_dmmd.eval.scoring import batch_seed, generate
+from mdlm_dmmd.ranks import Ranks
+
+
+class SeedEcho:
+    """A model that records (rows asked for, its generator's seed) per call; every sample is
+    [index of that call, row within the batch]."""
+
+    device, length = torch.device("cpu"), 3
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, num_samples, *, generator, prompts=None, **_):
+        seed = generator.initial_seed()
+        self.calls.append((num_samples, seed))
+        return torch.tensor([[len(self.calls) - 1, row] for row in range(num_samples)])
+
+
+def sampling(num_samples, batch_size, seed=7):
+    return OmegaConf.create({"sampling": {"num_samples": num_samples, "batch_size": batch_size, "seed": seed,
+                                          "temperature": 1.0, "top_p": 1.0, "noise_removal": "ancestral"}})
+
+
+class OwnShare(Ranks):
+    """Process `rank` of `world` without the other processes: gathers its own batches only."""
+
+    def gather(self, pieces):
+        return pieces
+
+
+def test_each_batch_draws_from_its_own_seed():
+    model = SeedEcho()
+    samples = generate(model, sampling(5, 2), steps=4, progress=False)
+    mixed = [int(np.random.SeedSequence([7, b]).generate_state(1, np.uint64)[0]) for b in (1, 2)]
+    assert model.calls == [(2, 7), (2, mixed[0]), (1, mixed[1])]  # batch 0: the seed itself, as Pipeline.generate
+    assert samples.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [2, 0]]
+    assert samples[:, 1].tolist() == [0, 1, 0, 1, 0]
+    assert batch_seed(2, 0) != batch_seed(1, 1) and len({batch_seed(s, b) for s in range(3) for b in range(3)}) == 9
+    # a batch's seed does not depend on how many samples are drawn after it
+    fewer = SeedEcho()
+    generate(fewer, sampling(3, 2), steps=4, progress=False)
+    assert fewer.calls == [(2, 7), (1, mixed[0])]
+
+
+def test_a_process_draws_only_its_share_of_the_batches():
+    model = SeedEcho()
+    mine = generate(model, sampling(7, 2), steps=4, progress=False, ranks=OwnShare(1, 2))
+    assert model.calls == [(2, batch_seed(7, 1)), (1, batch_seed(7, 3))]  # batches 1 and 3 of 0..3
+    assert mine.tolist() == [[0, 0], [0, 1], [1, 0]]
+
+
+def test_study_refuses_several_launched_processes(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["mode=study", "data=digits"]) == 2
+    assert "mode=study runs in one process" in capsys.readouterr().err
