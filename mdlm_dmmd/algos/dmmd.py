@@ -155,6 +155,23 @@ def generator_loss(p_gen: Tensor, log_p_teacher: Tensor, log_p_aux: Tensor, weig
     return -weight * (p_gen * difference).sum(-1)
 
 
+class Expectation(torch.autograd.Function):
+    """Σ_c p_c d_c per row for p = exp(log_p), differentiated in log_p only (d is a constant):
+    the gradient p ⊙ d is the forward's product, kept, so each direction is one [N, V] pass
+    (autograd's exp → mul → sum takes three, with a copy of p)."""
+
+    @staticmethod
+    def forward(ctx, log_p: Tensor, p: Tensor, d: Tensor) -> Tensor:
+        product = p * d
+        ctx.save_for_backward(product)
+        return product.sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (product,) = ctx.saved_tensors
+        return grad[..., None] * product, None, None
+
+
 def aux_loss(target: Tensor, p_teacher: Tensor, log_p_aux: Tensor, weight: Tensor) -> Tensor:
     """Eq. 12 per token: −w · Σ_c (x + x̂_θ)_c log x̂_φ,c; x one-hot (hard) or x̂_η (soft). [B, L]"""
     return -weight * ((target + p_teacher).detach() * log_p_aux).sum(-1)
@@ -295,7 +312,8 @@ class DMMD(AlgoBase):
         self.log("train/nonfinite_steps", self.alternation.guard.count(), on_step=True, on_epoch=False)
 
     def mean_gen_entropy(self) -> float:
-        """Generator output entropy (paper Table 6) averaged over the last 100 training steps."""
+        """Generator output entropy (paper Table 6) averaged over the last 100 auxiliary steps
+        (measured there, where the generator runs without gradient)."""
         return sum(map(float, self.recent_gen_entropy)) / max(len(self.recent_gen_entropy), 1)
 
     def configure_optimizers(self):
@@ -392,6 +410,8 @@ class DMMD(AlgoBase):
             per_token = aux_loss(target, log_p_teacher.exp(), log_p_aux, w)
         where = self.scored(self.process.denoising_positions(z_s).to(per_token.dtype))
         loss = ((per_token * where).sum() / (B * L)).float()
+        if phase == "gen":  # the generator's output entropy is measured at auxiliary steps (no gradient there)
+            return loss, {"s": s.mean()}
         noisy_t = self.scored(self.process.denoising_positions(z_t).float())
         return loss, {"gen_entropy": output_entropy(p_gen.detach(), noisy_t), "s": s.mean()}
 
@@ -408,14 +428,14 @@ class DMMD(AlgoBase):
         noisy = self.scored(self.process.denoising_positions(z_t).float()).bool()  # [B, L]
         with torch.set_grad_enabled(phase == "gen"):
             log_p_gen = self.log_probs(self.generator, z_t, t, clean=x_data, at=noisy, generator=share)  # [N_t, V]
-            p_gen = log_p_gen.exp()
+        p_gen = log_p_gen.detach().exp()  # the generator's gradient comes through log_p_gen (`Expectation`)
         revealed = self.process.draw_updated_positions(z_t, t, s, share) & noisy
         hard_target = phase == "aux" and st.aux_target == "hard"
         drawn = noisy if hard_target else revealed  # where x ~ Cat(x̂_η) is needed
         x = torch.full_like(z_t, -1)
         # one uniform per token of the batch (so the draws do not depend on which tokens need one)
         uniforms = rng.rand((B, L), share, device=z_t.device, dtype=torch.float64)
-        x[drawn] = sample_categorical(p_gen.detach()[drawn[noisy]], uniforms=uniforms[drawn])  # float64 CDF per row
+        x[drawn] = sample_categorical(p_gen[drawn[noisy]], uniforms=uniforms[drawn])  # float64 CDF per row
         z_s = torch.where(revealed, x, z_t)
         left = noisy & ~revealed  # masked in z_s: where the losses count
         rows = left[noisy]  # those among the N_t rows (row-major order is kept)
@@ -426,14 +446,25 @@ class DMMD(AlgoBase):
             log_p_aux = self.log_probs(self.aux, z_s, s, clean=x_data, at=left)  # [N_s, V]
         w = self.weight(s).expand(B, L)[left]  # [N_s]
         if phase == "gen":
-            per_token = generator_loss(p_gen[rows], log_p_teacher, log_p_aux, w)
+            # eq. 11 on the N_t rows of log_p_gen, the difference zero where z_s is revealed:
+            # −w · Σ_c p_η,c (log x̂_θ − log x̂_φ)_c, with gradient p_η ⊙ difference (`Expectation`)
+            difference = torch.zeros_like(p_gen)
+            difference[rows] = log_p_teacher.sub_(log_p_aux)  # the teacher's log-probs are not needed again
+            row_weight = torch.zeros_like(p_gen[:, 0])
+            row_weight[rows] = w.to(row_weight.dtype)
+            return (-(row_weight * Expectation.apply(log_p_gen, p_gen, difference)).sum() / (B * L)).float(), \
+                {"s": s.mean()}
+        # eq. 12, −w · Σ_c (x + x̂_θ)_c log x̂_φ,c, with x + x̂_θ built in place in the teacher's
+        # log-probs (not needed again): the one-hot x is added at its index, never materialised
+        target_and_teacher = log_p_teacher.exp_()
+        if hard_target:
+            target_and_teacher[torch.arange(len(w), device=w.device), x[left]] += 1.0
         else:
-            target = (torch.nn.functional.one_hot(x[left], p_gen.shape[-1]).to(p_gen.dtype) if hard_target
-                      else p_gen.detach()[rows])
-            per_token = aux_loss(target, log_p_teacher.exp(), log_p_aux, w)
-        loss = (per_token.sum() / (B * L)).float()
-        with torch.no_grad():  # from the log-probs at hand (the mask's NEG_INF times p = 0 adds 0)
-            entropy = -(p_gen * log_p_gen).sum(-1).mean() if p_gen.shape[0] else p_gen.new_zeros(())
+            target_and_teacher += p_gen[rows]
+        loss = (-(w * (target_and_teacher * log_p_aux).sum(-1)).sum() / (B * L)).float()
+        # the generator's output entropy (Table 6), at auxiliary steps only (the generator runs
+        # without gradient there; the mask's NEG_INF times p = 0 adds 0)
+        entropy = -(p_gen * log_p_gen).sum(-1).mean() if p_gen.shape[0] else p_gen.new_zeros(())
         return loss, {"gen_entropy": entropy, "s": s.mean()}
 
     def posterior_space_loss(self, phase: str, target: Tensor, log_p_teacher: Tensor, log_p_aux: Tensor,

@@ -423,7 +423,8 @@ class DiT(nn.Module):
                 h = block(h, c, rotary, functools.partial(attend, layer=i))
         if logits_at is not None:
             c = c if c.ndim == 3 else c[:, None].expand(B, S, c.shape[-1])
-            return self.output_layer(h[logits_at][None], c[logits_at][None])[0].float()  # [N, V]
+            # squeeze, not [0]: its backward is a view, where [0]'s writes the gradient into a zero [1, N, V]
+            return self.output_layer(h[logits_at][None], c[logits_at][None]).squeeze(0).float()  # [N, V]
         return self.output_layer(h, c).float()  # [B, S, V]
 
     @staticmethod

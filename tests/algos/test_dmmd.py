@@ -143,20 +143,28 @@ def test_phase_loss_on_the_masked_rows_equals_the_dense_formula(teacher_dir, pha
     """The masked path gathers the tokens masked in z_t before any [., V] work; replayed here
     densely over [B, L, V] with the same draws (times, z_t, the generator's noise, reveals, then
     one inverse-CDF uniform per token of the batch, used at the revealed tokens, or at every
-    masked token for the hard auxiliary target): eqs. 11-12 with ELBO weights and a top-p teacher."""
+    masked token for the hard auxiliary target): eqs. 11-12 with ELBO weights and a top-p teacher,
+    the generator's gradient (its own backward, `Expectation`) against autograd's on the dense
+    formula, and the generator's output entropy (at auxiliary steps)."""
     algo = DMMD(dmmd_config(teacher_dir, aux_target=aux_target, weighting="elbo", teacher_top_p=0.8))
     for seed, network in enumerate((algo.generator, algo.aux), start=1):  # three different networks
         network.load_state_dict(random_model(network.config, seed=seed).state_dict())
     data = batch(4)
     torch.manual_seed(11)
     loss, logs = algo.phase_loss(data, phase)
+    if phase == "gen":
+        loss.backward()
+        gradients = [p.grad.clone() for p in algo.generator.parameters()]
+        algo.generator.zero_grad(set_to_none=True)
 
     torch.manual_seed(11)
     process, x_data = algo.process, data["input_ids"]
     s, t = distillation_times(4, 4, "cpu")
     z_t = process.corrupt(x_data, t)
+    with torch.set_grad_enabled(phase == "gen"):
+        p_gen_grad = algo.log_probs(algo.generator, z_t, t).exp()  # [B, L, V], the noise drawn as in training
+    p_gen = p_gen_grad.detach()
     with torch.no_grad():
-        p_gen = algo.log_probs(algo.generator, z_t, t).exp()  # [B, L, V], the noise drawn as in training
         masked = z_t == VOCAB
         revealed = masked & (torch.rand(z_t.shape, dtype=torch.float64) < process.reveal_probability(z_t, t, s))
         drawn = masked if (phase, aux_target) == ("aux", "hard") else revealed  # x is drawn where it is used
@@ -168,13 +176,19 @@ def test_phase_loss_on_the_masked_rows_equals_the_dense_formula(teacher_dir, pha
         log_aux = algo.log_probs(algo.aux, z_s, s)
     w = 1 / s.clamp_min(algo.cfg.training.sampling_eps)[:, None]  # log-linear: −α'/(1 − α) = 1/s
     if phase == "gen":
-        per_token = -w * (p_gen * (log_teacher - log_aux)).sum(-1)
+        per_token = -w * (p_gen_grad * (log_teacher - log_aux)).sum(-1)
     else:
         target = p_gen if aux_target == "soft" else torch.nn.functional.one_hot(x, VOCAB + 1).float()
         per_token = -w * ((target + log_teacher.exp()) * log_aux).sum(-1)
     expected = (per_token * (z_s == VOCAB)).sum() / z_t.numel()
     assert revealed.any() and (masked & ~revealed).any()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    if phase == "gen":
+        expected.backward()
+        for got, want in zip(gradients, (p.grad for p in algo.generator.parameters())):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+        assert any(g.abs().max() > 0 for g in gradients) and "gen_entropy" not in logs
+        return
     entropy = -(p_gen * p_gen.clamp_min(1e-30).log()).sum(-1)[masked].mean()
     assert logs["gen_entropy"].item() == pytest.approx(entropy.item(), rel=1e-5)
 
