@@ -9,6 +9,8 @@ autoregressive network. None of them knows how its network was trained.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +22,27 @@ from mdlm_dmmd.models.dit import DiT
 from mdlm_dmmd.models.kv_cache import KVCache
 
 
+@functools.lru_cache(maxsize=None)
+def _overwrites(process_type: type) -> bool:
+    """Whether a process's `log_probs` takes `overwrite=` (may reuse the logits it is given:
+    the masked process); other processes, plugins included, are called without it."""
+    try:
+        return "overwrite" in inspect.signature(process_type.log_probs).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @dataclass
 class Denoiser:
     network: DiT
     process: Process
     time_conditioning: bool = False
+
+    def to_log_probs(self, logits: Tensor, z: Tensor) -> Tensor:
+        """The process's log-probs of the network's fresh `logits`, handed over (`overwrite`)."""
+        if _overwrites(type(self.process)):
+            return self.process.log_probs(logits, z, overwrite=True)
+        return self.process.log_probs(logits, z)
 
     def sigma(self, t: Tensor) -> Tensor:
         """The network's conditioning σ(t); zeros when it is not time-conditioned."""
@@ -38,7 +56,7 @@ class Denoiser:
         batch, length = z_t.shape[:2]
         noise = self.network.draw_noise(batch, length, generator=generator, device=z_t.device)
         logits = self.network(z_t, self.sigma(t), noise=noise, logits_at=at)
-        return self.process.log_probs(logits, z_t if at is None else z_t[at])
+        return self.to_log_probs(logits, z_t if at is None else z_t[at])
 
     def __call__(self, z_t: Tensor, t: Tensor, generator: torch.Generator | None = None, *,
                  at: Tensor | None = None) -> Tensor:
@@ -80,8 +98,8 @@ class BlockDenoiser(Denoiser):
             positions=block.training_positions(length, device),
             logits_at=None if at is None else torch.cat([at, torch.zeros_like(at)], dim=1))
         if at is not None:
-            return self.process.log_probs(logits, z_t[at])
-        return self.process.log_probs(logits[:, :length], z_t)
+            return self.to_log_probs(logits, z_t[at])
+        return self.to_log_probs(logits[:, :length], z_t)
 
     def __call__(self, z_t: Tensor, t: Tensor, generator: torch.Generator | None = None, *,
                  clean: Tensor | None = None, at: Tensor | None = None) -> Tensor:
@@ -117,7 +135,7 @@ class BlockDenoiser(Denoiser):
                 attn_mask=block.block_causal_mask(before + size, self.block_size, device), logits_at=at_tokens)
             if at is None:
                 logits = logits.view(batch, size, -1)
-        return self.process.log_probs(logits, z_block if at is None else z_block[at])
+        return self.to_log_probs(logits, z_block if at is None else z_block[at])
 
     def new_cache(self) -> KVCache:
         return KVCache()

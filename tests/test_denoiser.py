@@ -81,3 +81,39 @@ def test_only_block_pipelines_sample_past_the_model_length():
         block.generate(1, steps=2, length=7)
     with pytest.raises(UserError, match="sampling.length is an option of the block sampler"):
         Pipeline.diffusion(net, PROCESS).generate(1, steps=2, length=2 * L)
+
+
+def test_the_masked_process_reuses_handed_over_logits_only_without_gradient():
+    """`overwrite=True` (the Denoiser hands over the network's fresh logits): without gradient the
+    mask's logit is set in place (no [.., V] copy); with gradient, or by default, the caller's
+    tensor is left alone. The log-probs are the same either way."""
+    z = torch.tensor([[V, 3, V]])
+    logits = torch.randn(1, 3, V + 1)
+    want = PROCESS.log_probs(logits, z)
+    assert logits[..., V].abs().max() < 10  # untouched by default
+    handed = logits.clone()
+    assert torch.equal(PROCESS.log_probs(handed, z, overwrite=True), want)
+    assert (handed[..., V] < -1e5).all()  # masked in place
+    tracked = logits.clone().requires_grad_()
+    assert torch.equal(PROCESS.log_probs(tracked, z, overwrite=True), want)
+    assert tracked[..., V].abs().max() < 10
+
+
+def test_the_denoiser_hands_logits_over_only_to_processes_that_take_them():
+    calls = []
+
+    class Plain(MaskedProcess):  # a plugin process with the protocol's two-argument log_probs
+        def log_probs(self, logits, z_t):
+            calls.append("plain")
+            return super().log_probs(logits, z_t)
+
+    class Recording(MaskedProcess):
+        def log_probs(self, logits, z_t, *, overwrite=False):
+            calls.append(overwrite)
+            return super().log_probs(logits, z_t, overwrite=overwrite)
+
+    z, t = torch.full((2, L), V), torch.full((2,), 0.5)
+    with torch.no_grad():
+        plain = Denoiser(network(), Plain(LogLinear(), mask_id=V))(z, t)
+        handed = Denoiser(network(), Recording(LogLinear(), mask_id=V))(z, t)
+    assert calls == ["plain", True] and torch.equal(plain, handed)

@@ -158,18 +158,19 @@ def generator_loss(p_gen: Tensor, log_p_teacher: Tensor, log_p_aux: Tensor, weig
 class Expectation(torch.autograd.Function):
     """Σ_c p_c d_c per row for p = exp(log_p), differentiated in log_p only (d is a constant):
     the gradient p ⊙ d is the forward's product, kept, so each direction is one [N, V] pass
-    (autograd's exp → mul → sum takes three, with a copy of p)."""
+    (autograd's exp → mul → sum takes three, with a copy of p). `d` is overwritten with the
+    product (the caller gives it up): no new [N, V] tensor in either direction."""
 
     @staticmethod
     def forward(ctx, log_p: Tensor, p: Tensor, d: Tensor) -> Tensor:
-        product = p * d
+        product = d.mul_(p)
         ctx.save_for_backward(product)
         return product.sum(-1)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (product,) = ctx.saved_tensors
-        return grad[..., None] * product, None, None
+        return product.mul_(grad[..., None]), None, None
 
 
 def aux_loss(target: Tensor, p_teacher: Tensor, log_p_aux: Tensor, weight: Tensor) -> Tensor:
@@ -464,7 +465,7 @@ class DMMD(AlgoBase):
         loss = (-(w * (target_and_teacher * log_p_aux).sum(-1)).sum() / (B * L)).float()
         # the generator's output entropy (Table 6), at auxiliary steps only (the generator runs
         # without gradient there; the mask's NEG_INF times p = 0 adds 0)
-        entropy = -(p_gen * log_p_gen).sum(-1).mean() if p_gen.shape[0] else p_gen.new_zeros(())
+        entropy = -p_gen.mul_(log_p_gen).sum(-1).mean() if p_gen.shape[0] else p_gen.new_zeros(())  # p_gen is done
         return loss, {"gen_entropy": entropy, "s": s.mean()}
 
     def posterior_space_loss(self, phase: str, target: Tensor, log_p_teacher: Tensor, log_p_aux: Tensor,

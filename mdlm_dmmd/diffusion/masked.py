@@ -121,13 +121,16 @@ class MaskedProcess:
         return torch.where(self.draw_updated_positions(z_t, t, s, generator), x, z_t)
 
     # 3. parameterisation and loss -----------------------------------------------------------
-    def log_probs(self, logits: Tensor, z_t: Tensor) -> Tensor:
+    def log_probs(self, logits: Tensor, z_t: Tensor, *, overwrite: bool = False) -> Tensor:
         """SUBS (MDLM): never predict the mask; revealed tokens are copied. [B, L, V] log-probs.
 
         A soft z_t [B, L, V] (IDLM) gives the mixture z_t[mask] · x̂ + (z_t without its mask
         mass), differentiable in z_t; for one-hot z_t it equals the hard case up to NEG_INF.
+        `overwrite`: the caller gives up `logits` (a network's fresh output, `Denoiser`); without
+        gradient through them, the mask's logit is then set in place, not in a [.., V] copy.
         """
-        logits = logits.clone()
+        if not (overwrite and not logits.requires_grad):
+            logits = logits.clone()
         logits[..., self.mask_id] = NEG_INF
         log_p = torch.log_softmax(logits, dim=-1)
         if z_t.is_floating_point():
