@@ -20,7 +20,6 @@ from typing import Sequence
 
 from mdlm_dmmd import registry
 from mdlm_dmmd.errors import UserError
-from mdlm_dmmd.ranks import launched
 
 GROUPS = ("data", "model", "noise", "trainer", "experiment", "debug")  # config groups besides algo
 
@@ -130,15 +129,28 @@ def _check_sampling(cfg) -> None:
         prompt_length(cfg, cfg.model.length)  # sample/eval/sweep: checked against the checkpoint's length
 
 
+def check_one_process(cfg) -> None:
+    """mode=study trains and sweeps in one process: refuse several, whether torchrun started them
+    (WORLD_SIZE) or Lightning would (trainer.devices / trainer.num_nodes)."""
+    from omegaconf import OmegaConf
+
+    from mdlm_dmmd.ranks import launched  # (imports torch: not at the top, to keep --help fast)
+
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    single = devices == 1 or (OmegaConf.is_list(devices) and len(devices) == 1)
+    if launched() > 1 or not single or nodes != 1:
+        raise UserError(f"mode=study runs in one process (got trainer.devices={devices}, trainer.num_nodes={nodes}, "
+                        f"{launched()} launched): train its runs with mode=train trainer.strategy=ddp "
+                        f"trainer.devices=N, then score them with mode=sweep under torchrun")
+
+
 def dispatch(cfg) -> None:
     """Run the mode `cfg.mode` names on the composed config."""
     from mdlm_dmmd.eval.scoring import check_metrics_ready
     from mdlm_dmmd.modes import MODES  # see mode_names
 
-    if cfg.mode == "study" and launched() > 1:
-        raise UserError(f"mode=study runs in one process, but the launcher started {launched()} (WORLD_SIZE): train its "
-                        f"runs with mode=train trainer.strategy=ddp trainer.devices=N, then score them with mode=sweep "
-                        f"under torchrun")
+    if cfg.mode == "study":
+        check_one_process(cfg)
     if cfg.mode in ("eval", "sweep", "study") or (cfg.mode == "train" and int(cfg.sampling.num_samples) > 0):
         check_metrics_ready(cfg)  # these modes score samples: a metric that cannot run fails before the work
     MODES[cfg.mode](cfg)

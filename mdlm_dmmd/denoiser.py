@@ -28,7 +28,7 @@ def _overwrites(process_type: type) -> bool:
     the masked process); other processes, plugins included, are called without it."""
     try:
         return "overwrite" in inspect.signature(process_type.log_probs).parameters
-    except (TypeError, ValueError):
+    except (AttributeError, TypeError, ValueError):
         return False
 
 

@@ -9,6 +9,7 @@ processes), the batches are gathered (`Ranks.gather`), and rank 0 alone scores a
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -66,15 +67,21 @@ def launched() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+# Rank 0 scores a row alone (a 50K-sample FID or gen-PPL can take hours) while the others wait
+# in the next row's gather: the collectives must not time out meanwhile.
+WAIT = datetime.timedelta(hours=24)
+
+
 def join(device: str | torch.device) -> Ranks:
-    """Under `torchrun` (WORLD_SIZE > 1) join the default process group once, NCCL for a CUDA
-    device and gloo otherwise, and say which process this is; a single process joins nothing."""
+    """Under `torchrun` (WORLD_SIZE > 1) join the default process group once and say which
+    process this is; a single process joins nothing. gloo on any device: only gathers of CPU
+    tensors and barriers run here (no NCCL, whose watchdog would stop a long wait), each GPU
+    process on its own device (`local_device`)."""
     dist = torch.distributed
     if launched() > 1 and not dist.is_initialized():
-        cuda = torch.device(device).type == "cuda"
-        if cuda:
-            torch.cuda.set_device(torch.device(device))  # NCCL's object collectives use the current device
-        dist.init_process_group("nccl" if cuda else "gloo")
+        if torch.device(device).type == "cuda":
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group("gloo", timeout=WAIT)
     return Ranks(*current())
 
 

@@ -26,7 +26,7 @@ from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.data import DataBundle, build_data
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.pipeline import Pipeline
-from mdlm_dmmd.ranks import Ranks, local_device
+from mdlm_dmmd.ranks import Ranks, launched, local_device
 
 DEFAULT_STEPS = 128
 
@@ -44,7 +44,10 @@ def default_device(cfg: DictConfig | None = None) -> str:
         raise UserError(f"sampling.device must be auto, cpu, cuda or cuda:N; got {value!r}")
     if value.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"sampling.device={value} but torch sees no CUDA device; use sampling.device=auto or cpu")
-    return value
+    if value.startswith("cuda:") and launched() > 1:
+        raise UserError(f"sampling.device={value} would put all {launched()} processes on one GPU; use "
+                        f"sampling.device=cuda (or auto): each process takes cuda:LOCAL_RANK")
+    return local_device(value)
 
 
 def load_pipeline(cfg: DictConfig) -> tuple[Pipeline, str]:

@@ -1,10 +1,12 @@
 """`scoring.generate`: sample batches with their own seeds, shared between processes."""
 
 import numpy as np
+import pytest
 import torch
 from omegaconf import OmegaConf
 
 from mdlm_dmmd import cli
+from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.eval.scoring import batch_seed, generate
 from mdlm_dmmd.ranks import Ranks
 
@@ -61,3 +63,23 @@ def test_study_refuses_several_launched_processes(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert cli.main(["mode=study", "data=digits"]) == 2
     assert "mode=study runs in one process" in capsys.readouterr().err
+
+
+def test_study_refuses_several_devices_before_lightning_starts_them(capsys):
+    """Lightning's own launcher re-runs the command in child processes after the parent started:
+    the parent must refuse first (else it waits for children that refused)."""
+    assert cli.main(["mode=study", "data=digits", "trainer.devices=2"]) == 2
+    assert "trainer.devices=2" in capsys.readouterr().err
+    assert cli.main(["mode=study", "data=digits", "trainer.num_nodes=2"]) == 2
+
+
+def test_a_fixed_gpu_is_refused_for_several_processes(monkeypatch, capsys):
+    from mdlm_dmmd.eval.scoring import default_device
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(UserError, match="sampling.device=cuda:1 would put all 2 processes on one GPU"):
+        default_device(OmegaConf.create({"sampling": {"device": "cuda:1"}}))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert default_device(OmegaConf.create({"sampling": {"device": "cuda"}})) == "cuda:1"
+    assert default_device(OmegaConf.create({"sampling": {"device": "auto"}})) == "cuda:1"

@@ -1,0 +1,22 @@
+#!/bin/bash
+# Data-parallel training on several SLURM nodes through Lightning (`trainer.strategy=ddp`).
+# UNTESTED: never run here (no cluster and no GPUs; DDP itself is tested on one CPU machine with
+# 2 gloo processes, tests/test_ddp.py). Lightning reads SLURM's environment (SLURM_PROCID,
+# SLURM_NTASKS, ...) for the ranks, so one task per GPU and the two trainer keys below suffice.
+#
+#   sbatch --nodes=2 scripts/slurm_multinode.sh experiment=owt_masked_dmmd algo.teacher=TEACHER.ckpt \
+#       run_dir=outputs/owt_masked_dmmd
+#
+# The global batch is nodes x GPUs per node x loader.batch_size x trainer.accumulate_grad_batches:
+# divide a config's accumulation by the number of GPUs to keep its global batch. A stopped job
+# resumes with the same command plus checkpoint=RUN_DIR/checkpoints/last.ckpt.
+#SBATCH --job-name=mdlm-dmmd
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=24:00:00
+
+set -euo pipefail
+srun python -m mdlm_dmmd "$@" trainer.strategy=ddp trainer.accelerator=gpu \
+    trainer.devices="${SLURM_NTASKS_PER_NODE}" trainer.num_nodes="${SLURM_JOB_NUM_NODES}"
