@@ -4,7 +4,9 @@ end with the weights of 1 process on the same global batch (every draw is the ex
 multi-process fit), and only rank 0 samples and writes.
 
 A 2-process dmmd run stopped after 2 updates and resumed from its last.ckpt ends where an
-uninterrupted one does, bit for bit. Not yet here (issue 15): FSDP and multi-node.
+uninterrupted one does, bit for bit; gradient accumulation works under DDP; mode=sample and
+mode=sweep under torchrun share the sample batches and write what one process writes. Not yet
+here (issue 15): FSDP and multi-node.
 """
 
 import os
