@@ -148,12 +148,14 @@ def dispatch(cfg) -> None:
     """Run the mode `cfg.mode` names on the composed config."""
     from mdlm_dmmd.eval.scoring import check_metrics_ready
     from mdlm_dmmd.modes import MODES  # see mode_names
+    from mdlm_dmmd.ranks import leave
 
     if cfg.mode == "study":
         check_one_process(cfg)
     if cfg.mode in ("eval", "sweep", "study") or (cfg.mode == "train" and int(cfg.sampling.num_samples) > 0):
         check_metrics_ready(cfg)  # these modes score samples: a metric that cannot run fails before the work
     MODES[cfg.mode](cfg)
+    leave()  # several processes of sample/eval/sweep (torchrun) end together
 
 
 def main(argv: Sequence[str] | None = None) -> int:

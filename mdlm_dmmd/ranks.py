@@ -70,6 +70,7 @@ def launched() -> int:
 # Rank 0 scores a row alone (a 50K-sample FID or gen-PPL can take hours) while the others wait
 # in the next row's gather: the collectives must not time out meanwhile.
 WAIT = datetime.timedelta(hours=24)
+_joined = False  # whether `join` started the process group (Lightning's own fits are not ours to end)
 
 
 def join(device: str | torch.device) -> Ranks:
@@ -77,12 +78,25 @@ def join(device: str | torch.device) -> Ranks:
     process this is; a single process joins nothing. gloo on any device: only gathers of CPU
     tensors and barriers run here (no NCCL, whose watchdog would stop a long wait), each GPU
     process on its own device (`local_device`)."""
+    global _joined
     dist = torch.distributed
     if launched() > 1 and not dist.is_initialized():
         if torch.device(device).type == "cuda":
             torch.cuda.set_device(torch.device(device))
         dist.init_process_group("gloo", timeout=WAIT)
+        _joined = True
     return Ranks(*current())
+
+
+def leave() -> None:
+    """After a mode that joined: wait until every process is done (rank 0 may still be scoring
+    and writing), then end the group together; a process that exits while another still uses
+    the group aborts in gloo's threads."""
+    global _joined
+    if _joined and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    _joined = False
 
 
 def local_device(device: str) -> str:
