@@ -129,7 +129,7 @@ class MaskedProcess:
         `overwrite`: the caller gives up `logits` (a network's fresh output, `Denoiser`); without
         gradient through them, the mask's logit is then set in place, not in a [.., V] copy.
         """
-        if not (overwrite and not logits.requires_grad):
+        if not overwrite or logits.requires_grad:
             logits = logits.clone()
         logits[..., self.mask_id] = NEG_INF
         log_p = torch.log_softmax(logits, dim=-1)
