@@ -10,6 +10,14 @@ check: the wall clock of the teacher at round(n) steps over the student's at k, 
 samplers alternating in one process (same batch, seed, machine), which should be ≥ 0.9 × the
 NFE ratio (a student step costs what a teacher step costs).
 
+A step is not a fixed cost: the masked sampler runs the network only on the sequences that
+reveal a token at that step, and its output head only at the revealed tokens (`sampling.py`).
+At many steps per token most steps reveal nothing in most sequences, so a teacher step at n
+steps costs less than a student step at k. The benchmark therefore also counts, in an untimed
+run with the same seed, the sequences each sampler passes through the network (rows of its
+forward calls): the ratio of those is the work ratio, and wall / work says whether one
+sequence's forward costs the same in both samplers.
+
     python benchmarks/equal_quality_speed.py [--results DIR/sweep/results.csv --samples 1000 --repeats 3]
 Writes benchmarks/results/equal_quality_speed_<time>/ (results.md, results.json, run_info.json).
 """
@@ -54,6 +62,18 @@ def bootstrap_se(curve, errors, target, target_se, draws: int = 2000) -> float:
     mean = sum(values) / len(values)
     log_sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
     return log_sd * math.log(2) * 2 ** mean  # delta method back from log2(steps)
+
+
+def network_rows(pipeline: Pipeline, samples: int, steps: int) -> int:
+    """Sequences passed through `pipeline`'s network (summed over its forward calls) while it
+    draws `samples` samples in `steps` steps, seed 1 as in the timed runs."""
+    rows = []
+    hook = pipeline.network.register_forward_hook(lambda module, args, output: rows.append(args[0].shape[0]))
+    try:
+        pipeline.generate(samples, steps=steps, generator=torch.Generator().manual_seed(1))
+    finally:
+        hook.remove()
+    return sum(rows)
 
 
 def main() -> None:
@@ -103,26 +123,32 @@ def main() -> None:
                     begin = time.perf_counter()
                     pipeline.generate(args.samples, steps=steps, generator=torch.Generator().manual_seed(1))
                     best[who] = min(best[who], time.perf_counter() - begin)
+            rows = {"teacher": network_rows(pipelines["teacher"], args.samples, n),
+                    "student": network_rows(pipelines[k], args.samples, k)}
             timings[(k, n)] = {"teacher_steps_timed": n, **{f"{w}_s": v for w, v in best.items()},
-                               "wall_ratio": best["teacher"] / best["student"], "nfe_ratio_timed": n / k}
+                               "wall_ratio": best["teacher"] / best["student"], "nfe_ratio_timed": n / k,
+                               **{f"{w}_rows": v for w, v in rows.items()}, "work_ratio": rows["teacher"] / rows["student"]}
             space_row["wall"] = timings[(k, n)]
             print(k, space_row["space"], timings[(k, n)], flush=True)
 
     lines = [f"# Teacher steps at a D-MMD student's quality, and the wall clock ({args.samples} samples, "
              f"best of {args.repeats})", "",
              "| student k | feature space | student FD | teacher steps at that FD (± s.e.) | NFE ratio | "
-             "timed: teacher n / student k (s) | wall ratio | wall / NFE ratio (n = round) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "timed: teacher n / student k (s) | wall ratio | wall / NFE ratio (n = round) | "
+             "sequences through the network: teacher / student | work ratio | wall / work ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r["teacher_steps"] is None:
             lines.append(f"| {r['k']} | {r['space']} | {r['student_fd']:.1f} ± {r['student_fd_se']:.1f} | "
-                         "outside the teacher's measured range | | | | |")
+                         "outside the teacher's measured range | | | | | | | |")
             continue
         w = r["wall"]
         lines.append(f"| {r['k']} | {r['space']} | {r['student_fd']:.1f} ± {r['student_fd_se']:.1f} | "
                      f"{r['teacher_steps']:.1f} ± {r['teacher_steps_se']:.1f} | {r['nfe_ratio']:.2f} | "
                      f"{w['teacher_steps_timed']}: {w['teacher_s']:.2f} / {w['student_s']:.2f} | "
-                     f"{w['wall_ratio']:.2f} | {w['wall_ratio'] / w['nfe_ratio_timed']:.2f} |")
+                     f"{w['wall_ratio']:.2f} | {w['wall_ratio'] / w['nfe_ratio_timed']:.2f} | "
+                     f"{w['teacher_rows']} / {w['student_rows']} | {w['work_ratio']:.2f} | "
+                     f"{w['wall_ratio'] / w['work_ratio']:.2f} |")
     write_results(out, {**{k: str(v) for k, v in vars(args).items()}, "rows": results}, lines)
     write_run_info(out, run_info(command_line("equal_quality_speed.py", args), started))
 

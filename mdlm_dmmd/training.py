@@ -27,6 +27,7 @@ from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.checkpoints import _torch_load
 from mdlm_dmmd.data import DataBundle, build_data, make_loaders
 from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.models.shards import is_sharded
 
 
 def vocab_info(data: DataBundle) -> dict:
@@ -190,6 +191,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, algo: L.LightningModule) -> L.
         # accumulation and clipping themselves; Lightning refuses them with manual optimisation.
         kwargs.pop("accumulate_grad_batches", None)
         kwargs.pop("gradient_clip_val", None)
+    if kwargs.get("strategy") == "fsdp":
+        from mdlm_dmmd.sharding import FullyShardedStrategy
+
+        kwargs["strategy"] = FullyShardedStrategy()  # FSDP2 on any device (Lightning's "fsdp" is FSDP1, GPUs only)
     try:
         return L.Trainer(**kwargs, default_root_dir=str(run_dir), callbacks=callbacks, logger=logger)
     except (TypeError, ValueError) as err:  # Lightning's own messages name the argument
@@ -234,7 +239,20 @@ def fit(cfg: DictConfig) -> Fitted | None:
     check_ranks_agree(algo)
     checkpoint = run_dir / "checkpoints" / "final.ckpt"
     trainer.save_checkpoint(str(checkpoint), weights_only=False)  # collective; rank 0 writes
+    if algo.device_mesh is not None and trainer.global_rank == 0:
+        # FSDP: a sharded network runs only with every process; rank 0 samples alone, from whole weights
+        algo = unsharded(algo_cls, config, checkpoint).to(trainer.strategy.root_device)
     return Fitted(run_dir, checkpoint, algo, data, trainer, (time.time() - started) / 60)
+
+
+def unsharded(algo_cls, config: dict, checkpoint: Path) -> L.LightningModule:
+    """A fresh `algo_cls` holding the weights and EMA of `checkpoint`, restored as Lightning restores
+    a resumed run (the algo's `on_load_checkpoint` first: it puts back what checkpoints leave out)."""
+    algo = algo_cls(config)
+    state = _torch_load(checkpoint)
+    algo.on_load_checkpoint(state)
+    algo.load_state_dict(state["state_dict"])
+    return algo
 
 
 def check_ranks_agree(algo: L.LightningModule) -> None:
@@ -249,6 +267,9 @@ def check_ranks_agree(algo: L.LightningModule) -> None:
     tensors = [t for t in algo.state_dict().values() if torch.is_tensor(t) and t.is_floating_point()]
     for ema in (v for v in vars(algo).values() if isinstance(v, EMA)):  # the EMA, IDLM's fake_ema, ...
         tensors += list(ema.shadow.values())
+    tensors = [t for t in tensors if not is_sharded(t)]  # FSDP: shards differ by design; buffers are replicas
+    if not tensors:
+        return
     sums = torch.stack([t.detach().double().sum() for t in tensors]).to(algo.device).view(torch.int64)  # bits: NaN = NaN
     gathered = [torch.empty_like(sums) for _ in range(world)]
     torch.distributed.all_gather(gathered, sums)

@@ -250,6 +250,13 @@ class AlgoBase(L.LightningModule):
         if self.ema is not None:
             self.ema.update(self.ema_module())
 
+    def configure_model(self):
+        """Under `trainer.strategy=fsdp` (Lightning's device mesh exists) shard every DiT."""
+        if self.device_mesh is not None:
+            from mdlm_dmmd.sharding import shard_networks
+
+            shard_networks(self, self.device_mesh["data_parallel"])
+
     def on_fit_start(self):
         """`model.activation_checkpointing` and `model.compile` on every DiT of the algo; compiled
         in place (`nn.Module.compile`), so state_dict keys, EMA and checkpoints are unchanged."""

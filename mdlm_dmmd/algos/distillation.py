@@ -13,7 +13,8 @@ Composition, not a base class (DESIGN principle 6): an algo holds the parts it n
   steps and the EMA step happen on an update's last micro-batch. Under DDP it averages the
   updated network's gradients itself, once per update (`average_gradients`; DDP's own hooks
   would expect every parameter of the module in every backward, but each update trains one
-  network), so every rank takes the same step and makes the same skip decision.
+  network), so every rank takes the same step and makes the same skip decision. Under FSDP the
+  gradients come averaged (and sharded) from the backward; the norm is taken over all shards.
 - `copy_of`, `noise_grid`, `generator_param_groups`: building students from the teacher.
 """
 
@@ -35,6 +36,7 @@ from mdlm_dmmd.diffusion import Process, process_from_meta
 from mdlm_dmmd.diffusion.schedules import build_schedule
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT
+from mdlm_dmmd.models.shards import full, is_sharded
 
 PHASES = ("gen", "aux")
 TEACHER_PREFIX = "teacher."  # where an algo holding a Teacher keeps its network in the state_dict
@@ -312,6 +314,10 @@ def average_gradients(parameters, extra: Tensor) -> Tensor:
     if count == 1:
         return extra
     params = [p for p in parameters if p.requires_grad]
+    if any(is_sharded(p) for p in params):  # FSDP: its reduce-scatter averaged the gradients in backward
+        extra = extra.reshape(1).to(torch.float32)
+        torch.distributed.all_reduce(extra)
+        return extra[0]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     has_grad = torch.tensor([float(p.grad is not None) for p in params], device=extra.device)
     flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads]
@@ -378,7 +384,7 @@ class Alternation:
         bad_total = average_gradients(params, self._nonfinite_losses)
         self._nonfinite_losses = None
         grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else bad_total.new_zeros(())
+        norm = full(torch.nn.utils.get_total_norm(grads)) if grads else bad_total.new_zeros(())  # FSDP: over all shards
         inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper holds the torch optimiser
         if inner.defaults.get("fused"):
             return self._device_step(params, norm, bad_total > 0, optimizer, inner, scheduler, after_update)

@@ -3,6 +3,10 @@
 Same update as the MDLM/Duo `ExponentialMovingAverage` (decay warm-up min(decay, (1+n)/(10+n))),
 but the shadow is a name → tensor dict rather than an ordered list, so a checkpoint stays
 readable and loadable after the module gains or loses an unrelated parameter.
+
+Under FSDP the shadow follows the parameters' shards: a whole shadow (made before the module was
+sharded, or loaded from a checkpoint) is cut to each parameter's layout when first used with it,
+and `state_dict` gathers whole tensors again (collective then: every process calls it).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 from torch import nn
 
 from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.models.shards import full, local, shard_like
 
 
 class EMA:
@@ -32,11 +37,9 @@ class EMA:
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         for name, param in module.named_parameters():
             if name in self.shadow:
-                shadow = self.shadow[name]
-                if shadow.device != param.device:
-                    shadow = self.shadow[name] = shadow.to(param.device)
+                shadow = self._shadow_like(name, param)
                 weight = 1 - decay if keep is None else keep.to(shadow.dtype) * (1 - decay)
-                shadow.lerp_(param.detach(), weight)
+                local(shadow).lerp_(local(param.detach()), weight)  # elementwise: each process its piece
 
     @contextmanager
     def swapped_in(self, module: nn.Module) -> Iterator[None]:
@@ -55,10 +58,19 @@ class EMA:
     def copy_to(self, module: nn.Module) -> None:
         for name, param in module.named_parameters():
             if name in self.shadow:
-                param.copy_(self.shadow[name].to(param.device))
+                param.copy_(self._shadow_like(name, param))
+
+    def _shadow_like(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        """The shadow of `name` on the parameter's device and, under FSDP, in its shard layout."""
+        shadow = self.shadow[name]
+        if shadow.device != param.device:
+            shadow = shadow.to(param.device)
+        shadow = self.shadow[name] = shard_like(shadow, param)
+        return shadow
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
+        return {"decay": self.decay, "num_updates": self.num_updates,
+                "shadow": {name: full(tensor) for name, tensor in self.shadow.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.decay = state["decay"]
