@@ -49,7 +49,7 @@ from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.denoiser import BlockDenoiser, Denoiser
 from mdlm_dmmd.diffusion import Process, block
 from mdlm_dmmd.diffusion.block_sampling import BlockSampler
-from mdlm_dmmd.diffusion.sampling import DiffusionSampler, sample_categorical, top_p_mask
+from mdlm_dmmd.diffusion.sampling import DiffusionSampler, sample_categorical, sample_categorical_at, top_p_mask
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT
 
@@ -434,9 +434,7 @@ class DMMD(AlgoBase):
         hard_target = phase == "aux" and st.aux_target == "hard"
         drawn = noisy if hard_target else revealed  # where x ~ Cat(x̂_η) is needed
         x = torch.full_like(z_t, -1)
-        # one uniform per token of the batch (so the draws do not depend on which tokens need one)
-        uniforms = rng.rand((B, L), share, device=z_t.device, dtype=torch.float64)
-        x[drawn] = sample_categorical(p_gen[drawn[noisy]], uniforms=uniforms[drawn])  # float64 CDF per row
+        x[drawn] = sample_categorical_at(p_gen[drawn[noisy]], drawn, share)  # float64 CDF per row
         z_s = torch.where(revealed, x, z_t)
         left = noisy & ~revealed  # masked in z_s: where the losses count
         rows = left[noisy]  # those among the N_t rows (row-major order is kept)

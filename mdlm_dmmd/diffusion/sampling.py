@@ -48,6 +48,14 @@ NUCLEUS_RULES = ("keep", "drop")  # the token that crosses top_p: kept (Duo/HF, 
 CATEGORICAL_CHUNK = 1 << 24  # float64 CDF entries built at once (128 MB): rows are drawn in chunks
 
 
+def sample_categorical_at(probs: Tensor, where: Tensor, generator: rng.BatchShare | None = None) -> Tensor:
+    """x ~ Cat(probs) at the positions `where` (bool [B, L]; `probs` [N, V]: their rows in
+    row-major order), from one uniform per position of the batch, kept where drawn: each example
+    draws the same whichever positions are drawn, and on any number of processes (a `BatchShare`)."""
+    uniforms = rng.rand(where.shape, generator, device=where.device, dtype=torch.float64)
+    return sample_categorical(probs, uniforms=uniforms[where])
+
+
 def sample_categorical(probs: Tensor, generator: torch.Generator | None = None, uniforms: Tensor | None = None) -> Tensor:
     """Index ~ Cat(probs) along the last dim by inverting the float64 CDF: one uniform per row.
 
@@ -243,9 +251,8 @@ def step(
         # so both rules reduce to drawing x at the revealed positions only.
         z_s = z_t.clone()
         probs = adjust(log_p, temperature, top_p, nucleus)  # [N, V]: not batch-first
-        if isinstance(generator, rng.BatchShare):  # a share draws per batch row: one uniform per position
-            uniforms = rng.rand(z_t.shape, generator, device=z_t.device, dtype=torch.float64)[updated]
-            z_s[updated] = sample_categorical(probs, uniforms=uniforms)
+        if isinstance(generator, rng.BatchShare):  # a share draws per batch row
+            z_s[updated] = sample_categorical_at(probs, updated, generator)
         else:
             z_s[updated] = sample_categorical(probs, generator)
         return z_s
