@@ -86,6 +86,8 @@ class FullyShardedStrategy(ModelParallelStrategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         inner = getattr(optimizer, "_optimizer", optimizer)
+        if not inner.state:  # not stepped yet: torch's helper would take a zero step (AdamW's count then 1)
+            return inner.state_dict()  # hyperparameters only, no tensors to gather
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_optimizer_state_dict(self.lightning_module, inner, options=options)  # keyed by name
         if not state:
@@ -101,6 +103,9 @@ class FullyShardedStrategy(ModelParallelStrategy):
         options = StateDictOptions(full_state_dict=True)  # every process read the whole file
         for optimizer, state in zip(self.optimizers, checkpoint.get("optimizer_states", [])):
             inner = getattr(optimizer, "_optimizer", optimizer)
+            if not state["state"]:  # saved before its first step: torch's helper would take a zero step
+                inner.load_state_dict(state)
+                continue
             names = self._names(inner)
             by_name = {"state": {names[i]: value for i, value in state["state"].items()},
                        "param_groups": [{**group, "params": [names[i] for i in group["params"]]}

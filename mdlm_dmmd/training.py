@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import time
 import typing
 from dataclasses import dataclass
@@ -129,12 +130,20 @@ def build_logger(cfg: DictConfig, run_dir: Path):
 
 
 class SaveOnCrash(L.Callback):
-    """Write `checkpoints/crash.ckpt` when training raises (including Ctrl-C): nothing is lost."""
+    """Write `checkpoints/crash.ckpt` when training raises (including Ctrl-C): nothing is lost.
+
+    Not under `trainer.strategy=fsdp` with several processes: its checkpoint is gathered from
+    every process, and one that failed alone would wait for the others, which are inside the
+    network's own collectives (a hang on NCCL); `last.ckpt` is then the latest state."""
 
     def __init__(self, directory: Path):
         self.directory = directory
 
     def on_exception(self, trainer, pl_module, exception):
+        if trainer.world_size > 1 and pl_module.device_mesh is not None:
+            print(f"rank {trainer.global_rank}: no crash.ckpt under trainer.strategy=fsdp (it needs every process); "
+                  f"resume from {self.directory / 'last.ckpt'}", file=sys.stderr, flush=True)
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(str(self.directory / "crash.ckpt"))
 
@@ -258,7 +267,8 @@ def unsharded(algo_cls, config: dict, checkpoint: Path) -> L.LightningModule:
 def check_ranks_agree(algo: L.LightningModule) -> None:
     """In a multi-process run, every rank must end training with the same weights and EMA (data
     parallelism keeps replicas equal; an alternation or EMA that drifted would not): compare one
-    float64 checksum per tensor across the ranks, and stop with an error if they differ."""
+    float64 checksum per tensor across the ranks, and stop with an error if they differ. Under
+    FSDP only the tensors that are not sharded (buffers) have replicas to compare."""
     _, world = ranks.current()
     if world == 1:
         return

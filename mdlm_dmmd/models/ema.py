@@ -6,7 +6,7 @@ readable and loadable after the module gains or loses an unrelated parameter.
 
 Under FSDP the shadow follows the parameters' shards: a whole shadow (made before the module was
 sharded, or loaded from a checkpoint) is cut to each parameter's layout when first used with it,
-and `state_dict` gathers whole tensors again (collective then: every process calls it).
+and `state_dict` gathers whole tensors again, on the CPU (collective then: every process calls it).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mdlm_dmmd.errors import UserError
-from mdlm_dmmd.models.shards import full, local, shard_like
+from mdlm_dmmd.models.shards import full, is_sharded, local, shard_like
 
 
 class EMA:
@@ -69,8 +69,10 @@ class EMA:
         return shadow
 
     def state_dict(self) -> dict:
+        # a shard is gathered one tensor at a time and kept on the CPU: never a whole EMA on a device
         return {"decay": self.decay, "num_updates": self.num_updates,
-                "shadow": {name: full(tensor) for name, tensor in self.shadow.items()}}
+                "shadow": {name: full(tensor).cpu() if is_sharded(tensor) else tensor
+                           for name, tensor in self.shadow.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.decay = state["decay"]
