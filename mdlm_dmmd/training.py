@@ -201,8 +201,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path, algo: L.LightningModule) -> L.
         kwargs.pop("accumulate_grad_batches", None)
         kwargs.pop("gradient_clip_val", None)
     if kwargs.get("strategy") == "fsdp":
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
         from mdlm_dmmd.sharding import FullyShardedStrategy
 
+        if not is_overridden("configure_model", algo):  # Lightning would fail inside fit, with a traceback
+            raise UserError(f"trainer.strategy=fsdp needs an algo that shards its networks in configure_model "
+                            f"(AlgoBase does); algo={cfg.algo.name} does not: use trainer.strategy=ddp")
         kwargs["strategy"] = FullyShardedStrategy()  # FSDP2 on any device (Lightning's "fsdp" is FSDP1, GPUs only)
     try:
         return L.Trainer(**kwargs, default_root_dir=str(run_dir), callbacks=callbacks, logger=logger)

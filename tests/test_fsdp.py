@@ -233,3 +233,17 @@ def test_sharding_refuses_parameters_outside_a_dit_and_is_idempotent(one_process
     shard_networks(holder, one_process_group)
     shard_networks(holder, one_process_group)  # Lightning calls configure_model per stage
     assert all(is_sharded(p) for p in holder.parameters())
+
+
+def test_fsdp_with_an_algo_that_does_not_shard_is_one_line(tmp_path):
+    """A third-party LightningModule without configure_model: refused before the run folder exists."""
+    import lightning as L
+
+    from mdlm_dmmd import cli
+    from mdlm_dmmd.training import build_trainer
+
+    cfg = cli.compose(["algo=mdlm", "debug=cpu", "trainer.strategy=fsdp", f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(UserError, match=r"^trainer.strategy=fsdp needs an algo that shards its networks .*"
+                                        r"algo=mdlm does not: use trainer.strategy=ddp$"):
+        build_trainer(cfg, tmp_path / "run", L.LightningModule())
+    assert not (tmp_path / "run").exists()
