@@ -16,7 +16,9 @@ At many steps per token most steps reveal nothing in most sequences, so a teache
 steps costs less than a student step at k. The benchmark therefore also counts, in an untimed
 run with the same seed, the sequences each sampler passes through the network (rows of its
 forward calls): the ratio of those is the work ratio, and wall / work says whether one
-sequence's forward costs the same in both samplers.
+sequence's forward costs the same in both samplers. Last, each student and the teacher at the same
+k steps (alternating, best of the repeats): the direct price of a student step against a
+teacher step, per step and per sequence through the network.
 
     python benchmarks/equal_quality_speed.py [--results DIR/sweep/results.csv --samples 1000 --repeats 3]
 Writes benchmarks/results/equal_quality_speed_<time>/ (results.md, results.json, run_info.json).
@@ -108,6 +110,17 @@ def main() -> None:
                             "teacher_steps": n, "teacher_steps_se": bootstrap_se(curve, errors, target, target_se)
                             if n is not None else None, "nfe_ratio": None if n is None else n / k})
 
+    def best_of(runs: dict) -> dict:
+        """Best wall time of each (pipeline, steps) in `runs`, the order alternating per repeat."""
+        best = dict.fromkeys(runs, float("inf"))
+        for repeat in range(args.repeats):
+            for who in (list(runs) if repeat % 2 == 0 else list(runs)[::-1]):
+                pipeline, steps = runs[who]
+                begin = time.perf_counter()
+                pipeline.generate(args.samples, steps=steps, generator=torch.Generator().manual_seed(1))
+                best[who] = min(best[who], time.perf_counter() - begin)
+        return best
+
     timings = {}
     for k in sorted({r["k"] for r in results}):
         for space_row in (r for r in results if r["k"] == k and r["teacher_steps"] is not None):
@@ -115,14 +128,7 @@ def main() -> None:
             if (k, n) in timings:
                 space_row["wall"] = timings[(k, n)]
                 continue
-            best = {"teacher": float("inf"), "student": float("inf")}
-            for repeat in range(args.repeats):
-                order = ("teacher", "student") if repeat % 2 == 0 else ("student", "teacher")
-                for who in order:
-                    pipeline, steps = (pipelines["teacher"], n) if who == "teacher" else (pipelines[k], k)
-                    begin = time.perf_counter()
-                    pipeline.generate(args.samples, steps=steps, generator=torch.Generator().manual_seed(1))
-                    best[who] = min(best[who], time.perf_counter() - begin)
+            best = best_of({"teacher": (pipelines["teacher"], n), "student": (pipelines[k], k)})
             rows = {"teacher": network_rows(pipelines["teacher"], args.samples, n),
                     "student": network_rows(pipelines[k], args.samples, k)}
             timings[(k, n)] = {"teacher_steps_timed": n, **{f"{w}_s": v for w, v in best.items()},
@@ -149,7 +155,21 @@ def main() -> None:
                      f"{w['wall_ratio']:.2f} | {w['wall_ratio'] / w['nfe_ratio_timed']:.2f} | "
                      f"{w['teacher_rows']} / {w['student_rows']} | {w['work_ratio']:.2f} | "
                      f"{w['wall_ratio'] / w['work_ratio']:.2f} |")
-    write_results(out, {**{k: str(v) for k, v in vars(args).items()}, "rows": results}, lines)
+    same_steps = []
+    for k in sorted({r["k"] for r in results}):
+        best = best_of({"teacher": (pipelines["teacher"], k), "student": (pipelines[k], k)})
+        rows = {"teacher": network_rows(pipelines["teacher"], args.samples, k),
+                "student": network_rows(pipelines[k], args.samples, k)}
+        same_steps.append({"k": k, **{f"{w}_s": v for w, v in best.items()}, **{f"{w}_rows": v for w, v in rows.items()}})
+        print("same steps", same_steps[-1], flush=True)
+    lines += ["", "## A student step against a teacher step, both at k steps", "",
+              "| k | teacher s | student s | student / teacher | sequences through the network: teacher / student | "
+              "per sequence: student / teacher |", "|---|---|---|---|---|---|"]
+    for r in same_steps:
+        per_row = (r["student_s"] / r["student_rows"]) / (r["teacher_s"] / r["teacher_rows"])
+        lines.append(f"| {r['k']} | {r['teacher_s']:.2f} | {r['student_s']:.2f} | {r['student_s'] / r['teacher_s']:.2f} | "
+                     f"{r['teacher_rows']} / {r['student_rows']} | {per_row:.2f} |")
+    write_results(out, {**{k: str(v) for k, v in vars(args).items()}, "rows": results, "same_steps": same_steps}, lines)
     write_run_info(out, run_info(command_line("equal_quality_speed.py", args), started))
 
 
