@@ -1,8 +1,8 @@
 """Fully sharded data parallelism (`trainer.strategy=fsdp`: FSDP2 through Lightning, `mdlm_dmmd/sharding.py`)
 on CPU with 2 gloo processes: every algo ends with the weights of 1 process on the same global
-batch, gradient accumulation included; a sharded run resumes exactly, from its own checkpoint
-and from a DDP run's (the files are the same); rank 0 alone samples, from whole weights; the EMA
-follows the shards.
+batch, gradient accumulation included; a sharded run resumes exactly from its own checkpoint,
+and a run moves between DDP and FSDP (the files are the same); rank 0 alone samples, from whole
+weights; the EMA follows the shards.
 """
 
 import os
@@ -150,19 +150,40 @@ def test_a_process_failing_alone_ends_the_sharded_run_without_a_crash_checkpoint
     assert last["global_step"] == 2
 
 
-def test_a_sharded_run_resumes_exactly_from_its_own_and_from_a_ddp_checkpoint(tmp_path, teacher):
-    student = ["algo=dmmd", f"algo.teacher={teacher}", "sampling.num_samples=0", "loader.batch_size=4"]
-    train(tmp_path, "straight", *student, *FSDP, "trainer.max_steps=4")
-    for name, first in (("fsdp", FSDP), ("ddp", DDP)):
-        train(tmp_path, name, *student, *first, "trainer.max_steps=2")
-        train(tmp_path, name, *student, *FSDP, "trainer.max_steps=4",
-              f"checkpoint={tmp_path / name / 'checkpoints' / 'last.ckpt'}")
-        straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / name)
-        assert resumed["global_step"] == 4 and resumed["distillation"] == straight["distillation"]
-        # the RNG, loader, phase, optimiser state and EMA restored into the shards; bit for bit
-        # from DDP too (measured: 2 processes reduce in the same order under DDP and FSDP here)
-        assert max_difference(straight["state_dict"], resumed["state_dict"]) == 0.0, name
-        assert max_difference(straight["ema"]["shadow"], resumed["ema"]["shadow"]) == 0.0, name
+STUDENT = ["algo=dmmd", "sampling.num_samples=0", "loader.batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, teacher):
+    """A sharded dmmd run of 4 updates that never stopped."""
+    folder = tmp_path_factory.mktemp("fsdp_straight")
+    train(folder, "straight", *STUDENT, f"algo.teacher={teacher}", *FSDP, "trainer.max_steps=4")
+    return weights(folder / "straight")
+
+
+def stopped_and_resumed(tmp_path, teacher, first: list, then: list) -> dict:
+    student = [*STUDENT, f"algo.teacher={teacher}"]
+    train(tmp_path, "run", *student, *first, "trainer.max_steps=2")
+    train(tmp_path, "run", *student, *then, "trainer.max_steps=4", f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}")
+    return weights(tmp_path / "run")
+
+
+def same_run(straight: dict, resumed: dict) -> None:
+    """The RNG, loader, phase, optimiser state and EMA restored: bit for bit."""
+    assert resumed["global_step"] == 4 and resumed["distillation"] == straight["distillation"]
+    assert max_difference(straight["state_dict"], resumed["state_dict"]) == 0.0
+    assert max_difference(straight["ema"]["shadow"], resumed["ema"]["shadow"]) == 0.0
+
+
+def test_a_sharded_run_resumes_exactly(tmp_path, teacher, straight):
+    same_run(straight, stopped_and_resumed(tmp_path, teacher, FSDP, FSDP))
+
+
+@pytest.mark.parametrize("first, then", [(DDP, FSDP), (FSDP, DDP)], ids=["ddp_to_fsdp", "fsdp_to_ddp"])
+def test_a_run_moves_between_ddp_and_fsdp_exactly(tmp_path, teacher, straight, first, then):
+    """The checkpoint files are the same, so a run stopped under one strategy resumes under the
+    other; bit for bit here (measured: 2 processes reduce in the same order under DDP and FSDP)."""
+    same_run(straight, stopped_and_resumed(tmp_path, teacher, first, then))
 
 
 # -- in-process checks of the pieces, on a gloo group of 1 or 2 processes ---------------------------
