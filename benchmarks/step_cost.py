@@ -58,38 +58,57 @@ def build(algo_name: str, shape: dict, teacher: str | None):
     return registry.load_algo(algo_name)(config)
 
 
-def step_seconds(algo, batch: int, length: int, steps: int, skip: int) -> list[float]:
-    timer = StepTimer()
+def fit_steps(algo, batch: int, length: int, steps: int, callback: L.Callback) -> None:
+    """`steps` training steps of `algo` on random tokens [batch, length], watched by `callback`."""
     data = [{"input_ids": torch.randint(0, VOCAB, (batch, length))} for _ in range(steps)]
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[timer])
+                        callbacks=[callback])
     trainer.fit(algo, torch.utils.data.DataLoader(data, batch_size=None))
+
+
+def step_seconds(algo, batch: int, length: int, steps: int, skip: int) -> list[float]:
+    timer = StepTimer()
+    fit_steps(algo, batch, length, steps, timer)
     return timer.seconds[skip:]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The DiT shape and batch flags (default 256 wide × 4 layers, L = 256, B = 8)."""
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
+
+
+def shape_of(args) -> dict:
+    return {"length": args.length, "hidden_dim": args.hidden, "n_blocks": args.layers, "n_heads": args.heads}
+
+
+def random_teacher(folder: Path, shape: dict) -> str:
+    """A masked teacher of `shape` with random weights (a non-trivial head), saved in `folder`."""
+    torch.manual_seed(0)
+    network = DiT(DiTConfig(vocab_size=VOCAB + 1, **shape, cond_dim=128, dropout=0.0, attn_backend="sdpa"))
+    torch.nn.init.normal_(network.output_layer.linear.weight, std=0.02)
+    return str(save_backbone(folder / "teacher", network, {
+        "process": "masked", "mask_id": VOCAB, "schedule": "loglinear", "schedule_eps": 1e-3,
+        "time_conditioning": False}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_shape_arguments(parser)
     parser.add_argument("--steps", type=int, default=12, help="training steps per fit (D-MMD: gen and aux alternate)")
     parser.add_argument("--skip", type=int, default=2, help="first steps of each fit not timed (even)")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     started = time.time()
     out = results_dir("step_cost")
-    shape = {"length": args.length, "hidden_dim": args.hidden, "n_blocks": args.layers, "n_heads": args.heads}
+    shape = shape_of(args)
     times: dict[str, list[float]] = {"mdlm": [], "dmmd_even": [], "dmmd_odd": []}  # D-MMD: the two phases
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        network = DiT(DiTConfig(vocab_size=VOCAB + 1, **shape, cond_dim=128, dropout=0.0, attn_backend="sdpa"))
-        torch.nn.init.normal_(network.output_layer.linear.weight, std=0.02)  # a teacher with a non-trivial head
-        teacher = str(save_backbone(Path(tmp) / "teacher", network, {
-            "process": "masked", "mask_id": VOCAB, "schedule": "loglinear", "schedule_eps": 1e-3,
-            "time_conditioning": False}))
+        teacher = random_teacher(Path(tmp), shape)
         for repeat in range(args.repeats):
             for name in (("mdlm", "dmmd") if repeat % 2 == 0 else ("dmmd", "mdlm")):
                 algo = build(name, shape, teacher if name == "dmmd" else None)

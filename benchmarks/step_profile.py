@@ -29,11 +29,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from mdlm_dmmd.checkpoints import save_backbone
-from mdlm_dmmd.models.dit import DiT, DiTConfig
-
 from run_info import command_line, results_dir, run_info, write_results, write_run_info  # benchmarks/ is on sys.path
-from step_cost import VOCAB, build
+from step_cost import VOCAB, add_shape_arguments, build, fit_steps, random_teacher, shape_of
 
 BUCKETS = ("matmul", "attention", "[., V]", "other")
 
@@ -68,11 +65,7 @@ class Profile(L.Callback):
 def profile(algo, batch: int, length: int, first: int, count: int) -> dict[str, float]:
     """Seconds of own CPU time per bucket, per step, over `count` steps after `first`."""
     callback = Profile(first, count)
-    data = [{"input_ids": torch.randint(0, VOCAB, (batch, length))} for _ in range(first + count)]
-    trainer = L.Trainer(max_steps=first + count, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[callback])
-    trainer.fit(algo, torch.utils.data.DataLoader(data, batch_size=None))
+    fit_steps(algo, batch, length, first + count, callback)
     seconds = dict.fromkeys(BUCKETS, 0.0)
     for event in callback.profiler.events():
         if event.name.startswith("aten::"):
@@ -82,25 +75,16 @@ def profile(algo, batch: int, length: int, first: int, count: int) -> dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
+    add_shape_arguments(parser)
     parser.add_argument("--steps", type=int, default=6, help="steps profiled per fit (even: D-MMD's two phases)")
     parser.add_argument("--skip", type=int, default=2, help="first steps of each fit not profiled (even)")
     args = parser.parse_args()
     started = time.time()
     out = results_dir("step_profile")
-    shape = {"length": args.length, "hidden_dim": args.hidden, "n_blocks": args.layers, "n_heads": args.heads}
+    shape = shape_of(args)
     per_step = {}
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        network = DiT(DiTConfig(vocab_size=VOCAB + 1, **shape, cond_dim=128, dropout=0.0, attn_backend="sdpa"))
-        torch.nn.init.normal_(network.output_layer.linear.weight, std=0.02)
-        teacher = str(save_backbone(Path(tmp) / "teacher", network, {
-            "process": "masked", "mask_id": VOCAB, "schedule": "loglinear", "schedule_eps": 1e-3,
-            "time_conditioning": False}))
+        teacher = random_teacher(Path(tmp), shape)
         for name in ("mdlm", "dmmd"):
             algo = build(name, shape, teacher if name == "dmmd" else None)
             per_step[name] = profile(algo, args.batch, args.length, args.skip, args.steps)
