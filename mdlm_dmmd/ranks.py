@@ -4,7 +4,7 @@ Lightning starts and joins the processes of a fit (`trainer.strategy=ddp`). The 
 sample and score (`sample`, `eval`, `sweep`) run outside Lightning: started by `torchrun`, they
 join the process group here (`join`), each process draws its share of the sample batches
 (`Ranks.mine`; batch b is drawn from its own seed, so the samples do not depend on the number of
-processes), the batches are gathered (`Ranks.gather`), and rank 0 alone scores and writes.
+processes), the batches are gathered on rank 0 (`Ranks.gather`), which alone scores and writes.
 """
 
 from __future__ import annotations
@@ -41,12 +41,16 @@ class Ranks:
         return range(self.rank, count, self.world)
 
     def gather(self, pieces: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Every process's {index: tensor}, merged, on every process (tensors on the CPU)."""
+        """Every process's {index: tensor}, merged on rank 0 (tensors on the CPU); the other
+        processes get {}: they only help sample, and 50K samples held by every process would be
+        memory spent for nothing."""
         pieces = {index: piece.cpu() for index, piece in pieces.items()}
         if self.world == 1:
             return pieces
-        everyone: list = [None] * self.world
-        torch.distributed.all_gather_object(everyone, pieces)
+        everyone: list | None = [None] * self.world if self.writer else None
+        torch.distributed.gather_object(pieces, everyone, dst=0)
+        if everyone is None:
+            return {}
         return {index: piece for share in everyone for index, piece in share.items()}
 
     def total(self, value: int) -> int:

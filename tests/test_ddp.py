@@ -16,8 +16,11 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+from omegaconf import OmegaConf
 
 from mdlm_dmmd.algos.bd3lm import clip_intervals
+from mdlm_dmmd.eval.scoring import generate
+from mdlm_dmmd.ranks import Ranks
 from mdlm_dmmd.training import check_ranks_agree
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled",
@@ -196,16 +199,50 @@ def _agree(rank: int, port: int, results):
         torch.distributed.destroy_process_group()
 
 
-def test_check_ranks_agree_finds_a_replica_that_drifted():
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def test_check_ranks_agree_finds_a_replica_that_drifted():
     results = mp.Manager().dict()
-    mp.spawn(_agree, args=(port, results), nprocs=2, join=True)
+    mp.spawn(_agree, args=(free_port(), results), nprocs=2, join=True)
     assert results[(0, False)] == results[(1, False)] == "agree"
     assert all("different weights" in results[(rank, True)] for rank in (0, 1))  # 1e-6 on one weight of rank 1
+
+
+class BatchEcho:
+    """A model whose sample rows hold the seed they were drawn with (its last three digits)."""
+
+    device = torch.device("cpu")
+
+    def generate(self, num_samples, *, generator, **options):
+        return torch.full((num_samples, 2), generator.initial_seed() % 1000)
+
+
+SEVEN_IN_FOURS = {"sampling": {"num_samples": 7, "batch_size": 2, "seed": 3, "temperature": 1.0, "top_p": 1.0,
+                               "noise_removal": "ancestral"}}
+
+
+def _share_samples(rank: int, port: int, results):
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        samples = generate(BatchEcho(), OmegaConf.create(SEVEN_IN_FOURS), steps=2, progress=False, ranks=Ranks(rank, 2))
+        results[rank] = samples.tolist()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_rank_0_alone_receives_the_samples_the_processes_share():
+    results = mp.Manager().dict()
+    mp.spawn(_share_samples, args=(free_port(), results), nprocs=2, join=True)
+    alone = generate(BatchEcho(), OmegaConf.create(SEVEN_IN_FOURS), steps=2, progress=False).tolist()
+    assert len(alone) == 7 and len({row[0] for row in alone}) == 4  # 4 batches, each from its own seed
+    assert results[0] == alone  # batches 0, 2 drawn by rank 0 and 1, 3 by rank 1, in batch order
+    assert results[1] == []  # the helping process keeps no copy
 
 
 def test_torchrun_launch_as_the_readme_gives_it(tmp_path):

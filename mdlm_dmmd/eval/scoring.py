@@ -141,8 +141,8 @@ def generate(model, cfg: DictConfig, steps: int, *, prompt_rows: torch.Tensor | 
     """`sampling.num_samples` sequences in `steps` steps, `sampling.batch_size` at a time, batch b
     drawn from `batch_seed(sampling.seed, b)`; with `prompt_rows` (see `prompt_rows`), sample i
     continues the first `sampling.prompt_length` tokens of row i. With several `ranks` each process
-    draws its batches (b = rank, rank + world, ...) and every process gets all the samples: the
-    same samples as one process draws. `model.stats["entropy_redraws"]` counts over all batches."""
+    draws its batches (b = rank, rank + world, ...) and rank 0 gets all the samples (the same
+    samples as one process draws), the others an empty tensor. `model.stats["entropy_redraws"]` counts over all batches."""
     s = cfg.sampling
     prompts = None if prompt_rows is None else prompt_rows[:, : int(s.prompt_length)]
     count, size = int(s.num_samples), int(s.batch_size or s.num_samples)
@@ -163,6 +163,8 @@ def generate(model, cfg: DictConfig, steps: int, *, prompt_rows: torch.Tensor | 
     drawn = ranks.gather(drawn)
     if s.get("entropy_redraw") and hasattr(model, "stats"):
         model.stats = {"entropy_redraws": ranks.total(redraws)}
+    if not drawn:  # a helping process: rank 0 has its batches
+        return torch.empty(0, 0, dtype=torch.long)
     return torch.cat([drawn[batch] for batch in sorted(drawn)])
 
 
