@@ -16,6 +16,8 @@ Random weights (speed does not depend on them), the `small` DiT by default (768 
 latency case; `sampling.batch_size` is 64 by default, and at batch 1 the cached path's 256-row
 matmuls run at a lower rate than the uncached path's longer ones on a CPU). `--without-plain`
 leaves out the plain model (its time grows with the batch and is not part of the ratio).
+`--device cuda` (`--bf16`: under bf16 autocast, `--attn`: the attention backend) times the same on
+a GPU, synchronising before each clock reading.
 
     python benchmarks/block_sampler_speed.py [--length 1024 --block-size 256 --steps 4 --repeats 2 --batch 1]
 Writes benchmarks/results/block_sampler_speed_<time>/ (results.md, results.json, run_info.json).
@@ -42,8 +44,13 @@ from run_info import command_line, run_info, write_run_info  # benchmarks/ is on
 
 
 def timed(fn) -> float:
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
     started = time.perf_counter()
     fn()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - started
 
 
@@ -67,8 +74,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1, help="sequences sampled at once")
     parser.add_argument("--without-plain", action="store_true", help="time only the two block samplers")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (fp32 weights)")
+    parser.add_argument("--attn", default="sdpa", help="model.attn_backend (auto, sdpa, flex, flash)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    device = torch.device(args.device)
     started = time.time()
     out = args.out or Path("benchmarks/results") / f"block_sampler_speed_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
     L, K, k = args.length, args.block_size, args.steps
@@ -76,14 +87,15 @@ def main() -> None:
 
     torch.manual_seed(0)
     network = DiT(DiTConfig(vocab_size=args.vocab, length=L, hidden_dim=args.hidden, cond_dim=128,
-                            n_blocks=args.layers, n_heads=args.heads, dropout=0.0, attn_backend="sdpa")).eval()
+                            n_blocks=args.layers, n_heads=args.heads, dropout=0.0, attn_backend=args.attn)).eval()
     torch.nn.init.normal_(network.output_layer.linear.weight, std=0.02)  # not the zero-init head: real sampling work
+    network.to(device)
     process = MaskedProcess(LogLinear(), mask_id=args.vocab - 1)
     block_denoiser = BlockDenoiser(network, process, block_size=K)
     plain_denoiser = Denoiser(network, process)
 
     def generation(kind: str):
-        generator = torch.Generator().manual_seed(1)
+        generator = torch.Generator(device=device).manual_seed(1)
         if kind == "plain":
             return lambda: sample(plain_denoiser, process, steps=k * blocks, shape=(args.batch, L), generator=generator)
         return lambda: BlockSampler(process, K, kv_cache=kind == "cached")(block_denoiser, steps=k, shape=(args.batch, L),
@@ -91,7 +103,8 @@ def main() -> None:
 
     kinds = ("cached", "uncached") if args.without_plain else ("cached", "uncached", "plain")
     best = {kind: float("inf") for kind in kinds}
-    with torch.no_grad():
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    with torch.no_grad(), autocast:
         for repeat in range(args.repeats):
             for kind in (kinds if repeat % 2 == 0 else kinds[::-1]):
                 best[kind] = min(best[kind], timed(generation(kind)))
@@ -99,20 +112,21 @@ def main() -> None:
 
         # a cached forward of one block after T cached tokens
         per_prefix = []
-        tokens = torch.randint(0, args.vocab - 1, (1, L), generator=torch.Generator().manual_seed(2))
+        tokens = torch.randint(0, args.vocab - 1, (1, L), generator=torch.Generator().manual_seed(2)).to(device)
         for j in range(blocks):
             cache = block_denoiser.new_cache()
             for i in range(j):
                 block_denoiser.commit(tokens[:, i * K:(i + 1) * K], cache)
             z = tokens[:, j * K:(j + 1) * K]
-            t = torch.ones(1)
+            t = torch.ones(1, device=device)
             seconds = min(timed(lambda: block_denoiser.block_log_probs(z, t, kv_cache=cache)) for _ in range(args.repeats))
             per_prefix.append({"prefix": j * K, "seconds": seconds, "attention_flop_share": attention_share(K, j * K, args.hidden)})
             print(per_prefix[-1], flush=True)
 
     result = {
         "length": L, "block_size": K, "steps_per_block": k, "vocab": args.vocab, "hidden": args.hidden,
-        "layers": args.layers, "heads": args.heads, "batch": args.batch, "dtype": "float32", "device": "cpu",
+        "layers": args.layers, "heads": args.heads, "batch": args.batch, "dtype": "bf16 autocast" if args.bf16 else "float32", "device": args.device,
+        "attn_backend": args.attn,
         "seconds": best, "cached_over_uncached": best["cached"] / best["uncached"],
         "cached_over_plain": best["cached"] / best["plain"] if "plain" in best else None,
         "tokens_per_step": {"cached": K, "uncached": [K * (j + 1) for j in range(blocks)], "plain": L},
@@ -122,7 +136,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     lines = [
-        f"# Block sampler speed: {L} tokens in blocks of {K}, {k} steps per block (CPU, fp32, batch {args.batch})",
+        f"# Block sampler speed: {L} tokens in blocks of {K}, {k} steps per block ({result['device']}, "
+        f"{result['dtype']}, attention {args.attn}, batch {args.batch})",
         "",
         f"DiT {args.hidden} wide, {args.layers} layers, {args.heads} heads, V = {args.vocab}; best of {args.repeats}, "
         "the three generations alternating in one process.",

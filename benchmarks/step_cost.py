@@ -10,7 +10,9 @@ generator and auxiliary steps. The two fits alternate `--repeats` times in one p
 median step of each is compared.
 
 Random weights and tokens, fp32 on the CPU, masked teacher, the DiT shape from the flags
-(default 256 wide × 4 layers, V = 50258, L = 256, B = 8: minutes on 2 cores).
+(default 256 wide × 4 layers, V = 50258, L = 256, B = 8: minutes on 2 cores). On a GPU:
+`--device cuda --precision bf16-mixed --attn auto` (flash when installed), the clock read after
+a CUDA synchronise.
 
     python benchmarks/step_cost.py [--repeats 2 --steps 12]
 Writes benchmarks/results/step_cost_<time>/ (results.md, results.json, run_info.json).
@@ -37,20 +39,27 @@ from run_info import command_line, results_dir, run_info, write_results, write_r
 VOCAB = 50257  # GPT-2; the masked networks add the mask
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class StepTimer(L.Callback):
     def __init__(self):
         self.seconds: list[float] = []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        synchronize()
         self._started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        synchronize()
         self.seconds.append(time.perf_counter() - self._started)
 
 
-def build(algo_name: str, shape: dict, teacher: str | None):
+def build(algo_name: str, shape: dict, teacher: str | None, attn: str = "sdpa"):
     overrides = [f"algo={algo_name}", "model=small", *(f"model.{k}={v}" for k, v in shape.items()),
-                 "model.dropout=0.0", "model.attn_backend=sdpa", "training.ema=0.0"]
+                 "model.dropout=0.0", f"model.attn_backend={attn}", "training.ema=0.0"]
     if teacher:
         overrides.append(f"algo.teacher={teacher}")
     config = OmegaConf.to_container(cli.compose(overrides), resolve=True)
@@ -58,18 +67,20 @@ def build(algo_name: str, shape: dict, teacher: str | None):
     return registry.load_algo(algo_name)(config)
 
 
-def fit_steps(algo, batch: int, length: int, steps: int, callback: L.Callback) -> None:
+def fit_steps(algo, batch: int, length: int, steps: int, callback: L.Callback, device: str = "cpu",
+              precision: str = "32-true") -> None:
     """`steps` training steps of `algo` on random tokens [batch, length], watched by `callback`."""
     data = [{"input_ids": torch.randint(0, VOCAB, (batch, length))} for _ in range(steps)]
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=steps, accelerator="gpu" if device == "cuda" else "cpu", precision=precision,
+                        logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=[callback])
     trainer.fit(algo, torch.utils.data.DataLoader(data, batch_size=None))
 
 
-def step_seconds(algo, batch: int, length: int, steps: int, skip: int) -> list[float]:
+def step_seconds(algo, batch: int, length: int, steps: int, skip: int, device: str, precision: str) -> list[float]:
     timer = StepTimer()
-    fit_steps(algo, batch, length, steps, timer)
+    fit_steps(algo, batch, length, steps, timer, device, precision)
     return timer.seconds[skip:]
 
 
@@ -102,6 +113,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="training steps per fit (D-MMD: gen and aux alternate)")
     parser.add_argument("--skip", type=int, default=2, help="first steps of each fit not timed (even)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed on a GPU")
+    parser.add_argument("--attn", default="sdpa", help="model.attn_backend (auto, sdpa, flex, flash)")
     args = parser.parse_args()
     started = time.time()
     out = results_dir("step_cost")
@@ -111,8 +125,8 @@ def main() -> None:
         teacher = random_teacher(Path(tmp), shape)
         for repeat in range(args.repeats):
             for name in (("mdlm", "dmmd") if repeat % 2 == 0 else ("dmmd", "mdlm")):
-                algo = build(name, shape, teacher if name == "dmmd" else None)
-                seconds = step_seconds(algo, args.batch, args.length, args.steps, args.skip)
+                algo = build(name, shape, teacher if name == "dmmd" else None, args.attn)
+                seconds = step_seconds(algo, args.batch, args.length, args.steps, args.skip, args.device, args.precision)
                 if name == "mdlm":
                     times["mdlm"] += seconds
                 else:  # phases alternate step by step; `skip` is even, so both lists keep one phase
@@ -124,7 +138,8 @@ def main() -> None:
     result = {**vars(args), "vocab": VOCAB + 1, "median_step_s": median, "steps_timed": {k: len(v) for k, v in times.items()},
               "ratio": median["dmmd"] / median["mdlm"], "ideal": 5 / 3, "target": 1.8}
     lines = [f"# D-MMD update vs teacher update (DiT {args.hidden} wide × {args.layers}, V = {VOCAB + 1}, "
-             f"L = {args.length}, B = {args.batch}; CPU fp32, {len(times['mdlm'])} teacher and "
+             f"L = {args.length}, B = {args.batch}; {args.device} {args.precision}, attention {args.attn}, "
+             f"{len(times['mdlm'])} teacher and "
              f"{len(times['dmmd_even']) + len(times['dmmd_odd'])} D-MMD steps timed)",
              "", "| update | median s | ratio | ideal (pass count) | target |", "|---|---|---|---|---|",
              f"| teacher (mdlm) | {median['mdlm']:.3f} | 1.00 | 1 | |",
