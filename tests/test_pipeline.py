@@ -185,7 +185,7 @@ def test_resume_equals_straight_run(run, half, tmp_path):
                         "sampling.num_samples=0", f"run_dir={out}"]) == 0
     straight, resumed = load(run / "checkpoints" / "final.ckpt"), load(out / "checkpoints" / "final.ckpt")
     assert resumed["global_step"] == straight["global_step"] == 4
-    assert straight["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 4}]
+    assert straight["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "rows": 4 * 8}]  # debug=cpu: 8 rows
     assert_identical(straight, resumed, "4 straight vs 2 + resume 2")
 
 
@@ -199,14 +199,14 @@ def straight_and_resumed(tmp_path: Path, overrides: list[str], resume_from: str)
     return load(straight / "checkpoints" / "final.ckpt"), load(resumed / "checkpoints" / "final.ckpt")
 
 
-@pytest.mark.parametrize("overrides, resume_from, batches", [
-    (["trainer.accumulate_grad_batches=2"], "step2.ckpt", 8),
+@pytest.mark.parametrize("overrides, resume_from, rows", [
+    (["trainer.accumulate_grad_batches=2"], "step2.ckpt", 8 * 8),
     # 3 batches per epoch: step 3 ends epoch 0, so the resumed run starts epoch 1 from its top
-    (["loader.batch_size=512", "trainer.val_check_interval=3", "trainer.max_steps=5"], "step3.ckpt", 2),
+    (["loader.batch_size=512", "trainer.val_check_interval=3", "trainer.max_steps=5"], "step3.ckpt", 2 * 512),
 ], ids=["accumulate_grad_batches=2", "resume_at_epoch_end"])
-def test_resume_equals_straight_run_mdlm(tmp_path, overrides, resume_from, batches):
+def test_resume_equals_straight_run_mdlm(tmp_path, overrides, resume_from, rows):
     straight, resumed = straight_and_resumed(tmp_path, overrides, resume_from)
-    assert straight["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == batches
+    assert straight["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["rows"] == rows
     assert_identical(straight, resumed, " ".join(overrides))
 
 

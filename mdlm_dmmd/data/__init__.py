@@ -296,11 +296,14 @@ class EpochShuffle(DistributedSampler):
 class ResumableLoader(DataLoader):
     """The training loader: `EpochShuffle` order, `drop_last`, and a position that survives restarts.
 
-    `state_dict()` is {"epoch", "batches"}: batches handed out so far in that epoch, counted as
-    they leave the loader (workers fetch ahead, so counting in the sampler would overshoot).
-    Lightning's fit loop stores it in every checkpoint (loaders with `state_dict` /
-    `load_state_dict` count as stateful) and hands it back before iterating on resume, so a run
-    resumed mid-epoch sees exactly the batches that a run without the restart would have seen.
+    `state_dict()` is {"epoch", "rows"}: rows of the global order handed out so far in that
+    epoch by all processes together, counted as they leave the loader (workers fetch ahead, so
+    counting in the sampler would overshoot). Lightning's fit loop stores it in every checkpoint
+    (loaders with `state_dict` / `load_state_dict` count as stateful) and hands it back before
+    iterating on resume, so a run resumed mid-epoch sees exactly the batches that a run without
+    the restart would have seen. Counted in global rows, the position survives a resume on
+    another number of processes or with another batch size: the next pass starts after those
+    rows (rounded up to a multiple of the processes, so no row is seen twice in an epoch).
     """
 
     def __init__(self, dataset: Dataset, *, batch_size: int, seed: int = 0, num_workers: int = 0):
@@ -309,7 +312,7 @@ class ResumableLoader(DataLoader):
         super().__init__(dataset, batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed),
                          drop_last=True, num_workers=num_workers, persistent_workers=num_workers > 0,
                          generator=torch.Generator().manual_seed(seed))
-        self._position = (0, 0)  # (epoch, batches of it handed out)
+        self._position = (0, 0)  # (epoch, indices of this process's order of it handed out)
         self._resuming = False  # set by load_state_dict: the next pass continues `_position`
 
     def __iter__(self) -> Iterator[Any]:
@@ -318,27 +321,31 @@ class ResumableLoader(DataLoader):
     def _serve(self) -> Iterator[Any]:
         # A generator, so nothing starts before the first batch is asked for: when resuming,
         # Lightning calls iter() before set_epoch, and the pass must use the epoch set after.
-        epoch, (saved_epoch, saved_batches) = self.sampler.epoch, self._position
-        skip = saved_batches if self._resuming and saved_epoch == epoch else 0
+        epoch, (saved_epoch, saved_start) = self.sampler.epoch, self._position
+        start = saved_start if self._resuming and saved_epoch == epoch else 0
         self._resuming = False
-        self.sampler.skip_next(skip * self.batch_size)
-        self._position = (epoch, skip)
+        self.sampler.skip_next(start)
+        self._position = (epoch, start)
         for batch in super().__iter__():
-            self._position = (epoch, self._position[1] + 1)
+            self._position = (epoch, self._position[1] + self.batch_size)
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        epoch, batches = self._position
+        epoch, served = self._position
         if epoch != self.sampler.epoch:  # set_epoch has moved on; that pass has not begun
-            epoch, batches = self.sampler.epoch, 0
-        return {"epoch": epoch, "batches": batches}
+            epoch, served = self.sampler.epoch, 0
+        return {"epoch": epoch, "rows": served * ranks.current()[1]}  # every process serves as many
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        epoch, batches = int(state["epoch"]), int(state["batches"])
-        if batches >= len(self):  # saved at the end of an epoch: the next one starts from its top
-            epoch, batches = epoch + 1, 0
+        epoch, world = int(state["epoch"]), ranks.current()[1]
+        if "rows" in state:  # rows r, r + W, ... of the global order are process r's: skip the first rows / W
+            start = -(-int(state["rows"]) // world)
+        else:  # a checkpoint from before the position was kept in rows: this loader's batches
+            start = int(state["batches"]) * self.batch_size
+        if len(self.sampler) - start < self.batch_size:  # no whole batch left: the next epoch, from its top
+            epoch, start = epoch + 1, 0
         self.sampler.set_epoch(epoch)  # what Lightning sets too; matters when used without it
-        self._position, self._resuming = (epoch, batches), True
+        self._position, self._resuming = (epoch, start), True
 
 
 def make_loaders(bundle: DataBundle, *, batch_size: int, eval_batch_size: int,

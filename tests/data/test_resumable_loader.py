@@ -55,12 +55,12 @@ def test_resume_mid_epoch_serves_the_rest_of_the_uninterrupted_pass(served):
     it = iter(killed)
     assert [next(it)["input_ids"][:, 0].tolist() for _ in range(served)] == expected[:served]
     state = killed.state_dict()
-    assert state == {"epoch": 1, "batches": served}
+    assert state == {"epoch": 1, "rows": 4 * served}
 
     resumed = loader()
     resumed.load_state_dict(state)
     assert epoch_batches(resumed) == expected[served:]
-    assert resumed.state_dict() == {"epoch": 1, "batches": len(expected)}
+    assert resumed.state_dict() == {"epoch": 1, "rows": 4 * len(expected)}
     assert epoch_batches(resumed, 2) == next_epoch  # the skip applied to one pass only
 
 
@@ -69,13 +69,13 @@ def test_lightning_order_iter_before_set_epoch():
     set last, and skip only if that is still the saved epoch (not after limit_train_batches)."""
     expected = epoch_batches(loader(), 3)
     resumed = loader()
-    resumed.load_state_dict({"epoch": 3, "batches": 1})
+    resumed.load_state_dict({"epoch": 3, "rows": 4})
     it = iter(resumed)
     resumed.sampler.set_epoch(3)
     assert [b["input_ids"][:, 0].tolist() for b in it] == expected[1:]
 
     moved_on = loader()
-    moved_on.load_state_dict({"epoch": 3, "batches": 1})
+    moved_on.load_state_dict({"epoch": 3, "rows": 4})
     it = iter(moved_on)
     moved_on.sampler.set_epoch(4)
     assert [b["input_ids"][:, 0].tolist() for b in it] == epoch_batches(loader(), 4)
@@ -83,7 +83,9 @@ def test_lightning_order_iter_before_set_epoch():
 
 def test_state_saved_at_the_end_of_an_epoch_resumes_at_the_top_of_the_next():
     resumed = loader()
-    resumed.load_state_dict({"epoch": 0, "batches": ROWS // 4})
+    resumed.load_state_dict({"epoch": 0, "rows": ROWS // 4 * 4})
+    assert epoch_batches(resumed) == epoch_batches(loader(), 1)
+    resumed.load_state_dict({"epoch": 0, "rows": 11})  # 3 rows left: less than a batch
     assert epoch_batches(resumed) == epoch_batches(loader(), 1)
 
 
@@ -92,20 +94,60 @@ def test_state_between_passes():
     after a load: the position is still exact."""
     data = loader()
     epoch_batches(data, 0)
-    assert data.state_dict() == {"epoch": 0, "batches": ROWS // 4}
+    assert data.state_dict() == {"epoch": 0, "rows": ROWS // 4 * 4}
     data.sampler.set_epoch(1)
-    assert data.state_dict() == {"epoch": 1, "batches": 0}
+    assert data.state_dict() == {"epoch": 1, "rows": 0}
     resumed = loader()
-    resumed.load_state_dict({"epoch": 2, "batches": 1})
-    assert resumed.state_dict() == {"epoch": 2, "batches": 1}
+    resumed.load_state_dict({"epoch": 2, "rows": 4})
+    assert resumed.state_dict() == {"epoch": 2, "rows": 4}
 
 
 def test_batches_are_counted_as_served_not_as_prefetched_by_workers():
     data = loader(num_workers=2)
     it = iter(data)
     next(it)
-    assert data.state_dict() == {"epoch": 0, "batches": 1}  # workers have fetched further ahead
+    assert data.state_dict() == {"epoch": 0, "rows": 4}  # workers have fetched further ahead
     del it
+
+
+def test_a_state_from_before_rows_were_kept_resumes_by_batches():
+    expected = epoch_batches(loader(), 1)
+    resumed = loader()
+    resumed.load_state_dict({"epoch": 1, "batches": 2})
+    assert epoch_batches(resumed) == expected[2:]
+
+
+def as_process(monkeypatch, rank: int, world: int) -> None:
+    monkeypatch.setattr("mdlm_dmmd.ranks.current", lambda: (rank, world))
+
+
+@pytest.mark.parametrize("world, batch, then_world, then_batch", [
+    (2, 2, 1, 4),  # fewer processes, the same global batch
+    (2, 2, 1, 2),  # fewer processes, half the global batch
+    (1, 2, 2, 3),  # more processes, another batch: 4 rows served, so each process skips 2
+])
+def test_a_position_in_rows_survives_another_number_of_processes(monkeypatch, world, batch, then_world, then_batch):
+    """Stopped after 2 batches per process, resumed on `then_world` processes with `then_batch`
+    rows each: the epoch goes on with the rows of the global order not seen yet."""
+    order = EpochShuffle(ROWS, 0).order(1).tolist()  # one process: the global order
+    seen, state = [], None
+    for rank in range(world):
+        as_process(monkeypatch, rank, world)
+        data = loader(batch_size=batch)
+        data.sampler.set_epoch(1)
+        it = iter(data)
+        seen += [row for _ in range(2) for row in next(it)["input_ids"][:, 0].tolist()]
+        state = data.state_dict()
+    assert state == {"epoch": 1, "rows": 2 * batch * world} and sorted(seen) == sorted(order[: 2 * batch * world])
+    rest = []
+    for rank in range(then_world):
+        as_process(monkeypatch, rank, then_world)
+        resumed = loader(batch_size=then_batch)
+        resumed.load_state_dict(state)
+        rest += sum(epoch_batches(resumed), [])
+    assert not set(rest) & set(seen)  # no row twice in the epoch
+    usable = ROWS // then_world * then_world  # each process's share of the order, as many on each
+    assert sorted(seen + rest) == sorted(order[: len(seen + rest)]) and len(seen + rest) > usable - then_world * then_batch
 
 
 def test_loaders_leave_the_global_rng_alone():
