@@ -303,7 +303,8 @@ class ResumableLoader(DataLoader):
     iterating on resume, so a run resumed mid-epoch sees exactly the batches that a run without
     the restart would have seen. Counted in global rows, the position survives a resume on
     another number of processes or with another batch size: the next pass starts after those
-    rows (rounded up to a multiple of the processes, so no row is seen twice in an epoch).
+    rows (rounded up to a multiple of the processes, so no row is seen twice in an epoch; with
+    another global batch, Lightning's own count of the epoch's batches may end that epoch early).
     """
 
     def __init__(self, dataset: Dataset, *, batch_size: int, seed: int = 0, num_workers: int = 0):
@@ -314,6 +315,7 @@ class ResumableLoader(DataLoader):
                          generator=torch.Generator().manual_seed(seed))
         self._position = (0, 0)  # (epoch, indices of this process's order of it handed out)
         self._resuming = False  # set by load_state_dict: the next pass continues `_position`
+        self._finished: int | None = None  # an epoch load_state_dict found used up
 
     def __iter__(self) -> Iterator[Any]:
         return self._serve()
@@ -322,6 +324,11 @@ class ResumableLoader(DataLoader):
         # A generator, so nothing starts before the first batch is asked for: when resuming,
         # Lightning calls iter() before set_epoch, and the pass must use the epoch set after.
         epoch, (saved_epoch, saved_start) = self.sampler.epoch, self._position
+        if self._resuming and epoch == self._finished:
+            # Resumed with a larger batch, Lightning (counting the epoch's batches in the old
+            # size) may still set the used-up epoch: serve nothing, so that it moves on.
+            self._resuming = False
+            return
         start = saved_start if self._resuming and saved_epoch == epoch else 0
         self._resuming = False
         self.sampler.skip_next(start)
@@ -342,8 +349,9 @@ class ResumableLoader(DataLoader):
             start = -(-int(state["rows"]) // world)
         else:  # a checkpoint from before the position was kept in rows: this loader's batches
             start = int(state["batches"]) * self.batch_size
+        self._finished = None
         if len(self.sampler) - start < self.batch_size:  # no whole batch left: the next epoch, from its top
-            epoch, start = epoch + 1, 0
+            self._finished, epoch, start = epoch, epoch + 1, 0
         self.sampler.set_epoch(epoch)  # what Lightning sets too; matters when used without it
         self._position, self._resuming = (epoch, start), True
 

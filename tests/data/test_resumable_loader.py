@@ -125,11 +125,14 @@ def as_process(monkeypatch, rank: int, world: int) -> None:
     (2, 2, 1, 4),  # fewer processes, the same global batch
     (2, 2, 1, 2),  # fewer processes, half the global batch
     (1, 2, 2, 3),  # more processes, another batch: 4 rows served, so each process skips 2
+    (1, 3, 4, 1),  # 6 rows served, 4 processes: each skips 2 (rounded up), rows 6 and 7 are never served
 ])
 def test_a_position_in_rows_survives_another_number_of_processes(monkeypatch, world, batch, then_world, then_batch):
     """Stopped after 2 batches per process, resumed on `then_world` processes with `then_batch`
-    rows each: the epoch goes on with the rows of the global order not seen yet."""
+    rows each: the epoch goes on with rows of the global order not served yet, every process
+    serving as many batches (else DDP would hang), and fewer than `then_world` rows left out."""
     order = EpochShuffle(ROWS, 0).order(1).tolist()  # one process: the global order
+    served = 2 * batch * world
     seen, state = [], None
     for rank in range(world):
         as_process(monkeypatch, rank, world)
@@ -138,16 +141,17 @@ def test_a_position_in_rows_survives_another_number_of_processes(monkeypatch, wo
         it = iter(data)
         seen += [row for _ in range(2) for row in next(it)["input_ids"][:, 0].tolist()]
         state = data.state_dict()
-    assert state == {"epoch": 1, "rows": 2 * batch * world} and sorted(seen) == sorted(order[: 2 * batch * world])
+    assert state == {"epoch": 1, "rows": served} and sorted(seen) == sorted(order[:served])
     rest = []
     for rank in range(then_world):
         as_process(monkeypatch, rank, then_world)
         resumed = loader(batch_size=then_batch)
         resumed.load_state_dict(state)
-        rest += sum(epoch_batches(resumed), [])
-    assert not set(rest) & set(seen)  # no row twice in the epoch
-    usable = ROWS // then_world * then_world  # each process's share of the order, as many on each
-    assert sorted(seen + rest) == sorted(order[: len(seen + rest)]) and len(seen + rest) > usable - then_world * then_batch
+        batches = epoch_batches(resumed)
+        assert len(batches) == (ROWS // then_world - -(-served // then_world)) // then_batch  # the same on every rank
+        rest += sum(batches, [])
+    assert set(rest) <= set(order[served:])  # no row twice in the epoch
+    assert min(order.index(row) for row in rest) - served < then_world  # left out: the rounding up only
 
 
 def test_loaders_leave_the_global_rng_alone():
@@ -167,9 +171,11 @@ class Recorder(L.LightningModule):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(()))
         self.seen: list[list[int]] = []
+        self.epochs: list[int] = []  # the sampler's epoch of each batch
 
     def training_step(self, batch, batch_idx):
         self.seen.append(batch["input_ids"][:, 0].tolist())
+        self.epochs.append(self.trainer.train_dataloader.sampler.epoch)
         return self.weight * 0.0
 
     def configure_optimizers(self):
@@ -179,17 +185,17 @@ class Recorder(L.LightningModule):
 STEPS = 7  # 3 batches per epoch: the run crosses two epoch boundaries
 
 
-def fit(directory, resume=None) -> list[list[int]]:
-    module = Recorder()
+def fit(directory, resume=None, batch_size=4, steps=STEPS, module=None) -> list[list[int]]:
+    module = module or Recorder()
     trainer = L.Trainer(
-        max_steps=STEPS, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, default_root_dir=str(directory), accelerator="cpu",
         callbacks=[ModelCheckpoint(dirpath=str(directory), filename="step{step}", auto_insert_metric_name=False,
                                    every_n_train_steps=1, save_top_k=-1)],
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(module, loader(seed=5), ckpt_path=resume)
+        trainer.fit(module, loader(seed=5, batch_size=batch_size), ckpt_path=resume)
     assert not [w for w in caught if "not resumable" in str(w.message)]
     return module.seen
 
@@ -206,3 +212,22 @@ def test_lightning_resume_neither_skips_nor_repeats_batches(straight, tmp_path, 
     assert len(seen) == STEPS and seen[:3] == epoch_batches(loader(seed=5), 0)
     assert seen[3:6] == epoch_batches(loader(seed=5), 1)
     assert fit(tmp_path, resume=str(directory / f"step{step}.ckpt")) == seen[step:]
+
+
+@pytest.mark.parametrize("batch, step, then_batch", [
+    (2, 6, 4),  # 12 of 14 rows served: no batch of 4 left in that epoch
+    (2, 5, 4),  # 10 served: one batch of 4 left
+    (4, 3, 2),  # the end of an epoch, then smaller batches
+])
+def test_lightning_resume_with_another_batch_serves_no_row_twice_in_an_epoch(tmp_path, batch, step, then_batch):
+    """Resumed with another batch size (e.g. on more processes), Lightning still counts the
+    epoch's batches in the old size; whatever epoch it sets, no row comes twice within one."""
+    first, then = Recorder(), Recorder()
+    fit(tmp_path / "first", batch_size=batch, steps=step, module=first)
+    fit(tmp_path / "then", resume=str(tmp_path / "first" / f"step{step}.ckpt"), batch_size=then_batch,
+        steps=step + 4, module=then)
+    assert len(then.seen) == 4
+    rows_by_epoch: dict[int, list[int]] = {}
+    for epoch, rows in zip(first.epochs + then.epochs, first.seen + then.seen):
+        rows_by_epoch.setdefault(epoch, []).extend(rows)
+    assert all(len(rows) == len(set(rows)) for rows in rows_by_epoch.values()), rows_by_epoch
