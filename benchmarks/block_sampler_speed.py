@@ -17,7 +17,9 @@ latency case; `sampling.batch_size` is 64 by default, and at batch 1 the cached 
 matmuls run at a lower rate than the uncached path's longer ones on a CPU). `--without-plain`
 leaves out the plain model (its time grows with the batch and is not part of the ratio).
 `--device cuda` (`--bf16`: under bf16 autocast, `--attn`: the attention backend) times the same on
-a GPU, synchronising before each clock reading.
+a GPU, synchronising before each clock reading. `--profile` adds one profiled generation of each
+block sampler (torch.profiler, CPU): each op's own time, summed by kind — the trunk's matmuls,
+the output head (matmuls with V columns), attention, the rest.
 
     python benchmarks/block_sampler_speed.py [--length 1024 --block-size 256 --steps 4 --repeats 2 --batch 1]
 Writes benchmarks/results/block_sampler_speed_<time>/ (results.md, results.json, run_info.json).
@@ -62,6 +64,29 @@ def attention_share(block: int, prefix: int, width: int) -> float:
     return attention / (attention + dense)
 
 
+MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear")
+
+
+def op_kind(name: str, shapes: list, vocab: int) -> str:
+    if name in MATMULS:
+        return "output head" if any(vocab in shape for shape in shapes if shape) else "trunk matmuls"
+    return "attention" if "attention" in name else "other"
+
+
+def profiled(generate, vocab: int) -> dict[str, float]:
+    """Seconds of each op's own CPU time in one call of `generate`, summed by `op_kind`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        generate()
+    seconds: dict[str, float] = {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        kind = op_kind(event.key, event.input_shapes, vocab)
+        seconds[kind] = seconds.get(kind, 0.0) + event.self_cpu_time_total / 1e6
+    seconds["total"] = sum(seconds.values())
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=1024)
@@ -74,6 +99,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1, help="sequences sampled at once")
     parser.add_argument("--without-plain", action="store_true", help="time only the two block samplers")
+    parser.add_argument("--profile", action="store_true", help="also split one generation of each block sampler by op kind")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (fp32 weights)")
     parser.add_argument("--attn", default="sdpa", help="model.attn_backend (auto, sdpa, flex, flash)")
@@ -97,9 +123,10 @@ def main() -> None:
     def generation(kind: str):
         generator = torch.Generator(device=device).manual_seed(1)
         if kind == "plain":
-            return lambda: sample(plain_denoiser, process, steps=k * blocks, shape=(args.batch, L), generator=generator)
+            return lambda: sample(plain_denoiser, process, steps=k * blocks, shape=(args.batch, L), generator=generator,
+                                  device=device)
         return lambda: BlockSampler(process, K, kv_cache=kind == "cached")(block_denoiser, steps=k, shape=(args.batch, L),
-                                                                           generator=generator)
+                                                                           generator=generator, device=device)
 
     kinds = ("cached", "uncached") if args.without_plain else ("cached", "uncached", "plain")
     best = {kind: float("inf") for kind in kinds}
@@ -111,6 +138,7 @@ def main() -> None:
                 print(f"repeat {repeat}: {kind} {best[kind]:.2f} s", flush=True)
 
         # a cached forward of one block after T cached tokens
+        split = {kind: profiled(generation(kind), args.vocab) for kind in ("cached", "uncached")} if args.profile else None
         per_prefix = []
         tokens = torch.randint(0, args.vocab - 1, (1, L), generator=torch.Generator().manual_seed(2)).to(device)
         for j in range(blocks):
@@ -131,7 +159,7 @@ def main() -> None:
         "cached_over_plain": best["cached"] / best["plain"] if "plain" in best else None,
         "tokens_per_step": {"cached": K, "uncached": [K * (j + 1) for j in range(blocks)], "plain": L},
         "nfe": {"cached": k * blocks + blocks - 1, "uncached": k * blocks, "plain": k * blocks},
-        "per_prefix": per_prefix,
+        "per_prefix": per_prefix, "profile_seconds": split,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
@@ -158,6 +186,12 @@ def main() -> None:
         *(f"| {r['prefix']} | {r['seconds']:.3f} | {r['attention_flop_share']:.1%} |" for r in per_prefix),
         "",
     ]
+    if split:
+        lines += ["One profiled generation of each (each op's own CPU time, seconds, summed by kind):", "",
+                  "| ops | KV cache | no cache | cached / uncached |", "|---|---|---|---|",
+                  *(f"| {kind} | {split['cached'].get(kind, 0):.2f} | {split['uncached'].get(kind, 0):.2f} | "
+                    f"{split['cached'].get(kind, 0) / max(split['uncached'].get(kind, 0), 1e-9):.2f} |"
+                    for kind in ("trunk matmuls", "output head", "attention", "other", "total")), ""]
     (out / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))
     write_run_info(out, run_info(command_line("block_sampler_speed.py", args), started))

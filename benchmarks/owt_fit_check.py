@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -37,19 +38,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_info import command_line, results_dir, run_info, write_results, write_run_info  # noqa: E402
 
 GPT2 = 50257  # token ids; masked networks add the mask
-# Teacher experiments first: each distillation experiment takes the network its teacher left.
+# In the order run: D-MMD first (the issue's question), each teacher just before what it teaches;
+# a distillation experiment takes the network its teacher experiment left.
 TEACHER_OF = {
     "owt_masked_teacher": None,
-    "owt_uniform_teacher": None,
-    "owt_block256_teacher": None,
     "owt_masked_dmmd": "owt_masked_teacher",
-    "owt_masked_idlm": "owt_masked_teacher",
+    "owt_uniform_teacher": None,
     "owt_uniform_dmmd": "owt_uniform_teacher",
-    "owt_duo_idlm": "duo_teacher",
+    "owt_block256_teacher": None,
     "owt_block256_dmmd16": "owt_block256_teacher",
+    "owt_masked_idlm": "owt_masked_teacher",
+    "duo_teacher": None,
+    "owt_duo_idlm": "duo_teacher",
 }
 # Teachers no experiment trains (owt_duo_idlm distils a public Duo checkpoint): experiment + overrides.
 RECIPES = {"duo_teacher": ("owt_uniform_teacher", ["noise=duo"])}
+EXPERIMENTS = [name for name in TEACHER_OF if name not in RECIPES]
 # --tiny: the same experiments at a shape a CPU runs in seconds (blocks of 64 in 256 tokens).
 TINY = ["model.hidden_dim=64", "model.cond_dim=32", "model.n_blocks=2", "model.n_heads=2", "model.length=256"]
 UPDATES, UNTIMED = 4, 2
@@ -100,15 +104,16 @@ def one_try(name: str, teacher: str | None, batch: int, args, keep: Path | None)
 
     from mdlm_dmmd import registry
 
-    cfg = compose(name, teacher, batch, args.tiny, args.device)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    config["vocab"] = {"size": GPT2, "bos_id": GPT2 - 1, "eos_id": GPT2 - 1, "modality": "text", "image_shape": None}
-    row = {"experiment": name, "algo": cfg.algo.name, "batch": batch, "configured_batch": None}
+    row = {"experiment": name, "algo": "?", "batch": batch, "configured_batch": None}
     if args.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     algo = trainer = None
     try:
+        cfg = compose(name, teacher, batch, args.tiny, args.device)
+        row["algo"] = cfg.algo.name
+        config = OmegaConf.to_container(cfg, resolve=True)
+        config["vocab"] = {"size": GPT2, "bos_id": GPT2 - 1, "eos_id": GPT2 - 1, "modality": "text", "image_shape": None}
         torch.manual_seed(0)
         algo = registry.load_algo(cfg.algo.name)(config)
         length = int(cfg.model.length)
@@ -124,8 +129,11 @@ def one_try(name: str, teacher: str | None, batch: int, args, keep: Path | None)
         row.update(fits=True, seconds_per_update=timer.median())
         if keep is not None and not keep.exists():  # as a user's teacher run leaves it (final.ckpt)
             trainer.save_checkpoint(str(keep), weights_only=True)
-    except torch.OutOfMemoryError:
+    except Exception as err:  # one experiment's failure must not end the others
         row.update(fits=False, seconds_per_update=None)
+        if not out_of_memory(err):
+            row["error"] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
+            traceback.print_exc()
     finally:
         if args.device == "cuda":
             row.update(peak_allocated_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -133,6 +141,12 @@ def one_try(name: str, teacher: str | None, batch: int, args, keep: Path | None)
         del algo, trainer
         gc.collect()
     return row
+
+
+def out_of_memory(err: Exception) -> bool:
+    """CUDA's allocator, or a library allocating on the device (cuBLAS), ran out of memory."""
+    text = str(err)
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text.lower() or "ALLOC_FAILED" in text
 
 
 def search(name: str, teacher: str | None, args, keep: Path | None, rows: list, write) -> None:
@@ -147,6 +161,8 @@ def search(name: str, teacher: str | None, args, keep: Path | None, rows: list, 
         rows.append(row)
         write()
         print(row, flush=True)
+        if "error" in row:
+            return
         if step is None:
             step = 2 if row["fits"] else 0.5
         if (step == 2 and (not row["fits"] or batch >= configured * 2 ** args.doublings)) or \
@@ -157,7 +173,7 @@ def search(name: str, teacher: str | None, args, keep: Path | None, rows: list, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experiments", nargs="+", default=list(TEACHER_OF), choices=list(TEACHER_OF))
+    parser.add_argument("--experiments", nargs="+", default=EXPERIMENTS, choices=EXPERIMENTS)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a CPU-sized model (smoke run of the script)")
     parser.add_argument("--batch", type=int, default=None, help="start here instead of the configured batch")
@@ -176,7 +192,7 @@ def main() -> None:
                  "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['experiment']} | {r['algo']} | {r['configured_batch']} | {r['batch']} | "
-                         f"{'yes' if r['fits'] else 'out of memory'} | {r.get('peak_allocated_gb', '–')} | "
+                         f"{'yes' if r['fits'] else r.get('error', 'out of memory')} | {r.get('peak_allocated_gb', '–')} | "
                          f"{r.get('peak_reserved_gb', '–')} | {r['seconds_per_update'] or '–'} |")
         info = run_info(command_line("owt_fit_check.py", args), started,
                         device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu")
@@ -192,9 +208,14 @@ def main() -> None:
     wanted = set(args.experiments)
     with tempfile.TemporaryDirectory() as tmp:
         teachers: dict[str, str] = {}
-        for name, teacher_name in {**{r: None for r in RECIPES}, **TEACHER_OF}.items():
+        for name, teacher_name in TEACHER_OF.items():
             needed_as_teacher = any(TEACHER_OF[n] == name for n in wanted)
             if name not in wanted and not needed_as_teacher:
+                continue
+            if teacher_name is not None and teacher_name not in teachers:
+                rows.append({"experiment": name, "algo": "?", "batch": "–", "configured_batch": "–", "fits": False,
+                             "seconds_per_update": None, "error": f"no teacher: {teacher_name} did not fit or failed"})
+                write()
                 continue
             teacher = None if teacher_name is None else teachers[teacher_name]
             keep = Path(tmp) / f"{name}.ckpt" if teacher_name is None else None

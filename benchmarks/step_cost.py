@@ -97,10 +97,11 @@ def shape_of(args) -> dict:
     return {"length": args.length, "hidden_dim": args.hidden, "n_blocks": args.layers, "n_heads": args.heads}
 
 
-def random_teacher(folder: Path, shape: dict) -> str:
-    """A masked teacher of `shape` with random weights (a non-trivial head), saved in `folder`."""
+def random_teacher(folder: Path, shape: dict, attn: str = "sdpa") -> str:
+    """A masked teacher of `shape` with random weights (a non-trivial head), saved in `folder`;
+    the D-MMD networks copy its config, `attn` (the attention backend) included."""
     torch.manual_seed(0)
-    network = DiT(DiTConfig(vocab_size=VOCAB + 1, **shape, cond_dim=128, dropout=0.0, attn_backend="sdpa"))
+    network = DiT(DiTConfig(vocab_size=VOCAB + 1, **shape, cond_dim=128, dropout=0.0, attn_backend=attn))
     torch.nn.init.normal_(network.output_layer.linear.weight, std=0.02)
     return str(save_backbone(folder / "teacher", network, {
         "process": "masked", "mask_id": VOCAB, "schedule": "loglinear", "schedule_eps": 1e-3,
@@ -122,7 +123,7 @@ def main() -> None:
     shape = shape_of(args)
     times: dict[str, list[float]] = {"mdlm": [], "dmmd_even": [], "dmmd_odd": []}  # D-MMD: the two phases
     with tempfile.TemporaryDirectory() as tmp:
-        teacher = random_teacher(Path(tmp), shape)
+        teacher = random_teacher(Path(tmp), shape, args.attn)
         for repeat in range(args.repeats):
             for name in (("mdlm", "dmmd") if repeat % 2 == 0 else ("dmmd", "mdlm")):
                 algo = build(name, shape, teacher if name == "dmmd" else None, args.attn)
@@ -133,6 +134,10 @@ def main() -> None:
                     times["dmmd_even"] += seconds[0::2]
                     times["dmmd_odd"] += seconds[1::2]
                 print(f"repeat {repeat}: {name} {[round(x, 3) for x in seconds]}", flush=True)
+            write_table(out, args, times, started)  # after every repeat: a run cut short keeps its table
+
+
+def write_table(out: Path, args, times: dict[str, list[float]], started: float) -> None:
     median = {name: statistics.median(values) for name, values in times.items()}
     median["dmmd"] = (median["dmmd_even"] + median["dmmd_odd"]) / 2
     result = {**vars(args), "vocab": VOCAB + 1, "median_step_s": median, "steps_timed": {k: len(v) for k, v in times.items()},
