@@ -14,7 +14,8 @@ at every step. This times, in one process and alternating the order, best of `--
 Random weights (speed does not depend on them), the `small` DiT by default (768 wide, 12 layers,
 12 heads, V = 50258), fp32 on the CPU, masked process, `--batch` sequences at once (default 1, the
 latency case; `sampling.batch_size` is 64 by default, and at batch 1 the cached path's 256-row
-matmuls run at a lower rate than the uncached path's longer ones on a CPU). `--without-plain`
+matmuls run at a lower rate per row than the uncached path's longer ones on this CPU: each call
+streams its weights from memory for fewer rows; measured with `--profile`). `--without-plain`
 leaves out the plain model (its time grows with the batch and is not part of the ratio).
 `--device cuda` (`--bf16`: under bf16 autocast, `--attn`: the attention backend) times the same on
 a GPU, synchronising before each clock reading. `--profile` adds one profiled generation of each
@@ -73,18 +74,25 @@ def op_kind(name: str, shapes: list, vocab: int) -> str:
     return "attention" if "attention" in name else "other"
 
 
-def profiled(generate, vocab: int) -> dict[str, float]:
-    """Seconds of each op's own CPU time in one call of `generate`, summed by `op_kind`."""
+def profiled(generate, vocab: int) -> dict:
+    """One call of `generate` under torch.profiler: each op's own CPU time summed by `op_kind`
+    (seconds), and per matmul weight shape the rows multiplied and the seconds taken."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         generate()
     seconds: dict[str, float] = {}
+    by_weight: dict[str, dict] = {}
     for event in prof.key_averages(group_by_input_shape=True):
         kind = op_kind(event.key, event.input_shapes, vocab)
         seconds[kind] = seconds.get(kind, 0.0) + event.self_cpu_time_total / 1e6
+        matrices = [shape for shape in event.input_shapes if shape and len(shape) == 2]
+        if event.key in MATMULS and len(matrices) >= 2:  # (input [rows, k], weight [k, n])
+            entry = by_weight.setdefault("x".join(map(str, matrices[-1])), {"rows": 0, "seconds": 0.0})
+            entry["rows"] += event.count * matrices[-2][0]
+            entry["seconds"] += event.self_cpu_time_total / 1e6
     seconds["total"] = sum(seconds.values())
-    return seconds
+    return {"seconds": seconds, "matmuls": by_weight}
 
 
 def main() -> None:
@@ -168,7 +176,7 @@ def main() -> None:
         f"{result['dtype']}, attention {args.attn}, batch {args.batch})",
         "",
         f"DiT {args.hidden} wide, {args.layers} layers, {args.heads} heads, V = {args.vocab}; best of {args.repeats}, "
-        "the three generations alternating in one process.",
+        "the generations alternating in one process.",
         "",
         "| sampler | tokens fed per step | NFE | seconds | vs cached |",
         "|---|---|---|---|---|",
@@ -187,11 +195,20 @@ def main() -> None:
         "",
     ]
     if split:
+        cached, uncached = split["cached"]["seconds"], split["uncached"]["seconds"]
         lines += ["One profiled generation of each (each op's own CPU time, seconds, summed by kind):", "",
                   "| ops | KV cache | no cache | cached / uncached |", "|---|---|---|---|",
-                  *(f"| {kind} | {split['cached'].get(kind, 0):.2f} | {split['uncached'].get(kind, 0):.2f} | "
-                    f"{split['cached'].get(kind, 0) / max(split['uncached'].get(kind, 0), 1e-9):.2f} |"
-                    for kind in ("trunk matmuls", "output head", "attention", "other", "total")), ""]
+                  *(f"| {kind} | {cached.get(kind, 0):.2f} | {uncached.get(kind, 0):.2f} | "
+                    f"{cached.get(kind, 0) / max(uncached.get(kind, 0), 1e-9):.2f} |"
+                    for kind in ("trunk matmuls", "output head", "attention", "other", "total")), "",
+                  "Matmuls by weight shape: rows multiplied and µs per row, in the same two generations:", "",
+                  "| weight | rows, cache | rows, no cache | µs / row, cache | µs / row, no cache |", "|---|---|---|---|---|"]
+        mine, theirs = split["cached"]["matmuls"], split["uncached"]["matmuls"]
+        for weight in sorted(mine, key=lambda w: -mine[w]["seconds"])[:8]:
+            a, b = mine[weight], theirs.get(weight, {"rows": 0, "seconds": 0.0})
+            lines.append(f"| {weight} | {a['rows']} | {b['rows']} | {1e6 * a['seconds'] / max(a['rows'], 1):.1f} | "
+                         f"{1e6 * b['seconds'] / max(b['rows'], 1):.1f} |")
+        lines.append("")
     (out / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))
     write_run_info(out, run_info(command_line("block_sampler_speed.py", args), started))
