@@ -186,6 +186,18 @@ def test_a_run_moves_between_ddp_and_fsdp_exactly(tmp_path, teacher, straight, f
     same_run(straight, stopped_and_resumed(tmp_path, teacher, first, then))
 
 
+def test_a_sharded_run_resumes_on_one_process(tmp_path, teacher, straight):
+    """Preempted on 2 sharded processes, resumed on 1 unsharded one with the global batch: the
+    whole-file checkpoint and the loader's position in global rows carry over."""
+    student = ["algo=dmmd", "sampling.num_samples=0", f"algo.teacher={teacher}"]
+    train(tmp_path, "run", *student, "loader.batch_size=4", *FSDP, "trainer.max_steps=2")
+    train(tmp_path, "run", *student, "loader.batch_size=8", "trainer.max_steps=4",
+          f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}")
+    resumed = weights(tmp_path / "run")
+    assert resumed["global_step"] == 4 and resumed["distillation"]["micro_step"] == straight["distillation"]["micro_step"]
+    assert max_difference(straight["state_dict"], resumed["state_dict"]) < TOLERANCE  # measured 2.9e-11: summation order
+
+
 # -- in-process checks of the pieces, on a gloo group of 1 or 2 processes ---------------------------
 
 def tiny_dit() -> DiT:
