@@ -107,7 +107,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1, help="sequences sampled at once")
     parser.add_argument("--without-plain", action="store_true", help="time only the two block samplers")
-    parser.add_argument("--profile", action="store_true", help="also split one generation of each block sampler by op kind")
+    parser.add_argument("--profile", action="store_true",
+                        help="also split one generation of each block sampler by op kind")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (fp32 weights)")
     parser.add_argument("--attn", default="sdpa", help="model.attn_backend (auto, sdpa, flex, flash)")
@@ -146,7 +147,8 @@ def main() -> None:
                 print(f"repeat {repeat}: {kind} {best[kind]:.2f} s", flush=True)
 
         # a cached forward of one block after T cached tokens
-        split = {kind: profiled(generation(kind), args.vocab) for kind in ("cached", "uncached")} if args.profile else None
+        split = None if not args.profile else \
+            {kind: profiled(generation(kind), args.vocab) for kind in ("cached", "uncached")}
         per_prefix = []
         tokens = torch.randint(0, args.vocab - 1, (1, L), generator=torch.Generator().manual_seed(2)).to(device)
         for j in range(blocks):
@@ -161,7 +163,8 @@ def main() -> None:
 
     result = {
         "length": L, "block_size": K, "steps_per_block": k, "vocab": args.vocab, "hidden": args.hidden,
-        "layers": args.layers, "heads": args.heads, "batch": args.batch, "dtype": "bf16 autocast" if args.bf16 else "float32", "device": args.device,
+        "layers": args.layers, "heads": args.heads, "batch": args.batch,
+        "dtype": "bf16 autocast" if args.bf16 else "float32", "device": args.device,
         "attn_backend": args.attn,
         "seconds": best, "cached_over_uncached": best["cached"] / best["uncached"],
         "cached_over_plain": best["cached"] / best["plain"] if "plain" in best else None,

@@ -142,7 +142,8 @@ def generate(model, cfg: DictConfig, steps: int, *, prompt_rows: torch.Tensor | 
     drawn from `batch_seed(sampling.seed, b)`; with `prompt_rows` (see `prompt_rows`), sample i
     continues the first `sampling.prompt_length` tokens of row i. With several `ranks` each process
     draws its batches (b = rank, rank + world, ...) and rank 0 gets all the samples (the same
-    samples as one process draws), the others an empty tensor. `model.stats["entropy_redraws"]` counts over all batches."""
+    samples as one process draws), the others an empty tensor. `model.stats["entropy_redraws"]`
+    counts over all batches."""
     s = cfg.sampling
     prompts = None if prompt_rows is None else prompt_rows[:, : int(s.prompt_length)]
     count, size = int(s.num_samples), int(s.batch_size or s.num_samples)
