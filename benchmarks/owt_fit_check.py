@@ -10,8 +10,9 @@ model. Accumulation is set to 1 (it adds micro-batches, not memory: the gradient
 first one). The configured batch is tried first; while it fits, twice as many rows are tried
 (`--doublings`), and when it does not, half as many, down to 1.
 
-Reported per try: fits or out of memory, `torch.cuda.max_memory_allocated` and `_reserved` (GB)
-and the median seconds per update after the first two. These numbers justify (or correct) the
+Reported per try: fits, out of memory (cuBLAS allocation failures included), or the error that
+stopped it (the other experiments go on); `torch.cuda.max_memory_allocated` and `_reserved` (GB)
+and the median seconds per update after the first two. D-MMD experiments run first. These numbers justify (or correct) the
 `loader.batch_size` of each `configs/experiment/owt_*.yaml`.
 
     python benchmarks/owt_fit_check.py                      # on the GPU machine, all experiments
