@@ -4,7 +4,7 @@ Run on a machine with a GPU (not a test; the suite stays CPU-only):
 
     python benchmarks/gpu_check.py --out benchmarks/results/gpu_check_DATE
 
-1. The public MDLM DiT fixture (../shared/fixtures/mdlm-dit) reproduced on CUDA, fp32, by
+1. The public MDLM DiT fixture (tests/fixtures/mdlm-dit) reproduced on CUDA, fp32, by
    every available attention backend.
 2. Backends side by side on the paper's "small" DiT (L = 1024, V = 50258): logits of
    flex (compiled) and flash (when installed) against SDPA, fp32 and bf16 autocast, full
@@ -31,7 +31,7 @@ from run_info import run_info  # noqa: E402
 from mdlm_dmmd.models.dit import DiT, DiTConfig, flash_attn_available  # noqa: E402
 
 DEVICE = "cuda"  # --device cpu: a smoke run of this script on a machine without a GPU
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "mdlm-dit"
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "mdlm-dit"  # the repository's copy: it travels
 
 
 def backends() -> list[str]:
