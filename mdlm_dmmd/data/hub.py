@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from mdlm_dmmd.data import DataBundle, option
+from mdlm_dmmd.data.once import build_once
 from mdlm_dmmd.data.rows import cache_root, pad_documents, text_tokenizer, tokenize_texts, wrap_documents
 from mdlm_dmmd.data.tokenizers import CharTokenizer
 from mdlm_dmmd.errors import UserError
@@ -237,16 +238,15 @@ def build_hub(cfg: Mapping, length: int, *, seed: int = 0) -> DataBundle:
     splits = {}
     for split in ("train", "valid"):
         path = hub_cache_path(cfg, length, split)
-        if not path.exists():
+
+        def build(tmp: Path, split: str = split, path: Path = path) -> None:
             raw = _load_raw(cfg, name, split, path)
             rows = (_text8_rows(raw, length) if name == "text8"
                     else _tokenize_hub(raw, name, cfg, length, tokenizer, bos, eos))
-            # Save under a temporary name and rename, so an interrupted run leaves no
-            # half-written cache that a later run would trust.
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
             rows.save_to_disk(str(tmp))
-            os.replace(tmp, path)
+
+        # one process per machine tokenizes; an interrupted run leaves no half-written cache
+        build_once(path, build)
         ds = datasets.load_from_disk(str(path))
         _check_rows(ds, path, length)
         columns = ["input_ids"] + (["attention_mask"] if not wrap
