@@ -71,7 +71,9 @@ def teacher_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[Path, str]:
         raise UserError("teacher training was interrupted; its crash.ckpt is in the teacher folder")
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(fitted.checkpoint, cached)
+        partial = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
+        shutil.copyfile(fitted.checkpoint, partial)
+        os.replace(partial, cached)  # an interrupted copy leaves no torn teacher that a later study would reuse
     except OSError as err:
         raise UserError(f"the teacher cache '{cached.parent}' cannot be written ({err.strerror or err}); set "
                         f"MDLM_DMMD_CACHE to a writable folder or study.reuse_teacher=false") from err

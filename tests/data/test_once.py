@@ -1,13 +1,20 @@
 """The data cache is built by local rank 0 only; the other processes a launcher started wait."""
 
 import os
+import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
 
+import datasets
 import pytest
 
-from mdlm_dmmd.data import once
+from mdlm_dmmd.data import build_data, once
 from mdlm_dmmd.errors import UserError
+
+pytestmark = pytest.mark.timeout(30)  # a wait that never ends fails instead of hanging the suite
 
 
 @pytest.fixture(autouse=True)
@@ -17,15 +24,24 @@ def quick(monkeypatch):
     monkeypatch.delenv("SLURM_LOCALID", raising=False)
 
 
-def write_cache(tmp):
-    tmp.mkdir()
-    (tmp / "rows").write_text("tokens")
+def write_cache(folder):
+    folder.mkdir(exist_ok=True)
+    (folder / "rows").write_text("tokens")
 
 
 def later(seconds, action):
     thread = threading.Thread(target=lambda: (time.sleep(seconds), action()))
     thread.start()
     return thread
+
+
+def helper(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+
+
+def dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
 
 
 def test_local_rank_from_torchrun_or_slurm(monkeypatch):
@@ -36,15 +52,16 @@ def test_local_rank_from_torchrun_or_slurm(monkeypatch):
     assert once.local_rank() == 1
 
 
-def test_rank_0_builds_under_a_temporary_name(tmp_path):
+def test_rank_0_builds_in_a_temporary_folder_and_leaves_no_notes(tmp_path):
     path = tmp_path / "cache" / "owt_1024_train"
     seen = []
     once.build_once(path, lambda tmp: (seen.append(tmp), write_cache(tmp)))
-    assert (path / "rows").read_text() == "tokens" and not seen[0].exists() and seen[0] != path
+    assert (path / "rows").read_text() == "tokens" and seen[0] != path
+    assert [p.name for p in path.parent.iterdir()] == ["owt_1024_train"]
     once.build_once(path, lambda tmp: pytest.fail("built twice"))  # there: nothing to do
 
 
-def test_a_failed_build_leaves_no_cache_and_tells_the_others(tmp_path):
+def test_a_failed_build_leaves_no_cache_and_fails_the_others_whenever_they_come(tmp_path, monkeypatch):
     path = tmp_path / "owt_1024_train"
 
     def fails(tmp):
@@ -53,7 +70,10 @@ def test_a_failed_build_leaves_no_cache_and_tells_the_others(tmp_path):
 
     with pytest.raises(UserError, match="needs the Hugging Face hub"):
         once.build_once(path, fails)
-    assert not path.exists() and [p.name for p in tmp_path.iterdir()] == ["owt_1024_train.failed"]
+    assert not path.exists() and [p.name for p in tmp_path.iterdir()] == [f"owt_1024_train.failed-{socket.gethostname()}"]
+    helper(monkeypatch)  # starts waiting after rank 0 failed
+    with pytest.raises(UserError, match="local rank 0 failed to build the data cache .*needs the Hugging Face hub"):
+        once.build_once(path, lambda tmp: None)
 
 
 def test_a_cache_another_machine_finished_first_is_kept(tmp_path):
@@ -68,7 +88,7 @@ def test_a_cache_another_machine_finished_first_is_kept(tmp_path):
 
 
 def test_other_processes_wait_for_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LOCAL_RANK", "1")
+    helper(monkeypatch)
     path = tmp_path / "owt_1024_train"
     thread = later(0.2, lambda: write_cache(path))
     started = time.time()
@@ -77,18 +97,66 @@ def test_other_processes_wait_for_the_cache(tmp_path, monkeypatch):
     thread.join()
 
 
-def test_a_waiting_process_fails_with_rank_0s_error_but_not_an_old_one(tmp_path, monkeypatch):
-    monkeypatch.setenv("LOCAL_RANK", "2")
+def test_notes_of_another_launch_are_ignored(tmp_path, monkeypatch):
+    helper(monkeypatch)
     path = tmp_path / "owt_1024_train"
-    marker = once.failure_marker(path)
-    marker.write_text("UserError: from an earlier run")
-    os.utime(marker, (time.time() - 3600, time.time() - 3600))
+    once.note(path, "failed").write_text("parent 1\nUserError: from an earlier launch")
+    once.note(path, "building").write_text(f"parent 1\n{dead_pid()}")
     thread = later(0.1, lambda: write_cache(path))
-    once.build_once(path, lambda tmp: None)  # the stale marker is ignored
+    once.build_once(path, lambda tmp: None)
     thread.join()
 
-    other = tmp_path / "owt_1024_valid"
-    thread = later(0.1, lambda: once.failure_marker(other).write_text("UserError: no network"))
-    with pytest.raises(UserError, match="local rank 0 failed to build the data cache .*: UserError: no network"):
-        once.build_once(other, lambda tmp: None)
+
+def test_a_waiting_process_fails_when_the_builder_is_gone(tmp_path, monkeypatch):
+    helper(monkeypatch)
+    path = tmp_path / "owt_1024_train"
+    once.note(path, "building").write_text(f"{once.launch_id()}\n{dead_pid()}")  # killed: no failure note
+    with pytest.raises(UserError, match=r"local rank 0 \(pid \d+\) ended while building the data cache"):
+        once.build_once(path, lambda tmp: None)
+
+
+def test_rank_0_removes_the_folders_of_killed_builds_on_this_machine(tmp_path):
+    path = tmp_path / "owt_1024_train"
+    killed = tmp_path / f"owt_1024_train.tmp-{socket.gethostname()}-{dead_pid()}-abc"
+    running = tmp_path / f"owt_1024_train.tmp-{socket.gethostname()}-{os.getppid()}-def"
+    elsewhere = tmp_path / f"owt_1024_train.tmp-other-host-{dead_pid()}-ghi"
+    for folder in (killed, running, elsewhere):
+        write_cache(folder)
+    once.build_once(path, write_cache)
+    assert not killed.exists() and running.exists() and elsewhere.exists()
+
+
+def test_build_hub_waits_for_local_rank_0(tmp_path, monkeypatch):
+    """A helper process of a launch does not tokenize: it loads what local rank 0 cached."""
+    lines = [" = Title = \n", "", " a well @-@ known town , he said . \n"] * 4
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict({"text": lines}))
+    built = build_data({"name": "wikitext2", "cache_dir": str(tmp_path / "rank0"), "num_proc": 1}, 8)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a helper process tokenized")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_network)
+    helper(monkeypatch)
+    source, staging, target = tmp_path / "rank0", tmp_path / "staging", tmp_path / "shared"
+    shutil.copytree(source, staging)
+    thread = later(0.3, lambda: os.replace(staging, target))  # rank 0's cache appears, whole
+    waited = build_data({"name": "wikitext2", "cache_dir": str(target), "num_proc": 1}, 8)
     thread.join()
+    assert waited.train.with_format(None)["input_ids"] == built.train.with_format(None)["input_ids"]
+
+
+def test_two_processes_of_one_launch_build_once(tmp_path):
+    """Real processes, as torchrun starts them: the same parent, LOCAL_RANK 0 and 1, the helper first."""
+    script = (
+        "import sys, time\nfrom pathlib import Path\nfrom mdlm_dmmd.data import once\nonce.POLL_SECONDS = 0.05\n"
+        "def build(tmp):\n    time.sleep(2.0)\n    (tmp / 'built_by').write_text(sys.argv[1])\n"
+        "once.build_once(Path(sys.argv[2]), build)\nprint(Path(sys.argv[2], 'built_by').read_text())\n")
+    path = tmp_path / "owt_1024_train"
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "SLURM_LOCALID")}
+    helper = subprocess.Popen([sys.executable, "-c", script, "rank 1", str(path)], env={**env, "LOCAL_RANK": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    builder = subprocess.run([sys.executable, "-c", script, "rank 0", str(path)], env={**env, "LOCAL_RANK": "0"},
+                             capture_output=True, text=True, timeout=60)
+    out, err = helper.communicate(timeout=60)
+    assert builder.returncode == helper.returncode == 0, (builder.stderr, err)
+    assert builder.stdout.strip() == out.strip() == "rank 0" and "waiting for the process with local rank 0" in err
