@@ -146,17 +146,28 @@ def test_build_hub_waits_for_local_rank_0(tmp_path, monkeypatch):
 
 
 def test_two_processes_of_one_launch_build_once(tmp_path):
-    """Real processes, as torchrun starts them: the same parent, LOCAL_RANK 0 and 1, the helper first."""
+    """Real processes, as torchrun starts them: the same parent, LOCAL_RANK 0 and 1. The build
+    finishes only once the helper says it waits, so the helper's wait is exercised every time."""
     script = (
         "import sys, time\nfrom pathlib import Path\nfrom mdlm_dmmd.data import once\nonce.POLL_SECONDS = 0.05\n"
-        "def build(tmp):\n    time.sleep(2.0)\n    (tmp / 'built_by').write_text(sys.argv[1])\n"
+        "def build(tmp):\n    while not Path(sys.argv[3]).exists():\n        time.sleep(0.05)\n"
+        "    (tmp / 'built_by').write_text(sys.argv[1])\n"
         "once.build_once(Path(sys.argv[2]), build)\nprint(Path(sys.argv[2], 'built_by').read_text())\n")
-    path = tmp_path / "owt_1024_train"
+    path, go = tmp_path / "owt_1024_train", tmp_path / "go"
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "SLURM_LOCALID")}
-    helper = subprocess.Popen([sys.executable, "-c", script, "rank 1", str(path)], env={**env, "LOCAL_RANK": "1"},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    builder = subprocess.run([sys.executable, "-c", script, "rank 0", str(path)], env={**env, "LOCAL_RANK": "0"},
-                             capture_output=True, text=True, timeout=60)
+
+    def start(rank):
+        return subprocess.Popen([sys.executable, "-c", script, f"rank {rank}", str(path), str(go)],
+                                env={**env, "LOCAL_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    helper, builder = start(1), start(0)
+    said = ""
+    while "waiting" not in said and (line := helper.stderr.readline()):  # until the helper waits (or ends)
+        said += line
+    go.touch()
     out, err = helper.communicate(timeout=60)
-    assert builder.returncode == helper.returncode == 0, (builder.stderr, err)
-    assert builder.stdout.strip() == out.strip() == "rank 0" and "waiting for the process with local rank 0" in err
+    built, built_err = builder.communicate(timeout=60)
+    assert "waiting for the process with local rank 0" in said, said + err
+    assert builder.returncode == helper.returncode == 0, (built_err, err)
+    assert built.strip() == out.strip() == "rank 0"
