@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
 import time
 import typing
@@ -20,6 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from mdlm_dmmd import ranks, registry
@@ -247,7 +249,16 @@ def fit(cfg: DictConfig) -> Fitted | None:
     trainer = build_trainer(cfg, Path(cfg.run_dir), algo)
     run_dir = make_run_dir(cfg)
     started = time.time()
-    trainer.fit(algo, train_loader, valid_loader, ckpt_path=resume)
+    try:
+        trainer.fit(algo, train_loader, valid_loader, ckpt_path=resume)
+    except SIGTERMException:
+        # A cluster's preemption or time limit. Lightning has saved crash.ckpt (`SaveOnCrash`) and
+        # would exit with status 0, which a chain of jobs (SLURM's afterok) reads as a finished run.
+        folder = run_dir / "checkpoints"
+        saved = folder / "crash.ckpt" if (folder / "crash.ckpt").is_file() else folder / "last.ckpt"
+        print(f"rank {trainer.global_rank}: training stopped by SIGTERM; resume with checkpoint={saved}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGTERM) from None
     if trainer.interrupted:
         return None
     check_ranks_agree(algo)

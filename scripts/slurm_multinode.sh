@@ -8,8 +8,10 @@
 #       run_dir=outputs/owt_masked_dmmd
 #
 # The global batch is nodes x GPUs per node x loader.batch_size x trainer.accumulate_grad_batches:
-# divide a config's accumulation by the number of GPUs to keep its global batch. A stopped job
-# resumes with the same command plus checkpoint=RUN_DIR/checkpoints/last.ckpt.
+# divide a config's accumulation by the number of GPUs to keep its global batch. A job that SLURM
+# stops (time limit, preemption: SIGTERM) saves RUN_DIR/checkpoints/crash.ckpt and exits with 143
+# (tested on one CPU process, not under SLURM); it resumes with the same command plus
+# checkpoint=RUN_DIR/checkpoints/crash.ckpt (or last.ckpt, the latest periodic one).
 #SBATCH --job-name=mdlm-dmmd
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8
