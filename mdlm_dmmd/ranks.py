@@ -103,6 +103,25 @@ def leave() -> None:
     _joined = False
 
 
+def hold() -> "torch.distributed.ProcessGroup | None":
+    """Right after a multi-process fit, on every process: a gloo group with the long timeout
+    `WAIT`, on which the others wait while rank 0 alone samples and writes (`release`); a
+    process that exits while another still holds the group can abort in gloo's threads. None
+    with one process."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    return dist.new_group(backend="gloo", timeout=WAIT)
+
+
+def release(group: "torch.distributed.ProcessGroup | None") -> None:
+    """Every process: wait until all are here (rank 0 when it is done), then end every group."""
+    if group is None:
+        return
+    torch.distributed.barrier(group=group)
+    torch.distributed.destroy_process_group()
+
+
 def local_device(device: str) -> str:
     """`cuda` → this process's GPU (`cuda:LOCAL_RANK`) when a launcher started several processes."""
     if device == "cuda" and launched() > 1:

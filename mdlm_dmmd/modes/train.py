@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from mdlm_dmmd import ranks
 from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.eval.scoring import nfe_report, sample_and_score, sampling_steps
 from mdlm_dmmd.eval.tables import write_report
@@ -19,8 +20,18 @@ from mdlm_dmmd.training import fit
 
 def run(cfg: DictConfig) -> None:
     fitted = fit(cfg)
-    if fitted is None or fitted.trainer.global_rank != 0:
-        return  # multi-process runs: rank 0 alone samples and writes the report
+    if fitted is None:
+        return
+    together = ranks.hold()  # several processes: the others wait while rank 0 samples and writes
+    try:
+        if fitted.trainer.global_rank == 0:
+            report(cfg, fitted)
+    finally:
+        ranks.release(together)
+
+
+def report(cfg: DictConfig, fitted) -> None:
+    """Sample the trained model, score it and write the run's report (rank 0)."""
     rows: dict[str, Any] = {"algo": cfg.algo.name, "data": cfg.data.name,
                             "optimizer steps": fitted.trainer.global_step, "train minutes": fitted.minutes}
     rows.update({k: float(v) for k, v in fitted.trainer.callback_metrics.items() if k.startswith("val/")})
