@@ -66,6 +66,15 @@ class Ranks:
             torch.distributed.barrier()
 
 
+def local_rank() -> int:
+    """This process's rank on its machine: torchrun's LOCAL_RANK, SLURM's SLURM_LOCALID, else 0."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def launched() -> int:
     """How many processes the launcher started (torchrun's WORLD_SIZE; 1 without one)."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1)

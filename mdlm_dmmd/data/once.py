@@ -25,17 +25,9 @@ from pathlib import Path
 from typing import Callable
 
 from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.ranks import local_rank
 
 POLL_SECONDS = 10.0  # how often a waiting process looks for the cache
-
-
-def local_rank() -> int:
-    """This process's rank on its machine: torchrun's LOCAL_RANK, SLURM's SLURM_LOCALID, else 0."""
-    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
-        value = os.environ.get(name, "")
-        if value.isdigit():
-            return int(value)
-    return 0
 
 
 def launch_id() -> str:
