@@ -83,16 +83,19 @@ def profiled(generate, vocab: int) -> dict:
         generate()
     seconds: dict[str, float] = {}
     by_weight: dict[str, dict] = {}
+    others: dict[str, float] = {}
     for event in prof.key_averages(group_by_input_shape=True):
         kind = op_kind(event.key, event.input_shapes, vocab)
         seconds[kind] = seconds.get(kind, 0.0) + event.self_cpu_time_total / 1e6
+        if kind == "other":
+            others[event.key] = others.get(event.key, 0.0) + event.self_cpu_time_total / 1e6
         matrices = [shape for shape in event.input_shapes if shape and len(shape) == 2]
         if event.key in MATMULS and len(matrices) >= 2:  # (input [rows, k], weight [k, n])
             entry = by_weight.setdefault("x".join(map(str, matrices[-1])), {"rows": 0, "seconds": 0.0})
             entry["rows"] += event.count * matrices[-2][0]
             entry["seconds"] += event.self_cpu_time_total / 1e6
     seconds["total"] = sum(seconds.values())
-    return {"seconds": seconds, "matmuls": by_weight}
+    return {"seconds": seconds, "matmuls": by_weight, "other_ops": others}
 
 
 def main() -> None:
@@ -211,6 +214,10 @@ def main() -> None:
             a, b = mine[weight], theirs.get(weight, {"rows": 0, "seconds": 0.0})
             lines.append(f"| {weight} | {a['rows']} | {b['rows']} | {1e6 * a['seconds'] / max(a['rows'], 1):.1f} | "
                          f"{1e6 * b['seconds'] / max(b['rows'], 1):.1f} |")
+        lines += ["", "The largest of the other ops (seconds):", "", "| op | KV cache | no cache |", "|---|---|---|"]
+        mine, theirs = split["cached"]["other_ops"], split["uncached"]["other_ops"]
+        for op in sorted(mine, key=lambda o: -mine[o])[:10]:
+            lines.append(f"| {op} | {mine[op]:.3f} | {theirs.get(op, 0.0):.3f} |")
         lines.append("")
     (out / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -140,7 +140,10 @@ def test_training_on_block_j_equals_sampling_on_the_clean_prefix():
         for j in range(L // K):
             part = slice(j * K, (j + 1) * K)
             sample = denoiser.block_log_probs(z[:, part], t_blocks[:, j], prefix=x0[:, : j * K] if j else None)
-            assert (train[:, part] - sample).abs().max() <= 1e-5, j
+            # Block 0 has no clean prefix, so its σ goes in as [B] and the time embedding runs on
+            # one row per sequence instead of K: other matmul shapes, fp32 rounding (the issue's
+            # bound where CPU kernels differ: 5e-6 of the largest value; measured 6e-7 of it).
+            assert (train[:, part] - sample).abs().max() <= 5e-6 * sample.abs().max(), j
 
 
 @pytest.mark.parametrize("make", [masked_denoiser, uniform_denoiser], ids=["masked", "uniform"])
