@@ -132,7 +132,8 @@ def release(group: "torch.distributed.ProcessGroup | None") -> None:
 
 
 def local_device(device: str) -> str:
-    """`cuda` → this process's GPU (`cuda:LOCAL_RANK`) when a launcher started several processes."""
+    """`cuda` → this process's GPU (`cuda:<local rank>`, `local_rank`) when a launcher started
+    several processes."""
     if device == "cuda" and launched() > 1:
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        return f"cuda:{local_rank()}"
     return device

@@ -11,7 +11,6 @@ import time
 import datasets
 import pytest
 
-from mdlm_dmmd import ranks
 from mdlm_dmmd.data import build_data, once
 from mdlm_dmmd.errors import UserError
 
@@ -43,14 +42,6 @@ def helper(monkeypatch):
 def dead_pid() -> int:
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     return int(done.stdout)
-
-
-def test_local_rank_from_torchrun_or_slurm(monkeypatch):
-    assert ranks.local_rank() == 0
-    monkeypatch.setenv("SLURM_LOCALID", "3")
-    assert ranks.local_rank() == 3
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    assert ranks.local_rank() == 1
 
 
 def test_rank_0_builds_in_a_temporary_folder_and_leaves_no_notes(tmp_path):

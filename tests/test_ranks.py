@@ -1,0 +1,23 @@
+"""Which process this is, from the launcher's environment (torchrun or SLURM)."""
+
+from mdlm_dmmd import ranks
+
+
+def test_local_rank_from_torchrun_or_slurm(monkeypatch):
+    assert ranks.local_rank() == 0  # conftest clears LOCAL_RANK and SLURM_LOCALID
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    assert ranks.local_rank() == 3
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's wins (torchrun inside an srun allocation)
+    assert ranks.local_rank() == 1
+
+
+def test_each_launched_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert ranks.local_device("cuda") == "cuda"  # one process: torch's current device
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("SLURM_LOCALID", "2")
+    assert ranks.local_device("cuda") == "cuda:2"
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert ranks.local_device("cuda") == "cuda:1"
+    assert ranks.local_device("cpu") == "cpu"
+    assert ranks.local_device("cuda:3") == "cuda:3"  # a device the user named is kept
