@@ -144,12 +144,25 @@ def check_one_process(cfg) -> None:
                         f"trainer.devices=N, then score them with mode=sweep under torchrun")
 
 
+def check_launcher(mode: str) -> None:
+    """The modes outside Lightning (sample, eval, sweep, study) know torchrun's processes only.
+    `srun` starting one task per GPU gives each task SLURM_PROCID but no WORLD_SIZE: every task
+    would run the whole job alone and write the same files. Refuse in all but task 0."""
+    task = os.environ.get("SLURM_PROCID", "")
+    if "WORLD_SIZE" not in os.environ and task.isdigit() and int(task) > 0:
+        raise UserError(f"mode={mode} under srun: this is task {task} of {os.environ.get('SLURM_NTASKS', '?')}, "
+                        "and each task would run the whole job; start one task per node that runs "
+                        "torchrun --nproc_per_node=N -m mdlm_dmmd mode=... (or a single task)")
+
+
 def dispatch(cfg) -> None:
     """Run the mode `cfg.mode` names on the composed config."""
     from mdlm_dmmd.eval.scoring import check_metrics_ready
     from mdlm_dmmd.modes import MODES  # see mode_names
     from mdlm_dmmd.ranks import leave
 
+    if cfg.mode != "train":
+        check_launcher(cfg.mode)  # Lightning reads SLURM's tasks for training; the other modes need torchrun
     if cfg.mode == "study":
         check_one_process(cfg)
     if cfg.mode in ("eval", "sweep", "study") or (cfg.mode == "train" and int(cfg.sampling.num_samples) > 0):

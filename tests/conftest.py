@@ -10,9 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
-# Run inside a torchrun or SLURM task, a test process would take itself for a helper process
-# and wait for a data cache that its local rank 0 builds (`mdlm_dmmd/data/once.py`).
-for _launcher_rank in ("LOCAL_RANK", "SLURM_LOCALID"):
+# Run inside a torchrun or SLURM task, a test process would take itself for a helper process:
+# wait for a data cache that its local rank 0 builds (`mdlm_dmmd/data/once.py`), or refuse the
+# modes outside Lightning (`ranks.check_launcher`).
+for _launcher_rank in ("LOCAL_RANK", "SLURM_LOCALID", "SLURM_PROCID"):
     os.environ.pop(_launcher_rank, None)
 
 # Tiny models: one thread is faster than two that fight each other (and any other process).

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mdlm_dmmd.checkpoints import load_backbone, save_backbone
-from mdlm_dmmd.cli import main
+from mdlm_dmmd.cli import check_launcher, main
 
 TINY = ["debug=cpu", "data=digits", "model.length=64"]  # configs/debug/cpu.yaml: seconds on CPU
 
@@ -346,6 +346,24 @@ def test_unwritable_run_dir_is_one_line(capsys, tmp_path, trained_ckpt, mode):
              "sweep": [f"sweep.methods=[{{name: T, checkpoint: '{trained_ckpt}', steps: [2]}}]", "sweep.num_samples=2"]}
     fails(capsys, TINY + [f"mode={mode}", *extra[mode], f"run_dir={run_dir}"], f"run_dir '{run_dir}'",
           "cannot be written", run_dir=run_dir)
+
+
+@pytest.mark.parametrize("mode", ["sample", "eval", "study", "sweep"])
+def test_srun_tasks_of_a_mode_outside_lightning_are_refused(capsys, monkeypatch, run_dir, trained_ckpt, mode):
+    """srun's task 1 of 8 without torchrun would run the whole job alone and write the same files."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    extra = {"sample": [f"checkpoint={trained_ckpt}"], "eval": [f"checkpoint={trained_ckpt}"],
+             "study": ["study.teacher_steps=[2]", "study.student_steps=[]"],
+             "sweep": [f"sweep.methods=[{{name: T, checkpoint: '{trained_ckpt}', steps: [2]}}]"]}
+    fails(capsys, TINY + [f"mode={mode}", *extra[mode], f"run_dir={run_dir}"], f"mode={mode} under srun",
+          "task 1 of 8", "torchrun", run_dir=run_dir)
+    monkeypatch.setenv("SLURM_PROCID", "0")  # task 0 (or a batch script, or torchrun inside srun) goes on
+    check_launcher(mode)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    check_launcher(mode)
 
 
 def test_compiled_and_checkpointed_training_keeps_plain_checkpoint_keys(tmp_path, monkeypatch):
