@@ -79,7 +79,8 @@ class BlockDenoiser(Denoiser):
     def log_probs(self, z_t: Tensor, t: Tensor, generator: torch.Generator | None = None, *,
                   clean: Tensor | None = None, at: Tensor | None = None) -> Tensor:
         """Training layout: x̂ for every block of z_t [B, L] (ids or soft [B, L, V]), t per token
-        [B, L] or per sequence [B], given the clean sequence `clean` [B, L]: the network sees
+        [B, L] (constant inside each block; `block.per_token`) or per sequence [B], given the
+        clean sequence `clean` [B, L]: the network sees
         [z_t, x_0] (2L tokens) under the block-diffusion mask, positions 0..L−1 for each half.
         `at` (bool [B, L], token ids only): x̂ at those positions of z_t only, [N, V]."""
         if clean is None:
@@ -150,17 +151,22 @@ class BlockDenoiser(Denoiser):
         kv_cache.commit()
 
     def _sigma(self, t: Tensor, batch: int, size: int, *, before: int = 0, after: int = 0) -> Tensor:
-        """σ of [`before` clean, `size` noisy, `after` clean] tokens at time t [B] or [B, size];
-        clean tokens get 0. Without time conditioning (σ = 0 everywhere), or with one σ per
-        sequence and no clean tokens, σ stays [B]: the network's adaLN then runs once per
-        sequence instead of once per token (per token it costs ~8% of a 768-wide block's matmuls)."""
+        """σ for [`before` clean, `size` noisy, `after` clean] tokens (whole blocks) at time t [B]
+        or per token [B, size] (constant inside each block, as block diffusion draws it: one t per
+        (sequence, block)); clean tokens get σ = 0.
+
+        One σ per block, [B, blocks] (the network's σ per segment): its adaLN then runs once per
+        block, not once per token (per token it costs ~8% of a 768-wide block's matmuls, and as
+        much memory traffic as its output). [B] where one σ covers every token: no time
+        conditioning (0 everywhere), or one noisy block alone."""
         if not self.time_conditioning:
             return torch.zeros(batch, device=t.device)
         sigma = self.sigma(t).float()
-        if before == after == 0:
-            return sigma  # [B] or [B, size]
-        sigma = sigma[:, None].expand(batch, size) if sigma.dim() == 1 else sigma
-        return torch.cat([sigma.new_zeros(batch, before), sigma, sigma.new_zeros(batch, after)], dim=1)
+        if sigma.dim() == 1 and before == after == 0:
+            return sigma
+        K = self.block_size
+        noisy = sigma[:, ::K] if sigma.dim() == 2 else sigma[:, None].expand(batch, size // K)  # [B, size / K]
+        return torch.cat([noisy.new_zeros(batch, before // K), noisy, noisy.new_zeros(batch, after // K)], dim=1)
 
 
 @dataclass

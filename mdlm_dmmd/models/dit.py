@@ -14,8 +14,9 @@ Additions over the public DiT, none of which change its numbers:
   D-MMD's generator noise input (paper §6.5): white, or a pyramid over the image (`noise_grid`);
 - for block diffusion: an attention mask, explicit rotary `positions` (BD3-LM's [x_t, x_0]
   training input repeats 0..L−1 for each half), a `KVCache` of finished blocks, and σ per
-  position ([B, S]: noisy blocks conditioned on their σ, clean ones on 0). The input length S
-  is free (2L for BD3-LM training, one block with a cache).
+  segment ([B, G]: G equal runs of positions, e.g. one per block, noisy blocks conditioned on
+  their σ, clean ones on 0; G = S is σ per position). The input length S is free (2L for BD3-LM
+  training, one block with a cache).
 
 Processes, losses and what sigma means for a given algo live elsewhere (`diffusion/`, `algos/`).
 """
@@ -91,14 +92,30 @@ class LayerNorm(nn.Module):
         return (normed * self.weight.float()).to(x.dtype)
 
 
+def per_segment(fn: Callable, x: Tensor, *params: Tensor) -> Tensor:
+    """fn(x, *params) for x [B, S, D] and adaLN outputs [B, G, D], G dividing S: segment g (S/G
+    positions in a row) takes params[:, g]. G = 1 and G = S broadcast as they are; other G view
+    x as [B, G, S/G, D], so no [B, S, D] copy of the parameters is made."""
+    B, S, D = x.shape
+    G = params[0].shape[1]
+    if G in (1, S):
+        return fn(x, *params)
+    return fn(x.reshape(B, G, S // G, D), *(p[:, :, None] for p in params)).reshape(B, S, D)
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN modulation; shift, scale [B, 1, D] (broadcast over positions) or [B, S, D]."""
-    return x * (1 + scale) + shift
+    """adaLN modulation x·(1 + scale) + shift; shift, scale [B, G, D] (see `per_segment`)."""
+    return per_segment(lambda x, shift, scale: x * (1 + scale) + shift, x, shift, scale)
+
+
+def gated(x: Tensor, gate: Tensor, branch: Tensor) -> Tensor:
+    """The residual update x + gate·branch; gate [B, G, D] (see `per_segment`)."""
+    return x + per_segment(lambda branch, gate: gate * branch, branch, gate)
 
 
 def adaln_chunks(modulation: Tensor, n: int) -> tuple[Tensor, ...]:
-    """Split an adaLN output [B, n·D] (one σ per sequence) or [B, S, n·D] (per position) into
-    n tensors [B, 1, D] or [B, S, D]."""
+    """Split an adaLN output [B, n·D] (one σ per sequence) or [B, G, n·D] (per segment, G = S:
+    per position) into n tensors [B, 1, D] or [B, G, D]."""
     if modulation.ndim == 2:
         modulation = modulation[:, None]  # [B, 1, n·D]
     return modulation.chunk(n, dim=-1)
@@ -159,18 +176,18 @@ class DiTBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, c: Tensor, rotary: tuple[Tensor, Tensor], attend: Callable) -> Tensor:
-        """x [B, S, D], c [B, C] or [B, S, C]; `attend` maps rotated q, k and v [B, S, H, hd] to
-        [B, S, H, hd] (adding cached keys and values, if any)."""
+        """x [B, S, D], c [B, C] or per segment [B, G, C] (`per_segment`); `attend` maps rotated
+        q, k and v [B, S, H, hd] to [B, S, H, hd] (adding cached keys and values, if any)."""
         B, S, D = x.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln_chunks(self.adaLN_modulation(c), 6)
 
         # 1. attention branch
         a = attend(*self.queries_keys_values(x, shift_msa, scale_msa, rotary)).reshape(B, S, D)
-        x = x + gate_msa * self.dropout(self.attn_out(a))
+        x = gated(x, gate_msa, self.dropout(self.attn_out(a)))
 
         # 2. MLP branch
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)
-        x = x + gate_mlp * self.dropout(self.mlp(h))
+        x = gated(x, gate_mlp, self.dropout(self.mlp(h)))
         return x
 
     def queries_keys_values(self, x: Tensor, shift: Tensor, scale: Tensor,
@@ -199,7 +216,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Linear(cond_dim, 2 * dim, bias=True)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = adaln_chunks(self.adaLN_modulation(c), 2)  # 2 x [B, 1 or S, D]
+        shift, scale = adaln_chunks(self.adaLN_modulation(c), 2)  # 2 x [B, 1 or G, D]
         return self.linear(modulate(self.norm_final(x), shift, scale))  # [B, S, V]
 
 
@@ -339,7 +356,9 @@ class DiT(nn.Module):
         """Logits for every input position (or for the positions `logits_at`).
 
         x: token ids [B, S] (int) or probabilities [B, S, V] (float); S is free.
-        sigma: noise level [B] (a scalar is broadcast) or per position [B, S], as the algo defines it.
+        sigma: noise level [B] (a scalar is broadcast), or per segment [B, G] with G dividing S:
+            position i takes sigma[:, i // (S / G)] (G = S: per position; a block model's σ is
+            constant inside each block, and its adaLN then runs per block, not per token).
         noise: [B, S, noise_features], required iff config.noise_dim > 0 (see `draw_noise`).
         attn_mask: optional bool [S, T + S] over (cached tokens, input), T = kv_cache.length (0
             without a cache); True = may attend; combined with `causal`. None = full (or causal)
@@ -388,7 +407,7 @@ class DiT(nn.Module):
             raise ValueError("DiT got noise but has no noise input (model.noise_dim=0)")
 
         # 2. time conditioning and positions
-        c = F.silu(self.sigma_map(sigma))  # [B, C] or [B, S, C]
+        c = F.silu(self.sigma_map(sigma))  # [B, C] or [B, G, C]
         if positions is None:
             start = kv_cache.end if kv_cache is not None else 0  # = T unless a sliding window dropped tokens
             positions = torch.arange(start, start + S, device=h.device)  # [S]
@@ -422,18 +441,20 @@ class DiT(nn.Module):
             else:
                 h = block(h, c, rotary, functools.partial(attend, layer=i))
         if logits_at is not None:
-            c = c if c.ndim == 3 else c[:, None].expand(B, S, c.shape[-1])
+            c = c[:, None].expand(B, S, c.shape[-1]) if c.ndim == 2 else c.repeat_interleave(S // c.shape[1], dim=1)
             # squeeze, not [0]: its backward is a view, where [0]'s writes the gradient into a zero [1, N, V]
             return self.output_layer(h[logits_at][None], c[logits_at][None]).squeeze(0).float()  # [N, V]
         return self.output_layer(h, c).float()  # [B, S, V]
 
     @staticmethod
     def _sigma_shape(sigma: Tensor, B: int, S: int) -> Tensor:
-        """sigma as [B] (one per sequence; a scalar is broadcast) or [B, S] (one per position)."""
+        """sigma as [B] (one per sequence; a scalar is broadcast) or [B, G] (per segment, G
+        dividing S; G = S: per position)."""
         if sigma.numel() == 1:
             return sigma.reshape(1).expand(B)
-        if sigma.numel() == B:
+        if sigma.numel() == B and sigma.ndim < 2:
             return sigma.reshape(B)
-        if sigma.shape != (B, S):
-            raise ValueError(f"DiT: sigma must have shape [B] = [{B}] or [B, S] = [{B}, {S}], got {tuple(sigma.shape)}")
+        if sigma.ndim != 2 or sigma.shape[0] != B or sigma.shape[1] == 0 or S % sigma.shape[1]:
+            raise ValueError(f"DiT: sigma must have shape [B] = [{B}], [B, S] = [{B}, {S}] or [B, G] with G dividing "
+                             f"S (per segment), got {tuple(sigma.shape)}")
         return sigma

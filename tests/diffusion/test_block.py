@@ -127,6 +127,38 @@ def masked_denoiser(seed: int = 0) -> BlockDenoiser:
     return BlockDenoiser(network, MaskedProcess(LogLinear(), mask_id=V), time_conditioning=True, block_size=K)
 
 
+@pytest.mark.parametrize("time_conditioning", [True, False])
+def test_noisy_tokens_are_conditioned_on_their_blocks_sigma_and_clean_ones_on_zero(time_conditioning):
+    """The denoiser hands the network σ as levels (`sigma_at`); spelled out per token, σ(t_j)
+    on block j of z_t and 0 on x_0 (0 everywhere without time conditioning), the network gives
+    the same log-probs, in training and in uncached and cached sampling."""
+    denoiser = uniform_denoiser()
+    denoiser.time_conditioning = time_conditioning
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randint(0, V, (2, L), generator=g)
+    t_blocks = torch.rand(2, L // K, generator=g)
+    t = block.per_token(t_blocks, K)
+    z = denoiser.process.corrupt(x0, t, generator=g)
+    sigma = LogLinear().sigma(t) if time_conditioning else torch.zeros(2, L)
+    with torch.no_grad():
+        logits = denoiser.network(torch.cat([z, x0], dim=1), torch.cat([sigma, torch.zeros(2, L)], dim=1),
+                                  attn_mask=block.training_mask(L, K, "cpu"), positions=block.training_positions(L, "cpu"))
+        torch.testing.assert_close(denoiser(z, t, clean=x0), denoiser.to_log_probs(logits[:, :L], z), atol=1e-5, rtol=1e-5)
+        j = 2  # block j after the clean blocks before it
+        part = slice(j * K, (j + 1) * K)
+        tokens = torch.cat([x0[:, : j * K], z[:, part]], dim=1)
+        spelled = torch.cat([torch.zeros(2, j * K), sigma[:, part]], dim=1)
+        logits = denoiser.network(tokens, spelled, attn_mask=block.block_causal_mask((j + 1) * K, K, "cpu"))[:, j * K:]
+        expected = denoiser.to_log_probs(logits, z[:, part])
+        torch.testing.assert_close(denoiser.block_log_probs(z[:, part], t_blocks[:, j], prefix=x0[:, : j * K]), expected,
+                                   atol=1e-5, rtol=1e-5)
+        cache = denoiser.new_cache()
+        for i in range(j):
+            denoiser.commit(x0[:, i * K: (i + 1) * K], cache)
+        torch.testing.assert_close(denoiser.block_log_probs(z[:, part], t_blocks[:, j], kv_cache=cache), expected,
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_training_on_block_j_equals_sampling_on_the_clean_prefix():
     """Block j of the [x_t, x_0] forward = the sampling forward on [x_0 blocks < j, x_t block j],
     with σ(t_j) on the noisy block and σ = 0 on clean tokens in both."""

@@ -130,8 +130,47 @@ def test_sigma_per_position_in_a_causal_model():
 
 def test_bad_sigma_shape_raises():
     model = random_model(tiny_config())
-    with pytest.raises(ValueError, match=r"sigma must have shape \[B\] = \[2\] or \[B, S\] = \[2, 12\]"):
-        model(tokens(), torch.zeros(B, L + 1))
+    for bad in (torch.zeros(B, L + 1), torch.zeros(B, 5), torch.zeros(B, 0), torch.zeros(B + 1, L), torch.zeros(B, 2, 6)):
+        with pytest.raises(ValueError, match=r"sigma must have shape \[B\] = \[2\], \[B, S\] = \[2, 12\] or "
+                                             r"\[B, G\] with G dividing S"):
+            model(tokens(), bad)
+
+
+@pytest.mark.parametrize("path", ["full", "logits_at", "checkpointed", "kv_cache"])
+def test_sigma_per_segment_equals_the_sigma_per_position_it_spells_out(path):
+    """σ [B, G] with G dividing S (a block model's σ per block: the adaLN runs per segment, and
+    no [B, S, D] copy of its output is made) gives the logits of the [B, S] σ that repeats each
+    entry S/G times, on every path of the forward, and the gradient reaching each entry is the
+    sum over its segment."""
+    model = random_model(tiny_config())
+    x = tokens()
+    per_block = torch.tensor([[0.4, 1.5, 0.0], [2.5, 0.1, 3.0]])  # [B, G = 3]: segments of K = 4
+    spelled = per_block.repeat_interleave(K, dim=1)  # [B, S]
+    if path == "kv_cache":  # one segment per cached call, and two blocks of the same call
+        with torch.no_grad():
+            cache = KVCache()
+            first = model(x[:, :2 * K], per_block[:, :2], kv_cache=cache)
+            cache.commit()
+            last = model(x[:, 2 * K:], per_block[:, 2], kv_cache=cache)
+            two_calls = torch.ones(L, L, dtype=torch.bool)
+            two_calls[: 2 * K, 2 * K:] = False  # the first call never sees the last block
+            close(torch.cat([first, last], dim=1), model(x, spelled, attn_mask=two_calls))
+        return
+    mask = block_causal(L, K)
+    if path == "logits_at":
+        where = torch.rand(B, L, generator=torch.Generator().manual_seed(3)) < 0.5
+        with torch.no_grad():
+            close(model(x, per_block, attn_mask=mask, logits_at=where), model(x, spelled, attn_mask=mask)[where])
+        return
+    model.activation_checkpointing = path == "checkpointed"
+    per_block.requires_grad_(True)
+    out = model(x, per_block, attn_mask=mask)
+    out.square().mean().backward()
+    reference = spelled.detach().requires_grad_(True)
+    expected = model(x, reference, attn_mask=mask)
+    expected.square().mean().backward()
+    close(out, expected)
+    close(per_block.grad, reference.grad.view(B, 3, K).sum(-1))
 
 
 # ---------------------------------------------------------------------------------------------
