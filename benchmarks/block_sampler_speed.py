@@ -77,7 +77,10 @@ def flop_ratio(length: int, block: int, steps: int, width: int, layers: int, voc
     (the uncached mask hides keys but the kernel computes them); a commit pass is a block through
     every layer but the last, which stops at its QKV; the output head (D·V per token) runs once
     per token in both, at the step that reveals it (masked process). The floor the wall-clock
-    ratio approaches when every call runs its matmuls at the same rate."""
+    ratio approaches when every call runs its matmuls at the same rate. It assumes every step
+    calls the network: a masked step that reveals nothing is skipped (`block_sampling`), which
+    at 256-token blocks does not happen in practice, but with small blocks and many steps it
+    does, and the true ratio is then above this one."""
     def layer(rows: int, keys: int) -> int:
         return rows * 12 * width * width + 2 * rows * keys * width
 

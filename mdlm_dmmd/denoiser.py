@@ -151,9 +151,9 @@ class BlockDenoiser(Denoiser):
         kv_cache.commit()
 
     def _sigma(self, t: Tensor, batch: int, size: int, *, before: int = 0, after: int = 0) -> Tensor:
-        """σ for [`before` clean, `size` noisy, `after` clean] tokens (whole blocks) at time t [B]
-        or per token [B, size] (constant inside each block, as block diffusion draws it: one t per
-        (sequence, block)); clean tokens get σ = 0.
+        """σ for [`before` clean, `size` noisy, `after` clean] tokens at time t [B] or per token
+        [B, size] (constant inside each block, as block diffusion draws it: one t per (sequence,
+        block); the first token's stands for its block); clean tokens get σ = 0.
 
         One σ per block, [B, blocks] (the network's σ per segment): its adaLN then runs once per
         block, not once per token (per token it costs ~8% of a 768-wide block's matmuls, and as
@@ -165,7 +165,10 @@ class BlockDenoiser(Denoiser):
         if sigma.dim() == 1 and before == after == 0:
             return sigma
         K = self.block_size
-        noisy = sigma[:, ::K] if sigma.dim() == 2 else sigma[:, None].expand(batch, size // K)  # [B, size / K]
+        if size % K or before % K or after % K:  # not whole blocks (no caller of this package): per token
+            noisy, K = (sigma[:, None].expand(batch, size) if sigma.dim() == 1 else sigma), 1
+        else:
+            noisy = sigma[:, ::K] if sigma.dim() == 2 else sigma[:, None].expand(batch, size // K)  # [B, size / K]
         return torch.cat([noisy.new_zeros(batch, before // K), noisy, noisy.new_zeros(batch, after // K)], dim=1)
 
 

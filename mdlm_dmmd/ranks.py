@@ -133,7 +133,8 @@ def release(group: "torch.distributed.ProcessGroup | None") -> None:
 
 def local_device(device: str) -> str:
     """`cuda` → this process's GPU (`cuda:<local rank>`, `local_rank`) when a launcher started
-    several processes."""
+    several processes; `cuda:0` where each process sees one GPU only (SLURM's --gpus-per-task,
+    or CUDA_VISIBLE_DEVICES set per process)."""
     if device == "cuda" and launched() > 1:
-        return f"cuda:{local_rank()}"
+        return f"cuda:{local_rank() if torch.cuda.device_count() > 1 else 0}"
     return device

@@ -12,6 +12,9 @@ def test_local_rank_from_torchrun_or_slurm(monkeypatch):
 
 
 def test_each_launched_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert ranks.local_device("cuda") == "cuda"  # one process: torch's current device
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -21,3 +24,5 @@ def test_each_launched_process_takes_the_gpu_of_its_local_rank(monkeypatch):
     assert ranks.local_device("cuda") == "cuda:1"
     assert ranks.local_device("cpu") == "cpu"
     assert ranks.local_device("cuda:3") == "cuda:3"  # a device the user named is kept
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU visible per process: it is cuda:0
+    assert ranks.local_device("cuda") == "cuda:0"

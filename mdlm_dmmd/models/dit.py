@@ -452,7 +452,7 @@ class DiT(nn.Module):
         dividing S; G = S: per position)."""
         if sigma.numel() == 1:
             return sigma.reshape(1).expand(B)
-        if sigma.numel() == B and sigma.ndim < 2:
+        if sigma.numel() == B and not (sigma.ndim == 2 and sigma.shape[0] == B):  # e.g. [1, B]: one per sequence
             return sigma.reshape(B)
         if sigma.ndim != 2 or sigma.shape[0] != B or sigma.shape[1] == 0 or S % sigma.shape[1]:
             raise ValueError(f"DiT: sigma must have shape [B] = [{B}], [B, S] = [{B}, {S}] or [B, G] with G dividing "

@@ -159,6 +159,21 @@ def test_noisy_tokens_are_conditioned_on_their_blocks_sigma_and_clean_ones_on_ze
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_a_part_of_a_block_gets_sigma_per_token():
+    """Not whole blocks (2 noisy tokens after 2 clean blocks, no caller of the package does this):
+    σ falls back to per token, σ(t) on the noisy tokens and 0 on the prefix."""
+    denoiser = uniform_denoiser()
+    g = torch.Generator().manual_seed(6)
+    prefix, z = torch.randint(0, V, (2, 2 * K), generator=g), torch.randint(0, V, (2, 2), generator=g)
+    t = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        sigma = torch.cat([torch.zeros(2, 2 * K), LogLinear().sigma(t)[:, None].expand(2, 2)], dim=1)
+        logits = denoiser.network(torch.cat([prefix, z], dim=1), sigma,
+                                  attn_mask=block.block_causal_mask(2 * K + 2, K, "cpu"))[:, 2 * K:]
+        torch.testing.assert_close(denoiser.block_log_probs(z, t, prefix=prefix), denoiser.to_log_probs(logits, z),
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_training_on_block_j_equals_sampling_on_the_clean_prefix():
     """Block j of the [x_t, x_0] forward = the sampling forward on [x_0 blocks < j, x_t block j],
     with σ(t_j) on the noisy block and σ = 0 on clean tokens in both."""
@@ -315,7 +330,9 @@ def test_stop_at_eos_ends_each_sequence_and_stops_when_all_have_ended(monkeypatc
     calls = []
     block_log_probs = denoiser.block_log_probs
     monkeypatch.setattr(denoiser, "block_log_probs", lambda *a, **k: calls.append(1) or block_log_probs(*a, **k))
-    out = sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(2, L), stop_at=2)
+    # seeded: unseeded, both steps of the first block revealed nothing or everything once in ~200 runs
+    out = sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(2, L), stop_at=2,
+                        generator=torch.Generator().manual_seed(0))
     assert (out == 2).all() and len(calls) == 2  # one block of 2 steps, then stopped
 
 

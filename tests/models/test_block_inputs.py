@@ -101,6 +101,8 @@ def test_sigma_per_position_with_equal_entries_equals_sigma_per_sequence():
     x, sigma = tokens(), torch.tensor([0.2, 2.0])
     with torch.no_grad():
         close(model(x, sigma[:, None].expand(B, L)), model(x, sigma))
+        close(model(x, sigma[:, None]), model(x, sigma))  # [B, 1]: one segment
+        close(model(x, sigma[None]), model(x, sigma))  # [1, B]: one per sequence, as before segments
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
