@@ -17,9 +17,10 @@ would not cancel it), at two shapes:
 - `narrow`: `benchmarks/block_text.py`'s DiT (128 wide, 4 layers, C = 64) on a 2048-token BPE,
   L = 256 in blocks of 64, batch 8.
 
-fp32, one forward and backward of the network (the loss: the mean logit).
+fp32, one forward and backward of the network (the loss: the mean logit). `--device cuda`
+(`--bf16`: under bf16 autocast) times the same on a GPU, synchronising before each clock reading.
 
-    python benchmarks/block_sigma_cost.py [--shapes text narrow --repeats 6]
+    python benchmarks/block_sigma_cost.py [--shapes text narrow --repeats 6 --device cpu]
 Writes benchmarks/results/block_sigma_cost_<time>/ (results.md, results.json, run_info.json).
 """
 
@@ -47,25 +48,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--repeats", type=int, default=6, help="timed pairs per shape (at least 2)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="under bf16 autocast (fp32 weights)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    precision = "bf16 autocast" if args.bf16 else "fp32"
     started = time.time()
     rows = []
     for name in args.shapes:
         config, size, batch = SHAPES[name]
         L = config["length"]
         torch.manual_seed(0)
-        network = DiT(DiTConfig(**config, dropout=0.0, attn_backend="sdpa"))
+        network = DiT(DiTConfig(**config, dropout=0.0, attn_backend="sdpa")).to(device)
         for p in network.parameters():  # no zero-init adaLN or head: every matmul does real work
             torch.nn.init.normal_(p, std=0.02)
         g = torch.Generator().manual_seed(1)
-        x = torch.randint(0, config["vocab_size"], (batch, 2 * L), generator=g)  # [x_t, x_0]
-        per_block = torch.cat([torch.rand(batch, L // size, generator=g) * 5, torch.zeros(batch, L // size)], dim=1)
+        x = torch.randint(0, config["vocab_size"], (batch, 2 * L), generator=g).to(device)  # [x_t, x_0]
+        per_block = torch.cat([torch.rand(batch, L // size, generator=g) * 5, torch.zeros(batch, L // size)],
+                              dim=1).to(device)
         per_token = per_block.repeat_interleave(size, dim=1)  # [B, 2L]
-        mask, positions = block.training_mask(L, size, "cpu"), block.training_positions(L, "cpu")
+        mask, positions = block.training_mask(L, size, device), block.training_positions(L, device)
 
         def step(sigma):
             network.zero_grad(set_to_none=True)
-            network(x, sigma, attn_mask=mask, positions=positions).mean().backward()
+            with autocast:
+                out = network(x, sigma, attn_mask=mask, positions=positions)
+            out.float().mean().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
 
         calls = {"per token": lambda: step(per_token), "per block": lambda: step(per_block)}
         seconds: dict[str, list[float]] = {kind: [] for kind in calls}
@@ -73,11 +84,13 @@ def main() -> None:
             calls[kind]()
         for repeat in range(args.repeats):
             for kind in (("per token", "per block") if repeat % 2 == 0 else ("per block", "per token")):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
                 begun = time.perf_counter()
                 calls[kind]()
                 seconds[kind].append(time.perf_counter() - begun)
         ratios = [pb / pt for pb, pt in zip(seconds["per block"], seconds["per token"])]
-        rows.append({"shape": name, "batch": batch, "length": L, "block_size": size, "hidden": config["hidden_dim"],
+        rows.append({"shape": name, "device": args.device, "precision": precision, "batch": batch, "length": L, "block_size": size, "hidden": config["hidden_dim"],
                      "cond": config["cond_dim"], "layers": config["n_blocks"], "vocab": config["vocab_size"],
                      "analytic_adaln_share": round(6 * config["cond_dim"] / (12 * config["hidden_dim"]), 3),
                      "per_token_s": round(statistics.median(seconds["per token"]), 4),
@@ -85,7 +98,7 @@ def main() -> None:
                      "ratio": round(statistics.median(ratios), 3),
                      "ratio_quartiles": [round(q, 3) for q in statistics.quantiles(ratios, n=4)[::2]]})
         print(rows[-1], flush=True)
-    lines = ["# A block model's training forward + backward, σ per block / σ per token (fp32 CPU, "
+    lines = [f"# A block model's training forward + backward, σ per block / σ per token ({precision} {args.device}, "
              f"{args.repeats} back-to-back pairs, medians)", "",
              "| shape | DiT (D × layers, C) | V | 2L × batch, block | adaLN / block matmuls | per token s | per block s | "
              "per block / per token (quartiles) |",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check the open issues ask for, as one `device` run of under 10 minutes (issue 13: block
-# sampler and flex on CUDA, bf16; issue 15: owt_* memory and batch sizes, step cost, bf16/flash).
+# sampler and flex on CUDA, bf16; issue 15: owt_* memory and batch sizes, step cost, bf16/flash;
+# last, whether a block model's σ per block saves on a GPU what it saves on the CPU).
 # Prepare here once: `bash scripts/device_wheels.sh`; then call the device tool with
 #     command: bash benchmarks/gpu_session.sh     carry: [".whl"]     timeout_s: 600
 # Most important first; each part has its own time limit. After each part everything so far is
@@ -39,4 +40,5 @@ part block_bf16 50 python3 benchmarks/block_sampler_speed.py --device cuda --bf1
     --steps 4 --batch 1 --repeats 2
 part block_fp32 50 python3 benchmarks/block_sampler_speed.py --device cuda --without-plain --steps 4 --batch 1 --repeats 2
 part gpu_check 60 python3 benchmarks/gpu_check.py --out benchmarks/results/gpu_check_session --batch 8 --repeats 5
+part block_sigma 30 python3 benchmarks/block_sigma_cost.py --device cuda --bf16 --repeats 6
 ls -R "$RES"
