@@ -12,16 +12,20 @@ at every step. This times, in one process and alternating the order, best of `--
    analytic FLOP share of attention per T is printed next to it.
 
 Next to the measured cached / uncached ratio it prints the same ratio by multiply-adds
-(`flop_ratio`): the output head runs once per token in both samplers and the cache adds its
-commit passes, so at 4 steps per block the cache saves at most 52% of the work (0.478), at 16
-steps 59% (0.413); the rest of the gap is the cached path's smaller calls and the sampler's own
-per-step work (softmax and cumsum over V), which the cache does not shrink.
+(`flop_ratio`): the output head costs the same in both samplers and the cache adds its commit
+passes, so at 4 steps per block the cache saves at most 52% of the work (0.478), at 16 steps 59%
+(0.413); the rest of the gap is the cached path's smaller calls and the sampler's own per-step
+work (softmax and cumsum over V), which the cache does not shrink. With `--process uniform` (a
+time-conditioned uniform model, the paper's block-256 teacher) every step re-draws every token of
+its block, so the head runs on the whole block at every step and the floor rises (0.530 at 4
+steps per block: above 0.5, 0.487 at 16).
 
 Random weights (speed does not depend on them), the `small` DiT by default (768 wide, 12 layers,
-12 heads, V = 50258), fp32 on the CPU, masked process, `--batch` sequences at once (default 1, the
-latency case; `sampling.batch_size` is 64 by default, and at batch 1 the cached path's 256-row
-matmuls run at a lower rate per row than the uncached path's longer ones on this CPU: each call
-streams its weights from memory for fewer rows; measured with `--profile`). `--without-plain`
+12 heads, V = 50258), fp32 on the CPU, masked process unless `--process uniform`, `--batch`
+sequences at once (default 1, the latency case; `sampling.batch_size` is 64 by default, and at
+batch 1 the cached path's 256-row matmuls may run at a lower rate per row than the uncached
+path's longer ones: each call streams its weights from memory for fewer rows; `--profile`
+measures it). `--without-plain`
 leaves out the plain model (its time grows with the batch and is not part of the ratio).
 `--device cuda` (`--bf16`: under bf16 autocast, `--attn`: the attention backend) times the same on
 a GPU, synchronising before each clock reading. `--profile` adds one profiled generation of each
@@ -45,6 +49,7 @@ import torch
 from mdlm_dmmd.denoiser import BlockDenoiser, Denoiser
 from mdlm_dmmd.diffusion.block_sampling import BlockSampler
 from mdlm_dmmd.diffusion.masked import MaskedProcess
+from mdlm_dmmd.diffusion.uniform import UniformProcess
 from mdlm_dmmd.diffusion.sampling import sample
 from mdlm_dmmd.diffusion.schedules import LogLinear
 from mdlm_dmmd.models.dit import DiT, DiTConfig
@@ -71,12 +76,14 @@ def attention_share(block: int, prefix: int, width: int) -> float:
     return attention / (attention + dense)
 
 
-def flop_ratio(length: int, block: int, steps: int, width: int, layers: int, vocab: int) -> float:
+def flop_ratio(length: int, block: int, steps: int, width: int, layers: int, vocab: int,
+               process: str = "masked") -> float:
     """Cached / uncached multiply-adds of one generation by counting (batch-independent): per layer
     12·D² per token (QKV, output projection, 4x MLP) and 2·D per (query, key) pair of attention
     (the uncached mask hides keys but the kernel computes them); a commit pass is a block through
-    every layer but the last, which stops at its QKV; the output head (D·V per token) runs once
-    per token in both, at the step that reveals it (masked process). The floor the wall-clock
+    every layer but the last, which stops at its QKV; the output head (D·V per token) runs, in
+    both, once per token at the step that reveals it (masked process) or on every token of the
+    block at every step (uniform process, whose steps re-draw every token). The floor the wall-clock
     ratio approaches when every call runs its matmuls at the same rate. It assumes every step
     calls the network: a masked step that reveals nothing is skipped (`block_sampling`), which
     at 256-token blocks does not happen in practice, but with small blocks and many steps it
@@ -91,7 +98,7 @@ def flop_ratio(length: int, block: int, steps: int, width: int, layers: int, voc
         uncached += steps * layers * layer(before + block, before + block)
         if before + block < length:  # commit this block (not the last)
             cached += (layers - 1) * layer(block, before + block) + block * 3 * width * width
-    head = length * width * vocab
+    head = length * width * vocab * (1 if process == "masked" else steps)
     return (cached + head) / (uncached + head)
 
 
@@ -139,6 +146,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1, help="sequences sampled at once")
+    parser.add_argument("--process", choices=["masked", "uniform"], default="masked",
+                        help="uniform: a time-conditioned uniform model, the paper's block-256 teacher")
     parser.add_argument("--without-plain", action="store_true", help="time only the two block samplers")
     parser.add_argument("--profile", action="store_true",
                         help="also split one generation of each block sampler by op kind")
@@ -158,9 +167,11 @@ def main() -> None:
                             n_blocks=args.layers, n_heads=args.heads, dropout=0.0, attn_backend=args.attn)).eval()
     torch.nn.init.normal_(network.output_layer.linear.weight, std=0.02)  # not the zero-init head: real sampling work
     network.to(device)
-    process = MaskedProcess(LogLinear(), mask_id=args.vocab - 1)
-    block_denoiser = BlockDenoiser(network, process, block_size=K)
-    plain_denoiser = Denoiser(network, process)
+    uniform = args.process == "uniform"
+    process = UniformProcess(LogLinear(), vocab_size=args.vocab) if uniform else MaskedProcess(LogLinear(),
+                                                                                              mask_id=args.vocab - 1)
+    block_denoiser = BlockDenoiser(network, process, time_conditioning=uniform, block_size=K)
+    plain_denoiser = Denoiser(network, process, time_conditioning=uniform)
 
     def generation(kind: str):
         generator = torch.Generator(device=device).manual_seed(1)
@@ -196,11 +207,11 @@ def main() -> None:
 
     result = {
         "length": L, "block_size": K, "steps_per_block": k, "vocab": args.vocab, "hidden": args.hidden,
-        "layers": args.layers, "heads": args.heads, "batch": args.batch,
+        "layers": args.layers, "heads": args.heads, "batch": args.batch, "process": args.process,
         "dtype": "bf16 autocast" if args.bf16 else "float32", "device": args.device,
         "attn_backend": args.attn,
         "seconds": best, "cached_over_uncached": best["cached"] / best["uncached"],
-        "flop_ratio": flop_ratio(L, K, k, args.hidden, args.layers, args.vocab),
+        "flop_ratio": flop_ratio(L, K, k, args.hidden, args.layers, args.vocab, args.process),
         "cached_over_plain": best["cached"] / best["plain"] if "plain" in best else None,
         "tokens_per_step": {"cached": K, "uncached": [K * (j + 1) for j in range(blocks)], "plain": L},
         "nfe": {"cached": k * blocks + blocks - 1, "uncached": k * blocks, "plain": k * blocks},
@@ -210,7 +221,7 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(result, indent=2))
     lines = [
         f"# Block sampler speed: {L} tokens in blocks of {K}, {k} steps per block ({result['device']}, "
-        f"{result['dtype']}, attention {args.attn}, batch {args.batch})",
+        f"{result['dtype']}, attention {args.attn}, batch {args.batch}, {args.process} process)",
         "",
         f"DiT {args.hidden} wide, {args.layers} layers, {args.heads} heads, V = {args.vocab}; best of {args.repeats}, "
         "the generations alternating in one process.",

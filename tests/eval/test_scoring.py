@@ -78,6 +78,7 @@ def test_a_fixed_gpu_is_refused_for_several_processes(monkeypatch, capsys):
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(UserError, match="sampling.device=cuda:1 would put all 2 processes on one GPU"):
         default_device(OmegaConf.create({"sampling": {"device": "cuda:1"}}))
     monkeypatch.setenv("LOCAL_RANK", "1")
