@@ -55,6 +55,10 @@ class Process(Protocol):
     def sample_posterior(self, z_t: Tensor, x: Tensor, t: Tensor, s: Tensor, generator=None) -> Tensor:
         """z_s ~ q(z_s | z_t, x) for token ids x. [B, L]"""
 
+    # Optional, outside the protocol: `sample_soft_posterior(z_t, x_probs, x, t, s, generator)`,
+    # z_s ~ posterior_probs(z_t, x̂) given a draw x ~ x̂ per token, without building [B, L, V];
+    # `sampling.step` uses it where a process has it (`UniformProcess`).
+
     def draw_updated_positions(self, z_t: Tensor, t: Tensor, s: Tensor, generator=None) -> Tensor | None:
         """The positions z_s changes at, drawn before x is known [B, L] bool; None where every
         position depends on x (samplers then take the full path)."""

@@ -259,6 +259,9 @@ def step(
     probs = adjust(log_p, temperature, top_p, nucleus)  # [B, L, V] float64
     if rule == "generator":
         return process.sample_posterior(z_t, sample_categorical(probs, generator), t, s, generator)
+    soft = getattr(process, "sample_soft_posterior", None)  # optional: the ancestral draw without q [B, L, V]
+    if soft is not None:
+        return soft(z_t, probs, sample_categorical(probs, generator), t, s, generator)
     return sample_categorical(process.posterior_probs(z_t, probs, t, s), generator)
 
 

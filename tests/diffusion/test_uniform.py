@@ -161,6 +161,22 @@ def test_generator_rule_is_the_mixture_not_the_soft_posterior():
     assert chisquare(counts.numpy(), (soft * n).numpy()).pvalue < 1e-12
 
 
+@pytest.mark.parametrize("z_t", [0, 1])
+def test_ancestral_step_draws_the_soft_posterior_without_building_it(z_t, monkeypatch):
+    """`sampling.step`'s ancestral rule takes the process's `sample_soft_posterior` (keep z_t,
+    else a draw from x̂, else uniform): the same distribution as q(z_s | z_t, x̂) of eq. (4) with
+    x̂ as the prior, which it never builds; x̂ peaked at z_t and elsewhere."""
+    from mdlm_dmmd.diffusion.sampling import step
+
+    n, t, s = 60000, 0.7, 0.4
+    p = torch.tensor([0.05, 0.6, 0.2, 0.1, 0.05], dtype=torch.float64)
+    expected = posterior(z_t, p, t, s)
+    monkeypatch.setattr(UniformProcess, "posterior_probs", lambda *a, **k: pytest.fail("built q [B, L, V]"))
+    z_s = step(process, p.log().float().expand(n, 1, V), torch.full((n, 1), z_t), torch.full((n,), t),
+               torch.full((n,), s), generator=torch.Generator().manual_seed(6))
+    assert_same_distribution(z_s, expected)
+
+
 # -- parameterisation and NELBO ---------------------------------------------------------------------
 def test_log_probs_is_log_softmax():
     logits = torch.randn(2, 3, V, dtype=torch.float64)
