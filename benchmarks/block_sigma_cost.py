@@ -27,14 +27,13 @@ Writes benchmarks/results/block_sigma_cost_<time>/ (results.md, results.json, ru
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
 from mdlm_dmmd.diffusion import block
 from mdlm_dmmd.models.dit import DiT, DiTConfig
-from run_info import command_line, results_dir, run_info, write_results, write_run_info  # benchmarks/ is on sys.path
+from run_info import command_line, paired_ratio, results_dir, run_info, write_results, write_run_info  # benchmarks/ is on sys.path
 
 SHAPES = {  # DiT config, block size, batch
     "text": ({"vocab_size": 50258, "length": 1024, "hidden_dim": 768, "cond_dim": 128, "n_blocks": 12, "n_heads": 12},
@@ -75,28 +74,13 @@ def main() -> None:
             with autocast:
                 out = network(x, sigma, attn_mask=mask, positions=positions)
             out.float().mean().backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
 
-        calls = {"per token": lambda: step(per_token), "per block": lambda: step(per_block)}
-        seconds: dict[str, list[float]] = {kind: [] for kind in calls}
-        for kind in calls:  # warm-up
-            calls[kind]()
-        for repeat in range(args.repeats):
-            for kind in (("per token", "per block") if repeat % 2 == 0 else ("per block", "per token")):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                begun = time.perf_counter()
-                calls[kind]()
-                seconds[kind].append(time.perf_counter() - begun)
-        ratios = [pb / pt for pb, pt in zip(seconds["per block"], seconds["per token"])]
-        rows.append({"shape": name, "device": args.device, "precision": precision, "batch": batch, "length": L, "block_size": size, "hidden": config["hidden_dim"],
-                     "cond": config["cond_dim"], "layers": config["n_blocks"], "vocab": config["vocab_size"],
-                     "analytic_adaln_share": round(6 * config["cond_dim"] / (12 * config["hidden_dim"]), 3),
-                     "per_token_s": round(statistics.median(seconds["per token"]), 4),
-                     "per_block_s": round(statistics.median(seconds["per block"]), 4),
-                     "ratio": round(statistics.median(ratios), 3),
-                     "ratio_quartiles": [round(q, 3) for q in statistics.quantiles(ratios, n=4)[::2]]})
+        timed = paired_ratio(("per_token", lambda: step(per_token)), ("per_block", lambda: step(per_block)),
+                             args.repeats, torch.cuda.synchronize if device.type == "cuda" else lambda: None)
+        rows.append({"shape": name, "device": args.device, "precision": precision, "batch": batch, "length": L,
+                     "block_size": size, "hidden": config["hidden_dim"], "cond": config["cond_dim"],
+                     "layers": config["n_blocks"], "vocab": config["vocab_size"],
+                     "analytic_adaln_share": round(6 * config["cond_dim"] / (12 * config["hidden_dim"]), 3), **timed})
         print(rows[-1], flush=True)
     lines = [f"# A block model's training forward + backward, σ per block / σ per token ({precision} {args.device}, "
              f"{args.repeats} back-to-back pairs, medians)", "",

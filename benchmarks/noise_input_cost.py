@@ -22,13 +22,12 @@ Writes benchmarks/results/noise_input_cost_<time>/ (results.md, results.json, ru
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
 from mdlm_dmmd.models.dit import DiT, DiTConfig
-from run_info import command_line, results_dir, run_info, write_results, write_run_info  # benchmarks/ is on sys.path
+from run_info import command_line, paired_ratio, results_dir, run_info, write_results, write_run_info  # benchmarks/ is on sys.path
 
 SMALL = {"hidden_dim": 768, "cond_dim": 128, "n_blocks": 12, "n_heads": 12}
 SHAPES = {  # DiT config, noise grid (None: white), batch
@@ -63,24 +62,12 @@ def main() -> None:
         x = torch.randint(0, config["vocab_size"], (batch, config["length"]), generator=torch.Generator().manual_seed(1))
         sigma = torch.zeros(batch)
         generator = torch.Generator().manual_seed(2)
-        calls = {"teacher": lambda: teacher(x, sigma),
-                 "student": lambda: student(x, sigma, student.draw_noise(batch, config["length"], generator))}
-        seconds: dict[str, list[float]] = {kind: [] for kind in calls}
         with torch.inference_mode():
-            for kind in calls:  # warm-up
-                calls[kind]()
-            for repeat in range(args.repeats):
-                for kind in (("teacher", "student") if repeat % 2 == 0 else ("student", "teacher")):
-                    begun = time.perf_counter()
-                    calls[kind]()
-                    seconds[kind].append(time.perf_counter() - begun)
-        ratios = [s / t for s, t in zip(seconds["student"], seconds["teacher"])]
+            timed = paired_ratio(("teacher", lambda: teacher(x, sigma)),
+                                 ("student", lambda: student(x, sigma, student.draw_noise(batch, config["length"], generator))),
+                                 args.repeats)
         rows.append({"shape": name, "batch": batch, "length": config["length"], "hidden": config["hidden_dim"],
-                     "layers": config["n_blocks"], "noise": "white" if grid is None else f"pyramid over {grid}",
-                     "teacher_s": round(statistics.median(seconds["teacher"]), 4),
-                     "student_s": round(statistics.median(seconds["student"]), 4),
-                     "ratio": round(statistics.median(ratios), 3),
-                     "ratio_quartiles": [round(q, 3) for q in statistics.quantiles(ratios, n=4)[::2]]})
+                     "layers": config["n_blocks"], "noise": "white" if grid is None else f"pyramid over {grid}", **timed})
         print(rows[-1], flush=True)
     lines = ["# A DiT forward with the generator noise input / without it (fp32 CPU, inference mode, "
              f"{args.repeats} back-to-back pairs, medians)", "",

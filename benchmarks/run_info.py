@@ -1,5 +1,5 @@
 """What every benchmark writes next to its results (command, date, machine, versions, wall time),
-and the train-or-reuse step of the benchmarks that train models."""
+the paired timing of two variants, and the train-or-reuse step of the benchmarks that train models."""
 
 from __future__ import annotations
 
@@ -9,11 +9,37 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import time
 from importlib.metadata import version
 from pathlib import Path
+from typing import Callable
 
 import torch
+
+
+def paired_ratio(first: tuple[str, Callable[[], None]], second: tuple[str, Callable[[], None]], repeats: int,
+                 synchronize: Callable[[], None] = lambda: None) -> dict:
+    """Time two variants in `repeats` back-to-back pairs, the order alternating, after one warm-up
+    call each; `synchronize` runs before each clock reading (a GPU's). The VM's speed drifts by
+    10-20% between minutes, which a ratio of two best times does not cancel; the median of the
+    pairs' ratios does. {"<name>_s": median seconds of each, "ratio": median of second / first,
+    "ratio_quartiles": [q1, q3]}"""
+    calls = dict((first, second))
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():  # warm-up
+        call()
+    for repeat in range(repeats):
+        for name in (list(calls) if repeat % 2 == 0 else list(calls)[::-1]):
+            synchronize()
+            begun = time.perf_counter()
+            calls[name]()
+            synchronize()
+            seconds[name].append(time.perf_counter() - begun)
+    ratios = [b / a for a, b in zip(seconds[first[0]], seconds[second[0]])]
+    return {**{f"{name}_s": round(statistics.median(times), 4) for name, times in seconds.items()},
+            "ratio": round(statistics.median(ratios), 3),
+            "ratio_quartiles": [round(q, 3) for q in statistics.quantiles(ratios, n=4)[::2]]}
 
 
 def run_info(command: str, started: float, **extra) -> dict:
