@@ -6,7 +6,7 @@ multi-process fit), and only rank 0 samples and writes.
 A 2-process dmmd run stopped after 2 updates and resumed from its last.ckpt ends where an
 uninterrupted one does, bit for bit; gradient accumulation works under DDP; mode=sample and
 mode=sweep under torchrun share the sample batches and write what one process writes. FSDP:
-`tests/test_fsdp.py`; multi-node is never run here.
+`tests/test_fsdp.py`; two nodes on one machine: `tests/test_multinode.py`.
 """
 
 import os
