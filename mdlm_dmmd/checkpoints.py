@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from torch import Tensor
 
 from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.files import atomic_write
 from mdlm_dmmd.models.dit import DiT, DiTConfig
 from mdlm_dmmd.public_config import (
     dit_config_from_public,
@@ -368,16 +368,8 @@ def save_backbone(directory: str | os.PathLike, model: DiT, meta: "dict | Checkp
         hf_config[META_KEY] = CheckpointMeta.from_dict(meta, source=str(directory)).to_dict()
     tensors = {f"backbone.{key}": value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
 
-    def write(name: str, writer) -> None:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            writer(tmp)
-            os.replace(tmp, directory / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    write(WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
-    write(CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(hf_config, indent=2, default=str) + "\n"))
+    with atomic_write(directory / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp))
+    with atomic_write(directory / CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(hf_config, indent=2, default=str) + "\n")
     return directory

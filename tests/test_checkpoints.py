@@ -165,7 +165,7 @@ def test_save_load_round_trip(tmp_path, noise_dim, noise_grid):
     meta = {"process": "masked", "mask_id": 10, "schedule": "loglinear", "time_conditioning": False}
     path = save_backbone(tmp_path / "out", model, meta)
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
-    assert not [p for p in path.iterdir() if p.name.endswith(".tmp")]
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]  # no temporary left
     assert all(k.startswith("backbone.") for k in load_file(str(path / "model.safetensors")))
 
     loaded = load_backbone(path)

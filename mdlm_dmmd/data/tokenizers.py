@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.files import atomic_write
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -65,10 +66,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, cache_dir: str | os.PathLik
         bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2,
                                 special_tokens=[ENDOFTEXT], show_progress=False)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename, so a crash or a concurrent run never leaves half a file behind.
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        bpe.save(str(tmp))
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:  # a concurrent run or a crash never sees half a file
+            bpe.save(str(tmp))
     return PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token=ENDOFTEXT,
                                    eos_token=ENDOFTEXT)
 

@@ -23,7 +23,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 from mdlm_dmmd.data.images import digits_arrays
 from mdlm_dmmd.data.rows import cache_root
 from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.files import atomic_write
 from mdlm_dmmd.metrics.features import OPTION, feature_statistics
 
 logger = logging.getLogger(__name__)
@@ -165,11 +165,9 @@ def _load(recipe: Recipe, path: str) -> tuple[nn.Module, float]:
     logger.info("frechet: training the %s feature classifier (once; cached at %s)", recipe.name, file)
     model, accuracy = train(recipe)
     file.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so a concurrent reader never sees half a file.
-    tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
-    torch.save({"state_dict": model.state_dict(), "accuracy": accuracy,
-                "settings": json.dumps(settings, sort_keys=True)}, tmp)
-    os.replace(tmp, file)
+    with atomic_write(file) as tmp:  # a concurrent reader never sees half a file
+        torch.save({"state_dict": model.state_dict(), "accuracy": accuracy,
+                    "settings": json.dumps(settings, sort_keys=True)}, tmp)
     return model, accuracy
 
 

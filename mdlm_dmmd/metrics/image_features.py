@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 
 from mdlm_dmmd.data.rows import cache_root
 from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.files import atomic_write
 from mdlm_dmmd.metrics.features import feature_statistics
 from mdlm_dmmd.metrics.run_data import data_bundle, plain_config
 
@@ -165,9 +165,8 @@ class ImageFeatures:
         logger.info("frechet: %s features of %d %s images (once; cached at %s)", self.name, len(tokens), split, path)
         mu, sigma = feature_statistics(self.features(tokens, progress=True))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # write then rename: never half a file
-        np.savez(tmp, mu=mu, sigma=sigma, record=np.array(json.dumps(record, sort_keys=True)))
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:  # never half a file
+            np.savez(tmp, mu=mu, sigma=sigma, record=np.array(json.dumps(record, sort_keys=True)))
         return mu, sigma
 
     def reference_features(self, split: str, data_config: Mapping | None = None) -> Tensor:

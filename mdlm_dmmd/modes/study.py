@@ -33,6 +33,7 @@ from mdlm_dmmd import registry
 from mdlm_dmmd.checkpoints import _torch_load
 from mdlm_dmmd.data import build_data
 from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.files import atomic_write
 from mdlm_dmmd.eval import plots
 from mdlm_dmmd.eval.scoring import default_device, describe, flatten, sample_and_score, with_sampling
 from mdlm_dmmd.eval.tables import cell, markdown_table, shown_columns, write_csv
@@ -71,9 +72,8 @@ def teacher_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[Path, str]:
         raise UserError("teacher training was interrupted; its crash.ckpt is in the teacher folder")
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        partial = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
-        shutil.copyfile(fitted.checkpoint, partial)
-        os.replace(partial, cached)  # an interrupted copy leaves no torn teacher that a later study would reuse
+        with atomic_write(cached) as partial:  # an interrupted copy leaves no torn teacher for a later study
+            shutil.copyfile(fitted.checkpoint, partial)
     except OSError as err:
         raise UserError(f"the teacher cache '{cached.parent}' cannot be written ({err.strerror or err}); set "
                         f"MDLM_DMMD_CACHE to a writable folder or study.reuse_teacher=false") from err
