@@ -8,7 +8,7 @@ machines, each run with two "nodes" of one process that meet over loopback.
   srun's per-task variables (SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID, ...).
 
 Both end with the weights of one process on the same global batch, and only global rank 0
-writes. What this cannot show: separate hosts (their names, network interfaces, firewalls),
+writes; `mode=sample` on two torchrun nodes writes the samples of one process. What this cannot show: separate hosts (their names, network interfaces, firewalls),
 NCCL, or a filesystem shared between machines; multi-node stays untested there.
 """
 
@@ -17,6 +17,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 from test_ddp import ENV, TOLERANCE, cli, max_difference, weights
 
@@ -92,6 +94,18 @@ def test_two_nodes_train_what_one_process_trains(tmp_path):
     assert sum(out.count("run written to") for out in outs) == 1  # global rank 0 alone writes
     assert "MEMBER: 2/2" in "".join(errs)  # the second node's process is global rank 1 of 2
     assert max_difference(alone, weights(tmp_path / "torchrun")["state_dict"]) < TOLERANCE
+
+    # mode=sample (outside Lightning) on two torchrun nodes: the batches shared, rank 0 writes
+    sampling = [f"checkpoint={tmp_path / 'one' / 'checkpoints' / 'final.ckpt'}", "sampling.num_samples=6",
+                "sampling.batch_size=2", "sampling.steps=4", "sampling.device=cpu"]
+    one_sampled = cli("mode=sample", *sampling, f"run_dir={tmp_path / 'sample_one'}", cwd=tmp_path)
+    assert one_sampled.returncode == 0, one_sampled.stderr[-3000:]
+    codes, outs, errs = torchrun_two_nodes("mode=sample", *sampling, f"run_dir={tmp_path / 'sample_two'}",
+                                           tmp_path=tmp_path)
+    assert codes == [0, 0], "\n".join(err[-2000:] for err in errs)
+    assert sum(out.count("samples written to") for out in outs) == 1
+    assert torch.equal(torch.load(tmp_path / "sample_one" / "samples.pt"),
+                       torch.load(tmp_path / "sample_two" / "samples.pt"))
 
     # the job's arguments come after the script's gpu default, so trainer.accelerator=cpu wins
     slurm = sbatch_two_nodes("algo=mdlm", *COMMON, *TWO_NODES[:1], f"run_dir={tmp_path / 'slurm'}", tmp_path=tmp_path)
