@@ -1,8 +1,8 @@
 #!/bin/bash
 # Data-parallel training on several SLURM nodes through Lightning (`trainer.strategy=ddp`).
-# UNTESTED under SLURM: no cluster and no GPUs here. It ran on one CPU machine with a stand-in
-# srun that starts two one-task "nodes" with srun's variables (tests/test_multinode.py: the
-# weights of one process); DDP itself: tests/test_ddp.py. Lightning reads SLURM's environment (SLURM_PROCID,
+# UNTESTED under SLURM: no cluster and no GPUs here. It ran (DDP) on one CPU machine with a
+# stand-in srun that starts two "nodes" of two tasks with srun's variables (tests/test_multinode.py:
+# the weights of one process); DDP itself: tests/test_ddp.py. Lightning reads SLURM's environment (SLURM_PROCID,
 # SLURM_NTASKS, ...) for the ranks, so one task per GPU and the two trainer keys below suffice.
 #
 #   sbatch --nodes=2 scripts/slurm_multinode.sh experiment=owt_masked_dmmd algo.teacher=TEACHER.ckpt \
@@ -21,6 +21,7 @@
 #SBATCH --time=24:00:00
 
 set -euo pipefail
-# The job's arguments come last, so they win over these defaults (e.g. trainer.strategy=fsdp).
+# The job's arguments come last, so they win over these defaults (e.g. trainer.strategy=fsdp,
+# which has never run on several nodes).
 srun python -m mdlm_dmmd trainer.strategy=ddp trainer.accelerator=gpu \
     trainer.devices="${SLURM_NTASKS_PER_NODE}" trainer.num_nodes="${SLURM_JOB_NUM_NODES}" "$@"

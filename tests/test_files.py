@@ -1,5 +1,7 @@
 """`files.atomic_write`: the file appears whole or not at all, and nothing is left beside it."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -15,15 +17,25 @@ def test_the_file_appears_only_when_the_block_ends(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]
 
 
-def test_a_failed_write_keeps_the_old_file_and_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt("disk full")])
+def test_a_failed_write_keeps_the_old_file_and_leaves_nothing(tmp_path, error):
     target = tmp_path / "teacher.ckpt"
     target.write_text("old")
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(type(error), match="disk full"):
         with atomic_write(target) as tmp:
             tmp.write_text("half")
-            raise OSError("disk full")
+            raise error
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher.ckpt"]
+
+
+def test_the_writers_error_survives_a_failing_cleanup(tmp_path, monkeypatch):
+    def unlink(self, missing_ok=False):
+        raise PermissionError("read-only folder")
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(ValueError, match="the writer's"):
+        with atomic_write(tmp_path / "x.json"):
+            raise ValueError("the writer's")
 
 
 def test_the_temporary_name_keeps_the_suffix_and_is_unique(tmp_path):

@@ -33,10 +33,10 @@ from mdlm_dmmd import registry
 from mdlm_dmmd.checkpoints import _torch_load
 from mdlm_dmmd.data import build_data
 from mdlm_dmmd.errors import UserError
-from mdlm_dmmd.files import atomic_write
 from mdlm_dmmd.eval import plots
 from mdlm_dmmd.eval.scoring import default_device, describe, flatten, sample_and_score, with_sampling
 from mdlm_dmmd.eval.tables import cell, markdown_table, shown_columns, write_csv
+from mdlm_dmmd.files import atomic_write
 from mdlm_dmmd.pipeline import Pipeline
 from mdlm_dmmd.training import fit, make_run_dir
 
