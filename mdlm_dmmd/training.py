@@ -21,7 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from mdlm_dmmd import ranks, registry
@@ -211,10 +211,24 @@ def build_trainer(cfg: DictConfig, run_dir: Path, algo: L.LightningModule) -> L.
             raise UserError(f"trainer.strategy=fsdp needs an algo that shards its networks in configure_model "
                             f"(AlgoBase does); algo={cfg.algo.name} does not: use trainer.strategy=ddp")
         kwargs["strategy"] = FullyShardedStrategy()  # FSDP2 on any device (Lightning's "fsdp" is FSDP1, GPUs only)
+    check_accelerator(str(kwargs.get("accelerator", "auto")))
     try:
         return L.Trainer(**kwargs, default_root_dir=str(run_dir), callbacks=callbacks, logger=logger)
-    except (TypeError, ValueError) as err:  # Lightning's own messages name the argument
+    except (TypeError, ValueError, MisconfigurationException) as err:  # Lightning's own messages name the argument
         raise UserError(f"bad trainer config: {err}") from err
+    except ImportError as err:  # an accelerator whose package is missing (tpu: torch_xla)
+        raise UserError(f"trainer.accelerator={kwargs.get('accelerator')}: {err}") from err
+
+
+def check_accelerator(accelerator: str) -> None:
+    """A GPU accelerator on a machine where torch sees none (a GPU config, or the SLURM script's
+    default, run on a CPU machine): one line naming the key, where Lightning's says "No supported
+    gpu backend found!"."""
+    mps = getattr(torch.backends, "mps", None)
+    if accelerator == "cuda" or accelerator == "gpu" and not (mps and mps.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError(f"trainer.accelerator={accelerator} but torch sees no CUDA device; "
+                            f"use trainer.accelerator=cpu (or auto)")
 
 
 @dataclass

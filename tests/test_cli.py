@@ -112,6 +112,13 @@ def test_bad_sampling_values_fail_before_training(capsys, run_dir, override, key
     fails(capsys, TINY + [override, f"run_dir={run_dir}"], key, run_dir=run_dir)
 
 
+@pytest.mark.parametrize("accelerator", ["gpu", "cuda"])
+def test_a_gpu_accelerator_without_a_gpu_is_one_line(capsys, run_dir, monkeypatch, accelerator):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fails(capsys, TINY + [f"trainer.accelerator={accelerator}", f"run_dir={run_dir}"],
+          f"trainer.accelerator={accelerator} but torch sees no CUDA device; use trainer.accelerator=cpu", run_dir=run_dir)
+
+
 def test_cuda_sampling_device_without_a_gpu_fails_before_training(capsys, run_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     fails(capsys, TINY + ["sampling.device=cuda:1", f"run_dir={run_dir}"],
@@ -121,6 +128,8 @@ def test_cuda_sampling_device_without_a_gpu_fails_before_training(capsys, run_di
 @pytest.mark.parametrize("override, needle", [
     ("+trainer.no_such_arg=1", "no_such_arg"),
     ("trainer.precision=bogus", "bogus"),
+    ("trainer.devices=0", "bad trainer config: `Trainer(devices=0)` value is not a valid input"),
+    ("trainer.accelerator=tpu", "trainer.accelerator=tpu: "),
     ("logger=bogus", "logger"),
     ("training.ema=2", "training.ema"),
     ("model.n_heads=3", "model.n_heads"),
