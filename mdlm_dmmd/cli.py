@@ -18,6 +18,8 @@ import os
 import sys
 from typing import Sequence
 
+from omegaconf import OmegaConf
+
 from mdlm_dmmd import registry
 from mdlm_dmmd.errors import UserError
 
@@ -78,6 +80,8 @@ def compose(overrides: Sequence[str]):
     for name in cfg.eval.get("metrics", []) or []:
         registry.check_metric_name(name)
     _check_sampling(cfg)
+    if cfg.mode in ("train", "study"):
+        _check_training(cfg)
     return cfg
 
 
@@ -89,6 +93,47 @@ def _apply_natural_length(cfg, overrides: Sequence[str]) -> None:
     given = any(o.lstrip("+~").partition("=")[0] == "model.length" for o in overrides)
     if natural is not None and not given:
         cfg.model.length = natural
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# key: (accepted, test, null allowed). Without these, PyTorch and Lightning refuse the values deep
+# inside fit with a traceback (AdamW's "Invalid learning rate", a ZeroDivisionError for
+# accumulate_grad_batches=0 or val_check_interval=0) or take them silently (a negative EMA decay
+# turned the EMA off, a negative clip value).
+TRAINING_VALUES = {
+    "loader.batch_size": ("an int >= 1", lambda v: _is_int(v) and v >= 1, False),
+    "loader.eval_batch_size": ("an int >= 1", lambda v: _is_int(v) and v >= 1, False),
+    "loader.num_workers": ("an int >= 0", lambda v: _is_int(v) and v >= 0, False),
+    "optim.lr": ("a number > 0", lambda v: _is_number(v) and v > 0, False),
+    "optim.weight_decay": ("a number >= 0", lambda v: _is_number(v) and v >= 0, False),
+    "optim.beta1": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1, False),
+    "optim.beta2": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1, False),
+    "optim.eps": ("a number > 0", lambda v: _is_number(v) and v > 0, False),
+    "optim.warmup_steps": ("an int >= 0", lambda v: _is_int(v) and v >= 0, False),
+    "training.ema": ("a number in [0, 1) (0 = off)", lambda v: _is_number(v) and 0 <= v < 1, False),
+    "training.sampling_eps": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1, False),
+    "trainer.accumulate_grad_batches": ("an int >= 1", lambda v: _is_int(v) and v >= 1, False),
+    "trainer.gradient_clip_val": ("a number >= 0 or null (off)", lambda v: _is_number(v) and v >= 0, True),
+    "trainer.val_check_interval": ("an int >= 1 (steps) or a float in (0, 1] (of an epoch) or null",
+                                   lambda v: _is_int(v) and v >= 1 or isinstance(v, float) and 0 < v <= 1, True),
+}
+
+
+def _check_training(cfg) -> None:
+    """The training keys' values (mode=train and study), before anything is built or written."""
+    for key, (accepted, ok, nullable) in TRAINING_VALUES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None and (nullable or OmegaConf.select(cfg, key, default="missing") == "missing"):
+            continue  # null where allowed, or a key this config does not have
+        if not ok(value):
+            raise UserError(f"{key} must be {accepted}, got {value!r}")
 
 
 def _check_sampling(cfg) -> None:
@@ -106,6 +151,8 @@ def _check_sampling(cfg) -> None:
         numbers[key] = float(value)
     steps = s.get("steps")  # null: the checkpoint's own k, resolved when sampling
     check_sampling_args(1 if steps is None else steps, numbers["temperature"], numbers["top_p"], "ancestral")
+    if not _is_int(cfg.get("seed")):  # before sampling.seed, which interpolates it
+        raise UserError(f"seed must be an int, got {cfg.get('seed')!r}")
     least = 0 if cfg.mode == "train" else 1  # train: 0 = no samples after fitting
     for key, low, optional in (("num_samples", least, False), ("batch_size", 1, True), ("seed", None, False)):
         value = s.get(key)
