@@ -79,9 +79,9 @@ def compose(overrides: Sequence[str]):
     _check_mode(cfg.mode)
     for name in cfg.eval.get("metrics", []) or []:
         registry.check_metric_name(name)
-    _check_sampling(cfg)
     if cfg.mode in ("train", "study"):
-        _check_training(cfg)
+        _check_training(cfg)  # first: sampling.seed interpolates seed, and should not be named for it
+    _check_sampling(cfg)
     return cfg
 
 
@@ -103,34 +103,57 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_count(value, least: int) -> bool:
+    """An int >= least, or a whole float such as Hydra's reading of `1e3`."""
+    return _is_number(value) and float(value).is_integer() and value >= least
+
+
+SEED_MAX = 2**32 - 1  # Lightning's seed_everything (numpy's legacy seeding) takes [0, 2^32 - 1]
+
 # key: (accepted, test, null allowed). Without these, PyTorch and Lightning refuse the values deep
 # inside fit with a traceback (AdamW's "Invalid learning rate", a ZeroDivisionError for
 # accumulate_grad_batches=0 or val_check_interval=0) or take them silently (a negative EMA decay
-# turned the EMA off, a negative clip value).
+# turned the EMA off, a negative clip value). What PyTorch or Lightning accept stays accepted
+# (lr = 0, a whole float for a count, a time-based val_check_interval).
 TRAINING_VALUES = {
+    "seed": (f"an int in [0, {SEED_MAX}]", lambda v: _is_int(v) and 0 <= v <= SEED_MAX, False),
     "loader.batch_size": ("an int >= 1", lambda v: _is_int(v) and v >= 1, False),
     "loader.eval_batch_size": ("an int >= 1", lambda v: _is_int(v) and v >= 1, False),
     "loader.num_workers": ("an int >= 0", lambda v: _is_int(v) and v >= 0, False),
-    "optim.lr": ("a number > 0", lambda v: _is_number(v) and v > 0, False),
+    "optim.lr": ("a number >= 0", lambda v: _is_number(v) and v >= 0, False),
     "optim.weight_decay": ("a number >= 0", lambda v: _is_number(v) and v >= 0, False),
     "optim.beta1": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1, False),
     "optim.beta2": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1, False),
-    "optim.eps": ("a number > 0", lambda v: _is_number(v) and v > 0, False),
-    "optim.warmup_steps": ("an int >= 0", lambda v: _is_int(v) and v >= 0, False),
+    "optim.eps": ("a number >= 0", lambda v: _is_number(v) and v >= 0, False),
+    "optim.warmup_steps": ("a whole number >= 0", lambda v: _is_count(v, 0), False),
     "training.ema": ("a number in [0, 1) (0 = off)", lambda v: _is_number(v) and 0 <= v < 1, False),
     "training.sampling_eps": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1, False),
     "trainer.accumulate_grad_batches": ("an int >= 1", lambda v: _is_int(v) and v >= 1, False),
     "trainer.gradient_clip_val": ("a number >= 0 or null (off)", lambda v: _is_number(v) and v >= 0, True),
-    "trainer.val_check_interval": ("an int >= 1 (steps) or a float in (0, 1] (of an epoch) or null",
-                                   lambda v: _is_int(v) and v >= 1 or isinstance(v, float) and 0 < v <= 1, True),
+    # numbers only: Lightning itself checks a time ('DD:HH:MM:SS', a dict) and when a float is allowed
+    "trainer.val_check_interval": ("> 0 (steps, or with check_val_every_n_epoch a fraction of an epoch), "
+                                   "a time 'DD:HH:MM:SS', or null",
+                                   lambda v: not _is_number(v) and not isinstance(v, bool) or _is_number(v) and v > 0,
+                                   True),
+}
+STUDY_VALUES = {  # mode=study sets them on its student runs after this check
+    "study.student_ema": ("a number in [0, 1) (0 = off)", lambda v: _is_number(v) and 0 <= v < 1, False),
+    "study.student_max_steps": ("an int >= 1", lambda v: _is_int(v) and v >= 1, False),
 }
 
 
 def _check_training(cfg) -> None:
     """The training keys' values (mode=train and study), before anything is built or written."""
-    for key, (accepted, ok, nullable) in TRAINING_VALUES.items():
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is None and (nullable or OmegaConf.select(cfg, key, default="missing") == "missing"):
+    from omegaconf.errors import OmegaConfBaseException
+
+    values = {**TRAINING_VALUES, **(STUDY_VALUES if cfg.mode == "study" else {})}
+    for key, (accepted, ok, nullable) in values.items():
+        try:
+            value = OmegaConf.select(cfg, key, default=None, throw_on_missing=True)
+            present = OmegaConf.select(cfg, key, default=KeyError) is not KeyError
+        except OmegaConfBaseException as err:  # ???, or an interpolation that does not resolve
+            raise UserError(f"{key} cannot be read ({str(err).splitlines()[0]}); it must be {accepted}") from None
+        if value is None and (nullable or not present):
             continue  # null where allowed, or a key this config does not have
         if not ok(value):
             raise UserError(f"{key} must be {accepted}, got {value!r}")
@@ -151,11 +174,9 @@ def _check_sampling(cfg) -> None:
         numbers[key] = float(value)
     steps = s.get("steps")  # null: the checkpoint's own k, resolved when sampling
     check_sampling_args(1 if steps is None else steps, numbers["temperature"], numbers["top_p"], "ancestral")
-    if not _is_int(cfg.get("seed")):  # before sampling.seed, which interpolates it
-        raise UserError(f"seed must be an int, got {cfg.get('seed')!r}")
     least = 0 if cfg.mode == "train" else 1  # train: 0 = no samples after fitting
-    for key, low, optional in (("num_samples", least, False), ("batch_size", 1, True), ("seed", None, False)):
-        value = s.get(key)
+    for key, low, optional in (("num_samples", least, False), ("batch_size", 1, True), ("seed", 0, False)):
+        value = s.get(key)  # seed >= 0: each batch's seed is mixed with numpy's SeedSequence
         if optional and value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):

@@ -216,8 +216,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, algo: L.LightningModule) -> L.
         return L.Trainer(**kwargs, default_root_dir=str(run_dir), callbacks=callbacks, logger=logger)
     except (TypeError, ValueError, MisconfigurationException) as err:  # Lightning's own messages name the argument
         raise UserError(f"bad trainer config: {err}") from err
-    except ImportError as err:  # an accelerator whose package is missing (tpu: torch_xla)
-        raise UserError(f"trainer.accelerator={kwargs.get('accelerator')}: {err}") from err
+    except ImportError as err:  # an accelerator, strategy or precision whose package is missing
+        raise UserError(f"bad trainer config (a package it needs is missing): {err}") from err
 
 
 def check_accelerator(accelerator: str) -> None:

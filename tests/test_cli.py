@@ -115,8 +115,39 @@ def test_bad_sampling_values_fail_before_training(capsys, run_dir, override, key
 @pytest.mark.parametrize("accelerator", ["gpu", "cuda"])
 def test_a_gpu_accelerator_without_a_gpu_is_one_line(capsys, run_dir, monkeypatch, accelerator):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)  # "gpu" would take a Mac's MPS
     fails(capsys, TINY + [f"trainer.accelerator={accelerator}", f"run_dir={run_dir}"],
           f"trainer.accelerator={accelerator} but torch sees no CUDA device; use trainer.accelerator=cpu", run_dir=run_dir)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("study.student_ema=-0.5", "study.student_ema must be a number in [0, 1) (0 = off), got -0.5"),
+    ("study.student_ema=1.0", "study.student_ema must be a number in [0, 1)"),
+    ("study.student_max_steps=0", "study.student_max_steps must be an int >= 1, got 0"),
+    ("training.ema=2", "training.ema must be a number in [0, 1)"),
+])
+def test_bad_study_values_fail_before_the_teacher_trains(capsys, run_dir, override, needle):
+    fails(capsys, ["mode=study", *TINY, override, f"run_dir={run_dir}"], needle, run_dir=run_dir)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["trainer.val_check_interval=00:00:30:00"],  # a time: Lightning's to check
+    ["trainer.val_check_interval=1000.0", "trainer.check_val_every_n_epoch=1"],
+    ["trainer.val_check_interval=0.25", "trainer.check_val_every_n_epoch=1"],
+    ["trainer.gradient_clip_val=0", "optim.lr=0", "optim.eps=0", "optim.beta1=0", "optim.warmup_steps=1e3"],
+    ["algo=bd3lm", "training.sampling_eps=0", "training.ema=0", "seed=4294967295"],
+    ["mode=study", "study.student_ema=0"],
+])
+def test_what_pytorch_and_lightning_accept_is_not_refused(overrides):
+    from mdlm_dmmd.cli import compose
+
+    compose([*TINY, *overrides])  # raises a UserError if refused
+
+
+def test_modes_without_training_read_only_sampling_seed():
+    from mdlm_dmmd.cli import compose
+
+    assert compose(["mode=sample", "seed=null", "sampling.seed=3", "optim.lr=-1"]).sampling.seed == 3
 
 
 def test_cuda_sampling_device_without_a_gpu_fails_before_training(capsys, run_dir, monkeypatch):
@@ -131,22 +162,27 @@ def test_cuda_sampling_device_without_a_gpu_fails_before_training(capsys, run_di
     ("trainer.devices=0", "bad trainer config: `Trainer(devices=0)` value is not a valid input"),
     # refused by PyTorch or Lightning deep inside fit (tracebacks), or taken silently
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be an int >= 1, got 0"),
-    ("trainer.val_check_interval=0", "trainer.val_check_interval must be an int >= 1 (steps) or a float in (0, 1]"),
-    ("trainer.val_check_interval=1.5", "trainer.val_check_interval must be an int >= 1"),
+    ("trainer.val_check_interval=0", "trainer.val_check_interval must be > 0 (steps, or with check_val_every_n_epoch"),
+    ("trainer.val_check_interval=0.5", "bad trainer config: `val_check_interval` should be an integer"),  # Lightning's
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val must be a number >= 0 or null (off), got -1"),
     ("loader.batch_size=0", "loader.batch_size must be an int >= 1, got 0"),
     ("loader.eval_batch_size=-4", "loader.eval_batch_size must be an int >= 1, got -4"),
     ("loader.num_workers=-1", "loader.num_workers must be an int >= 0, got -1"),
-    ("optim.lr=-1", "optim.lr must be a number > 0, got -1"),
-    ("optim.lr=fast", "optim.lr must be a number > 0, got 'fast'"),
+    ("optim.lr=-1", "optim.lr must be a number >= 0, got -1"),
+    ("optim.lr=fast", "optim.lr must be a number >= 0, got 'fast'"),
+    ("optim.lr=${nope}", "optim.lr cannot be read (Interpolation key 'nope' not found); it must be a number >= 0"),
     ("optim.weight_decay=-0.1", "optim.weight_decay must be a number >= 0"),
     ("optim.beta2=1", "optim.beta2 must be a number in [0, 1), got 1"),
-    ("optim.eps=0", "optim.eps must be a number > 0"),
-    ("optim.warmup_steps=-3", "optim.warmup_steps must be an int >= 0, got -3"),
+    ("optim.eps=-1e-8", "optim.eps must be a number >= 0"),
+    ("optim.warmup_steps=-3", "optim.warmup_steps must be a whole number >= 0, got -3"),
+    ("optim.warmup_steps=2.5", "optim.warmup_steps must be a whole number >= 0, got 2.5"),
     ("training.ema=-0.5", "training.ema must be a number in [0, 1) (0 = off), got -0.5"),
     ("training.sampling_eps=1", "training.sampling_eps must be a number in [0, 1), got 1"),
-    ("seed=abc", "seed must be an int, got 'abc'"),
-    ("trainer.accelerator=tpu", "trainer.accelerator=tpu: "),
+    ("seed=abc", "seed must be an int in [0, 4294967295], got 'abc'"),
+    ("seed=-1", "seed must be an int in [0, 4294967295], got -1"),
+    ("seed=4294967296", "seed must be an int in [0, 4294967295]"),
+    ("sampling.seed=-1", "sampling.seed must be an int >= 0, got -1"),
+    ("trainer.accelerator=tpu", "bad trainer config (a package it needs is missing): "),
     ("logger=bogus", "logger"),
     ("training.ema=2", "training.ema"),
     ("model.n_heads=3", "model.n_heads"),
