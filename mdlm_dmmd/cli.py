@@ -133,7 +133,7 @@ TRAINING_VALUES = {
     # numbers only: Lightning itself checks a time ('DD:HH:MM:SS', a dict) and when a float is allowed
     "trainer.val_check_interval": ("> 0 (steps, or with check_val_every_n_epoch a fraction of an epoch), "
                                    "a time 'DD:HH:MM:SS', or null",
-                                   lambda v: not _is_number(v) and not isinstance(v, bool) or _is_number(v) and v > 0,
+                                   lambda v: not isinstance(v, bool) and (not _is_number(v) or v > 0),
                                    True),
 }
 STUDY_VALUES = {  # mode=study sets them on its student runs after this check
