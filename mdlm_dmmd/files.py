@@ -4,6 +4,7 @@ half of."""
 
 import contextlib
 import os
+import re
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,3 +32,12 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
+
+
+_TEMPORARY = re.compile(r"\..+\.\d+-[0-9a-f]{8}\.tmp(\.[^.]*)?")
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    """Whether `path` is named as `atomic_write`'s temporaries are: one that a killed writer left
+    behind, for code that reads a whole folder (a teacher directory's content hash) to skip."""
+    return _TEMPORARY.fullmatch(Path(path).name) is not None

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mdlm_dmmd.files import atomic_write
+from mdlm_dmmd.files import atomic_write, is_temporary
 
 
 def test_the_file_appears_only_when_the_block_ends(tmp_path):
@@ -46,3 +46,24 @@ def test_the_temporary_name_keeps_the_suffix_and_is_unique(tmp_path):
         np.savez(second, mu=np.arange(4))
     assert np.load(target)["mu"].tolist() == [0, 1, 2]  # the last to finish wins, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.npz"]
+
+
+def test_its_temporaries_are_told_apart_from_other_files(tmp_path):
+    for name in ("model.safetensors", "config.json", "stats.npz", "no_suffix"):
+        with atomic_write(tmp_path / name) as tmp:
+            assert is_temporary(tmp), tmp.name
+            tmp.write_text("x")
+    others = ["model.safetensors", "config.json", ".gitattributes", ".model.safetensors.tmp", "a.123-abc.tmp"]
+    assert not any(is_temporary(tmp_path / name) for name in others)
+
+
+def test_a_teacher_directorys_hash_skips_a_leftover_temporary(tmp_path):
+    from mdlm_dmmd.algos.distillation import content_hash
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    clean = content_hash(tmp_path)
+    (tmp_path / ".model.safetensors.4242-0123abcd.tmp.safetensors").write_bytes(b"half")  # a killed export's
+    assert content_hash(tmp_path) == clean
+    (tmp_path / "README.md").write_text("a real file counts")
+    assert content_hash(tmp_path) != clean

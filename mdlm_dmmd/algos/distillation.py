@@ -35,6 +35,7 @@ from mdlm_dmmd.checkpoints import LoadedBackbone, load_backbone, load_backbone_w
 from mdlm_dmmd.diffusion import Process, process_from_meta
 from mdlm_dmmd.diffusion.schedules import build_schedule
 from mdlm_dmmd.errors import UserError
+from mdlm_dmmd.files import is_temporary
 from mdlm_dmmd.models.dit import DiT
 from mdlm_dmmd.models.shards import full, is_sharded
 
@@ -213,10 +214,11 @@ def copy_of(teacher: DiT, *, noise_dim: int = 0, noise_grid: list[int] | None = 
 
 
 def content_hash(path: str | Path) -> str:
-    """SHA-256 of a checkpoint file, or of a directory's files (names and bytes, sorted)."""
+    """SHA-256 of a checkpoint file, or of a directory's files (names and bytes, sorted; not the
+    temporaries an export killed mid-write may have left)."""
     path = Path(path)
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not is_temporary(p)) if path.is_dir() else [path]
     for file in files:
         digest.update(str(file.relative_to(path) if path.is_dir() else "").encode())
         with open(file, "rb") as f:
