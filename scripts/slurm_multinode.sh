@@ -22,6 +22,6 @@
 
 set -euo pipefail
 # The job's arguments come last, so they win over these defaults (e.g. trainer.strategy=fsdp,
-# which has never run on several nodes).
+# which ran on two simulated nodes through torchrun, not through this script).
 srun python -m mdlm_dmmd trainer.strategy=ddp trainer.accelerator=gpu \
     trainer.devices="${SLURM_NTASKS_PER_NODE}" trainer.num_nodes="${SLURM_JOB_NUM_NODES}" "$@"

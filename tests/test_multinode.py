@@ -8,7 +8,8 @@ machines, each run with two "nodes" of two processes that meet over loopback.
   two tasks per node with srun's per-task variables (SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID, ...).
 
 Both end with the weights of one process on the same global batch, and only global rank 0
-writes; `mode=sample` on two torchrun nodes writes the samples of one process. Two processes per
+writes; `mode=sample` on two torchrun nodes writes the samples of one process, and FSDP over two
+torchrun nodes trains what one process trains. Two processes per
 node make global rank, node rank and local rank differ. What this cannot show: separate hosts
 (their names, a SLURM host list of several names, network interfaces, firewalls), NCCL, or a
 filesystem shared between machines; multi-node stays untested there.
@@ -150,6 +151,19 @@ def test_two_torchrun_nodes_train_and_sample_as_one_process(tmp_path, one_proces
     assert sum(out.count("samples written to") for _, out, _ in nodes) == 1
     assert torch.equal(torch.load(tmp_path / "sample_one" / "samples.pt"),
                        torch.load(tmp_path / "sample_two" / "samples.pt"))
+
+
+def test_two_torchrun_nodes_shard_as_one_process(tmp_path, one_process):
+    """FSDP over both nodes: every network sharded over the 4 processes (`sharding.py` makes
+    every process of every node a data-parallel rank); weights and EMA those of one process."""
+    fsdp = [*PER_DEVICE, "trainer.strategy=fsdp", "trainer.devices=2", "trainer.num_nodes=2"]
+    nodes = torchrun_two_nodes("algo=mdlm", *COMMON, *fsdp, f"run_dir={tmp_path / 'fsdp'}", tmp_path=tmp_path)
+    assert [code for code, _, _ in nodes] == [0, 0], "\n".join(err[-2000:] for _, _, err in nodes)
+    assert sum(out.count("run written to") for _, out, _ in nodes) == 1
+    assert members("".join(err for _, _, err in nodes)) == ALL_FOUR
+    alone, sharded = weights(one_process), weights(tmp_path / "fsdp")
+    assert max_difference(alone["state_dict"], sharded["state_dict"]) < TOLERANCE
+    assert max_difference(alone["ema"]["shadow"], sharded["ema"]["shadow"]) < TOLERANCE
 
 
 def test_the_slurm_script_on_two_nodes_trains_as_one_process(tmp_path, one_process):
