@@ -9,10 +9,10 @@ machines, each run with two "nodes" of two processes that meet over loopback.
 
 Both end with the weights of one process on the same global batch, and only global rank 0
 writes; `mode=sample` on two torchrun nodes writes the samples of one process, and FSDP over two
-torchrun nodes trains what one process trains. Two processes per
-node make global rank, node rank and local rank differ. What this cannot show: separate hosts
-(their names, a SLURM host list of several names, network interfaces, firewalls), NCCL, or a
-filesystem shared between machines; multi-node stays untested there.
+torchrun nodes trains what one process trains. Two processes per node make global rank, node
+rank and local rank differ. What this cannot show: separate hosts (their names, a SLURM host
+list of several names, network interfaces, firewalls), NCCL, or a filesystem shared between
+machines; multi-node stays untested there.
 """
 
 import contextlib
