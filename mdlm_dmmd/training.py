@@ -123,6 +123,8 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     if kind == "csv":
         return loggers.CSVLogger(save_dir=str(run_dir), name="logs", version="")
     if kind == "tensorboard":
+        if not any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")):
+            raise UserError("logger=tensorboard needs tensorboard: pip install tensorboard (or use logger=csv)")
         return loggers.TensorBoardLogger(save_dir=str(run_dir), name="logs", version="")
     if kind == "wandb":
         if importlib.util.find_spec("wandb") is None:

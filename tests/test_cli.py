@@ -130,6 +130,15 @@ def test_bad_study_values_fail_before_the_teacher_trains(capsys, run_dir, overri
     fails(capsys, ["mode=study", *TINY, override, f"run_dir={run_dir}"], needle, run_dir=run_dir)
 
 
+@pytest.mark.parametrize("overrides, needle", [
+    (["study.student_algo=idlm", "study.noise_input=[null]", "study.student_overrides.lr_aux=1e-4"],
+     "study.student_algo=idlm with study.student_overrides: algo.lr_aux is not an idlm key; accepted: "),
+    (["study.student_overrides.lr_aux=-1"], "study.student_algo=dmmd with study.student_overrides: algo.lr_aux must be > 0"),
+])
+def test_a_student_setting_its_algo_refuses_fails_before_the_teacher_trains(capsys, run_dir, overrides, needle):
+    fails(capsys, ["mode=study", *TINY, *overrides, f"run_dir={run_dir}"], needle, run_dir=run_dir)
+
+
 @pytest.mark.parametrize("overrides", [
     ["trainer.val_check_interval=00:00:30:00"],  # a time: Lightning's to check
     ["trainer.val_check_interval=1000.0", "trainer.check_val_every_n_epoch=1"],
@@ -148,6 +157,15 @@ def test_modes_without_training_read_only_sampling_seed():
     from mdlm_dmmd.cli import compose
 
     assert compose(["mode=sample", "seed=null", "sampling.seed=3", "optim.lr=-1"]).sampling.seed == 3
+
+
+def test_a_metric_that_cannot_score_the_data_fails_before_sampling(capsys, tmp_path):
+    """frechet's digits feature spaces score digits only; metrics read `data=`, not the checkpoint's."""
+    line = fails(capsys, ["mode=eval", f"checkpoint={tmp_path / 'run.ckpt'}", "eval.metrics=[frechet]"],
+                 "frechet: ", "needs data.name=digits", "got 'shakespeare'")
+    assert "does not exist" not in line  # refused before the checkpoint is even opened
+    fails(capsys, ["mode=eval", f"checkpoint={tmp_path / 'run.ckpt'}", "data=digits", "eval.metrics=[frechet]"],
+          "does not exist")  # digits data: the frechet check passes
 
 
 def test_cuda_sampling_device_without_a_gpu_fails_before_training(capsys, run_dir, monkeypatch):
@@ -337,6 +355,18 @@ def test_wandb_logger_without_wandb_installed(capsys, run_dir, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(training.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     fails(capsys, TINY + ["logger=wandb", f"run_dir={run_dir}"], "logger=wandb needs wandb", run_dir=run_dir)
+
+
+def test_tensorboard_logger_without_tensorboard_installed(capsys, run_dir, monkeypatch):
+    import importlib.util
+
+    from mdlm_dmmd import training
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(training.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
+    fails(capsys, TINY + ["logger=tensorboard", f"run_dir={run_dir}"], "logger=tensorboard needs tensorboard: pip install",
+          run_dir=run_dir)
 
 
 # -- prompted sampling and conditional GM -------------------------------------------------------

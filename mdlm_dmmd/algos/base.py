@@ -149,6 +149,13 @@ class AlgoBase(L.LightningModule):
     not_in_checkpoint: tuple[str, ...] = ()
     block_diffusion = False  # whether `block_size` < `model.length` is accepted (BD3-LM layouts)
 
+    @classmethod
+    def settings_from(cls, config: Mapping[str, Any]) -> Any:
+        """The algo's checked settings from a composed config's `algo` node, without building a
+        network or loading a teacher: mode=study checks its students with it before the teacher
+        trains. None for algos without settings of their own."""
+        return None
+
     def __init__(self, config: Mapping[str, Any]):
         super().__init__()
         if isinstance(config, DictConfig):

@@ -209,9 +209,13 @@ class DMMD(AlgoBase):
     not_in_checkpoint = (TEACHER_PREFIX,)  # self.teacher: unless swapped, reloaded from its path
     block_diffusion = True  # the student takes a block teacher's block size (Teacher.student_block_size)
 
+    @classmethod
+    def settings_from(cls, config: Mapping[str, Any]) -> DMMDConfig:
+        return DMMDConfig.from_mapping(algo_section(config))
+
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
-        settings = DMMDConfig.from_mapping(algo_section(config))
+        settings = self.settings_from(config)
         self.automatic_optimization = False
         self.teacher_part = Teacher(settings.teacher, data_vocab_size=self.data_vocab_size, length=self.cfg.model.length)
         self.process, self.time_conditioning = self.teacher_part.process, self.teacher_part.time_conditioning

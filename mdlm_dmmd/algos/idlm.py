@@ -158,9 +158,13 @@ class IDLM(AlgoBase):
     backbone_prefix = "generator."
     not_in_checkpoint = (TEACHER_PREFIX,)
 
+    @classmethod
+    def settings_from(cls, config: Mapping[str, Any]) -> IDLMConfig:
+        return IDLMConfig.from_mapping(algo_section(config))
+
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
-        self.settings = settings = IDLMConfig.from_mapping(algo_section(config))
+        self.settings = settings = self.settings_from(config)
         self.automatic_optimization = False
         self.teacher_part = Teacher(settings.teacher, data_vocab_size=self.data_vocab_size, length=self.cfg.model.length)
         # the process of the losses; the teacher's own (`teacher_part.process`) is the one sampled

@@ -130,9 +130,13 @@ class SDTT(AlgoBase):
     backbone_prefix = "student."  # what checkpoints expose to `load_backbone` and sampling
     not_in_checkpoint = (TEACHER_PREFIX,)  # reloaded from algo.teacher until the first swap
 
+    @classmethod
+    def settings_from(cls, config: Mapping[str, Any]) -> SDTTConfig:
+        return SDTTConfig.from_mapping(algo_section(config))
+
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
-        self.settings = SDTTConfig.from_mapping(algo_section(config))
+        self.settings = self.settings_from(config)
         self.teacher_part = Teacher(self.settings.teacher, data_vocab_size=self.data_vocab_size,
                                     length=self.cfg.model.length)
         self.process, self.time_conditioning = self.teacher_part.process, self.teacher_part.time_conditioning

@@ -196,7 +196,8 @@ def check_metrics_ready(cfg: DictConfig) -> None:
     for name in cfg.eval.get("metrics", []) or []:
         check = getattr(registry.load_metric(name), "check_ready", None)
         if check is not None:
-            check(**metric_options(cfg, name))
+            takes_data = "data_config" in inspect.signature(check).parameters  # optional for plugins
+            check(**metric_options(cfg, name), **({"data_config": cfg.data} if takes_data else {}))
 
 
 @dataclass

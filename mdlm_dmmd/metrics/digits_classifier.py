@@ -221,6 +221,10 @@ class DigitsClassifierFeatures:
     def check_samples(self, samples: Any) -> Tensor:
         return check_samples(samples)
 
+    def check_data(self, data_config: Mapping) -> None:
+        """Before sampling: the reference split is of digits (one line naming data.name if not)."""
+        _split_options(self.name, data_config)
+
     def features(self, tokens: Tensor) -> Tensor:
         model, _ = self.model()
         with torch.no_grad():

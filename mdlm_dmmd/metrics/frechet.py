@@ -169,15 +169,17 @@ def _refuse_unknown(unknown: Mapping, metric_name: str) -> None:
 
 
 def check_ready(features: Any = DEFAULT, inception_weights: str | None = None, metric_name: str = "frechet",
-                **options) -> None:
+                data_config: Mapping | None = None, **options) -> None:
     """Before any sampling: the options are known, and every feature space of `features` is known
-    and can run here (e.g. Inception's library and weights), so a long run does not fail at its
-    first score."""
+    and can run here (e.g. Inception's library and weights) on the run's `data_config` (the
+    digits spaces: digits data), so a long run does not fail at its first score."""
     _refuse_unknown({k: v for k, v in options.items() if k not in inspect.signature(frechet).parameters}, metric_name)
     option = f"eval.metric_options.{metric_name}.features"
     for name in extractor_names(features, option):
         extractor = load_extractor(name, option, inception_weights=inception_weights)
         getattr(extractor, "check_ready", lambda: None)()
+        if data_config is not None:
+            getattr(extractor, "check_data", lambda _: None)(data_config)
 
 
 def describe(features: Any = DEFAULT, **_) -> str:

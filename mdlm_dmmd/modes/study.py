@@ -145,9 +145,26 @@ def student_facts(checkpoint: Path, pipeline: Pipeline) -> dict[str, Any]:
     return {"noise_input": int(pipeline.meta.noise_dim or 0) > 0, "gen_output_entropy": entropy}
 
 
+def check_students(cfg: DictConfig, algo: DictConfig) -> None:
+    """Every student's settings by its algo's own checks (`settings_from`, optional for plugins),
+    before the teacher trains: a key the algo refuses would otherwise surface after it."""
+    settings_from = getattr(registry.load_algo(algo.name), "settings_from", None)
+    if settings_from is None:
+        return
+    per_k = steps_key(algo) is not None
+    for noise in cfg.study.noise_input:
+        for steps in cfg.study.student_steps if per_k else [None]:
+            student = student_config(cfg, algo, Path("teacher.ckpt"), steps, noise, Path(cfg.run_dir))
+            try:
+                settings_from(student)
+            except UserError as err:
+                raise UserError(f"study.student_algo={algo.name} with study.student_overrides: {err}") from None
+
+
 def run(cfg: DictConfig) -> Path:
     study = cfg.study
     algo = student_algo(cfg)
+    check_students(cfg, algo)
     label = study.get("student_label") or METHOD_NAMES.get(algo.name, algo.name)
     run_dir = make_run_dir(cfg)
 
