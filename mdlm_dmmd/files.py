@@ -34,7 +34,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-_TEMPORARY = re.compile(r"\..+\.\d+-[0-9a-f]{8}\.tmp(\.[^.]*)?")
+_TEMPORARY = re.compile(r"\..+\.\d+-[0-9a-f]{8}\.tmp(\.[^.]*)?", re.DOTALL)
 
 
 def is_temporary(path: str | os.PathLike) -> bool:

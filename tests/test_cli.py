@@ -125,6 +125,10 @@ def test_a_gpu_accelerator_without_a_gpu_is_one_line(capsys, run_dir, monkeypatc
     ("study.student_ema=1.0", "study.student_ema must be a number in [0, 1)"),
     ("study.student_max_steps=0", "study.student_max_steps must be an int >= 1, got 0"),
     ("training.ema=2", "training.ema must be a number in [0, 1)"),
+    ("study.student_steps=[0]", "study.student_steps must be a list of ints >= 1, got [0]"),
+    ("study.student_steps=[2.5]", "study.student_steps must be a list of ints >= 1"),
+    ("study.teacher_steps=4", "study.teacher_steps must be a list of ints >= 1, got 4"),
+    ("study.noise_input=[maybe]", "study.noise_input must be a list of true, false or null, got ['maybe']"),
 ])
 def test_bad_study_values_fail_before_the_teacher_trains(capsys, run_dir, override, needle):
     fails(capsys, ["mode=study", *TINY, override, f"run_dir={run_dir}"], needle, run_dir=run_dir)
@@ -132,8 +136,10 @@ def test_bad_study_values_fail_before_the_teacher_trains(capsys, run_dir, overri
 
 @pytest.mark.parametrize("overrides, needle", [
     (["study.student_algo=idlm", "study.noise_input=[null]", "study.student_overrides.lr_aux=1e-4"],
-     "study.student_algo=idlm with study.student_overrides: algo.lr_aux is not an idlm key; accepted: "),
-    (["study.student_overrides.lr_aux=-1"], "study.student_algo=dmmd with study.student_overrides: algo.lr_aux must be > 0"),
+     "study.student_algo=idlm student (noise_input=None; from study.student_steps, noise_input and "
+     "student_overrides): algo.lr_aux is not an idlm key; accepted: "),
+    (["study.student_overrides.lr_aux=-1"], "study.student_algo=dmmd student (k=4, noise_input=None; from "
+     "study.student_steps, noise_input and student_overrides): algo.lr_aux must be > 0"),
 ])
 def test_a_student_setting_its_algo_refuses_fails_before_the_teacher_trains(capsys, run_dir, overrides, needle):
     fails(capsys, ["mode=study", *TINY, *overrides, f"run_dir={run_dir}"], needle, run_dir=run_dir)
@@ -157,6 +163,12 @@ def test_modes_without_training_read_only_sampling_seed():
     from mdlm_dmmd.cli import compose
 
     assert compose(["mode=sample", "seed=null", "sampling.seed=3", "optim.lr=-1"]).sampling.seed == 3
+
+
+def test_fid_with_a_digits_feature_space_checks_the_data_before_sampling(capsys, tmp_path):
+    fails(capsys, ["mode=eval", f"checkpoint={tmp_path / 'run.ckpt'}", "eval.metrics=[fid]",
+                   "eval.metric_options.fid.features=digits_mlp"],
+          "fid: eval.metric_options.fid.features=digits_mlp needs data.name=digits", "got 'shakespeare'")
 
 
 def test_a_metric_that_cannot_score_the_data_fails_before_sampling(capsys, tmp_path):

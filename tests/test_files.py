@@ -49,7 +49,7 @@ def test_the_temporary_name_keeps_the_suffix_and_is_unique(tmp_path):
 
 
 def test_its_temporaries_are_told_apart_from_other_files(tmp_path):
-    for name in ("model.safetensors", "config.json", "stats.npz", "no_suffix"):
+    for name in ("model.safetensors", "config.json", "stats.npz", "no_suffix", "two\nlines.txt"):
         with atomic_write(tmp_path / name) as tmp:
             assert is_temporary(tmp), tmp.name
             tmp.write_text("x")

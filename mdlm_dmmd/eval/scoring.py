@@ -192,11 +192,15 @@ def compute_metrics(cfg: DictConfig, samples: torch.Tensor, *, prompt_rows: torc
 
 def check_metrics_ready(cfg: DictConfig) -> None:
     """Before sampling: each of `eval.metrics` that can check itself (`metric.check_ready(**options)`,
-    e.g. fid: its library and Inception weights) says now if it cannot run, not after the samples."""
+    plus `data_config=cfg.data` where it names that parameter; e.g. fid: its library and Inception
+    weights, frechet: digits features need digits data) says now if it cannot run, not after the samples."""
     for name in cfg.eval.get("metrics", []) or []:
         check = getattr(registry.load_metric(name), "check_ready", None)
         if check is not None:
-            takes_data = "data_config" in inspect.signature(check).parameters  # optional for plugins
+            try:  # a named parameter only: a plugin's **options may refuse keys it does not know
+                takes_data = "data_config" in inspect.signature(check).parameters
+            except (TypeError, ValueError):  # a callable inspect cannot read
+                takes_data = False
             check(**metric_options(cfg, name), **({"data_config": cfg.data} if takes_data else {}))
 
 

@@ -174,12 +174,13 @@ def _load(recipe: Recipe, path: str) -> tuple[nn.Module, float]:
 # ----------------------------------------------------------------------------- reference statistics
 
 
-def _split_options(name: str, data_config: Mapping | None) -> dict[str, Any]:
+def _split_options(name: str, data_config: Mapping | None, option: str = OPTION) -> dict[str, Any]:
     """valid_fraction / split_seed of the reference split, from the `data` config node if given."""
     data_config = data_config or {}
     data_name = data_config.get("name", None)
     if data_name not in (None, "digits"):
-        raise UserError(f"frechet: {OPTION}={name} needs data.name=digits (8x8 grey image tokens), "
+        metric = option.split(".")[-2]  # eval.metric_options.<metric>.features
+        raise UserError(f"{metric}: {option}={name} needs data.name=digits (8x8 grey image tokens), "
                         f"got '{data_name}'")
 
     def value(key: str, cast):
@@ -221,9 +222,9 @@ class DigitsClassifierFeatures:
     def check_samples(self, samples: Any) -> Tensor:
         return check_samples(samples)
 
-    def check_data(self, data_config: Mapping) -> None:
+    def check_data(self, data_config: Mapping, option: str = OPTION) -> None:
         """Before sampling: the reference split is of digits (one line naming data.name if not)."""
-        _split_options(self.name, data_config)
+        _split_options(self.name, data_config, option)
 
     def features(self, tokens: Tensor) -> Tensor:
         model, _ = self.model()

@@ -14,7 +14,7 @@ and the result's `features` and `note` say so).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from torch import Tensor
 
@@ -36,9 +36,10 @@ def describe(features: Any = FEATURES, **_) -> str:
     return describe_frechet(features=features)
 
 
-def check_ready(features: Any = FEATURES, **options) -> None:
-    """Before any sampling: torch-fidelity imports and the Inception weights are here."""
-    check_frechet_ready(features=features, metric_name="fid", **options)
+def check_ready(features: Any = FEATURES, data_config: Mapping | None = None, **options) -> None:
+    """Before any sampling: torch-fidelity imports and the Inception weights are here (and a
+    digits feature space, if asked for, has digits data)."""
+    check_frechet_ready(features=features, metric_name="fid", data_config=data_config, **options)
 
 
 fid.describe = describe

@@ -179,7 +179,7 @@ def check_ready(features: Any = DEFAULT, inception_weights: str | None = None, m
         extractor = load_extractor(name, option, inception_weights=inception_weights)
         getattr(extractor, "check_ready", lambda: None)()
         if data_config is not None:
-            getattr(extractor, "check_data", lambda _: None)(data_config)
+            getattr(extractor, "check_data", lambda *_: None)(data_config, option)
 
 
 def describe(features: Any = DEFAULT, **_) -> str:

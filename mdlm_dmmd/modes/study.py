@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mdlm_dmmd import registry
 from mdlm_dmmd.checkpoints import _torch_load
@@ -146,19 +146,31 @@ def student_facts(checkpoint: Path, pipeline: Pipeline) -> dict[str, Any]:
 
 
 def check_students(cfg: DictConfig, algo: DictConfig) -> None:
-    """Every student's settings by its algo's own checks (`settings_from`, optional for plugins),
-    before the teacher trains: a key the algo refuses would otherwise surface after it."""
+    """The study's step lists and noise settings, then every student's settings by its algo's own
+    checks (`settings_from`, optional for plugins), before the teacher trains: a value the algo
+    refuses would otherwise surface after it."""
+    study = cfg.study
+    for key in ("teacher_steps", "student_steps"):
+        steps = study.get(key)
+        if not isinstance(steps, ListConfig) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                                                         for k in steps):  # empty: no teacher rows / no students
+            raise UserError(f"study.{key} must be a list of ints >= 1, got {steps!r}")
+    noise = study.get("noise_input")
+    if not isinstance(noise, ListConfig) or not all(n in FOLDER_NAMES for n in noise):
+        raise UserError(f"study.noise_input must be a list of true, false or null, got {noise!r}")
     settings_from = getattr(registry.load_algo(algo.name), "settings_from", None)
     if settings_from is None:
         return
     per_k = steps_key(algo) is not None
-    for noise in cfg.study.noise_input:
-        for steps in cfg.study.student_steps if per_k else [None]:
+    for noise in study.noise_input:
+        for steps in study.student_steps if per_k else [None]:
             student = student_config(cfg, algo, Path("teacher.ckpt"), steps, noise, Path(cfg.run_dir))
             try:
                 settings_from(student)
             except UserError as err:
-                raise UserError(f"study.student_algo={algo.name} with study.student_overrides: {err}") from None
+                which = f"k={steps}, " if per_k else ""
+                raise UserError(f"study.student_algo={algo.name} student ({which}noise_input={noise}; from "
+                                f"study.student_steps, noise_input and student_overrides): {err}") from None
 
 
 def run(cfg: DictConfig) -> Path:
