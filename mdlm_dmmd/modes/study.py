@@ -155,9 +155,9 @@ def check_students(cfg: DictConfig, algo: DictConfig) -> None:
         if not isinstance(steps, ListConfig) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
                                                          for k in steps):  # empty: no teacher rows / no students
             raise UserError(f"study.{key} must be a list of ints >= 1, got {steps!r}")
-    noise = study.get("noise_input")
-    if not isinstance(noise, ListConfig) or not all(n in FOLDER_NAMES for n in noise):
-        raise UserError(f"study.noise_input must be a list of true, false or null, got {noise!r}")
+    settings = study.get("noise_input")
+    if not isinstance(settings, ListConfig) or not all(n in FOLDER_NAMES for n in settings):
+        raise UserError(f"study.noise_input must be a list of true, false or null, got {settings!r}")
     settings_from = getattr(registry.load_algo(algo.name), "settings_from", None)
     if settings_from is None:
         return
