@@ -33,7 +33,7 @@ import torch
 
 from mdlm_dmmd.diffusion import block
 from mdlm_dmmd.models.dit import DiT, DiTConfig
-from run_info import command_line, paired_ratio, results_dir, run_info, write_results, write_run_info  # benchmarks/ is on sys.path
+from run_info import command_line, paired_ratio, ratio_cell, results_dir, run_info, write_results, write_run_info  # benchmarks/ is on sys.path
 
 SHAPES = {  # DiT config, block size, batch
     "text": ({"vocab_size": 50258, "length": 1024, "hidden_dim": 768, "cond_dim": 128, "n_blocks": 12, "n_heads": 12},
@@ -89,7 +89,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|",
              *(f"| {r['shape']} | {r['hidden']} × {r['layers']}, {r['cond']} | {r['vocab']} | {2 * r['length']} × "
                f"{r['batch']}, {r['block_size']} | {r['analytic_adaln_share']:.1%} | {r['per_token_s']} | {r['per_block_s']} | "
-               f"**{r['ratio']:.3f}** ({r['ratio_quartiles'][0]:.3f}–{r['ratio_quartiles'][1]:.3f}) |" for r in rows)]
+               f"{ratio_cell(r)} |" for r in rows)]
     out = results_dir("block_sigma_cost")
     write_results(out, rows, lines)
     write_run_info(out, run_info(command_line("block_sigma_cost.py", args), started))

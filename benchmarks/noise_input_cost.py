@@ -27,7 +27,7 @@ import time
 import torch
 
 from mdlm_dmmd.models.dit import DiT, DiTConfig
-from run_info import command_line, paired_ratio, results_dir, run_info, write_results, write_run_info  # benchmarks/ is on sys.path
+from run_info import command_line, paired_ratio, ratio_cell, results_dir, run_info, write_results, write_run_info  # benchmarks/ is on sys.path
 
 SMALL = {"hidden_dim": 768, "cond_dim": 128, "n_blocks": 12, "n_heads": 12}
 SHAPES = {  # DiT config, noise grid (None: white), batch
@@ -74,8 +74,7 @@ def main() -> None:
              "| shape | DiT | tokens × batch | noise | teacher s | student s | student / teacher (quartiles) |",
              "|---|---|---|---|---|---|---|",
              *(f"| {r['shape']} | {r['hidden']} × {r['layers']} | {r['length']} × {r['batch']} | {r['noise']} | "
-               f"{r['teacher_s']} | {r['student_s']} | **{r['ratio']:.3f}** ({r['ratio_quartiles'][0]:.3f}–"
-               f"{r['ratio_quartiles'][1]:.3f}) |" for r in rows)]
+               f"{r['teacher_s']} | {r['student_s']} | {ratio_cell(r)} |" for r in rows)]
     out = results_dir("noise_input_cost")
     write_results(out, rows, lines)
     write_run_info(out, run_info(command_line("noise_input_cost.py", args), started))

@@ -42,6 +42,12 @@ def paired_ratio(first: tuple[str, Callable[[], None]], second: tuple[str, Calla
             "ratio_quartiles": [round(q, 3) for q in statistics.quantiles(ratios, n=4)[::2]]}
 
 
+def ratio_cell(row: dict) -> str:
+    """A `paired_ratio` result as a Markdown table cell: the median ratio in bold, the quartiles after."""
+    low, high = row["ratio_quartiles"]
+    return f"**{row['ratio']:.3f}** ({low:.3f}–{high:.3f})"
+
+
 def run_info(command: str, started: float, **extra) -> dict:
     """A `run_info.json` record; `started` is the `time.time()` at the benchmark's start."""
     return {
