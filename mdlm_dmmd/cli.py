@@ -75,6 +75,7 @@ def compose(overrides: Sequence[str]):
     _check_group_overrides(overrides, registry.config_search_paths())
     cfg = registry.compose_tree([_allow_new_keys(o) for o in overrides])
     _apply_natural_length(cfg, overrides)
+    _resolve_data_from(cfg, overrides)
     registry.check_algo_name(cfg.algo.name)
     _check_mode(cfg.mode)
     for name in cfg.eval.get("metrics", []) or []:
@@ -93,6 +94,21 @@ def _apply_natural_length(cfg, overrides: Sequence[str]) -> None:
     given = any(o.lstrip("+~").partition("=")[0] == "model.length" for o in overrides)
     if natural is not None and not given:
         cfg.model.length = natural
+
+
+DATA_FROM = ("auto", "checkpoint", "config")
+
+
+def _resolve_data_from(cfg, overrides: Sequence[str]) -> None:
+    """`data_from=auto` becomes `config` when the command line chooses data (data=, a data.KEY,
+    or an experiment, which may set it), else `checkpoint`: `mode=eval checkpoint=PATH` scores
+    against what the checkpoint was trained on, not the default data."""
+    if cfg.data_from not in DATA_FROM:
+        raise UserError(f"data_from must be one of {', '.join(DATA_FROM)}, got {cfg.data_from!r}")
+    if cfg.data_from == "auto":
+        keys = [o.lstrip("+~").partition("=")[0] for o in overrides]
+        chosen = any(k in ("data", "experiment") or k.startswith("data.") for k in keys)
+        cfg.data_from = "config" if chosen else "checkpoint"
 
 
 def _is_int(value) -> bool:
@@ -233,7 +249,8 @@ def dispatch(cfg) -> None:
         check_launcher(cfg.mode)  # Lightning reads SLURM's tasks for training; the other modes need torchrun
     if cfg.mode == "study":
         check_one_process(cfg)
-    if cfg.mode in ("eval", "sweep", "study") or (cfg.mode == "train" and int(cfg.sampling.num_samples) > 0):
+    scores = cfg.mode in ("eval", "sweep", "study") or (cfg.mode == "train" and int(cfg.sampling.num_samples) > 0)
+    if scores and not (cfg.mode == "eval" and cfg.data_from == "checkpoint"):  # that: once the checkpoint is read
         check_metrics_ready(cfg)  # these modes score samples: a metric that cannot run fails before the work
     MODES[cfg.mode](cfg)
     leave()  # several processes of sample/eval/sweep (torchrun) end together

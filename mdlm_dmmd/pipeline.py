@@ -112,6 +112,15 @@ class Pipeline:
     def length(self) -> int:
         return self.network.config.length
 
+    def _check_prompts(self, prompts: Tensor) -> None:
+        """Prompt tokens are tokens of this model's data: ids below its vocabulary, never its mask."""
+        vocab, mask = self.network.config.vocab_size, getattr(getattr(self.denoiser, "process", None), "mask_id", None)
+        low, high = int(prompts.min()), int(prompts.max())
+        if low < 0 or high >= vocab or (mask is not None and bool((prompts == mask).any())):
+            raise UserError(f"sampling.prompt_length: the prompts hold token ids {low}..{high}, but this model reads "
+                            f"ids 0..{vocab - 1}" + (f" without its mask {mask}" if mask is not None else "") +
+                            " (prompts from other data than the model's? see data_from)")
+
     @torch.no_grad()
     def generate(
         self,
@@ -156,6 +165,8 @@ class Pipeline:
         if self.sampler.blockwise and (not isinstance(length, int) or length < 1 or length % self.sampler.block_size):
             raise UserError(f"sampling.length must be a positive multiple of the block size {self.sampler.block_size}, "
                             f"got {length!r}")
+        if prompts is not None:
+            self._check_prompts(prompts)
         batch_size = batch_size or num_samples
         chunks = []
         for start in range(0, num_samples, batch_size):

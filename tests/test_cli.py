@@ -166,18 +166,29 @@ def test_modes_without_training_read_only_sampling_seed():
 
 
 def test_fid_with_a_digits_feature_space_checks_the_data_before_sampling(capsys, tmp_path):
-    fails(capsys, ["mode=eval", f"checkpoint={tmp_path / 'run.ckpt'}", "eval.metrics=[fid]",
+    fails(capsys, ["mode=eval", f"checkpoint={tmp_path / 'run.ckpt'}", "data=shakespeare", "eval.metrics=[fid]",
                    "eval.metric_options.fid.features=digits_mlp"],
           "fid: eval.metric_options.fid.features=digits_mlp needs data.name=digits", "got 'shakespeare'")
 
 
 def test_a_metric_that_cannot_score_the_data_fails_before_sampling(capsys, tmp_path):
-    """frechet's digits feature spaces score digits only; metrics read `data=`, not the checkpoint's."""
-    line = fails(capsys, ["mode=eval", f"checkpoint={tmp_path / 'run.ckpt'}", "eval.metrics=[frechet]"],
+    """frechet's digits feature spaces score digits only; with data_from=config metrics read `data=`."""
+    line = fails(capsys, ["mode=eval", f"checkpoint={tmp_path / 'run.ckpt'}", "data_from=config",
+                          "eval.metrics=[frechet]"],
                  "frechet: ", "needs data.name=digits", "got 'shakespeare'")
     assert "does not exist" not in line  # refused before the checkpoint is even opened
     fails(capsys, ["mode=eval", f"checkpoint={tmp_path / 'run.ckpt'}", "data=digits", "eval.metrics=[frechet]"],
           "does not exist")  # digits data: the frechet check passes
+
+
+def test_fid_in_an_image_feature_space_refuses_text_data_before_sampling(capsys, tmp_path):
+    ckpt = f"checkpoint={tmp_path / 'run.ckpt'}"
+    option = "eval.metric_options.fid.features"
+    line = fails(capsys, ["mode=eval", ckpt, "data=shakespeare", "eval.metrics=[fid]", f"{option}=random_conv"],
+                 f"fid: {option}=random_conv needs image data", "got data.name='shakespeare' (text)")
+    assert "does not exist" not in line  # refused before the checkpoint is even opened
+    fails(capsys, ["mode=eval", ckpt, "data=digits", "eval.metrics=[fid]", f"{option}=random_conv"],
+          "does not exist")  # image data: the check passes
 
 
 def test_cuda_sampling_device_without_a_gpu_fails_before_training(capsys, run_dir, monkeypatch):
@@ -404,6 +415,58 @@ def test_eval_with_prompts_continues_held_out_rows_and_scores_conditional_gm(tmp
     fails_eval = main(TINY + ["mode=eval", f"checkpoint={trained_ckpt}", f"run_dir={tmp_path / 'e2'}",
                               "sampling.num_samples=1000", "sampling.prompt_length=8", "sampling.steps=2"])
     assert fails_eval == 2  # more samples than the 180 held-out digits that could prompt them
+
+
+@pytest.mark.parametrize("overrides, resolved", [
+    ([], "checkpoint"),
+    (["data=digits"], "config"),
+    (["data.max_documents=3"], "config"),
+    (["experiment=quickstart"], "config"),  # an experiment may choose the data
+    (["data_from=config"], "config"),
+    (["data_from=checkpoint", "data=digits"], "checkpoint"),
+])
+def test_data_from_auto_is_the_checkpoints_data_unless_the_command_line_chooses_data(overrides, resolved):
+    from mdlm_dmmd.cli import compose
+
+    assert compose(["mode=eval", "checkpoint=x", *overrides]).data_from == resolved
+
+
+def test_bad_data_from_is_one_line(capsys, run_dir):
+    fails(capsys, ["mode=eval", "checkpoint=x", "data_from=trained", f"run_dir={run_dir}"],
+          "data_from must be one of auto, checkpoint, config, got 'trained'", run_dir=run_dir)
+
+
+def test_eval_and_sample_read_the_checkpoints_data_unless_data_is_given(capsys, tmp_path, trained_ckpt, monkeypatch):
+    """A digits checkpoint evaluated without data= (default: shakespeare): the metrics' check, the
+    prompts and the report read digits; with data= given, that data (here refused: its GPT-2 ids
+    are no digits tokens)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from mdlm_dmmd.eval import scoring
+    from mdlm_dmmd.eval.scoring import held_out_rows
+    from mdlm_dmmd.modes import evaluate
+
+    checked = []
+    monkeypatch.setattr(scoring, "check_metrics_ready", lambda cfg: checked.append(("cli", cfg.data.name)))
+    monkeypatch.setattr(evaluate, "check_metrics_ready", lambda cfg: checked.append(("eval", cfg.data.name)))
+    common = ["debug=cpu", f"checkpoint={trained_ckpt}", "sampling.steps=2", "sampling.num_samples=4",
+              "sampling.prompt_length=8"]
+    for mode in ("eval", "sample"):
+        out_dir = tmp_path / mode
+        assert main([*common, f"mode={mode}", f"run_dir={out_dir}"]) == 0
+        samples = torch.load(out_dir / "samples.pt")
+        cfg = OmegaConf.load(out_dir / "config.yaml")
+        assert cfg.data.name == "digits" and cfg.data_from == "checkpoint"
+        assert torch.equal(samples[:, :8], held_out_rows(cfg, 64, 4)[:, :8])
+    assert checked == [("eval", "digits")]  # once, after the checkpoint was read; none in sample mode
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["data"] == "digits (the checkpoint's)"
+    checked.clear()
+    capsys.readouterr()
+    fails(capsys, [*common, "mode=eval", "data=shakespeare", f"run_dir={tmp_path / 'given'}"],
+          "sampling.prompt_length: the prompts hold token ids", "but this model reads ids 0..17 without its mask 17",
+          "see data_from", run_dir=tmp_path / "given")  # was an IndexError inside the network
+    assert checked == [("cli", "shakespeare")]
 
 
 def test_dispatch_finds_the_mode_by_name(monkeypatch, tmp_path):

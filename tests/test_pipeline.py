@@ -65,6 +65,21 @@ def test_pipeline_from_checkpoint_reproduces_the_algo(run):
     assert torch.equal(pipe.generate(4, steps=4, generator=seeded(1)), written)
 
 
+@pytest.mark.parametrize("bad, shown", [(-1, "-1..3"), (18, "0..18"), (17, "0..17")])
+def test_prompts_outside_the_models_data_tokens_are_one_line(run, bad, shown):
+    """Digits model: ids 0..16 are data, 17 its mask; a prompt of other data (or a mask) is refused
+    before the network would index past its embedding."""
+    from mdlm_dmmd.errors import UserError
+
+    pipe = Pipeline.from_checkpoint(run / "checkpoints" / "final.ckpt")
+    prompts = torch.tensor([[0, 3, 2], [1, 2, 3]])
+    pipe.generate(2, steps=2, generator=seeded(0), prompts=prompts)  # data tokens: fine
+    prompts[1, 0] = bad
+    with pytest.raises(UserError, match=rf"^sampling.prompt_length: the prompts hold token ids {shown}, but this model "
+                                        r"reads ids 0..17 without its mask 17 \(prompts from other data"):
+        pipe.generate(2, steps=2, generator=seeded(0), prompts=prompts)
+
+
 def test_samples_are_normal_tensors_and_optimizers_are_not_fused_on_cpu(run):
     """Sampling runs under inference_mode, but callers get tensors they may write to and use
     with autograd; AdamW is fused on CUDA only (that path is untested: no GPU here)."""

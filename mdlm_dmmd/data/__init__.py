@@ -81,6 +81,8 @@ _BUILDERS = {
     "lm1b": ("mdlm_dmmd.data.hub", "build_hub"),
     "text8": ("mdlm_dmmd.data.hub", "build_hub"),
 }
+# the names whose bundles are images (modality "image"); every other builder gives text
+_IMAGE_DATA = frozenset({"digits", "cifar10_pixels"})
 
 
 def image_shape_of(value: Any, key: str = "image_shape") -> tuple[int, int, int] | None:
@@ -211,6 +213,14 @@ def option(cfg: Mapping, key: str, default: Any = None) -> Any:
 def available_datasets() -> list[str]:
     """Every accepted `data.name`, sorted."""
     return sorted(_BUILDERS)
+
+
+def modality_of(name: Any) -> str | None:
+    """"image" or "text" for a known `data.name` without building it (a metric checks it before
+    sampling); None for an unknown name (`build_data` refuses it)."""
+    if not isinstance(name, str) or name not in _BUILDERS:
+        return None
+    return "image" if name in _IMAGE_DATA else "text"
 
 
 def build_data(cfg: Mapping, length: int, *, seed: int = 0) -> DataBundle:

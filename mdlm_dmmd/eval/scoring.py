@@ -62,6 +62,23 @@ def load_pipeline(cfg: DictConfig) -> tuple[Pipeline, str]:
     return pipeline, str(path)
 
 
+def with_checkpoint_data(cfg: DictConfig, meta: CheckpointMeta) -> DictConfig:
+    """`cfg` with `data` the data a loaded checkpoint was trained on when `data_from=checkpoint`
+    (the CLI's resolution of `auto` when no data was chosen) and the checkpoint stores it (public
+    ones do not): what its prompts and metrics read. Otherwise `cfg` itself."""
+    if cfg.get("data_from") != "checkpoint" or not meta.data:
+        return cfg
+    chosen = cfg.copy()
+    chosen.data = OmegaConf.create(meta.data)
+    return chosen
+
+
+def data_row(cfg: DictConfig) -> str:
+    """The report's line on what the metrics and prompts read."""
+    source = "the checkpoint's" if cfg.get("data_from") == "checkpoint" else "data="
+    return f"{cfg.data.get('name')} ({source})"
+
+
 def check_block_size(cfg: DictConfig, pipeline: Pipeline, path: str) -> None:
     """A `block_size` given (not null) must be the checkpoint's: a block model samples only with
     the block size it was trained with, a plain one only as plain diffusion (= its length)."""

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mdlm_dmmd.data import modality_of
 from mdlm_dmmd.data.rows import cache_root
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.files import atomic_write
@@ -84,6 +85,15 @@ class ImageFeatures:
 
     def details(self) -> dict[str, Any]:
         return {}
+
+    def check_data(self, data_config: Mapping, option: str = "eval.metric_options.frechet.features") -> None:
+        """Before sampling: the run's data is image data (one line naming data.name if not), so
+        `fid` on a text run fails now, not at its first score."""
+        name = plain_config(data_config or {}).get("name")
+        if modality_of(name) == "text":
+            metric = option.split(".")[-2]  # eval.metric_options.<metric>.features
+            raise UserError(f"{metric}: {option}={self.name} needs image data (e.g. data=cifar10_pixels), "
+                            f"got data.name='{name}' (text)")
 
     # ----------------------------------------------------------------- samples
 

@@ -189,6 +189,32 @@ def test_text_data_is_refused_by_image_extractors(monkeypatch, tmp_path):
             features="random_conv")
 
 
+@pytest.mark.parametrize("name", ["random_conv", "inception"])
+def test_image_extractors_refuse_text_data_before_any_sample(data, fidelity, name):
+    """`check_data` (called by the metrics' check_ready, before sampling) reads the modality from
+    data.name alone; image data and unknown names (build_data's to refuse) pass."""
+    config, _ = data
+    extractor = feature_registry.load_extractor(name)
+    option = "eval.metric_options.fid.features"
+    with pytest.raises(UserError, match=rf"^fid: {option}={name} needs image data \(e\.g\. data=cifar10_pixels\), "
+                                        r"got data.name='shakespeare' \(text\)$"):
+        extractor.check_data({"name": "shakespeare"}, option)
+    for image_data in (config, {"name": "digits"}, {"name": "no_such_data"}, {}):
+        extractor.check_data(image_data, option)
+
+
+def test_the_modality_read_from_a_data_name_is_its_bundles(data):
+    from mdlm_dmmd.data import available_datasets, build_data, modality_of
+
+    config, _ = data
+    shakespeare = {"name": "shakespeare", "max_documents": 4, "valid_fraction": 0.25}
+    for data_config, length in ((config, 48), ({"name": "digits"}, 64), (shakespeare, 32)):
+        assert modality_of(data_config["name"]) == build_data(data_config, length).modality
+    # the hub and text_files builders make text bundles (hub.py, text.py: modality="text")
+    assert {n for n in available_datasets() if modality_of(n) == "image"} == {"digits", "cifar10_pixels"}
+    assert modality_of("no_such_data") is None and modality_of(None) is None
+
+
 def test_fid_without_torch_fidelity_says_how_to_install(data, monkeypatch):
     config, _ = data
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import fails as when the extra is absent
