@@ -44,6 +44,12 @@ class BatchShare:
     def randint(self, low: int, high: int, shape, *, device=None) -> Tensor:
         return self._mine(torch.randint(low, high, self._global(shape), generator=self.generator, device=device))
 
+    def permuted_positions(self, rows: int, device=None) -> Tensor:
+        """Where a random permutation of the global batch's rows sends each of this rank's rows
+        (every rank draws the same permutation)."""
+        permutation = torch.randperm(self.total(rows), generator=self.generator, device=device)
+        return self._mine(permutation)
+
     def positions(self, rows: int, device=None) -> Tensor:
         """The global row index of each of this rank's `rows` rows."""
         return torch.arange(rows, device=device) * self.world + self.rank
@@ -73,8 +79,12 @@ def randint(low: int, high: int, shape, generator=None, *, device=None) -> Tenso
     return torch.randint(low, high, tuple(shape), generator=generator, device=device)
 
 
-def positions(rows: int, generator=None, device=None) -> tuple[Tensor, int]:
-    """(global index of each local row, global row count): the share's, or 0..rows-1 and rows."""
+def positions(rows: int, generator=None, device=None, *, permuted: bool = False) -> tuple[Tensor, int]:
+    """(global index of each local row, global row count): the share's, or 0..rows-1 and rows.
+    `permuted`: the rows' places under a random permutation of the global batch instead."""
     if isinstance(generator, BatchShare):
-        return generator.positions(rows, device), generator.total(rows)
+        where = generator.permuted_positions(rows, device) if permuted else generator.positions(rows, device)
+        return where, generator.total(rows)
+    if permuted:
+        return torch.randperm(rows, generator=generator, device=device), rows
     return torch.arange(rows, device=device), rows

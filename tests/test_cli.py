@@ -137,9 +137,18 @@ def test_bad_study_values_fail_before_the_teacher_trains(capsys, run_dir, overri
 @pytest.mark.parametrize("overrides, needle", [
     (["study.student_algo=idlm", "study.noise_input=[null]", "study.student_overrides.lr_aux=1e-4"],
      "study.student_algo=idlm student (noise_input=None; from study.student_steps, noise_input and "
-     "student_overrides): algo.lr_aux is not an idlm key; accepted: "),
+     "student_overrides, with trainer.max_steps = study.student_max_steps): algo.lr_aux is not an idlm key; "
+     "accepted: "),
     (["study.student_overrides.lr_aux=-1"], "study.student_algo=dmmd student (k=4, noise_input=None; from "
-     "study.student_steps, noise_input and student_overrides): algo.lr_aux must be > 0"),
+     "study.student_steps, noise_input and student_overrides, with trainer.max_steps = study.student_max_steps): "
+     "algo.lr_aux must be > 0"),
+    # SDTT's default 10000 updates per round: 7 rounds from 1024 steps to k=8 cannot end in 400 updates
+    (["study.student_algo=sdtt", "study.noise_input=[null]", "~study.student_overrides", "study.student_steps=[8]",
+      "study.student_max_steps=400"],
+     "study.student_algo=sdtt student (k=8, noise_input=None; from study.student_steps, noise_input and "
+     "student_overrides, with trainer.max_steps = study.student_max_steps): algo=sdtt: 7 rounds (1024 -> 8 steps) "
+     "of algo.steps_per_round=10000 need trainer.max_steps >= 70000, got 400: training would stop before the "
+     "8-step student is trained"),
 ])
 def test_a_student_setting_its_algo_refuses_fails_before_the_teacher_trains(capsys, run_dir, overrides, needle):
     fails(capsys, ["mode=study", *TINY, *overrides, f"run_dir={run_dir}"], needle, run_dir=run_dir)

@@ -22,6 +22,18 @@ def test_a_share_keeps_its_rows_of_the_global_draw():
         assert index.tolist() == [rank, 2 + rank, 4 + rank] and total == 6
 
 
+def test_permuted_positions_are_one_permutation_of_the_global_batch_on_any_number_of_ranks():
+    torch.manual_seed(0)
+    whole, total = rng.positions(6, None, permuted=True)  # one process, 6 rows
+    assert sorted(whole.tolist()) == list(range(6)) and total == 6
+    torch.manual_seed(0)
+    assert torch.equal(rng.positions(6, rng.BatchShare(), permuted=True)[0], whole)
+    for rank in (0, 1):  # 2 ranks x 3 rows: row j of rank r is global row j·2 + r
+        torch.manual_seed(0)
+        mine, total = rng.positions(3, rng.BatchShare(2, rank), permuted=True)
+        assert torch.equal(mine, whole[rank::2]) and total == 6
+
+
 def test_a_masked_step_with_a_share_draws_each_rows_own_tokens():
     """A masked step gathers the revealed positions before the categorical draw ([N, V], not
     batch-first); with a share its uniforms are still drawn per batch row, so each rank's rows of

@@ -184,19 +184,24 @@ class AlgoBase(L.LightningModule):
             return rng.BatchShare()
         return rng.BatchShare(trainer.world_size, trainer.global_rank)
 
-    def data_times(self, x: Tensor, blocks: int = 1) -> Tensor:
+    def data_times(self, x: Tensor, blocks: int = 1, *, independent: bool = False) -> Tensor:
         """Diffusion times for a batch x [B, L] under `training.sampling_eps` / `antithetic_sampling`:
-        [B], or one per (sequence, block) [B, blocks] (antithetic over all B · blocks, as BD3-LM)."""
-        t = (1 - self.cfg.training.sampling_eps) * self.time_uniforms(x, blocks) + self.cfg.training.sampling_eps
+        [B], or one per (sequence, block) [B, blocks] (antithetic over all B · blocks, as BD3-LM).
+        `independent`: a second draw for the same rows, independent of the first (see `time_uniforms`)."""
+        u = self.time_uniforms(x, blocks, independent=independent)
+        t = (1 - self.cfg.training.sampling_eps) * u + self.cfg.training.sampling_eps
         return t[:, 0] if blocks == 1 else t
 
-    def time_uniforms(self, x: Tensor, blocks: int = 1) -> Tensor:
+    def time_uniforms(self, x: Tensor, blocks: int = 1, *, independent: bool = False) -> Tensor:
         """u ∈ [0, 1) per (sequence, block) [B, blocks], stratified over the global batch's
-        B · blocks draws under `training.antithetic_sampling`, from this process's `batch_share`."""
+        B · blocks draws under `training.antithetic_sampling`, from this process's `batch_share`.
+        Row i's stratum is i, so two draws for the same rows fall in the same stratum (|t − t'| <
+        1/B); `independent` gives the rows' strata by a random permutation of the global batch,
+        which keeps the stratification and makes the draw independent of an earlier one."""
         share, device = self.batch_share(), x.device
         u = rng.rand((x.shape[0], blocks), share, device=device)
         if self.cfg.training.antithetic_sampling:
-            rows, total = rng.positions(x.shape[0], share, device)
+            rows, total = rng.positions(x.shape[0], share, device, permuted=independent)
             index, total = rows[:, None] * blocks + torch.arange(blocks, device=device), total * blocks
             u = (u / total + index / total) % 1
         return u

@@ -3,7 +3,9 @@ concurrent method, as a baseline.
 
 A frozen teacher θ, a generator η and a fake model φ, both copies of the teacher. Per batch:
 t ~ antithetic U[ε, 1], z_t ~ q(z_t | x_data), x̂_η = x̂_η(z_t) (probability vectors: the relaxed,
-"soft" generator output, §3.2); an independent t' re-noises x̂_η, and both models are scored with
+"soft" generator output, §3.2); an independent t' re-noises x̂_η (stratified over the batch like t,
+but in a randomly permuted stratum: drawn by row, as the official code does, t' would share t's
+stratum, |t − t'| < 1/B), and both models are scored with
 the teacher's own training loss ℓ (its NELBO, ELBO-weighted) on the soft target x̂_η:
 
     fake update:      min_φ ℓ_φ(sg x̂_η)                    (eq. 9; no teacher regulariser)
@@ -240,8 +242,9 @@ class IDLM(AlgoBase):
         return self.training_denoiser(self.generator)(z_t, t).exp()
 
     def renoised(self, x_probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(model input, hard z_t', t') for x̂ re-noised at a fresh antithetic t' (`renoise`)."""
-        t = self.data_times(x_probs)
+        """(model input, hard z_t', t') for x̂ re-noised at an antithetic t' independent of the
+        generator's t (the paper's separate expectation over t'; `renoise`)."""
+        t = self.data_times(x_probs, independent=True)
         model_input, z = renoise(self.process, x_probs, t, self.settings.duo_temperature, self.batch_share())
         return model_input, z, t
 

@@ -37,7 +37,6 @@ from mdlm_dmmd.algos.base import AlgoBase, algo_section, build_settings, process
 from mdlm_dmmd.algos.distillation import TEACHER_PREFIX, Teacher, copy_of, is_int
 from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.denoiser import Denoiser
-from mdlm_dmmd.diffusion.masked import NEG_INF
 from mdlm_dmmd.diffusion.sampling import DiffusionSampler, step
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT
@@ -132,7 +131,18 @@ class SDTT(AlgoBase):
 
     @classmethod
     def settings_from(cls, config: Mapping[str, Any]) -> SDTTConfig:
-        return SDTTConfig.from_mapping(algo_section(config))
+        """The checked settings; also that `trainer.max_steps` lets the last round finish: a run
+        that stopped earlier would end with a student of more steps than `algo.final_steps`
+        (and a study would score it as the k it asked for)."""
+        settings = SDTTConfig.from_mapping(algo_section(config))
+        max_steps = (config.get("trainer") or {}).get("max_steps")
+        needed = settings.rounds * settings.steps_per_round
+        if is_int(max_steps) and 0 <= max_steps < needed:
+            raise UserError(f"algo=sdtt: {settings.rounds} rounds ({settings.initial_steps} -> {settings.final_steps} "
+                            f"steps) of algo.steps_per_round={settings.steps_per_round} need trainer.max_steps >= "
+                            f"{needed}, got {max_steps}: training would stop before the {settings.final_steps}-step "
+                            "student is trained; raise trainer.max_steps or lower algo.steps_per_round")
+        return settings
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
@@ -190,7 +200,9 @@ class SDTT(AlgoBase):
         target = self.teacher_targets(z_t, t)
         student = self.denoiser(self.student)(z_t, t)
         masked = (z_t == self.process.mask_id).to(student.dtype)
-        per_position = divergence(student, target.clamp_min(NEG_INF), self.settings.divergence, self.process.mask_id,
+        # both sides as SUBS leaves them (the mask column −1e6 − logsumexp): the official forms compare
+        # every column, and a student equal to its target must cost 0 there too
+        per_position = divergence(student, target, self.settings.divergence, self.process.mask_id,
                                   self.settings.official_forms)
         return (per_position * masked).sum(), masked.sum()
 
@@ -204,12 +216,23 @@ class SDTT(AlgoBase):
             return None
         return super().training_step(batch, batch_idx)
 
-    def end_round(self) -> None:
-        """Save the finished round's student (`round{r}_k{k}.ckpt`), then teacher ← student."""
+    def on_train_end(self) -> None:
+        # the last round is ended by the step after it, which training at exactly
+        # rounds x steps_per_round updates never takes: its student's file is written here
+        settings = self.settings
+        if self.round == settings.rounds - 1 and self.trainer.global_step >= settings.rounds * settings.steps_per_round:
+            self.save_round()
+
+    def save_round(self) -> None:
+        """`round{r}_k{k}.ckpt` beside the run's checkpoints: the student of the round that ended."""
         callback = getattr(self.trainer, "checkpoint_callback", None)
         if callback is not None and callback.dirpath:
             name = f"round{self.round}_k{self.settings.student_steps(self.round)}.ckpt"
             self.trainer.save_checkpoint(str(Path(callback.dirpath) / name))
+
+    def end_round(self) -> None:
+        """Save the finished round's student (`round{r}_k{k}.ckpt`), then teacher ← student."""
+        self.save_round()
         if self.settings.teacher_from_ema and self.ema is not None:
             with self.ema.swapped_in(self.student):
                 self.teacher_part.swap_from(self.student)

@@ -170,7 +170,8 @@ def check_students(cfg: DictConfig, algo: DictConfig) -> None:
             except UserError as err:
                 which = f"k={steps}, " if per_k else ""
                 raise UserError(f"study.student_algo={algo.name} student ({which}noise_input={noise}; from "
-                                f"study.student_steps, noise_input and student_overrides): {err}") from None
+                                f"study.student_steps, noise_input and student_overrides, with trainer.max_steps = "
+                                f"study.student_max_steps): {err}") from None
 
 
 def run(cfg: DictConfig) -> Path:

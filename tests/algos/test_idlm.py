@@ -81,6 +81,48 @@ def test_masked_generator_gradient_is_w_times_log_ratio_on_masked_positions(mask
     assert grad[~masked_positions].abs().max() == 0
 
 
+def test_the_renoising_time_is_drawn_independently_of_the_generators(masked, monkeypatch):
+    """The generator's t and the re-noising t' are both stratified over the batch, but t' is not in
+    t's stratum (the paper's separate expectation over t'; drawn by row index, |t − t'| < 1/B)."""
+    algo = IDLM(config(masked))
+    drawn = []
+    data_times = algo.data_times
+    monkeypatch.setattr(algo, "data_times", lambda x, *a, **k: drawn.append(data_times(x, *a, **k)) or drawn[-1])
+    rows = 64
+    x = torch.randint(0, VOCAB, (rows, LENGTH), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    algo.phase_loss({"input_ids": x}, "gen")
+    t, t_renoise = drawn  # the generator's, then the re-noising's
+    strata = [((u - 1e-3) / (1 - 1e-3) * rows).floor().long() for u in (t, t_renoise)]
+    assert torch.equal(strata[0], torch.arange(rows))
+    assert sorted(strata[1].tolist()) == list(range(rows))  # still one t' per stratum
+    assert (t - t_renoise).abs().max() > 0.5 and abs(torch.corrcoef(torch.stack([t, t_renoise]))[0, 1]) < 0.3
+
+
+def test_the_generator_loss_is_the_teachers_minus_the_fakes_by_hand(masked):
+    """Eq. 10 on the masked process: (ℓ_θ − ℓ_φ) / (B·L) with ℓ = Σ over positions masked in z_t'
+    of (1/t')·(−Σ_v x̂_v log p(v | z_t')), x̂ the generator's SUBS probabilities at z_t."""
+    algo = with_random_fake(IDLM(config(masked)))
+    algo.generator.load_state_dict(random_model(algo.generator.config, seed=5).state_dict())
+    x = torch.randint(0, VOCAB, (4, LENGTH), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(6)
+    loss = algo.phase_loss({"input_ids": x}, "gen")
+    torch.manual_seed(6)
+    with torch.no_grad():
+        t = algo.data_times(x)
+        x_hat = algo.denoiser(algo.generator)(algo.process.corrupt(x, t), t).exp()
+        t2 = algo.data_times(x, independent=True)
+        z2, _ = renoise(algo.process, x_hat, t2, 1e-3)
+        by_network = []
+        for network in (algo.teacher, algo.fake):
+            log_p = algo.denoiser(network)(z2, t2)
+            cross_entropy = -(x_hat * log_p.clamp_min(-1e6))[..., :VOCAB].sum(-1)  # the mask has no mass in x̂
+            by_network.append(((z2 == VOCAB) * cross_entropy / t2[:, None]).sum())
+    assert (z2 == VOCAB).any() and (z2 != VOCAB).any()
+    expected = (by_network[0] - by_network[1]) / x.numel()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
 def test_masked_renoise_draws_the_soft_marginal(masked):
     """z_t' ~ Cat(α x̂ + (1 − α) e_mask): at α = 1/2 and x̂ = (0.7, 0.3 on tokens 0 and 1)."""
     algo = IDLM(config(masked))

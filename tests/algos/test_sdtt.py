@@ -109,6 +109,44 @@ def test_loss_counts_positions_masked_in_z_t_only(teacher, monkeypatch):
     assert algo.loss({"input_ids": x})[0].item() == pytest.approx(total.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("official", [False, True])
+@pytest.mark.parametrize("kind", ["kl_bwd", "kl_fwd", "mse", "tvd"])
+def test_a_student_equal_to_its_target_costs_nothing(teacher, monkeypatch, kind, official):
+    """Target = the student's own SUBS log-probs: every divergence is 0, the official log-prob forms
+    too (they compare the mask column, −1e6 − logsumexp on both sides as SUBS leaves it)."""
+    algo = SDTT(config(teacher, divergence=kind, official_forms=official))
+    monkeypatch.setattr(algo, "teacher_targets", lambda z_t, t: algo.denoiser(algo.student)(z_t, t).detach())
+    x = torch.randint(0, VOCAB, (4, LENGTH), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(4)
+    total, count = algo.loss({"input_ids": x})
+    assert count > 0 and total.item() == 0.0
+
+
+@pytest.mark.parametrize("kind", ["kl_bwd", "kl_fwd"])
+def test_the_loss_is_the_kl_in_its_direction_by_hand(teacher, monkeypatch, kind):
+    """kl_bwd = Σ_masked Σ_v p_s (log p_s − log q) (the student's distribution first), kl_fwd the
+    other way round, against a fixed random target q."""
+    algo = SDTT(config(teacher, divergence=kind))
+    algo.student.load_state_dict(random_model(algo.student.config, seed=3).state_dict())
+    x = torch.randint(0, VOCAB, (4, LENGTH), generator=torch.Generator().manual_seed(2))
+    logits = torch.randn(4, LENGTH, VOCAB + 1, generator=torch.Generator().manual_seed(7))
+    q = torch.log_softmax(logits.index_fill(-1, torch.tensor([VOCAB]), -1e6), -1)  # SUBS: the mask has no mass
+    monkeypatch.setattr(algo, "teacher_targets", lambda z_t, t: q)
+    torch.manual_seed(4)
+    total, _ = algo.loss({"input_ids": x})
+    torch.manual_seed(4)
+    t = algo.data_times(x)
+    z_t = algo.process.corrupt(x, t)
+    with torch.no_grad():
+        p = algo.denoiser(algo.student)(z_t, t).double()
+    expected = 0.0
+    for b, i in (z_t == VOCAB).nonzero().tolist():
+        ps, qs = p[b, i, :VOCAB].exp().tolist(), q[b, i, :VOCAB].double().exp().tolist()
+        pairs = zip(ps, qs) if kind == "kl_bwd" else zip(qs, ps)
+        expected += sum(a * (math.log(a) - math.log(c)) for a, c in pairs)
+    assert total.item() == pytest.approx(expected, rel=1e-4)
+
+
 def test_a_fresh_student_equals_its_teacher(teacher):
     algo = SDTT(config(teacher))
     assert all(torch.equal(a, b) for a, b in zip(algo.student.state_dict().values(), algo.teacher.state_dict().values()))
@@ -134,6 +172,15 @@ def test_rounds_swap_the_teacher_and_write_a_checkpoint_per_round(tmp_path):
     assert all(torch.equal(teacher1[k], student0[k]) for k in student0)
     assert rounds[0]["global_step"] == 2 and rounds[1]["global_step"] == 4
     assert Pipeline.from_checkpoint(checkpoints / "round0_k4.ckpt").meta.sampling_steps == 4
+    # training that ends with the last round (max_steps = rounds x steps_per_round) writes its file too
+    exact = tmp_path / "exact"
+    assert cli.main(["algo=sdtt", f"algo.teacher={teacher_dir / 'checkpoints' / 'final.ckpt'}", "data=digits",
+                     "debug=cpu", "algo.initial_steps=8", "algo.final_steps=2", "algo.steps_per_round=2",
+                     "trainer.max_steps=4", "sampling.num_samples=0", f"run_dir={exact}"]) == 0
+    last, final = (torch.load(exact / "checkpoints" / name, map_location="cpu", weights_only=False)
+                   for name in ("round1_k2.ckpt", "final.ckpt"))
+    assert last["global_step"] == final["global_step"] == 4 and last["mdlm_dmmd"]["sampling_steps"] == 2
+    assert all(torch.equal(v, final["state_dict"][k]) for k, v in last["state_dict"].items() if k.startswith("student."))
 
 
 @pytest.mark.parametrize("algo, needle", [
@@ -147,6 +194,18 @@ def test_rounds_swap_the_teacher_and_write_a_checkpoint_per_round(tmp_path):
 def test_bad_settings_are_one_line(teacher, algo, needle):
     with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         SDTT(config(teacher, **algo))
+
+
+def test_a_max_steps_that_ends_before_the_last_round_is_refused(teacher):
+    """16 -> 4 steps: 2 rounds of 2 updates; 3 updates would leave round 1's (k = 4) student half-trained."""
+    short = config(teacher)
+    short["trainer"]["max_steps"] = 3
+    with pytest.raises(UserError, match=r"^algo=sdtt: 2 rounds \(16 -> 4 steps\) of algo.steps_per_round=2 need "
+                                        r"trainer.max_steps >= 4, got 3: training would stop before the 4-step student"):
+        SDTT(short)
+    for enough in (4, 5, -1):  # -1: Lightning's "no limit"
+        short["trainer"]["max_steps"] = enough
+        SDTT(short)
 
 
 def test_a_uniform_teacher_is_refused(tmp_path):
