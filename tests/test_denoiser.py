@@ -63,6 +63,27 @@ def test_noise_input_is_drawn_fresh_on_every_call():
     assert torch.equal(a, b)
 
 
+def test_a_block_denoisers_noise_input_reaches_the_noisy_half_only():
+    """Training ([z_t, x_0]) equals sampling block by block with the clean prefix (zero noise on
+    it, as the KV cache's commit) for the same noise on the noisy tokens: noise fed to the x_0
+    half too would change the keys and values every later block attends to."""
+    net = network(noise_dim=4)
+    for parameter in net.parameters():  # the zero-initialised output and noise layers would hide the noise
+        torch.nn.init.normal_(parameter, std=0.3)
+    denoiser, K = BlockDenoiser(net, PROCESS, block_size=2), 2
+    x0 = torch.randint(0, V, (3, L), generator=torch.Generator().manual_seed(0))
+    z_t = torch.where(torch.rand(3, L, generator=torch.Generator().manual_seed(1)) < 0.5, x0, V)
+    noise = net.draw_noise(3, L, generator=torch.Generator().manual_seed(2), device="cpu")
+    draws = iter([noise] + [noise[:, j:j + K] for j in range(0, L, K)])  # training's draw, then each block's
+    net.draw_noise = lambda *args, **kwargs: next(draws)
+    t = torch.ones(3)
+    with torch.no_grad():
+        training = denoiser.log_probs(z_t, t, clean=x0)
+        by_block = torch.cat([denoiser.block_log_probs(z_t[:, j:j + K], t, prefix=x0[:, :j] if j else None)
+                              for j in range(0, L, K)], dim=1)
+    torch.testing.assert_close(training, by_block, rtol=1e-5, atol=1e-5)
+
+
 def test_time_conditioning_feeds_sigma_or_zero():
     t = torch.tensor([0.25, 0.75])
     assert torch.equal(Denoiser(network(), PROCESS).sigma(t), torch.zeros(2))

@@ -140,6 +140,9 @@ class BD3LM(AlgoBase):
         self.time_conditioning = uniform if tc is None else tc
         bos = self.cfg.vocab.get("bos_id")
         self.ignore_bos = (bos is not None) if self.settings.ignore_bos is None else self.settings.ignore_bos
+        if self.ignore_bos and bos is None:  # the sampler could not start a sequence with it
+            raise UserError(f"algo.ignore_bos=true keeps position 0 as the data's BOS token, but data="
+                            f"{self.cfg.data.get('name')} has none (vocab.bos_id); use algo.ignore_bos=null or false")
         eps = float(self.cfg.training.sampling_eps)
         # the interval training draws t from (BD3-LM's buffers; moved by the clipped-schedule search)
         self.register_buffer("sampling_eps_min", torch.tensor(eps, dtype=torch.float64))

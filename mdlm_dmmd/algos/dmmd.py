@@ -220,6 +220,10 @@ class DMMD(AlgoBase):
         self.teacher_part = Teacher(settings.teacher, data_vocab_size=self.data_vocab_size, length=self.cfg.model.length)
         self.process, self.time_conditioning = self.teacher_part.process, self.teacher_part.time_conditioning
         self.block = self.teacher_part.student_block_size(self.cfg.get("block_size"), int(self.cfg.model.length))
+        if self.first_token_clean and self.cfg.vocab.get("bos_id") is None:
+            raise UserError(f"algo.teacher '{settings.teacher}' was trained with ignore_bos (every sequence starts "
+                            "with BOS, never noised), but this data has no BOS token (vocab.bos_id): distil it on "
+                            "data with one, as it was trained")
         if self.block is not None and settings.noise_pyramid:
             raise UserError("algo.noise_pyramid=true needs a plain teacher: a block student samples one block at a "
                             "time and the pyramid spans the whole image; use algo.noise_pyramid=false or null")
@@ -482,6 +486,8 @@ class DMMD(AlgoBase):
         peak float64 memory is a few chunks, whatever B · L is. Same numbers and gradients as
         one pass (tested)."""
         B, L, V = log_p_aux.shape
+        # float64 times: α(s) − α(s − ds) is ~ds, which float32 times would know to ~6e-5 of itself
+        s = s.double()
         s_prev = (s - self.settings.posterior_ds).clamp_min(0)
         rows = lambda u: (u[:, None] if u.dim() == 1 else u).expand(B, L).reshape(1, B * L)  # noqa: E731
         flat = lambda u: u.reshape(1, B * L, V)  # noqa: E731

@@ -137,7 +137,7 @@ class SDTT(AlgoBase):
         settings = SDTTConfig.from_mapping(algo_section(config))
         max_steps = (config.get("trainer") or {}).get("max_steps")
         needed = settings.rounds * settings.steps_per_round
-        if is_int(max_steps) and 0 <= max_steps < needed:
+        if settings.teacher is not None and is_int(max_steps) and 0 <= max_steps < needed:  # (no teacher: said first)
             raise UserError(f"algo=sdtt: {settings.rounds} rounds ({settings.initial_steps} -> {settings.final_steps} "
                             f"steps) of algo.steps_per_round={settings.steps_per_round} need trainer.max_steps >= "
                             f"{needed}, got {max_steps}: training would stop before the {settings.final_steps}-step "

@@ -70,9 +70,14 @@ class UniformProcess:
                         "is not w(t) times a cross-entropy; use nelbo()")
 
     def _alphas(self, z_t: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-        """α_t and α_s per token, float64, with a trailing class axis. Two [B, L, 1]."""
-        alpha_t = self.schedule.alpha(per_token(t, z_t)).double()[..., None]
-        alpha_s = self.schedule.alpha(per_token(s, z_t)).double()[..., None]
+        """α_t and α_s per token, float64, with a trailing class axis. Two [B, L, 1].
+
+        s = 0 is the data, α_s = 1, whatever the schedule: Duo's α(0) is ≈ 0.93 at V = 50257,
+        and Duo's sampler sets α_s = 1 on its last step, so that step returns x, not a draw of
+        q(z_0 | x) that re-noises ~7% of the tokens (also D-MMD's π at s − ds clamped to 0)."""
+        alpha_t = self.schedule.alpha(per_token(t, z_t).double())[..., None]  # float64 times: α_s/α_t near 1
+        s = per_token(s, z_t).double()
+        alpha_s = torch.where(s <= 0, 1.0, self.schedule.alpha(s))[..., None]
         return alpha_t, alpha_s
 
     # 1. forward process --------------------------------------------------------------------

@@ -97,7 +97,12 @@ def test_one_block_is_plain_diffusion(process, plain):
 
 def test_ignore_bos_keeps_the_first_token_clean_and_unscored():
     cfg, data = config("block_size=16", "algo.ignore_bos=true")
+    with pytest.raises(UserError, match=r"^algo.ignore_bos=true keeps position 0 as the data's BOS token, but "
+                                        r"data=digits has none \(vocab.bos_id\)"):
+        BD3LM(cfg)  # the sampler would have to draw the first token, which training never noised
+    cfg["vocab"]["bos_id"] = 0  # as if token 0 were the digits' BOS
     algo = BD3LM(cfg)
+    assert algo.sampler().first_token == 0
     x = batch(data)
     seen = {}
     forward = algo.backbone.forward

@@ -131,7 +131,12 @@ def test_uniform_block_student_keeps_a_clean_first_token_where_the_teacher_did(t
     """ignore_bos: the teacher never saw a noisy first token, so neither z_t nor z_s (which a
     uniform posterior could re-noise) has one, and no loss counts it."""
     teacher = block_teacher(tmp_path / "uniform", uniform=True, ignore_bos=True)
-    algo = DMMD(config(teacher))
+    with pytest.raises(UserError, match=r"was trained with ignore_bos .* but this data has no BOS token"):
+        DMMD(config(teacher))  # digits: the sampler could not start a sequence with BOS
+    cfg = config(teacher)
+    cfg["vocab"]["bos_id"] = 0  # as if token 0 were the data's BOS
+    algo = DMMD(cfg)
+    assert algo.sampler().first_token == 0
     assert algo.settings.loss_space == "posterior" and algo.first_token_clean
     x_data = torch.randint(0, VOCAB, (4, LENGTH), generator=torch.Generator().manual_seed(1))
     inputs = []

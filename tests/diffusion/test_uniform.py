@@ -8,7 +8,7 @@ import torch
 from scipy.stats import chisquare
 
 from mdlm_dmmd.diffusion.sampling import sample_categorical
-from mdlm_dmmd.diffusion.schedules import LogLinear
+from mdlm_dmmd.diffusion.schedules import DuoSchedule, LogLinear
 from mdlm_dmmd.diffusion.uniform import UniformProcess
 
 V = 5
@@ -264,3 +264,22 @@ def test_latent_input_is_duos_soft_embedding():
     assert not torch.allclose(model(latent_input(latent, 1.0), sigma), hard, atol=1e-2)
     with pytest.raises(ValueError, match="temperature"):
         latent_input(latent, 0.0)
+
+
+@pytest.mark.parametrize("rule", ["ancestral", "generator"])
+def test_the_last_step_returns_x_under_duos_schedule_whose_alpha_0_is_below_1(rule):
+    """s = 0 is the data (α_s = 1, as Duo's sampler's last step): with a perfect denoiser every
+    token ends as x. With Duo's α(0) < 1 the last step re-noised a share 1 − α(0) of them."""
+    from mdlm_dmmd.diffusion.sampling import sample
+
+    vocab = 1000
+    schedule = DuoSchedule(vocab, gamma_min=-2.0, gamma_max=0.0)  # a noisier clean end than the defaults
+    assert schedule.alpha(torch.zeros(1, dtype=torch.float64)).item() < 0.95
+    process = UniformProcess(schedule, vocab)
+    x = torch.randint(0, vocab, (4, 256), generator=torch.Generator().manual_seed(0))
+
+    def perfect(z, t):
+        return torch.full((*z.shape, vocab), -1e9).scatter_(-1, x[..., None], 0.0)
+
+    out = sample(perfect, process, steps=4, shape=tuple(x.shape), generator=torch.Generator().manual_seed(1), rule=rule)
+    assert torch.equal(out, x)
