@@ -432,7 +432,7 @@ def test_eval_with_prompts_continues_held_out_rows_and_scores_conditional_gm(tmp
     (["data.max_documents=3"], "config"),
     (["experiment=quickstart"], "config"),  # an experiment may choose the data
     (["data_from=config"], "config"),
-    (["data_from=checkpoint", "data=digits"], "checkpoint"),
+    (["data_from=checkpoint", "experiment=quickstart"], "checkpoint"),
 ])
 def test_data_from_auto_is_the_checkpoints_data_unless_the_command_line_chooses_data(overrides, resolved):
     from mdlm_dmmd.cli import compose
@@ -443,6 +443,24 @@ def test_data_from_auto_is_the_checkpoints_data_unless_the_command_line_chooses_
 def test_bad_data_from_is_one_line(capsys, run_dir):
     fails(capsys, ["mode=eval", "checkpoint=x", "data_from=trained", f"run_dir={run_dir}"],
           "data_from must be one of auto, checkpoint, config, got 'trained'", run_dir=run_dir)
+    for data in ("data=digits", "data.max_documents=3", "+data.extra=1"):  # would be dropped for the stored data
+        fails(capsys, ["mode=eval", "checkpoint=x", "data_from=checkpoint", data, f"run_dir={run_dir}"],
+              f"data_from=checkpoint reads the data the checkpoint stores, so {data.lstrip('+').split('=')[0]}= "
+              "would be ignored", run_dir=run_dir)
+
+
+def test_a_checkpoint_without_stored_data_is_scored_on_data_and_says_so():
+    from mdlm_dmmd.checkpoint_meta import CheckpointMeta
+    from mdlm_dmmd.cli import compose
+    from mdlm_dmmd.eval.scoring import data_row, with_checkpoint_data
+
+    cfg = compose(["mode=eval", "checkpoint=x"])
+    assert cfg.data_from == "checkpoint"
+    public = with_checkpoint_data(cfg, CheckpointMeta())  # e.g. a public MDLM folder
+    assert public.data.name == "shakespeare" and public.data_from == "config"
+    assert data_row(public) == "shakespeare (data=)"
+    trained = with_checkpoint_data(cfg, CheckpointMeta(data={"name": "digits"}))
+    assert data_row(trained) == "digits (the checkpoint's)" and cfg.data.name == "shakespeare"  # cfg itself unchanged
 
 
 def test_eval_and_sample_read_the_checkpoints_data_unless_data_is_given(capsys, tmp_path, trained_ckpt, monkeypatch):

@@ -487,6 +487,7 @@ class DMMD(AlgoBase):
         one pass (tested)."""
         B, L, V = log_p_aux.shape
         # float64 times: α(s) − α(s − ds) is ~ds, which float32 times would know to ~6e-5 of itself
+        # (s_prev clamped to 0 takes the schedule's α(0): a step of size s, weighted 1/s)
         s = s.double()
         s_prev = (s - self.settings.posterior_ds).clamp_min(0)
         rows = lambda u: (u[:, None] if u.dim() == 1 else u).expand(B, L).reshape(1, B * L)  # noqa: E731

@@ -124,7 +124,7 @@ def sample_blocks(
                 z = greedy_step(z, log_p, updated)
             else:
                 z = step(process, log_p, z, t, s, rule=rule, temperature=temperature, top_p=top_p, nucleus=nucleus,
-                         generator=generator, updated=updated)
+                         generator=generator, updated=updated, last=i == steps - 1)
             z = _keep(z, given)
         finished = torch.cat([finished, z], dim=1)
         if stop_at is not None:

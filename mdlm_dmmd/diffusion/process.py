@@ -57,7 +57,9 @@ class Process(Protocol):
 
     # Optional, outside the protocol: `sample_soft_posterior(z_t, x_probs, x, t, s, generator)`,
     # z_s ~ posterior_probs(z_t, x̂) given a draw x ~ x̂ per token, without building [B, L, V];
-    # `sampling.step` uses it where a process has it (`UniformProcess`).
+    # `sampling.step` uses it where a process has it (`UniformProcess`). Also optional: a keyword
+    # `final=True` on the posterior methods, which `sampling.step` passes on a sampler's last step
+    # where a method takes it, to end at the data (α_s = 1) when the schedule's α(0) is below 1.
 
     def draw_updated_positions(self, z_t: Tensor, t: Tensor, s: Tensor, generator=None) -> Tensor | None:
         """The positions z_s changes at, drawn before x is known [B, L] bool; None where every

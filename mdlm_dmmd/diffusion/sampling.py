@@ -19,7 +19,8 @@ exploits the same, for the whole batch and only for models without time conditio
 tokens are those of the dense path whenever the network draws no noise (same draws, same
 order). Uniform diffusion returns None and takes the full path.
 
-Time grid: t_j = j/k, stepping from 1 to 0; the last step has s = 0 (α_s = 1), which reveals
+Time grid: t_j = j/k, stepping from 1 to 0; the last step has s = 0 and ends at the data
+(α_s = 1, also where a schedule's α(0) < 1, as Duo's sampler: `step(last=True)`), which reveals
 every token, so k steps cost k network evaluations (at most k where steps that reveal nothing
 are skipped).
 """
@@ -180,7 +181,7 @@ def sample(
             z = greedy_step(z, log_p, updated)  # argmax is unchanged by temperature > 0 and top-p
         else:
             z = step(process, log_p, z, t, s, rule=rule, temperature=temperature, top_p=top_p, nucleus=nucleus,
-                     generator=generator, updated=updated)
+                     generator=generator, updated=updated, last=j == steps - 1)
         z = keep_prompt(z, prompt)
     return z
 
@@ -234,8 +235,12 @@ def step(
     nucleus: str = "keep",
     generator: torch.Generator | rng.BatchShare | None = None,
     updated: Tensor | None = None,
+    last: bool = False,
 ) -> Tensor:
     """z_s given z_t and the denoiser's log-probs x̂(z_t) [B, L, V]: one step of `sample`. [B, L]
+
+    `last`: the sampler's last step (s = 0), which a process whose posterior methods take
+    `final=True` (`UniformProcess`) ends at the data (α_s = 1) whatever its schedule's α(0).
 
     With a `rng.BatchShare` (training: SDTT's teacher steps) every draw is the example's own, so
     a step on W processes draws what it draws on one.
@@ -258,11 +263,23 @@ def step(
         return z_s
     probs = adjust(log_p, temperature, top_p, nucleus)  # [B, L, V] float64
     if rule == "generator":
-        return process.sample_posterior(z_t, sample_categorical(probs, generator), t, s, generator)
+        posterior = process.sample_posterior
+        return posterior(z_t, sample_categorical(probs, generator), t, s, generator, **final_step(posterior, last))
     soft = getattr(process, "sample_soft_posterior", None)  # optional: the ancestral draw without q [B, L, V]
     if soft is not None:
-        return soft(z_t, probs, sample_categorical(probs, generator), t, s, generator)
-    return sample_categorical(process.posterior_probs(z_t, probs, t, s), generator)
+        return soft(z_t, probs, sample_categorical(probs, generator), t, s, generator, **final_step(soft, last))
+    posterior = process.posterior_probs
+    return sample_categorical(posterior(z_t, probs, t, s, **final_step(posterior, last)), generator)
+
+
+def final_step(method: Callable, last: bool) -> dict:
+    """`{"final": True}` on the last step where the process's `method` takes it, else nothing."""
+    if not last:
+        return {}
+    try:
+        return {"final": True} if "final" in inspect.signature(method).parameters else {}
+    except (TypeError, ValueError):
+        return {}
 
 
 def shift_right(x: Tensor, start_id: int) -> Tensor:

@@ -69,15 +69,16 @@ class UniformProcess:
         raise UserError("the uniform process has no scalar ELBO weight (has_elbo_weight is false): its NELBO "
                         "is not w(t) times a cross-entropy; use nelbo()")
 
-    def _alphas(self, z_t: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-        """α_t and α_s per token, float64, with a trailing class axis. Two [B, L, 1].
+    def _alphas(self, z_t: Tensor, t: Tensor, s: Tensor, final: bool = False) -> tuple[Tensor, Tensor]:
+        """α_t and α_s per token, float64 (of float64 times: D-MMD's α_s/α_{s−ds} is within ~ds
+        of 1), with a trailing class axis. Two [B, L, 1].
 
-        s = 0 is the data, α_s = 1, whatever the schedule: Duo's α(0) is ≈ 0.93 at V = 50257,
-        and Duo's sampler sets α_s = 1 on its last step, so that step returns x, not a draw of
-        q(z_0 | x) that re-noises ~7% of the tokens (also D-MMD's π at s − ds clamped to 0)."""
-        alpha_t = self.schedule.alpha(per_token(t, z_t).double())[..., None]  # float64 times: α_s/α_t near 1
-        s = per_token(s, z_t).double()
-        alpha_s = torch.where(s <= 0, 1.0, self.schedule.alpha(s))[..., None]
+        `final` (the samplers' last step): α_s = 1, the data, whatever the schedule. Duo's α(0)
+        is ≈ 0.93 at V = 50257 and Duo's sampler sets α_s = 1 on its last step, so that step
+        returns x rather than a draw of q(z_0 | x) that re-noises ~7% of it. Losses keep the
+        schedule's α(0): the posterior step from s to max(s − ds, 0) must stay a step of size ≤ s."""
+        alpha_t = self.schedule.alpha(per_token(t, z_t).double())[..., None]
+        alpha_s = torch.ones_like(alpha_t) if final else self.schedule.alpha(per_token(s, z_t).double())[..., None]
         return alpha_t, alpha_s
 
     # 1. forward process --------------------------------------------------------------------
@@ -117,13 +118,14 @@ class UniformProcess:
         return torch.randint(0, self.vocab_size, shape, generator=generator, device=device)
 
     # 2. posterior q(z_s | z_t, x), s < t: eq. (4) --------------------------------------------
-    def posterior_probs(self, z_t: Tensor, x_probs: Tensor, t: Tensor, s: Tensor) -> Tensor:
+    def posterior_probs(self, z_t: Tensor, x_probs: Tensor, t: Tensor, s: Tensor, *, final: bool = False) -> Tensor:
         """q(z_s | z_t, x) of eq. (4) for x one-hot or a probability vector x̂. [B, L, V] float64.
+        `final`: the samplers' last step, α_s = 1 (`_alphas`).
 
         With x̂ this is Bayes' rule under the prior x ~ x̂ (see the module docstring), which
         is what D-MMD's π_{s−ds}(x̂) of Appendix D means: call it with (z_s, x̂, s, s − ds).
         """
-        alpha_t, alpha_s = self._alphas(z_t, t, s)
+        alpha_t, alpha_s = self._alphas(z_t, t, s, final)
         alpha_ts = alpha_t / alpha_s  # α_{t|s}
         x = as_probs(x_probs, self.vocab_size)
         z_t_onehot = torch.nn.functional.one_hot(z_t, self.vocab_size).double()
@@ -137,7 +139,7 @@ class UniformProcess:
         return forward_ts * marginal_s / evidence
 
     def sample_soft_posterior(self, z_t: Tensor, x_probs: Tensor, x: Tensor, t: Tensor, s: Tensor,
-                              generator: torch.Generator | None = None) -> Tensor:
+                              generator: torch.Generator | None = None, *, final: bool = False) -> Tensor:
         """z_s ~ `posterior_probs`(z_t, x̂) (the ancestral step) without building it, given x ~ x̂
         drawn per token. [B, L]
 
@@ -148,7 +150,7 @@ class UniformProcess:
         else a uniform token. One float64 uniform per token decides the branch. x̂ [B, L, V]
         (rows summing to 1) is only read at z_t: at V = 50258 this skips the five float64
         [B, L, V] tensors of `posterior_probs` (a uniform sampling step ~3x faster on a CPU)."""
-        alpha_t, alpha_s = (a[..., 0] for a in self._alphas(z_t, t, s))  # [B, L]
+        alpha_t, alpha_s = (a[..., 0] for a in self._alphas(z_t, t, s, final))  # [B, L]
         alpha_ts = alpha_t / alpha_s
         V = self.vocab_size
         at_z = x_probs.gather(-1, z_t[..., None])[..., 0].double()  # x̂_{z_t}
@@ -164,9 +166,10 @@ class UniformProcess:
         return None
 
     def sample_posterior(
-        self, z_t: Tensor, x: Tensor, t: Tensor, s: Tensor, generator: torch.Generator | None = None
+        self, z_t: Tensor, x: Tensor, t: Tensor, s: Tensor, generator: torch.Generator | None = None, *,
+        final: bool = False,
     ) -> Tensor:
-        """z_s ~ q(z_s | z_t, x) for a hard x [B, L], without building [B, L, V].
+        """z_s ~ q(z_s | z_t, x) for a hard x [B, L], without building [B, L, V] (`final`: α_s = 1).
 
         For one-hot x, eq. (4) is a constant c on every class plus extra mass on z_t and on x:
             q(v) = c + p_keep [v = z_t] + p_data [v = x],  with N = α_t [x = z_t] + (1 − α_t)/V,
@@ -176,7 +179,7 @@ class UniformProcess:
         (V·c = 1 − p_keep − p_data). O(B·L) memory instead of float64 [B, L, V], which matters
         at V = 50258. One float64 uniform per token decides the branch.
         """
-        alpha_t, alpha_s = (a[..., 0] for a in self._alphas(z_t, t, s))  # [B, L]
+        alpha_t, alpha_s = (a[..., 0] for a in self._alphas(z_t, t, s, final))  # [B, L]
         alpha_ts = alpha_t / alpha_s
         V = self.vocab_size
         same = (x == z_t).double()

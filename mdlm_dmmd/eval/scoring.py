@@ -11,6 +11,7 @@ such as a sweep, merges its values into a copy), what is computed from `eval.met
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from mdlm_dmmd.pipeline import Pipeline
 from mdlm_dmmd.ranks import Ranks, launched, local_device
 
 DEFAULT_STEPS = 128
+logger = logging.getLogger(__name__)
 
 
 def default_device(cfg: DictConfig | None = None) -> str:
@@ -66,10 +68,14 @@ def with_checkpoint_data(cfg: DictConfig, meta: CheckpointMeta) -> DictConfig:
     """`cfg` with `data` the data a loaded checkpoint was trained on when `data_from=checkpoint`
     (the CLI's resolution of `auto` when no data was chosen) and the checkpoint stores it (public
     ones do not): what its prompts and metrics read. Otherwise `cfg` itself."""
-    if cfg.get("data_from") != "checkpoint" or not meta.data:
+    if cfg.get("data_from") != "checkpoint":
         return cfg
     chosen = cfg.copy()
-    chosen.data = OmegaConf.create(meta.data)
+    if meta.data:
+        chosen.data = OmegaConf.create(meta.data)
+    else:  # what the report and the run's config.yaml then say
+        logger.warning("the checkpoint stores no data config: prompts and metrics read data=%s", cfg.data.get("name"))
+        chosen.data_from = "config"
     return chosen
 
 

@@ -19,8 +19,9 @@ from mdlm_dmmd.training import check_run_dir, make_run_dir
 def run(cfg: DictConfig) -> None:
     check_run_dir(cfg)  # before sampling, which may take long
     pipeline, path = load_pipeline(cfg)
+    deferred = cfg.data_from == "checkpoint"  # the CLI left the metrics' check until the data was known
     cfg = with_checkpoint_data(cfg, pipeline.meta)
-    if cfg.data_from == "checkpoint":  # the CLI left this check until the checkpoint's data was known
+    if deferred:
         check_metrics_ready(cfg)
     steps = sampling_steps(cfg, pipeline.meta)
     ranks = join(pipeline.device)

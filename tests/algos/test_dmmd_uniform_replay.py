@@ -44,7 +44,7 @@ def with_three_networks(algo):
 
 def bayes_posterior(x_probs, z, s, s_prev, schedule):
     """q(z_prev | z_s = z, x̂): x ~ x̂, z_prev | x, z_s | z_prev as explicit V × V matrices."""
-    alpha = lambda u: schedule.alpha(torch.tensor(u, dtype=torch.float64)).item() if u > 0 else 1.0
+    alpha = lambda u: schedule.alpha(torch.tensor(u, dtype=torch.float64)).item()
     a_s, a_prev = alpha(s), alpha(s_prev)
     eye = torch.eye(VOCAB, dtype=torch.float64)
     prev_given_x = a_prev * eye + (1 - a_prev) / VOCAB  # [x, z_prev]

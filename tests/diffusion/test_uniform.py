@@ -283,3 +283,17 @@ def test_the_last_step_returns_x_under_duos_schedule_whose_alpha_0_is_below_1(ru
 
     out = sample(perfect, process, steps=4, shape=tuple(x.shape), generator=torch.Generator().manual_seed(1), rule=rule)
     assert torch.equal(out, x)
+
+
+def test_a_posterior_step_to_time_0_is_the_schedules_own_step():
+    """Losses (D-MMD's π from s to max(s − ds, 0)) keep the schedule's α(0): a step from s = 1e-5
+    to 0 barely moves z under Duo's schedule (α(0) < 1 too), and only `final=True` jumps to the data."""
+    vocab = 1000
+    process = UniformProcess(DuoSchedule(vocab, gamma_min=-2.0, gamma_max=0.0), vocab)
+    z = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    x_hat = torch.softmax(torch.randn(2, 8, vocab, generator=torch.Generator().manual_seed(1)), -1)
+    s, zero = torch.full((2,), 1e-5), torch.zeros(2)
+    stay = process.posterior_probs(z, x_hat, s, zero).gather(-1, z[..., None])
+    assert stay.min().item() > 0.999
+    to_data = process.posterior_probs(z, x_hat, s, zero, final=True)
+    assert to_data.gather(-1, z[..., None]).max().item() < 0.9  # a real change: toward x̂
