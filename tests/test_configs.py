@@ -154,3 +154,24 @@ def test_free_form_option_nodes_accept_new_keys():
     assert cfg.eval.metric_options.gradient_moment.reference == "a/b.ckpt"
     assert cfg.eval.metric_options.frechet.num_bootstrap == 5
     assert cfg.study.student_overrides.lr_generator == 3e-4
+
+
+@pytest.mark.parametrize("name, settings", [
+    ("dmmd", "mdlm_dmmd.algos.dmmd:DMMDConfig"), ("sdtt", "mdlm_dmmd.algos.sdtt:SDTTConfig"),
+    ("idlm", "mdlm_dmmd.algos.idlm:IDLMConfig"), ("bd3lm", "mdlm_dmmd.algos.bd3lm:BD3LMConfig"),
+    ("udlm", "mdlm_dmmd.algos.udlm:UDLMConfig"),
+])
+def test_settings_dataclasses_mirror_their_yaml(name, settings):
+    """The defaults an algo takes without Hydra (tests, plugins building it from a dict) are the
+    documented ones: every key of configs/algo/NAME.yaml has the dataclass's default, and back."""
+    import dataclasses
+    import importlib
+
+    module, cls = settings.split(":")
+    fields = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+              for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}
+    yaml = OmegaConf.to_container(OmegaConf.load(config_dir() / "algo" / f"{name}.yaml"))
+    assert set(yaml) == set(fields)
+    for key, value in yaml.items():
+        default = list(fields[key]) if isinstance(fields[key], tuple) else fields[key]
+        assert value == default, (key, value, default)

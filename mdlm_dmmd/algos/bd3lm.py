@@ -15,10 +15,11 @@ loss as `mdlm` / `udlm` on the same batch and seed (the x_0 half is then wasted 
 
 BD3-LM's clipped, variance-minimising schedule is an option: with `algo.clip_search_widths`
 (e.g. [0.5, 0.6, 0.7, 0.8, 0.9]) every validation also computes the loss with t drawn in each
-candidate interval [i, i + w] (i = 0, δ, 2δ, ... with δ = `clip_search_delta`; i raised to
-`training.sampling_eps` where it is 0), collects the per-(sequence, block) mean token losses of
-up to 100 batches, and training then draws t in the interval whose losses vary least (the
-per-batch variances summed, as BD3-LM; buffers `sampling_eps_min/max`, saved in checkpoints;
+candidate interval, [sampling_eps, 1] and each [i, i + w] (i = 0, δ, 2δ, ... with δ =
+`clip_search_delta`; i raised to `training.sampling_eps` where it is 0), collects the
+per-(sequence, block) mean token losses of up to 100 batches, and training then draws t in the
+interval whose losses vary least (the variances of each batch over every process's rows, summed
+over batches, as BD3-LM's all-gather; buffers `sampling_eps_min/max`, saved in checkpoints;
 `val/nll` stays the NELBO over [sampling_eps, 1]). Default off: t ∈ [sampling_eps, 1], as MDLM.
 
 Other differences from the public code: the masking probability is 1 − α_t = (1 − ε)t of the
@@ -55,9 +56,10 @@ SEARCH_BATCHES = 100  # validation batches per candidate interval (BD3-LM)
 
 
 def clip_intervals(widths, delta: float, eps: float) -> list[tuple[float, float]]:
-    """BD3-LM's candidate intervals [i, i + w], i = 0, δ, 2δ, ... ≤ 1 − w, per width w; a lower
-    end below `eps` is raised to it (a 1/t weight at t = 0 is infinite)."""
-    out = []
+    """BD3-LM's candidate intervals (its `valid_vars`): the full [eps, 1] first, so the search may
+    keep the unclipped schedule, then [i, i + w], i = 0, δ, 2δ, ... ≤ 1 − w, per width w; a lower
+    end below `eps` is raised to it (a 1/t weight at t = 0 is infinite). None without widths."""
+    out = [(eps, 1.0)] if len(widths) else []
     for width in widths:
         for start in torch.arange(0, 1 - width + delta / 2, delta, dtype=torch.float64).tolist():
             low, high = max(round(start, 10), eps), min(round(start + width, 10), 1.0)
@@ -66,21 +68,23 @@ def clip_intervals(widths, delta: float, eps: float) -> list[tuple[float, float]
     return out
 
 
-def spreads(losses: dict[tuple[float, float], list[Tensor]]) -> Tensor:
+def spreads(losses: dict[tuple[float, float], list[Tensor]], gather=None) -> Tensor:
     """Per interval, the variance of the per-(sequence, block) losses within each validation
-    batch, summed over batches. [n_intervals] float64"""
-    return torch.tensor([sum(b.var().item() for b in batches if b.numel() > 1) for batches in losses.values()],
-                        dtype=torch.float64)
+    batch, summed over batches. `gather` collects a batch's losses from every process (each
+    validates its own shard; BD3-LM's all-gather), so the variance is over the whole global
+    batch and every process gets the same numbers. [n_intervals] float64"""
+    gather = gather or (lambda b: b)
+    totals = []
+    for batches in losses.values():
+        whole = [gather(b).flatten() for b in batches]  # a collective on every process alike: before any test
+        totals.append(sum(b.var().item() for b in whole if b.numel() > 1))
+    return torch.tensor(totals, dtype=torch.float64)
 
 
-def lowest_variance(losses: dict[tuple[float, float], list[Tensor]], reduce=None) -> tuple[float, float]:
+def lowest_variance(losses: dict[tuple[float, float], list[Tensor]], gather=None) -> tuple[float, float]:
     """The interval whose per-(sequence, block) losses vary least (BD3-LM's
-    `_clipped_schedule_search`). `reduce` sums each interval's spread over the processes (each
-    validates its own shard), so every process picks the same interval, as BD3-LM's all-gather."""
-    total = spreads(losses)
-    if reduce is not None:
-        total = reduce(total)
-    return list(losses)[int(torch.argmin(total))]
+    `_clipped_schedule_search`); `gather`: see `spreads`."""
+    return list(losses)[int(torch.argmin(spreads(losses, gather)))]
 
 
 @dataclass
@@ -204,8 +208,9 @@ class BD3LM(AlgoBase):
     def on_validation_epoch_end(self):
         super().on_validation_epoch_end()
         if self._search:
-            interval = lowest_variance(self._search, lambda x: self.trainer.strategy.reduce(
-                x.to(self.device), reduce_op="sum").cpu())
+            several = self.trainer.world_size > 1
+            interval = lowest_variance(self._search, (lambda b: self.all_gather(b.to(self.device)).cpu()) if several
+                                       else None)
             self.sampling_eps_min.fill_(interval[0])
             self.sampling_eps_max.fill_(interval[1])
             self.log("train/sampling_eps_min", interval[0])

@@ -77,7 +77,7 @@ class DistillationConfig:
     noise_dim: int = 64
     noise_pyramid: bool | None = None  # None: a 2D noise pyramid for image tokens, white noise for text (§6.5)
     lr_generator: float = 1e-5
-    lr_aux: float = 1e-5
+    lr_aux: float = 3e-5  # configs/algo/dmmd.yaml
     lr_noise_input: float | None = None  # the generator's noise projection; None: lr_generator
     max_nonfinite_steps: int = 10
     student_dropout: float = 0.0  # generator and auxiliary; not from the paper (teacher and sampling use none)

@@ -245,15 +245,23 @@ def test_a_block_checkpoint_without_cross_attn_is_refused(tmp_path):
 
 # -- BD3-LM's clipped, variance-minimising schedule ---------------------------------------------
 def test_candidate_intervals_and_the_lowest_variance_pick():
-    from mdlm_dmmd.algos.bd3lm import clip_intervals, lowest_variance
+    from mdlm_dmmd.algos.bd3lm import clip_intervals, lowest_variance, spreads
 
-    assert clip_intervals([0.5], 0.25, 1e-3) == [(1e-3, 0.5), (0.25, 0.75), (0.5, 1.0)]
-    assert clip_intervals([1.0], 0.05, 1e-3) == [(1e-3, 1.0)]
+    # BD3-LM's valid_vars start with the unclipped interval, so the search may keep it
+    assert clip_intervals([0.5], 0.25, 1e-3) == [(1e-3, 1.0), (1e-3, 0.5), (0.25, 0.75), (0.5, 1.0)]
+    assert clip_intervals([1.0], 0.05, 1e-3) == [(1e-3, 1.0)] and clip_intervals([], 0.05, 1e-3) == []
     # per-batch variances summed: 2.0 for the first; 0.125 + 0.5 for the second (pooled, it would be 0.375 + ...)
     losses = {(0.1, 0.6): [torch.tensor([1.0, 3.0])], (0.2, 0.7): [torch.tensor([1.0, 1.5]), torch.tensor([5.0, 6.0])]}
     assert lowest_variance(losses) == (0.2, 0.7)
     pooled_would_pick_the_first = torch.cat(losses[(0.2, 0.7)]).var() > torch.cat(losses[(0.1, 0.6)]).var()
     assert pooled_would_pick_the_first  # the two rules differ here, so the test tells them apart
+    # two processes: each batch's variance is over both shards' rows (BD3-LM's all-gather), not a
+    # sum of each shard's own: shards [1, 3] and [5, 7] vary by 2 each, together by 6.67
+    shard = {(0.1, 0.6): [torch.tensor([1.0, 3.0])], (0.2, 0.7): [torch.tensor([1.0, 1.5])]}
+    other = {(0.1, 0.6): torch.tensor([5.0, 7.0]), (0.2, 0.7): torch.tensor([1.2, 1.4])}
+    gathered = iter([torch.stack([shard[k][0], other[k]]) for k in shard])
+    assert spreads(shard, lambda b: next(gathered)).tolist() == pytest.approx([torch.tensor([1.0, 3, 5, 7]).var().item(),
+                                                                             torch.tensor([1.0, 1.5, 1.2, 1.4]).var().item()])
 
 
 def test_times_stay_in_the_interval_and_validation_moves_it(monkeypatch):
@@ -265,7 +273,7 @@ def test_times_stay_in_the_interval_and_validation_moves_it(monkeypatch):
     x = batch(data)["input_ids"]
     t = algo.block_times(x, (0.25, 0.75))
     assert t.min() >= 0.25 and t.max() <= 0.75 and t.shape == (4, 64)
-    assert algo.intervals == [(1e-3, 0.5), (0.25, 0.75), (0.5, 1.0)]
+    assert algo.intervals == [(1e-3, 1.0), (1e-3, 0.5), (0.25, 0.75), (0.5, 1.0)]
 
     collected = {}
     search = BD3LM.on_validation_epoch_end
@@ -289,3 +297,20 @@ def test_times_stay_in_the_interval_and_validation_moves_it(monkeypatch):
 def test_bad_search_settings(extra, needle):
     with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
         BD3LM(config(extra)[0])
+
+
+def test_validation_scores_the_full_interval_and_groups_the_search_losses_by_block(monkeypatch):
+    """val/nll is the NELBO over [sampling_eps, 1] even after the search moved the training
+    interval; the search records each (sequence, block)'s mean token loss, in row-major order."""
+    cfg, data = config("block_size=16", "algo.clip_search_widths=[0.5]", "algo.clip_search_delta=0.25")
+    algo = BD3LM(cfg)
+    algo.sampling_eps_min.fill_(0.5)  # as a search of an earlier validation would have left it
+    per_token = torch.arange(4 * 64, dtype=torch.float32).view(4, 64)
+    asked = []
+    monkeypatch.setattr(algo, "token_losses", lambda batch, kind=None, interval=None: asked.append((kind, interval))
+                        or (per_token.sum(), torch.tensor(256.0), per_token))
+    algo.on_validation_epoch_start()
+    algo.validation_step(batch(data), 0)
+    assert asked[0] == ("elbo", (1e-3, 1.0)) and [i for _, i in asked[1:]] == algo.intervals
+    expected = per_token.view(4, 4, 16).mean(-1).flatten().double()  # [B · n_blocks]: block j of row b at 4b + j
+    assert all(torch.equal(v[0], expected) for v in algo._search.values())

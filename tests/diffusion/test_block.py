@@ -406,3 +406,74 @@ def test_stop_at_eos_keeps_cached_and_uncached_sampling_equal():
     assert torch.equal(out[0], out[1])
     ended_early = (out[0][:, 1:2 * K] == eos).any(dim=1)
     assert ended_early.any()  # some sequences ended in their first blocks: the stop path ran
+
+
+def test_entropy_is_in_nats_and_a_redraw_keeps_the_first_token():
+    """ln 32 = 3.47 nats (5 bits) is below BD3-LM's 4, ln 64 = 4.16 is not; a re-drawn row still
+    starts with the BOS a model trained with ignore_bos never saw noisy."""
+    from mdlm_dmmd.diffusion.block_sampling import low_entropy
+
+    windows = torch.stack([torch.arange(512).remainder(n) for n in (32, 64)])
+    assert low_entropy(windows, 256).tolist() == [True, False]
+    denoiser = masked_denoiser()
+    with torch.no_grad():  # degenerate: every token 2, so every row is re-drawn, 10 times
+        denoiser.network.output_layer.linear.weight.zero_()
+        denoiser.network.output_layer.linear.bias.copy_(torch.where(torch.arange(V + 1) == 2, 50.0, 0.0))
+    stats = {}
+    out = BlockSampler(denoiser.process, K, first_token=5)(denoiser, steps=1, shape=(2, 320), context=L,
+                                                           entropy_redraw=True, stats=stats)
+    assert stats["entropy_redraws"] == 20 and (out[:, 0] == 5).all() and (out[:, 1:] == 2).all()
+
+
+def test_stop_at_eos_waits_for_every_sequence():
+    """Row 0's prompt ends it at once (EOS = 3 at position 1); row 1 never meets EOS (the model
+    never says 3), so it is what the same seed gives without stop_at, every block of it."""
+    denoiser = masked_denoiser()
+    with torch.no_grad():
+        denoiser.network.output_layer.linear.bias.copy_(torch.where(torch.arange(V + 1) == 3, -50.0, 0.0))
+    prompt = torch.tensor([[1, 3], [1, 2]])
+    run = lambda **kw: sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(2, L), prompt=prompt,  # noqa: E731
+                                     generator=torch.Generator().manual_seed(5), **kw)
+    plain, stopped = run(), run(stop_at=3)
+    assert (stopped[0, 1:] == 3).all() and not (plain[1] == 3).any()
+    assert torch.equal(stopped[1], plain[1])
+
+
+@pytest.mark.parametrize("first_hitting", [False, True])
+def test_the_block_sampler_applies_the_nucleus_rule_it_is_given(first_hitting):
+    """x̂ = [0.5, 0.3, 0.15, 0.05] everywhere, top-p 0.7: keep draws tokens 0 and 1, drop token 0 only."""
+    denoiser = masked_denoiser()
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05] + [1e-9] * (V - 4) + [1.0])  # the mask's column: SUBS
+    with torch.no_grad():
+        denoiser.network.output_layer.linear.weight.zero_()
+        denoiser.network.output_layer.linear.bias.copy_(probs.log())
+    drawn = {rule: sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(16, L), top_p=0.7,
+                                 nucleus=rule, first_hitting=first_hitting, generator=torch.Generator().manual_seed(6))
+             for rule in ("keep", "drop")}
+    assert set(drawn["keep"].unique().tolist()) == {0, 1} and set(drawn["drop"].unique().tolist()) == {0}
+
+
+def test_a_cache_that_dropped_a_block_gives_the_numbers_of_the_re_read_window():
+    """Three committed blocks, the oldest dropped: the next block's log-probs equal those with the
+    last two blocks as a prefix (positions continue from the cache's end; rotary sees only
+    differences), also for a noise-input model, whose commits feed zero noise like a prefix.
+    One layer: deeper cached keys and values also carry what the dropped block told them (as in
+    any sliding-window cache), so with more layers the two differ by design."""
+    network = random_model(DiTConfig(vocab_size=V, length=L, hidden_dim=32, cond_dim=16, n_blocks=1, n_heads=4,
+                                     dropout=0.0, noise_dim=4), seed=0)
+    denoiser = BlockDenoiser(network, UniformProcess(LogLinear(), vocab_size=V), time_conditioning=True, block_size=K)
+    with torch.no_grad():
+        denoiser.network.noise_proj.weight.normal_()  # a noise input that matters
+    clean = torch.randint(0, V, (2, 3 * K), generator=torch.Generator().manual_seed(8))
+    z = torch.randint(0, V, (2, K), generator=torch.Generator().manual_seed(9))
+    t = torch.full((2,), 0.6)
+    cache = denoiser.new_cache()
+    with torch.no_grad():
+        for j in range(3):
+            denoiser.commit(clean[:, j * K:(j + 1) * K], cache)
+        cache.drop_first(K)
+        noise = denoiser.network.draw_noise(2, K, generator=torch.Generator().manual_seed(10), device="cpu")
+        denoiser.network.draw_noise = lambda *a, **k: noise  # the same noise on the block in both calls
+        cached = denoiser.block_log_probs(z, t, kv_cache=cache)
+        reread = denoiser.block_log_probs(z, t, prefix=clean[:, K:])
+    torch.testing.assert_close(cached, reread, rtol=1e-5, atol=1e-5)
