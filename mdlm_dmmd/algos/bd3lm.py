@@ -27,7 +27,7 @@ log-linear schedule (MDLM's; BD3-LM masks with probability t, the weight 1/t is 
 with ignore_bos the first token also leaves the training loss's token count (BD3-LM drops it
 from the count only in evaluation); BD3-LM's `training.resample` (re-drawing blocks whose masked
 fraction falls outside the clipping interval) is not built; the sampler's entropy-based re-draw
-is not built.
+is an option, off by default (`sampling.entropy_redraw`, `diffusion/block_sampling.py`).
 Config: `configs/algo/bd3lm.yaml`. Run: `mdlm-dmmd algo=bd3lm block_size=4 model.length=16 ...`.
 """
 
