@@ -477,3 +477,24 @@ def test_a_cache_that_dropped_a_block_gives_the_numbers_of_the_re_read_window():
         cached = denoiser.block_log_probs(z, t, kv_cache=cache)
         reread = denoiser.block_log_probs(z, t, prefix=clean[:, K:])
     torch.testing.assert_close(cached, reread, rtol=1e-5, atol=1e-5)
+
+
+def test_first_hitting_times_and_positions_are_bd3lms_replayed(monkeypatch):
+    """Per step, with n masks left: t ← t · u^(1/n) (u one uniform per row), the revealed position
+    the argmax of uniform weights over the masked ones (a uniform masked position); replayed from
+    the seed in the sampler's draw order (u, the weights, then the token's uniform)."""
+    denoiser = masked_denoiser()
+    seen = []
+    block_log_probs = denoiser.block_log_probs
+    monkeypatch.setattr(denoiser, "block_log_probs", lambda z, t, **kw: seen.append((z.clone(), t.clone(), kw["at"]))
+                        or block_log_probs(z, t, **kw))
+    sample_blocks(denoiser, denoiser.process, block_size=K, steps=1, shape=(2, K), first_hitting=True,
+                  generator=torch.Generator().manual_seed(3))
+    g, t, rows = torch.Generator().manual_seed(3), torch.ones(2, dtype=torch.float64), torch.arange(2)
+    assert len(seen) == K
+    for z, t_seen, at in seen:
+        masked = z == V
+        t = t * torch.rand(2, dtype=torch.float64, generator=g) ** (1 / masked.sum(1))
+        position = (torch.rand(2, K, dtype=torch.float64, generator=g) * masked).argmax(1)
+        torch.rand(2, 1, dtype=torch.float64, generator=g)  # the revealed token's draw
+        assert torch.equal(t_seen, t.float()) and at.sum() == 2 and at[rows, position].all()

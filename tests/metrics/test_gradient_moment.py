@@ -402,6 +402,25 @@ def test_ar_checkpoint_reference_scores_the_same_ids(tmp_path):
     assert result.per_pair == pytest.approx(expected, rel=1e-4, abs=1e-8)
 
 
+@pytest.mark.parametrize("split", ["train", "valid"])
+def test_the_data_side_is_the_splits_rows_picked_by_the_seed(tmp_path, monkeypatch, split):
+    """The data minibatches are rows of `split`, a seeded permutation's first N (N = #samples)."""
+    from mdlm_dmmd.data import build_data
+    from mdlm_dmmd.metrics import gradient_moment as gm
+
+    path = write_ar_checkpoint(tmp_path / "ar_digits", vocab=17, length=64)
+    samples = torch.randint(0, 17, (8, 64), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    real = gm.gradient_moment
+    monkeypatch.setattr(gm, "gradient_moment", lambda model, s, data, **kw: seen.setdefault("data", data) is None
+                        or real(model, s, data, **kw))
+    gradient_moment_metric(samples, data_config={"name": "digits"}, reference=str(path), batch_size=4, device="cpu",
+                           split=split, seed=3)
+    rows = getattr(build_data({"name": "digits"}, 64), split)
+    index = torch.randperm(len(rows), generator=torch.Generator().manual_seed(3))[:8]
+    assert torch.equal(seen["data"], torch.stack([rows[int(i)]["input_ids"] for i in index]))
+
+
 def test_masked_checkpoint_is_not_a_reference(tmp_path):
     path = write_ar_checkpoint(tmp_path / "mdlm", process="masked")
     with pytest.raises(UserError, match="is a masked diffusion checkpoint, not a causal LM"):
