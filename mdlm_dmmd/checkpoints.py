@@ -198,6 +198,8 @@ def _load_safetensors_dir(config_path: Path, weights_path: Path, prefix: str | N
         meta = dict(hf_config[META_KEY])
     else:
         meta = public_meta(hf_config, config)
+        # the public MDLM/Duo/BD3-LM hub exports copy the EMA shadow into the weights (host-pattern §8)
+        meta["ema"] = True
         # BD3-LM's clipped-schedule bounds, kept as plain numbers for whoever needs them.
         for key in IGNORED_KEYS:
             if key in tensors and tensors[key].numel() == 1:

@@ -78,6 +78,7 @@ def test_public_hf_dir_reproduces_fixture_logits(tmp_path):
     assert loaded.meta.process == "masked" and loaded.meta.mask_id == 100
     assert loaded.meta.time_conditioning is False and loaded.meta.format == "hf_dir"
     assert loaded.meta.source == str(directory)
+    assert loaded.meta.ema is True  # the public hub exports copy the EMA shadow into the weights
     with torch.no_grad():
         logits = loaded.model.eval()(io["indices"], io["sigma"])
     # 5e-5 on logits up to 8.5: fp32 summation order differs between kernels, thread counts and

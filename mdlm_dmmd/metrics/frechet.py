@@ -144,8 +144,9 @@ def frechet(samples: Tensor, *, reference: str = "train", data_config: Mapping |
                    feature_device=feature_device, inception_weights=inception_weights)
     extractors = [load_extractor(name, option, **options) for name in names]
     _check_options(num_bootstrap, kid, kid_subset_size)
-    spaces = {e.name: _space(e, samples, reference, data_config, num_bootstrap, seed, kid, kid_subset_size)
-              for e in extractors}
+    # keyed by the registered names the option gives (a plugin's class may call itself otherwise)
+    spaces = {name: _space(e, samples, reference, data_config, num_bootstrap, seed, kid, kid_subset_size)
+              for name, e in zip(names, extractors)}
     columns = {}
     for name, space in spaces.items():
         for quantity in ("fd", "kid"):

@@ -410,3 +410,20 @@ def test_a_new_extractor_plugs_in_with_one_registry_line(monkeypatch):
     # the samples' features are the reference features: in two pairs of disjoint halves, each
     # pair's MMD² is within 2 rows of 2 rows; the columns hold it
     assert set(result["columns"]) >= {"fd_toy", "kid_toy"} and result["spaces"]["toy"]["kid_subsets"] == 2
+
+
+def test_a_plugin_extractor_is_reported_under_its_registered_name(monkeypatch):
+    """The result's spaces and columns use the name the option gives, whatever the extractor's
+    class calls itself (a plugin registered as `my_toy` whose class says `toy`)."""
+    monkeypatch.setitem(feature_registry._EXTRACTORS, "my_toy", "mdlm_dmmd.metrics.digits_mlp:DigitsMLPFeatures")
+    samples = torch.randint(0, 17, (12, 64), generator=torch.Generator().manual_seed(0))
+    real = digits_mlp.DigitsMLPFeatures
+
+    def renamed():
+        extractor = real()
+        extractor.name = "toy"
+        return extractor
+
+    monkeypatch.setattr(digits_mlp, "DigitsMLPFeatures", renamed)
+    result = fd.frechet(samples, features="my_toy", kid=False)
+    assert result["features"] == "my_toy" and set(result["spaces"]) == {"my_toy"} and "fd_my_toy" in result["columns"]
