@@ -43,7 +43,7 @@ from mdlm_dmmd.errors import UserError
 Denoiser = Callable[..., Tensor]  # (z_t [B, L], t [B][, at=bool [B, L]]) -> log-probs [B, L, V] (at: [N, V])
 RULES = ("ancestral", "generator")
 NOISE_REMOVALS = ("ancestral", "greedy")
-NUCLEUS_RULES = ("keep", "drop")  # the token that crosses top_p: kept (Duo/HF, ours) | dropped (BD3-LM)
+NUCLEUS_RULES = ("keep", "drop")  # the token that crosses top_p: kept (Duo, ours) | dropped (BD3-LM)
 
 
 CATEGORICAL_CHUNK = 1 << 24  # float64 CDF entries built at once (128 MB): rows are drawn in chunks
@@ -91,15 +91,16 @@ def sample_categorical(probs: Tensor, generator: torch.Generator | None = None, 
 def top_p_mask(log_p: Tensor, top_p: float, rule: str = "keep") -> Tensor:
     """True for tokens inside the nucleus.
 
-    `keep` (Duo/HF, this package's default): the smallest set whose mass reaches `top_p`, i.e.
-    the token that crosses `top_p` is kept. `drop` (BD3-LM's `_nucleus_sample`, to reproduce its
-    checkpoints): the tokens whose cumulative mass stays ≤ `top_p`, the crossing one dropped.
-    The top-1 token is always in.
+    `keep` (Duo's `top_k_top_p_filtering`, this package's default): a token is in while the mass
+    before it is ≤ `top_p`, so the token that crosses `top_p` is kept (and, at an exact tie, the
+    next one too, as Duo's shifted `cum_probs > top_p`). `drop` (BD3-LM's `_nucleus_sample`, to
+    reproduce its checkpoints): the tokens whose cumulative mass stays ≤ `top_p`, the crossing
+    one dropped. The top-1 token is always in.
     """
     sorted_log_p, order = log_p.sort(dim=-1, descending=True)
     mass = sorted_log_p.exp().cumsum(dim=-1)
     if rule == "keep":
-        keep_sorted = mass - sorted_log_p.exp() < top_p
+        keep_sorted = mass - sorted_log_p.exp() <= top_p
     else:
         keep_sorted = mass <= top_p
         keep_sorted[..., 0] = True
@@ -156,8 +157,9 @@ def sample(
 ) -> Tensor:
     """Draw `shape[0]` sequences of length `shape[1]` in `steps` denoising steps. [B, L] int64.
 
-    `noise_removal="greedy"` (Duo's greedy tail, Sahoo et al. 2025 §4.2): the last step returns
-    argmax x̂ instead of sampling; still `steps` network calls.
+    `noise_removal="greedy"`: the last step returns argmax x̂(z_{1/k}) instead of its draw; still
+    `steps` network calls. (Duo's greedy tail, Sahoo et al. 2025 §4.2, is not this: it runs k
+    steps down to t = 1e-5 and takes the argmax of one more call, k + 1 in all.)
     `prompt` [B, P]: the first P tokens are given (clean from the start and after every step;
     masked diffusion carries them over anyway, uniform diffusion would re-noise them).
     """
@@ -196,7 +198,7 @@ def takes_positions(denoise: Denoiser) -> bool:
 
 
 def greedy_step(z: Tensor, log_p: Tensor, updated: Tensor | None) -> Tensor:
-    """Duo's greedy last step: argmax x̂ everywhere (log_p [B, L, V]) or at the `updated`
+    """The greedy last step: argmax x̂ everywhere (log_p [B, L, V]) or at the `updated`
     positions only (log_p [N, V]; a masked process's other tokens are already clean)."""
     if updated is None:
         return log_p.argmax(dim=-1)
