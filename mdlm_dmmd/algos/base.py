@@ -73,16 +73,6 @@ def runtime_options(cfg: DictConfig) -> dict[str, bool]:
     return options
 
 
-def antithetic_times(n: int, eps: float, antithetic: bool, device, generator=None) -> Tensor:
-    """t ∈ [eps, 1] for n sequences; antithetic draws are stratified over the batch (MDLM), the
-    global batch when `generator` is a `rng.BatchShare` (data parallelism)."""
-    u = rng.rand((n,), generator, device=device)
-    if antithetic:
-        index, total = rng.positions(n, generator, device)
-        u = (u / total + index / total) % 1
-    return (1 - eps) * u + eps
-
-
 def rng_state() -> dict[str, Any]:
     """The global torch RNG (CPU, and CUDA where it is in use): it draws t, z_t, dropout, noise.
 

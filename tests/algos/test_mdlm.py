@@ -8,7 +8,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mdlm_dmmd.algos.base import antithetic_times
 from mdlm_dmmd.algos.mdlm import MDLM
 from mdlm_dmmd.checkpoints import load_backbone
 from mdlm_dmmd.cli import compose
@@ -90,13 +89,17 @@ def test_loss_is_zero_where_nothing_is_masked():
 
 def test_antithetic_times_are_stratified():
     n = 16
+    algo = MDLM(digits_config()[0])
     for seed in range(5):
-        t = antithetic_times(n, EPS, True, "cpu", generator=torch.Generator().manual_seed(seed))
+        torch.manual_seed(seed)
+        t = algo.data_times(torch.zeros(n, 64, dtype=torch.long))
         assert t.shape == (n,)
         assert t.min() >= EPS and t.max() <= 1
         bins = torch.floor((t - EPS) / (1 - EPS) * n).long()
         assert sorted(bins.tolist()) == list(range(n))  # one time per 1/n bin
-    t = antithetic_times(1000, EPS, False, "cpu", generator=torch.Generator().manual_seed(0))
+    plain = MDLM(digits_config("training.antithetic_sampling=false")[0])
+    torch.manual_seed(0)
+    t = plain.data_times(torch.zeros(1000, 64, dtype=torch.long))
     assert t.min() >= EPS and t.max() <= 1 and 0.45 < t.mean() < 0.55
 
 

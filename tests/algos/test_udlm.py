@@ -4,7 +4,6 @@ generation through the shared sampler, checkpoint metadata."""
 import pytest
 import torch
 
-from mdlm_dmmd.algos.base import antithetic_times
 from mdlm_dmmd.algos.udlm import UDLM
 from mdlm_dmmd.data.images import digits_arrays
 from mdlm_dmmd.diffusion.sampling import DiffusionSampler
@@ -51,7 +50,7 @@ def test_loss_modes():
     torch.manual_seed(0)
     total, _ = ce.loss(x)
     torch.manual_seed(0)  # same t and z_t: ce is the unweighted −log p(x | z_t)
-    t = antithetic_times(4, 1e-3, True, "cpu")
+    t = ce.data_times(x["input_ids"])
     z_t = ce.process.corrupt(x["input_ids"], t)
     log_p = ce.denoiser(ce.backbone)(z_t, t)
     assert total.item() == pytest.approx(-log_p.gather(-1, x["input_ids"][..., None]).sum().item(), rel=1e-5)
