@@ -107,9 +107,9 @@ def _resolve_data_from(cfg, overrides: Sequence[str]) -> None:
         raise UserError(f"data_from must be one of {', '.join(DATA_FROM)}, got {cfg.data_from!r}")
     keys = [o.lstrip("+~").partition("=")[0] for o in overrides]
     data_keys = [k for k in keys if k == "data" or k.startswith("data.")]
-    if cfg.data_from == "checkpoint" and data_keys:  # they would be dropped for the stored data node
-        raise UserError(f"data_from=checkpoint reads the data the checkpoint stores, so {data_keys[0]}= would be "
-                        "ignored; use data_from=config with data=NAME and its keys")
+    if cfg.data_from == "checkpoint" and data_keys and cfg.mode in ("sample", "eval"):  # dropped for the stored node
+        raise UserError(f"data_from=checkpoint reads the data the checkpoint stores (data= only where it stores "
+                        f"none), so {data_keys[0]}= would be ignored; use data_from=config with data=NAME and its keys")
     if cfg.data_from == "auto":
         cfg.data_from = "config" if data_keys or "experiment" in keys else "checkpoint"
 

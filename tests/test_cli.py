@@ -445,8 +445,12 @@ def test_bad_data_from_is_one_line(capsys, run_dir):
           "data_from must be one of auto, checkpoint, config, got 'trained'", run_dir=run_dir)
     for data in ("data=digits", "data.max_documents=3", "+data.extra=1"):  # would be dropped for the stored data
         fails(capsys, ["mode=eval", "checkpoint=x", "data_from=checkpoint", data, f"run_dir={run_dir}"],
-              f"data_from=checkpoint reads the data the checkpoint stores, so {data.lstrip('+').split('=')[0]}= "
-              "would be ignored", run_dir=run_dir)
+              "data_from=checkpoint reads the data the checkpoint stores (data= only where it stores none), so "
+              f"{data.lstrip('+').split('=')[0]}= would be ignored", run_dir=run_dir)
+    from mdlm_dmmd.cli import compose
+
+    for mode in ("train", "sweep", "study"):  # they read data= whatever data_from says
+        assert compose([f"mode={mode}", "data_from=checkpoint", "data=digits"]).data.name == "digits"
 
 
 def test_a_checkpoint_without_stored_data_is_scored_on_data_and_says_so():

@@ -6,7 +6,9 @@ with the same step rules as plain sampling (`sampling.step`), conditioned on the
 blocks before it. Those are clean and never change, so with `kv_cache` (the default) their keys
 and values are computed once, by one extra forward pass per finished block (`commit`), and a
 step feeds the network `block_size` new tokens instead of the whole prefix. Without the cache
-every step re-reads [prefix, block]; both give the same tokens under the same seed.
+every step re-reads [prefix, block]; both give the same tokens under the same seed up to the
+model's length (past it, in a sliding window, cached keys of deeper layers still carry the
+dropped blocks, so the two differ).
 
 NFE: `steps` per block, `steps · L / block_size` in all, plus (with the cache) one commit pass
 per finished block but the last (`nfe`); a commit pass stops at the last layer's keys and values

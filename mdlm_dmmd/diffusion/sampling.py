@@ -20,7 +20,8 @@ tokens are those of the dense path whenever the network draws no noise (same dra
 order). Uniform diffusion returns None and takes the full path.
 
 Time grid: t_j = j/k, stepping from 1 to 0; the last step has s = 0 and ends at the data
-(α_s = 1, also where a schedule's α(0) < 1, as Duo's sampler: `step(last=True)`), which reveals
+(α_s = 1, also where a schedule's α(0) < 1, as Duo's noise-removal step, which Duo makes an
+extra call after k steps down to t = 1e-5: `step(last=True)`), which reveals
 every token, so k steps cost k network evaluations (at most k where steps that reveal nothing
 are skipped).
 """
