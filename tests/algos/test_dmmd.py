@@ -26,15 +26,17 @@ VOCAB = 17  # digits: real tokens; the teacher has VOCAB + 1 with the mask
 LENGTH = 64
 
 
-def make_teacher(directory, *, vocab=VOCAB, seed=0):
-    """A tiny random masked 'teacher' saved as an exported directory (non-zero output head)."""
+def make_teacher(directory, *, vocab=VOCAB, seed=0, time_conditioning=False):
+    """A tiny random masked 'teacher' saved as an exported directory (non-zero output head);
+    time-conditioned, x̂(z, s) ≠ x̂(z, t), so the times each network sees matter."""
     torch.manual_seed(seed)
     model = DiT(DiTConfig(vocab_size=vocab + 1, length=LENGTH, hidden_dim=32, cond_dim=16, n_blocks=1, n_heads=2, dropout=0.0))
     with torch.no_grad():
         model.output_layer.linear.weight.normal_(0, 0.5)
         for block in model.blocks:
             block.adaLN_modulation.weight.normal_(0, 0.1)
-    meta = {"process": "masked", "mask_id": vocab, "schedule": "loglinear", "schedule_eps": 1e-3, "time_conditioning": False}
+    meta = {"process": "masked", "mask_id": vocab, "schedule": "loglinear", "schedule_eps": 1e-3,
+            "time_conditioning": time_conditioning}
     return save_backbone(directory, model, meta)
 
 
@@ -138,15 +140,24 @@ def test_generator_loss_and_gradient_are_zero_when_aux_is_teacher(teacher_dir):
     assert grads and all(torch.count_nonzero(g) == 0 for g in grads)
 
 
+@pytest.fixture(scope="module")
+def time_conditioned_teacher_dir(tmp_path_factory):
+    return make_teacher(tmp_path_factory.mktemp("tc_teacher"), time_conditioning=True)
+
+
+@pytest.mark.parametrize("teacher, temperature", [("teacher_dir", 1.0), ("time_conditioned_teacher_dir", 0.7)])
 @pytest.mark.parametrize("phase,aux_target", [("gen", "hard"), ("aux", "hard"), ("aux", "soft")])
-def test_phase_loss_on_the_masked_rows_equals_the_dense_formula(teacher_dir, phase, aux_target):
+def test_phase_loss_on_the_masked_rows_equals_the_dense_formula(request, teacher, temperature, phase, aux_target):
     """The masked path gathers the tokens masked in z_t before any [., V] work; replayed here
     densely over [B, L, V] with the same draws (times, z_t, the generator's noise, reveals, then
     one inverse-CDF uniform per token of the batch, used at the revealed tokens, or at every
     masked token for the hard auxiliary target): eqs. 11-12 with ELBO weights and a top-p teacher,
     the generator's gradient (its own backward, `Expectation`) against autograd's on the dense
-    formula, and the generator's output entropy (at auxiliary steps)."""
-    algo = DMMD(dmmd_config(teacher_dir, aux_target=aux_target, weighting="elbo", teacher_top_p=0.8))
+    formula, and the generator's output entropy (at auxiliary steps). With a time-conditioned
+    teacher (and a tempered one, §3.3) the times matter: teacher and auxiliary at (z_s, s), the
+    generator at (z_t, t)."""
+    algo = DMMD(dmmd_config(request.getfixturevalue(teacher), aux_target=aux_target, weighting="elbo",
+                            teacher_top_p=0.8, teacher_temperature=temperature))
     for seed, network in enumerate((algo.generator, algo.aux), start=1):  # three different networks
         network.load_state_dict(random_model(network.config, seed=seed).state_dict())
     data = batch(4)
@@ -172,7 +183,7 @@ def test_phase_loss_on_the_masked_rows_equals_the_dense_formula(teacher_dir, pha
         uniforms = torch.rand(z_t.shape, dtype=torch.float64)
         x[drawn] = sample_categorical(p_gen[drawn], uniforms=uniforms[drawn])
         z_s = torch.where(revealed, x, z_t)
-        log_teacher = modified_teacher(algo.log_probs(algo.teacher, z_s, s), 1.0, 0.8, 2.0)
+        log_teacher = modified_teacher(algo.log_probs(algo.teacher, z_s, s), temperature, 0.8, 2.0)
         log_aux = algo.log_probs(algo.aux, z_s, s)
     w = 1 / s.clamp_min(algo.cfg.training.sampling_eps)[:, None]  # log-linear: −α'/(1 − α) = 1/s
     if phase == "gen":
