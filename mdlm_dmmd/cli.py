@@ -86,12 +86,17 @@ def compose(overrides: Sequence[str]):
     return cfg
 
 
+def _override_keys(overrides: Sequence[str]) -> list[str]:
+    """The dotted keys the command line sets (`+`, `++`, `~` stripped)."""
+    return [o.lstrip("+~").partition("=")[0] for o in overrides]
+
+
 def _apply_natural_length(cfg, overrides: Sequence[str]) -> None:
     """A dataset whose rows have one length (`data.natural_length`: digits, 64 pixels) sets
     `model.length` unless the command line gives it; a different explicit value stays the
     dataset's error to report."""
     natural = cfg.data.get("natural_length")
-    given = any(o.lstrip("+~").partition("=")[0] == "model.length" for o in overrides)
+    given = "model.length" in _override_keys(overrides)
     if natural is not None and not given:
         cfg.model.length = natural
 
@@ -105,7 +110,7 @@ def _resolve_data_from(cfg, overrides: Sequence[str]) -> None:
     against what the checkpoint was trained on, not the default data."""
     if cfg.data_from not in DATA_FROM:
         raise UserError(f"data_from must be one of {', '.join(DATA_FROM)}, got {cfg.data_from!r}")
-    keys = [o.lstrip("+~").partition("=")[0] for o in overrides]
+    keys = _override_keys(overrides)
     data_keys = [k for k in keys if k == "data" or k.startswith("data.")]
     if cfg.data_from == "checkpoint" and data_keys and cfg.mode in ("sample", "eval"):  # dropped for the stored node
         raise UserError(f"data_from=checkpoint reads the data the checkpoint stores (data= only where it stores "
