@@ -127,6 +127,18 @@ def masked_denoiser(seed: int = 0) -> BlockDenoiser:
     return BlockDenoiser(network, MaskedProcess(LogLinear(), mask_id=V), time_conditioning=True, block_size=K)
 
 
+def saying(logits: torch.Tensor) -> BlockDenoiser:
+    """A masked denoiser whose output head gives `logits` [V + 1] at every position, whatever the input."""
+    denoiser = masked_denoiser()
+    with torch.no_grad():
+        denoiser.network.output_layer.linear.weight.zero_()
+        denoiser.network.output_layer.linear.bias.copy_(logits)
+    return denoiser
+
+
+ALWAYS_2 = torch.where(torch.arange(V + 1) == 2, 50.0, 0.0)  # a degenerate model: every token 2
+
+
 @pytest.mark.parametrize("time_conditioning", [True, False])
 def test_noisy_tokens_are_conditioned_on_their_blocks_sigma_and_clean_ones_on_zero(time_conditioning):
     """The denoiser hands the network σ as levels (`sigma_at`); spelled out per token, σ(t_j)
@@ -323,10 +335,7 @@ def test_stop_at_eos_ends_each_sequence_and_stops_when_all_have_ended(monkeypatc
 
     x = torch.tensor([[3, 5, 3, 7, 3], [3, 1, 2, 4, 6]])
     assert _end_at(x, 3).tolist() == [[3, 5, 3, 3, 3], [3, 1, 2, 4, 6]]  # position 0 (BOS = EOS) does not end it
-    denoiser = masked_denoiser()
-    with torch.no_grad():  # a model that always says token 2: every sequence ends in its first block
-        denoiser.network.output_layer.linear.weight.zero_()
-        denoiser.network.output_layer.linear.bias.copy_(torch.where(torch.arange(V + 1) == 2, 50.0, 0.0))
+    denoiser = saying(ALWAYS_2)  # every sequence ends in its first block
     calls = []
     block_log_probs = denoiser.block_log_probs
     monkeypatch.setattr(denoiser, "block_log_probs", lambda *a, **k: calls.append(1) or block_log_probs(*a, **k))
@@ -383,10 +392,7 @@ def test_entropy_redraw_is_off_by_default_and_counts_what_it_redraws():
     varied = torch.arange(512).remainder(300)[None]
     assert low_entropy(torch.cat([repeating, varied]), 64).tolist() == [True, True, False]
     assert not low_entropy(repeating[:, :256], 64).any()  # BD3-LM checks only past 256 tokens
-    denoiser = masked_denoiser()
-    with torch.no_grad():  # a degenerate model: every token 2, so every sample has entropy 0
-        denoiser.network.output_layer.linear.weight.zero_()
-        denoiser.network.output_layer.linear.bias.copy_(torch.where(torch.arange(V + 1) == 2, 50.0, 0.0))
+    denoiser = saying(ALWAYS_2)  # every sample has entropy 0
     sampler, stats = BlockSampler(denoiser.process, K), {}
     sampler(denoiser, steps=1, shape=(2, 2 * L), context=L, entropy_redraw=True, stats=stats)
     assert stats == {}  # 32 tokens: never checked (BD3-LM looks past 256)
@@ -415,10 +421,7 @@ def test_entropy_is_in_nats_and_a_redraw_keeps_the_first_token():
 
     windows = torch.stack([torch.arange(512).remainder(n) for n in (32, 64)])
     assert low_entropy(windows, 256).tolist() == [True, False]
-    denoiser = masked_denoiser()
-    with torch.no_grad():  # degenerate: every token 2, so every row is re-drawn, 10 times
-        denoiser.network.output_layer.linear.weight.zero_()
-        denoiser.network.output_layer.linear.bias.copy_(torch.where(torch.arange(V + 1) == 2, 50.0, 0.0))
+    denoiser = saying(ALWAYS_2)  # every row is re-drawn, 10 times
     stats = {}
     out = BlockSampler(denoiser.process, K, first_token=5)(denoiser, steps=1, shape=(2, 320), context=L,
                                                            entropy_redraw=True, stats=stats)
@@ -442,11 +445,8 @@ def test_stop_at_eos_waits_for_every_sequence():
 @pytest.mark.parametrize("first_hitting", [False, True])
 def test_the_block_sampler_applies_the_nucleus_rule_it_is_given(first_hitting):
     """x̂ = [0.5, 0.3, 0.15, 0.05] everywhere, top-p 0.7: keep draws tokens 0 and 1, drop token 0 only."""
-    denoiser = masked_denoiser()
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05] + [1e-9] * (V - 4) + [1.0])  # the mask's column: SUBS
-    with torch.no_grad():
-        denoiser.network.output_layer.linear.weight.zero_()
-        denoiser.network.output_layer.linear.bias.copy_(probs.log())
+    denoiser = saying(probs.log())
     drawn = {rule: sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(16, L), top_p=0.7,
                                  nucleus=rule, first_hitting=first_hitting, generator=torch.Generator().manual_seed(6))
              for rule in ("keep", "drop")}
