@@ -54,14 +54,16 @@ V = 5
 
 
 def brute_posterior(x_probs, z, s, s_prev, schedule):
-    """q(z_prev | z_s, x̂) by Bayes over explicit transition matrices (x̂ as a prior over x)."""
+    """q(z_prev | z_s = z, x̂) by Bayes over explicit transition matrices (x̂ [V] as a prior over
+    x): x ~ x̂, z_prev | x, z_s | z_prev."""
+    vocab = x_probs.shape[-1]
     a = lambda u: schedule.alpha(torch.tensor(u, dtype=torch.float64))
     a_s, a_p = a(s), a(s_prev)
-    eye = torch.eye(V, dtype=torch.float64)
-    q_prev_given_x = a_p * eye + (1 - a_p) / V  # [x, z_prev]
+    eye = torch.eye(vocab, dtype=torch.float64)
+    q_prev_given_x = a_p * eye + (1 - a_p) / vocab  # [x, z_prev]
     a_sp = a_s / a_p
-    q_s_given_prev = a_sp * eye + (1 - a_sp) / V  # [z_prev, z_s]
-    joint = torch.stack([sum(x_probs[x] * q_prev_given_x[x, zp] for x in range(V)) * q_s_given_prev[zp, z] for zp in range(V)])
+    q_s_given_prev = a_sp * eye + (1 - a_sp) / vocab  # [z_prev, z_s]
+    joint = (x_probs.double() @ q_prev_given_x) * q_s_given_prev[:, z]
     return joint / joint.sum()
 
 

@@ -31,7 +31,7 @@ from conftest import random_model
 from test_dmmd import LENGTH, VOCAB, dmmd_config
 from test_dmmd_block import BLOCK, block_teacher
 from test_dmmd_block import config as block_config
-from test_dmmd_uniform import make_uniform_teacher
+from test_dmmd_uniform import brute_posterior, make_uniform_teacher
 
 TOP_P, TEMPERATURE = 0.8, 0.9
 
@@ -40,17 +40,6 @@ def with_three_networks(algo):
     for seed, network in enumerate((algo.generator, algo.aux), start=1):  # teacher, generator, aux all differ
         network.load_state_dict(random_model(network.config, seed=seed).state_dict())
     return algo
-
-
-def bayes_posterior(x_probs, z, s, s_prev, schedule):
-    """q(z_prev | z_s = z, x̂): x ~ x̂, z_prev | x, z_s | z_prev as explicit V × V matrices."""
-    alpha = lambda u: schedule.alpha(torch.tensor(u, dtype=torch.float64)).item()
-    a_s, a_prev = alpha(s), alpha(s_prev)
-    eye = torch.eye(VOCAB, dtype=torch.float64)
-    prev_given_x = a_prev * eye + (1 - a_prev) / VOCAB  # [x, z_prev]
-    s_given_prev = (a_s / a_prev) * eye + (1 - a_s / a_prev) / VOCAB  # [z_prev, z_s]
-    joint = (x_probs.double() @ prev_given_x) * s_given_prev[:, z]
-    return joint / joint.sum()
 
 
 def modified_teacher_by_hand(log_p, top_p, temperature, delta=2.0):
@@ -82,7 +71,7 @@ def replay_loss(algo, phase, s, p_gen, x, z_s, teacher_log_p, aux_log_p, *, top_
         if posterior:
             s_now = s[b, i].item()
             s_prev = max(s_now - ds, 0.0)
-            pi = lambda probs: bayes_posterior(probs, z_s[b, i].item(), s_now, s_prev, schedule)
+            pi = lambda probs: brute_posterior(probs, z_s[b, i].item(), s_now, s_prev, schedule)
             log_pi_aux, log_pi_teacher = pi(aux.exp()).log(), pi(teacher.exp()).log()
             if phase == "gen":
                 value = (pi(p_gen[b, i]) * (log_pi_aux - log_pi_teacher)).sum()
