@@ -43,11 +43,15 @@ def data(tmp_path, monkeypatch):
             "split_seed": 0}, array
 
 
-def train_images(config, array):
-    """The train split of `data`, by the split rule of data.pixels (a seeded permutation)."""
+def split_images(config, array):
+    """(train, valid) of `data`, by the split rule of data.pixels (a seeded permutation)."""
     n_valid = round(len(array) * config["valid_fraction"])
     perm = torch.randperm(len(array), generator=torch.Generator().manual_seed(config["split_seed"])).numpy()
-    return array[np.sort(perm[n_valid:])]
+    return array[np.sort(perm[n_valid:])], array[np.sort(perm[:n_valid])]
+
+
+def train_images(config, array):
+    return split_images(config, array)[0]
 
 
 def tokens_of(array):
@@ -357,3 +361,64 @@ def test_bad_feature_options_are_one_line_errors(data):
         fid(tokens_of(images(n=4)), data_config=config, features="random_conv", feature_device="gpu0")
     with pytest.raises(UserError, match=r"^frechet: feature_batch_size must be a positive int, got 0$"):
         fid(tokens_of(images(n=4)), data_config=config, features="random_conv", feature_batch_size=0)
+
+
+class ChannelMeansA(ChannelMeans):
+    name = "channel_means_a"
+
+    def identity(self):
+        return {"name": "channel_means", "version": 1}
+
+
+class ChannelMeansB(ChannelMeansA):
+    name = "channel_means_b"
+
+    def identity(self):  # the same features, recorded as another extractor
+        return {"name": "channel_means", "version": 2}
+
+
+@pytest.fixture
+def npy_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("MDLM_DMMD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(feature_registry._EXTRACTORS, "channel_means_a", f"{__name__}:ChannelMeansA")
+    monkeypatch.setitem(feature_registry._EXTRACTORS, "channel_means_b", f"{__name__}:ChannelMeansB")
+    array = images()
+    np.save(tmp_path / "x.npy", array)
+    return {"name": "cifar10_pixels", "source": "npy", "path": str(tmp_path / "x.npy"), "valid_fraction": 0.25,
+            "split_seed": 0}, array
+
+
+def test_fid_against_the_valid_split_uses_the_valid_images(npy_data):
+    config, array = npy_data
+    generated = images(n=10, seed=1)
+    train, valid = split_images(config, array)
+    assert len(valid) == 10
+    out = fid(tokens_of(generated), data_config=config, features="channel_means_a", reference="valid")
+    expected = frechet_distance(*stats(generated.mean(axis=(1, 2))), *stats(valid.mean(axis=(1, 2))))
+    assert out["value"] == pytest.approx(expected, rel=1e-10) and out["reference"] == "valid"
+    against_train = frechet_distance(*stats(generated.mean(axis=(1, 2))), *stats(train.mean(axis=(1, 2))))
+    assert abs(expected - against_train) > 1e-3 * expected  # the check can tell the splits apart
+
+
+def test_fid_reference_is_the_whole_train_split_whatever_the_train_shard(npy_data):
+    config, array = npy_data
+    generated = images(n=10, seed=1)
+    train, _ = split_images(config, array)
+    expected = frechet_distance(*stats(generated.mean(axis=(1, 2))), *stats(train.mean(axis=(1, 2))))
+    for shard in (None, [0, 2], [1, 3]):
+        out = fid(tokens_of(generated), data_config=config | {"train_shard": shard}, features="channel_means_a")
+        assert out["value"] == pytest.approx(expected, rel=1e-10), shard
+
+
+def test_statistics_file_of_another_extractor_or_other_data_is_refused(npy_data, tmp_path):
+    config, array = npy_data
+    generated = tokens_of(images(n=10, seed=1))
+    path = tmp_path / "stats.npz"
+    fid(generated, data_config=config, features="channel_means_a", reference_stats=str(path))
+    with pytest.raises(UserError, match=r"^frechet: reference_stats .* computed with feature extractor "):
+        fid(generated, data_config=config, features="channel_means_b", reference_stats=str(path))
+    other = images(seed=7)  # same shape, same count, other pixels
+    np.save(tmp_path / "y.npy", other)
+    with pytest.raises(UserError, match=r"^frechet: reference_stats .* computed with data "):
+        fid(generated, data_config=config | {"path": str(tmp_path / "y.npy")}, features="channel_means_a",
+            reference_stats=str(path))

@@ -427,3 +427,12 @@ def test_a_plugin_extractor_is_reported_under_its_registered_name(monkeypatch):
     monkeypatch.setattr(digits_mlp, "DigitsMLPFeatures", renamed)
     result = fd.frechet(samples, features="my_toy", kid=False)
     assert result["features"] == "my_toy" and set(result["spaces"]) == {"my_toy"} and "fd_my_toy" in result["columns"]
+
+
+def test_digits_reference_all_is_train_and_valid_together():
+    train, _ = digits_arrays("train", valid_fraction=0.1, split_seed=0)
+    valid, _ = digits_arrays("valid", valid_fraction=0.1, split_seed=0)
+    every = torch.from_numpy(np.concatenate([train, valid]))
+    assert len(every) == 1797  # sklearn's digits
+    out = fd.frechet(every, reference="all", features="digits_mlp", kid=False)
+    assert out["value"] == pytest.approx(0.0, abs=1e-6)

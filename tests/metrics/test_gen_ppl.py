@@ -4,8 +4,10 @@ Expected perplexities are computed here by hand from the reference's logits, wit
 mask written out position by position.
 """
 
+import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
@@ -193,3 +195,81 @@ def test_registered_metric_retokenizes_text_data(tmp_path, tokenizers):
     with pytest.raises(UserError, match="scores text, but the image data has no tokenizer"):
         gen_ppl_metric(torch.zeros(2, 64, dtype=torch.long), data_config={"name": "digits"},
                        reference=str(tmp_path / "ref"), device="cpu")
+
+
+def test_gen_ppl_stderr_is_the_ratio_estimators_with_unequal_token_counts():
+    """No BOS/EOS: every token after the first is a target. Rows of different lengths, so the
+    token-weighted NLL and its delta-method stderr differ from plain per-sample statistics."""
+    model = tiny_gpt2(seed=4).eval()
+    rows = [[1, 2, 3], [4, 5, 6, 7, 8], [2, 2, 2, 2, 2, 2, 2, 2], [9, 0, 1, 3]]
+    sums, counts = [], []
+    with torch.no_grad():
+        for row in rows:
+            log_p = model(torch.tensor([row])).logits[0, :-1].double().log_softmax(-1)
+            sums.append(-sum(log_p[t, row[t + 1]].item() for t in range(len(row) - 1)))
+            counts.append(len(row) - 1)
+    s, c = np.array(sums), np.array(counts, dtype=float)
+    n, r = len(rows), s.sum() / c.sum()
+    se = math.sqrt(((s - r * c) ** 2).sum() / (n * (n - 1))) / c.mean()
+    out = generative_perplexity(model, rows, batch_size=3)
+    assert out.num_tokens == int(c.sum())
+    assert out.nll == pytest.approx(r, rel=1e-6)
+    assert out.nll_stderr == pytest.approx(se, rel=1e-6)
+    assert out.per_sample_nll == pytest.approx(list(s / c), rel=1e-6)
+
+
+def test_gen_ppl_with_an_ar_reference_masks_the_datas_eos_after_the_first():
+    """An `ar` reference has no tokenizer: the EOS of the Duo mask is the data's (GPT-2's 50256
+    for shakespeare). Every non-EOS token counts, plus the first EOS of each row."""
+    import tempfile
+    from pathlib import Path
+
+    vocab, eos, length = 50257, 50256, 12
+    data_config = {"name": "shakespeare", "max_documents": 4, "valid_fraction": 0.25}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_ar_checkpoint(Path(tmp) / "ar", vocab=vocab, length=length)
+        samples = torch.randint(0, 1000, (3, length), generator=torch.Generator().manual_seed(0))
+        samples[0, [3, 7, 8]] = eos
+        samples[1, [0, 10]] = eos
+        out = gen_ppl_metric(samples, data_config=data_config, reference=str(path), batch_size=2, device="cpu")
+        model, _ = ref.load_reference(str(path))
+        with torch.no_grad():
+            log_p = model.denoiser.next_token_log_probs(shift_right(samples, vocab))
+        total, count = 0.0, 0
+        for i, row in enumerate(samples.tolist()):
+            seen_eos = False
+            for t, token in enumerate(row):
+                if token == eos:
+                    if seen_eos:
+                        continue
+                    seen_eos = True
+                total -= log_p[i, t, token].item()
+                count += 1
+        ref.clear_reference_cache()
+    assert count == 3 * length - 3
+    assert out["num_tokens"] == count
+    assert out["value"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_retokenisation_adds_no_special_tokens_of_the_reference_tokenizer(tmp_path):
+    """A reference tokenizer whose post-processor wraps text in <|endoftext|> (Duo's GPT-2 setup,
+    host-pattern §7): the samples are re-encoded without them, as `bpe.encode(text,
+    add_special_tokens=False)`, and BOS is prepended by the metric alone."""
+    from tokenizers.processors import TemplateProcessing
+
+    from mdlm_dmmd.data.tokenizers import gpt2_tokenizer, train_bpe
+
+    gpt2 = gpt2_tokenizer()
+    bpe = train_bpe(["the cat sat on the mat", "a big red dog ran on the mat", "the dog sat"] * 4, 300, tmp_path)
+    eot = bpe.convert_tokens_to_ids("<|endoftext|>")
+    wrapped = copy.deepcopy(bpe)
+    wrapped._tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A <|endoftext|>", special_tokens=[("<|endoftext|>", eot)])
+    assert wrapped("the cat")["input_ids"][0] == eot and wrapped("the cat")["input_ids"][-1] == eot
+    model = tiny_gpt2(vocab=len(bpe), seed=5, bos=eot, eos=eot).eval()
+    samples = [gpt2.encode(t) for t in ["<|endoftext|> the cat sat on the mat", " a red dog ran", " the mat sat"]]
+    ours = generative_perplexity(model, samples, tokenizer=gpt2, reference_tokenizer=wrapped)
+    pre = [bpe.encode(gpt2.decode(row), add_special_tokens=False) for row in samples]
+    expected = generative_perplexity(model, pre)
+    assert ours.num_tokens == expected.num_tokens
+    assert ours.value == pytest.approx(expected.value, rel=1e-9)

@@ -2,6 +2,8 @@
 clearly positive for a shifted one, and disjoint subsets."""
 
 import itertools
+import math
+import statistics
 
 import pytest
 import torch
@@ -44,3 +46,28 @@ def test_subsets_shrink_to_fit_and_bad_input_is_refused():
         kernel_distance(torch.zeros(4, 3), torch.zeros(4, 2))
     with pytest.raises(UserError, match="at least 2"):
         kernel_distance(torch.zeros(1, 3), torch.zeros(4, 3))
+
+
+def _k(a, b, d):
+    return (sum(p * q for p, q in zip(a, b)) / d + 1) ** 3
+
+
+def test_kid_pairs_disjoint_reference_subsets_and_its_stderr_is_the_pairs_standard_error():
+    """x: 4 copies of the origin, so a pair's MMD²_u depends on its reference subset only:
+    k(0, y) = 1, hence MMD²_u(x_pair, {y_a, y_b}) = 1 + k(y_a, y_b) − 2 = k(y_a, y_b) − 1.
+    The 4 reference rows are cut into 2 disjoint pairs (3 possible partitions, whichever the
+    shuffle picks): value = the mean of the two pairs' MMD², stderr = stdev(ddof=1) / √2."""
+    x = [[0.0, 0.0]] * 4
+    y = [[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [-1.0, 3.0]]
+    f = {frozenset(p): _k(y[p[0]], y[p[1]], 2) - 1 for p in itertools.combinations(range(4), 2)}
+    partitions = []
+    for a in ((0, 1), (0, 2), (0, 3)):
+        b = tuple(i for i in range(4) if i not in a)
+        fa, fb = f[frozenset(a)], f[frozenset(b)]
+        partitions.append(((fa + fb) / 2, statistics.stdev([fa, fb]) / math.sqrt(2)))
+    for seed in range(6):
+        out = kernel_distance(torch.tensor(x), torch.tensor(y), subset_size=2,
+                              generator=torch.Generator().manual_seed(seed))
+        assert out["subsets"] == 2 and out["subset_size"] == 2 and out["reference_subset_size"] == 2
+        assert any(out["value"] == pytest.approx(v, rel=1e-12) and out["stderr"] == pytest.approx(s, rel=1e-12)
+                   for v, s in partitions), (out, partitions)
