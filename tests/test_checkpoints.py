@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mdlm_dmmd.checkpoint_meta import META_VERSION, CheckpointMeta
 from mdlm_dmmd.checkpoints import LoadedBackbone, load_backbone, load_backbone_weights, save_backbone
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.dit import DiT, DiTConfig
-from mdlm_dmmd.public_config import dit_config_to_public
+from mdlm_dmmd.public_config import dit_config_to_public, public_meta
 
 from conftest import fixture_path, random_model
 
@@ -197,13 +198,16 @@ def test_teacher_weights_initialise_noise_generator():
 # Lightning checkpoints
 
 
-def lightning_ckpt(model: DiT, ema_model: DiT, prefix: str = "generator.", named: bool = True) -> dict:
-    """What this package's training host stores, plus another network under a second prefix."""
+def lightning_ckpt(model: DiT, ema_model: DiT, prefix: str = "generator.", named: bool = True,
+                   shadow_prefix: str = "") -> dict:
+    """What this package's training host stores, plus another network under a second prefix;
+    a named EMA shadow's keys carry `shadow_prefix` (e.g. the backbone's own prefix)."""
     state_dict = {f"{prefix}{k}": v for k, v in model.state_dict().items()}
     state_dict.update({f"teacher.{k}": torch.zeros_like(v) for k, v in model.state_dict().items()})
     params = dict(ema_model.named_parameters())
     if named:
-        ema = {"decay": 0.9999, "num_updates": 7, "shadow": {k: v.detach().clone() for k, v in params.items()}}
+        ema = {"decay": 0.9999, "num_updates": 7,
+               "shadow": {f"{shadow_prefix}{k}": v.detach().clone() for k, v in params.items()}}
     else:  # upstream layout: a bare list in parameter order
         ema = {"decay": 0.9999, "num_updates": 7, "shadow_params": [p.detach().clone() for p in params.values()]}
     return {
@@ -242,17 +246,22 @@ def test_lightning_ckpt_prefix_argument(tmp_path):
         load_backbone(path, prefix="aux.")
 
 
-def test_upstream_shaped_ckpt_with_plain_hyper_parameters(tmp_path):
-    model = random_model(tiny_config())
-    ckpt = {
+def upstream_ckpt(model: DiT, algo: str = "duo_base", shadow: list | None = None) -> dict:
+    """An upstream MDLM/Duo Lightning checkpoint: `backbone.*`, the Hydra config, a bare shadow list."""
+    return {
         "state_dict": {f"backbone.{k}": v for k, v in model.state_dict().items()},
         "hyper_parameters": {"config": {
-            "algo": {"name": "duo_base"},
+            "algo": {"name": algo},
             "model": {"hidden_size": 16, "cond_dim": 8, "length": 8, "n_blocks": 1, "n_heads": 2, "dropout": 0.1},
         }},
-        "ema": {"decay": 0.9999, "num_updates": 1, "shadow_params": [p.detach() for p in model.parameters()]},
+        "ema": {"decay": 0.9999, "num_updates": 1,
+                "shadow_params": shadow if shadow is not None else [p.detach() for p in model.parameters()]},
     }
-    torch.save(ckpt, tmp_path / "duo.ckpt")
+
+
+def test_upstream_shaped_ckpt_with_plain_hyper_parameters(tmp_path):
+    model = random_model(tiny_config())
+    torch.save(upstream_ckpt(model), tmp_path / "duo.ckpt")
     loaded = load_backbone(tmp_path / "duo.ckpt")
     assert loaded.config.vocab_size == 11 and loaded.meta.process == "uniform"
     torch.testing.assert_close(logits_of(loaded.model), logits_of(model), atol=0, rtol=0)
@@ -339,3 +348,71 @@ def test_noise_checkpoint_into_plain_config_hints_noise_dim(tmp_path):
     directory = write_public_dir(tmp_path / "d", dit_config_to_public(tiny_config()), model.state_dict())
     with pytest.raises(UserError, match="has a noise input of width 3"):
         load_backbone(directory)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts that mutation testing found untested
+
+
+def test_named_ema_shadow_with_the_backbone_prefix_is_used(tmp_path):
+    raw, averaged = random_model(tiny_config(), seed=0), random_model(tiny_config(), seed=1)
+    torch.save(lightning_ckpt(raw, averaged, shadow_prefix="generator."), tmp_path / "last.ckpt")
+    loaded = load_backbone(tmp_path / "last.ckpt")
+    assert loaded.meta.ema is True
+    torch.testing.assert_close(logits_of(loaded.model), logits_of(averaged), atol=0, rtol=0)
+
+
+def test_upstream_shadow_params_of_another_length_are_refused(tmp_path):
+    model = random_model(tiny_config())
+    shadow = [p.detach() for p in model.parameters()][:-1]  # one tensor short: order cannot be trusted
+    torch.save(upstream_ckpt(model, shadow=shadow), tmp_path / "short.ckpt")
+    with pytest.raises(UserError, match="shadow_params has 19 tensors but the backbone has 20"):
+        load_backbone(tmp_path / "short.ckpt")
+
+
+@pytest.mark.parametrize("algo, process", [("duo", "uniform"), ("udlm", "uniform"), ("distillation", "uniform"),
+                                           ("mdlm", "masked")])
+def test_upstream_algo_names_give_the_process(tmp_path, algo, process):
+    torch.save(upstream_ckpt(random_model(tiny_config()), algo=algo), tmp_path / f"{algo}.ckpt")
+    assert load_backbone(tmp_path / f"{algo}.ckpt").meta.process == process
+
+
+def test_public_families_are_read_from_model_type_or_architectures():
+    config = tiny_config(vocab_size=50258)
+    assert public_meta({"model_type": "duo"}, config)["process"] == "uniform"
+    assert public_meta({"architectures": ["DUO"]}, config)["process"] == "uniform"
+    block = public_meta({"architectures": ["BD3LM"], "cross_attn": True, "block_size": 4}, config)
+    assert block["family"] == "bd3lm" and block["ignore_bos"] is True and block["vocab"]["bos_id"] == 50256
+    assert public_meta({"model_type": "bd3lm", "cross_attn": True, "block_size": 4}, config)["family"] == "bd3lm"
+
+
+def test_sdtt_without_a_time_conditioning_key_is_not_time_conditioned(tmp_path):
+    model = random_model(tiny_config(vocab_size=12))
+    config = {"model": {"hidden_size": 16, "cond_dim": 8, "length": 8, "n_blocks": 1, "n_heads": 2, "dropout": 0.1},
+              "parameterization": {"name": "multi-round-sdtt"}, "noise": {"type": "loglinear"}}
+    directory = write_public_dir(tmp_path / "sdtt", config, model.state_dict())
+    assert load_backbone(directory).meta.time_conditioning is False
+
+
+def test_bd3lm_schedule_bounds_are_kept_in_the_metadata(tmp_path):
+    model = random_model(tiny_config())
+    config = {**dit_config_to_public(model.config), "architectures": ["BD3LM"], "model_type": "bd3lm"}
+    bounds = {"sampling_eps_min": torch.tensor(0.25), "sampling_eps_max": torch.tensor(0.75)}
+    meta = load_backbone(write_public_dir(tmp_path / "bd3lm", config, model.state_dict(), bounds)).meta.to_dict()
+    assert meta["sampling_eps_min"] == 0.25 and meta["sampling_eps_max"] == 0.75
+
+
+def test_metadata_keeps_stored_nulls_and_refuses_the_next_version():
+    assert CheckpointMeta.from_dict({"process": "masked", "mask_id": None}).to_dict() == \
+        {"process": "masked", "mask_id": None, "meta_version": META_VERSION}
+    with pytest.raises(UserError, match=f"metadata version {META_VERSION + 1}"):
+        CheckpointMeta.from_dict({"meta_version": META_VERSION + 1})
+
+
+def test_an_export_of_ema_weights_still_says_so(tmp_path):
+    raw, averaged = random_model(tiny_config(), seed=0), random_model(tiny_config(), seed=1)
+    torch.save(lightning_ckpt(raw, averaged, prefix="backbone."), tmp_path / "last.ckpt")
+    loaded = load_backbone(tmp_path / "last.ckpt")
+    exported = load_backbone(save_backbone(tmp_path / "export", loaded.model, loaded.meta))
+    assert exported.meta.ema is True and exported.meta.format == "hf_dir"
+    torch.testing.assert_close(logits_of(exported.model), logits_of(averaged), atol=0, rtol=0)
