@@ -10,8 +10,9 @@ every step re-reads [prefix, block]; both give the same tokens under the same se
 model's length (past it, in a sliding window, cached keys of deeper layers still carry the
 dropped blocks, so the two differ).
 
-NFE: `steps` per block, `steps · L / block_size` in all, plus (with the cache) one commit pass
-per finished block but the last (`nfe`); a commit pass stops at the last layer's keys and values
+NFE: `steps` per block (`steps + 1` with `noise_removal="greedy_tail"`, whose k steps end at
+t = 1e-5 before one more call per block: `sampling.greedy_tail`), times `L / block_size` in
+all, plus (with the cache) one commit pass per finished block but the last (`nfe`); a commit pass stops at the last layer's keys and values
 (no output head), so it costs less than a denoising step. With a masked process the tokens a
 step reveals are drawn before the network is called (whether a token is revealed does not
 depend on x), the output head runs at those positions only, and a step that reveals nothing
@@ -41,16 +42,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mdlm_dmmd.diffusion.process import Process
-from mdlm_dmmd.diffusion.sampling import (adjust, check_prompt, check_sampling_args, greedy_step, sample_categorical,
-                                          step)
+from mdlm_dmmd.diffusion.sampling import (adjust, check_prompt, check_sampling_args, greedy_step, greedy_tail,
+                                          network_calls, sample_categorical, step, time_grid)
 from mdlm_dmmd.errors import UserError
 
 
-def nfe(length: int, block_size: int, steps: int, kv_cache: bool) -> dict[str, int]:
-    """Network evaluations of one generation: per block, in all, and the cache's commit passes."""
+def nfe(length: int, block_size: int, steps: int, kv_cache: bool, noise_removal: str = "ancestral") -> dict[str, int]:
+    """Network evaluations of one generation: per block (k, or k + 1 with Duo's greedy tail),
+    in all, and the cache's commit passes."""
     blocks = length // block_size
+    per_block = network_calls(steps, noise_removal)
     commits = blocks - 1 if kv_cache else 0
-    return {"per_block": steps, "denoising": steps * blocks, "commit": commits, "total": steps * blocks + commits}
+    return {"per_block": per_block, "denoising": per_block * blocks, "commit": commits,
+            "total": per_block * blocks + commits}
 
 
 @torch.no_grad()
@@ -97,7 +101,7 @@ def sample_blocks(
         raise UserError(f"block sampling: the context {context} must be a positive multiple of block_size {block_size}")
     if first_hitting and not process.deterministic_prior:
         raise UserError("sampling.first_hitting reveals one masked token per step: it needs a masked-process model")
-    times = torch.linspace(1.0, 0.0, steps + 1, device=device)
+    times = time_grid(steps, noise_removal, device)
     cache = denoiser.new_cache() if kv_cache else None
     finished = torch.empty(batch, 0, dtype=torch.long, device=device)
     blocks = length // block_size
@@ -126,8 +130,12 @@ def sample_blocks(
                 z = greedy_step(z, log_p, updated)
             else:
                 z = step(process, log_p, z, t, s, rule=rule, temperature=temperature, top_p=top_p, nucleus=nucleus,
-                         generator=generator, updated=updated, last=i == steps - 1)
+                         generator=generator, updated=updated, last=i == steps - 1 and noise_removal != "greedy_tail")
             z = _keep(z, given)
+        if noise_removal == "greedy_tail":  # Duo's: one more call at t = 1e-5 per block, argmax x̂
+            prefix = None if kv_cache or j == 0 else window
+            z = _keep(greedy_tail(lambda z_, t_, at: denoiser.block_log_probs(
+                z_, t_, prefix=prefix, kv_cache=cache, generator=generator, at=at), process, z), given)
         finished = torch.cat([finished, z], dim=1)
         if stop_at is not None:
             finished = _end_at(finished, stop_at)
@@ -242,8 +250,11 @@ class BlockSampler:
                 x[low] = draw(int(low.sum()), None if prompt is None else prompt[low])
         return x
 
-    def nfe(self, length: int, steps: int, kv_cache: bool | None = None, first_hitting: bool = False) -> dict[str, int]:
-        """Network evaluations per sequence (first hitting: one per masked token, `steps` ignored;
-        counted as `block_size` per block, an upper bound when a prompt or BOS fills part of one)."""
-        return nfe(length, self.block_size, self.block_size if first_hitting else steps,
-                   self.kv_cache if kv_cache is None else kv_cache)
+    def nfe(self, length: int, steps: int, kv_cache: bool | None = None, first_hitting: bool = False,
+            noise_removal: str = "ancestral") -> dict[str, int]:
+        """Network evaluations per sequence (first hitting: one per masked token, `steps` and the
+        greedy tail ignored; counted as `block_size` per block, an upper bound when a prompt or
+        BOS fills part of one)."""
+        if first_hitting:
+            return nfe(length, self.block_size, self.block_size, self.kv_cache if kv_cache is None else kv_cache)
+        return nfe(length, self.block_size, steps, self.kv_cache if kv_cache is None else kv_cache, noise_removal)

@@ -24,6 +24,15 @@ Time grid: t_j = j/k, stepping from 1 to 0; the last step has s = 0 and ends at 
 extra call after k steps down to t = 1e-5: `step(last=True)`), which reveals
 every token, so k steps cost k network evaluations (at most k where steps that reveal nothing
 are skipped).
+
+Noise removal (`noise_removal`, what happens at the end):
+- `ancestral`: the last step draws, as above (k calls).
+- `greedy`: the last step takes argmax x̂(z_{1/k}) instead of its draw (k calls).
+- `greedy_tail`: Duo's protocol (Sahoo et al. 2025 §4.2; its `sampling.noise_removal=greedy`):
+  k ordinary steps from t = 1 down to t = 1e-5 (`TAIL_T`, the schedule's own α there, no jump
+  to the data), then one more call at t = 1e-5 and argmax x̂ wherever the token is not yet
+  known (every token under uniform diffusion, the masks left under masked diffusion): k + 1
+  calls (`network_calls`; a masked sequence with no mask left makes no extra call).
 """
 
 from __future__ import annotations
@@ -43,7 +52,8 @@ from mdlm_dmmd.errors import UserError
 
 Denoiser = Callable[..., Tensor]  # (z_t [B, L], t [B][, at=bool [B, L]]) -> log-probs [B, L, V] (at: [N, V])
 RULES = ("ancestral", "generator")
-NOISE_REMOVALS = ("ancestral", "greedy")
+NOISE_REMOVALS = ("ancestral", "greedy", "greedy_tail")
+TAIL_T = 1e-5  # where Duo's greedy tail stops its k steps and makes its last call (Duo's sampling eps)
 NUCLEUS_RULES = ("keep", "drop")  # the token that crosses top_p: kept (Duo, ours) | dropped (BD3-LM)
 
 
@@ -158,16 +168,16 @@ def sample(
 ) -> Tensor:
     """Draw `shape[0]` sequences of length `shape[1]` in `steps` denoising steps. [B, L] int64.
 
-    `noise_removal="greedy"`: the last step returns argmax x̂(z_{1/k}) instead of its draw; still
-    `steps` network calls. (Duo's greedy tail, Sahoo et al. 2025 §4.2, is not this: it runs k
-    steps down to t = 1e-5 and takes the argmax of one more call, k + 1 in all.)
+    `noise_removal`: `ancestral`, `greedy` (the last step returns argmax x̂(z_{1/k}) instead of
+    its draw; `steps` calls) or `greedy_tail` (Duo's: k steps down to t = 1e-5, then argmax x̂
+    of one more call; k + 1 calls). See the module docstring.
     `prompt` [B, P]: the first P tokens are given (clean from the start and after every step;
     masked diffusion carries them over anyway, uniform diffusion would re-noise them).
     """
     check_sampling_args(steps, temperature, top_p, rule, noise_removal, nucleus)
     check_prompt(prompt, shape)
     z = keep_prompt(process.prior(shape, device=device, generator=generator), prompt)
-    times = torch.linspace(1.0, 0.0, steps + 1, device=device)
+    times = time_grid(steps, noise_removal, device)
     sparse = takes_positions(denoise)
     for j in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
         t = times[j].expand(shape[0])
@@ -184,9 +194,37 @@ def sample(
             z = greedy_step(z, log_p, updated)  # argmax is unchanged by temperature > 0 and top-p
         else:
             z = step(process, log_p, z, t, s, rule=rule, temperature=temperature, top_p=top_p, nucleus=nucleus,
-                     generator=generator, updated=updated, last=j == steps - 1)
+                     generator=generator, updated=updated, last=j == steps - 1 and noise_removal != "greedy_tail")
         z = keep_prompt(z, prompt)
+    if noise_removal == "greedy_tail":
+        def log_probs_at(z_: Tensor, t_: Tensor, at: Tensor) -> Tensor:  # the sequences with a token to decode
+            rows = at.any(dim=1)
+            return denoise(z_[rows], t_[rows], at=at[rows]) if sparse else denoise(z_, t_)[at]
+        z = keep_prompt(greedy_tail(log_probs_at, process, z), prompt)
     return z
+
+
+def time_grid(steps: int, noise_removal: str, device: torch.device | str = "cpu") -> Tensor:
+    """t_0 = 1 > … > t_k: down to 0, or to `TAIL_T` before Duo's greedy tail. [k + 1]"""
+    return torch.linspace(1.0, TAIL_T if noise_removal == "greedy_tail" else 0.0, steps + 1, device=device)
+
+
+def network_calls(steps: int, noise_removal: str) -> int:
+    """Network evaluations of k steps (per block for block models): k, or k + 1 with the greedy tail."""
+    return steps + (noise_removal == "greedy_tail")
+
+
+def greedy_tail(log_probs_at: Callable[[Tensor, Tensor, Tensor], Tensor], process: Process, z: Tensor) -> Tensor:
+    """Duo's greedy tail after the k steps: argmax x̂(z, t = TAIL_T) at the tokens whose clean
+    value is still unknown (`process.denoising_positions`); no call when there are none.
+    `log_probs_at(z, t, at)` gives x̂ [N, V] at the `at` positions (bool [B, L]) of z [B, L]."""
+    where = process.denoising_positions(z)
+    if not where.any():
+        return z
+    t = torch.full((z.shape[0],), TAIL_T, device=z.device)
+    out = z.clone()
+    out[where] = log_probs_at(z, t, where).argmax(dim=-1)
+    return out
 
 
 def takes_positions(denoise: Denoiser) -> bool:

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from mdlm_dmmd import registry
 from mdlm_dmmd.checkpoint_meta import CheckpointMeta
 from mdlm_dmmd.data import DataBundle, build_data
+from mdlm_dmmd.diffusion.sampling import network_calls
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.pipeline import Pipeline
 from mdlm_dmmd.ranks import Ranks, launched, local_device
@@ -113,11 +114,15 @@ def sampling_steps(cfg: DictConfig, meta: CheckpointMeta | None = None) -> int:
 
 def nfe_report(sampler, length: int, steps: int, cfg: DictConfig) -> dict[str, int]:
     """Report rows for a block model: its block size, steps per block and network evaluations in
-    all, without and with the passes that commit finished blocks to the KV cache; {} otherwise."""
-    if not getattr(sampler, "blockwise", False):
-        return {}
+    all, without and with the passes that commit finished blocks to the KV cache. Other
+    diffusion models: the NFE where Duo's greedy tail adds a call to the steps; {} otherwise."""
     s = cfg.sampling
-    n = sampler.nfe(length, steps, kv_cache=s.get("kv_cache"), first_hitting=bool(s.get("first_hitting", False)))
+    noise_removal = str(s.get("noise_removal", "ancestral"))
+    if not getattr(sampler, "blockwise", False):
+        calls = network_calls(steps, noise_removal)
+        return {"NFE": calls} if calls != steps and not getattr(sampler, "autoregressive", False) else {}
+    n = sampler.nfe(length, steps, kv_cache=s.get("kv_cache"), first_hitting=bool(s.get("first_hitting", False)),
+                    noise_removal=noise_removal)
     return {"block size": sampler.block_size, "steps per block": n["per_block"],
             "NFE (all blocks)": n["denoising"], "NFE with KV-cache commits": n["total"]}
 

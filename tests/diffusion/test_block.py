@@ -498,3 +498,54 @@ def test_first_hitting_times_and_positions_are_bd3lms_replayed(monkeypatch):
         position = (torch.rand(2, K, dtype=torch.float64, generator=g) * masked).argmax(1)
         torch.rand(2, 1, dtype=torch.float64, generator=g)  # the revealed token's draw
         assert torch.equal(t_seen, t.float()) and at.sum() == 2 and at[rows, position].all()
+
+
+@pytest.mark.parametrize("make", [masked_denoiser, uniform_denoiser], ids=["masked", "uniform"])
+def test_greedy_tail_per_block_keeps_cached_and_uncached_sampling_equal(make, monkeypatch):
+    """Duo's greedy tail in every block: k steps down to TAIL_T, then one more call (the masks
+    left, or every token of a uniform block) whose argmax ends the block; cached = uncached. With
+    the tail at t = 0.1 (patched) masked blocks have masks left for it to decode."""
+    from mdlm_dmmd.diffusion import sampling
+    monkeypatch.setattr(sampling, "TAIL_T", 0.1)
+    denoiser = make()
+    lengths = []
+    forward = denoiser.network.forward
+    monkeypatch.setattr(denoiser.network, "forward", lambda x, *a, **k: lengths.append(x.shape[1]) or forward(x, *a, **k))
+    tokens = {}
+    for cached in (True, False):
+        lengths.clear()
+        tokens[cached] = sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(4, L), kv_cache=cached,
+                                       noise_removal="greedy_tail", generator=torch.Generator().manual_seed(5))
+        if make is uniform_denoiser:  # 2 steps + the tail per block, and the commits
+            assert lengths == ([K] * (3 * 4 + 3) if cached else [n * K for n in (1, 2, 3, 4) for _ in range(3)])
+    assert torch.equal(tokens[True], tokens[False]) and (tokens[True] < V).all()
+    plain = sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(4, L),
+                          generator=torch.Generator().manual_seed(5))
+    assert not torch.equal(plain, tokens[True])  # the tail changes the samples: the test can fail
+    assert nfe(L, K, 2, True, "greedy_tail") == {"per_block": 3, "denoising": 12, "commit": 3, "total": 15}
+    assert BlockSampler(denoiser.process, 256).nfe(1024, 16, noise_removal="greedy_tail")["total"] == 17 * 4 + 3
+
+
+def test_greedy_tail_blocks_end_their_k_steps_at_the_schedules_alpha():
+    """Under a Duo schedule (α(1e-5) ≈ 0.9) each block's k-th step stops at the schedule's α, so
+    the tail's call sees noise, and the argmax of a perfect denoiser removes it (as in Duo)."""
+    from mdlm_dmmd.diffusion.schedules import DuoSchedule
+    vocab, size, blocks = 1000, 64, 2
+    process = UniformProcess(DuoSchedule(vocab, gamma_min=-2.0, gamma_max=0.0), vocab)
+    alpha_tail = process.schedule.alpha(torch.tensor([1e-5], dtype=torch.float64)).item()
+    x = torch.randint(0, vocab, (8, size), generator=torch.Generator().manual_seed(0))  # every block's data
+    tail_inputs = []
+
+    class Perfect:
+        def block_log_probs(self, z, t, prefix=None, kv_cache=None, generator=None, at=None):
+            if t[0].item() == pytest.approx(1e-5):
+                tail_inputs.append(z.clone())
+            log_p = torch.full((*z.shape, vocab), -1e9).scatter_(-1, x[..., None], 0.0)
+            return log_p if at is None else log_p[at]
+
+    out = sample_blocks(Perfect(), process, block_size=size, steps=3, shape=(8, size * blocks), kv_cache=False,
+                        noise_removal="greedy_tail", generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, x.repeat(1, blocks)) and len(tail_inputs) == blocks
+    for z in tail_inputs:
+        noisy = (z != x).double().mean().item()
+        assert abs(noisy - (1 - alpha_tail)) < 0.04, (noisy, alpha_tail)

@@ -1,14 +1,18 @@
 """The plain samplers' details against hand computations: temperature before the nucleus,
 the nucleus rules at exact ties, the AR sampler's temperature and top-p, the float64 categorical
 draw (a tail below float32, one uniform per row), the greedy last step (uniform: argmax
-everywhere; masked: every token still masked), and the time grid j/k down to 0."""
+everywhere; masked: every token still masked), Duo's greedy tail (k steps to t = 1e-5, then the
+argmax of one more call), and the time grid j/k down to 0."""
+
+import math
 
 import pytest
 import torch
 
+from mdlm_dmmd.diffusion import sampling
 from mdlm_dmmd.diffusion.masked import MaskedProcess
 from mdlm_dmmd.diffusion.sampling import adjust, sample, sample_autoregressive, sample_categorical, top_p_mask
-from mdlm_dmmd.diffusion.schedules import LogLinear
+from mdlm_dmmd.diffusion.schedules import DuoSchedule, LogLinear
 from mdlm_dmmd.diffusion.uniform import UniformProcess
 
 P4 = [0.5, 0.3, 0.15, 0.05]
@@ -138,3 +142,106 @@ def test_time_grid_is_j_over_k_down_to_zero(monkeypatch):
     out = sample(uniform, process, steps=4, shape=(3, 8), generator=torch.Generator().manual_seed(0))
     assert (out != 5).all()
     assert seen_t == [1.0, 0.75, 0.5, 0.25] and seen_s == [0.75, 0.5, 0.25, 0.0]
+
+
+# -- Duo's greedy tail ----------------------------------------------------------------------------------
+def test_greedy_tail_is_k_steps_down_to_1e_5_then_the_argmax_of_one_more_call():
+    """Duo's `generate_samples` with `noise_removal=greedy`: t on linspace(1, 1e-5, k + 1), k
+    ordinary steps with the schedule's own α_s (no jump to the data), then
+    `forward(x, σ(1e-5)).argmax(-1)`: k + 1 calls. Under a Duo schedule with α(0) ≈ 0.9 the tail's
+    input keeps the last step's noise and a perfect denoiser's argmax removes it."""
+    vocab, k = 1000, 4
+    schedule = DuoSchedule(vocab, gamma_min=-2.0, gamma_max=0.0)
+    alpha_tail = schedule.alpha(torch.tensor([1e-5], dtype=torch.float64)).item()
+    assert alpha_tail < 0.95
+    process = UniformProcess(schedule, vocab)
+    x = torch.randint(0, vocab, (8, 256), generator=torch.Generator().manual_seed(0))
+    seen_t, inputs = [], []
+
+    def perfect(z, t):
+        seen_t.append(t[0].item())
+        inputs.append(z.clone())
+        return torch.full((*z.shape, vocab), -1e9).scatter_(-1, x[..., None], 0.0)
+
+    out = sample(perfect, process, steps=k, shape=tuple(x.shape), noise_removal="greedy_tail",
+                 generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, x)
+    grid = [1 - j * (1 - 1e-5) / k for j in range(k)] + [1e-5]
+    assert seen_t == pytest.approx(grid, abs=1e-7)
+    # the k-th step drew z_{1e-5} ~ q(· | z_t, x) at α(1e-5): a share ≈ (1 − α)(1 − 1/V) is noise
+    # (its marginal is q(z_s | x) up to the prior's mismatch with q(z_1 | x), which the posterior
+    # from t = 1/4 has almost forgotten)
+    noisy = (inputs[-1] != x).double().mean().item()
+    expected = (1 - alpha_tail) * (1 - 1 / vocab)
+    assert abs(noisy - expected) < 5 * math.sqrt(expected * (1 - expected) / x.numel()) + 0.005, (noisy, expected)
+
+
+@pytest.mark.parametrize("rule", ["ancestral", "generator"])
+def test_greedy_tail_takes_the_argmax_of_its_own_call_everywhere_for_uniform_models(rule):
+    """The tail's argmax is that of the last call's x̂, at every position of a uniform model."""
+    V, shape, k = 5, (40, 12), 3
+    log_p, top = _fixed_log_probs(shape, V, 4)
+    calls = []
+
+    def fixed_then_other(z, t):
+        calls.append(t[0].item())
+        return log_p if len(calls) <= k else log_p.flip(-1)  # the tail's call says something else
+
+    out = sample(fixed_then_other, UniformProcess(LogLinear(), vocab_size=V), steps=k, shape=shape, rule=rule,
+                 noise_removal="greedy_tail", generator=torch.Generator().manual_seed(2))
+    assert len(calls) == k + 1 and calls[-1] == pytest.approx(1e-5)
+    assert torch.equal(out, log_p.flip(-1).argmax(-1))
+
+
+def test_greedy_tail_of_a_masked_model_decodes_the_masks_left_and_nothing_else(monkeypatch):
+    """With the tail at t = 0.1 (patched, so that masks are left: α = 0.9) the tail's call sees
+    exactly the still-masked tokens of the sequences that have any; the clean ones stay; the
+    sparse and the dense path give the same tokens; no mask is left."""
+    monkeypatch.setattr(sampling, "TAIL_T", 0.1)
+    mask, (B, L), k = 5, (40, 12), 2
+    log_p, top = _fixed_log_probs((1, L), mask + 1, 6, mask_id=mask)  # the same x̂ for every sequence
+    process = MaskedProcess(LogLinear(), mask_id=mask)
+    dense_inputs, sparse_calls = [], []
+
+    def dense(z, t):
+        dense_inputs.append(z.clone())
+        return log_p.expand(z.shape[0], L, -1)
+
+    def sparse(z, t, at=None):
+        sparse_calls.append((z.clone(), t.clone(), at.clone()))
+        return log_p.expand(z.shape[0], L, -1)[at]
+
+    out = sample(dense, process, steps=k, shape=(B, L), noise_removal="greedy_tail",
+                 generator=torch.Generator().manual_seed(7))
+    assert len(dense_inputs) == k + 1
+    before_tail = dense_inputs[-1]
+    left = before_tail == mask
+    assert 0.05 < left.double().mean().item() < 0.18  # ≈ 1 − α(0.1) = 0.1
+    assert left.any(dim=1).sum() < B  # some sequences have no mask left
+    assert torch.equal(out[~left], before_tail[~left])  # clean tokens stay
+    assert torch.equal(out[left], top.expand(B, L)[left])  # the masks left: argmax x̂
+    out_sparse = sample(sparse, process, steps=k, shape=(B, L), noise_removal="greedy_tail",
+                        generator=torch.Generator().manual_seed(7))
+    assert torch.equal(out_sparse, out)
+    z, t, at = sparse_calls[-1]  # the tail: the sequences with a mask left, at their masks, t = 0.1
+    assert torch.equal(z, before_tail[left.any(dim=1)]) and torch.equal(at, z == mask)
+    assert torch.allclose(t, torch.full_like(t, 0.1))
+
+
+def test_greedy_tail_makes_no_call_when_no_mask_is_left():
+    """Masked, k steps down to t = 1e-5 almost never leave a mask among 96 tokens: no tail call."""
+    mask, shape = 5, (8, 12)
+    log_p, _ = _fixed_log_probs(shape, mask + 1, 8, mask_id=mask)
+    calls = []
+
+    def dense(z, t):
+        calls.append(t[0].item())
+        return log_p
+
+    out = sample(dense, MaskedProcess(LogLinear(), mask_id=mask), steps=3, shape=shape, noise_removal="greedy_tail",
+                 generator=torch.Generator().manual_seed(9))
+    assert (out != mask).all() and len(calls) == 3
+
+
+def test_network_calls_count_the_greedy_tail():
+    assert [sampling.network_calls(8, r) for r in ("ancestral", "greedy", "greedy_tail")] == [8, 8, 9]

@@ -1,4 +1,5 @@
-"""`scoring.generate`: sample batches with their own seeds, shared between processes."""
+"""`scoring.generate`: sample batches with their own seeds, shared between processes; the NFE
+rows of reports."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,11 @@ from omegaconf import OmegaConf
 
 from mdlm_dmmd import cli
 from mdlm_dmmd.errors import UserError
-from mdlm_dmmd.eval.scoring import batch_seed, generate
+from mdlm_dmmd.diffusion.block_sampling import BlockSampler
+from mdlm_dmmd.diffusion.masked import MaskedProcess
+from mdlm_dmmd.diffusion.sampling import AutoregressiveSampler, DiffusionSampler
+from mdlm_dmmd.diffusion.schedules import LogLinear
+from mdlm_dmmd.eval.scoring import batch_seed, generate, nfe_report
 from mdlm_dmmd.ranks import Ranks
 
 
@@ -84,3 +89,21 @@ def test_a_fixed_gpu_is_refused_for_several_processes(monkeypatch, capsys):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert default_device(OmegaConf.create({"sampling": {"device": "cuda"}})) == "cuda:1"
     assert default_device(OmegaConf.create({"sampling": {"device": "auto"}})) == "cuda:1"
+
+
+def test_nfe_rows_count_the_greedy_tails_extra_call():
+    """k steps make k calls, k + 1 with Duo's greedy tail (per block for block models); the AR
+    sampler's L calls are its steps and no diffusion noise removal applies to it."""
+    process = MaskedProcess(LogLinear(), mask_id=9)
+
+    def cfg(noise_removal):
+        return OmegaConf.create({"sampling": {"noise_removal": noise_removal, "kv_cache": True}})
+
+    assert nfe_report(DiffusionSampler(process), 64, 8, cfg("ancestral")) == {}
+    assert nfe_report(DiffusionSampler(process), 64, 8, cfg("greedy")) == {}
+    assert nfe_report(DiffusionSampler(process), 64, 8, cfg("greedy_tail")) == {"NFE": 9}
+    assert nfe_report(AutoregressiveSampler(start_id=9), 64, 64, cfg("greedy_tail")) == {}
+    block = BlockSampler(process, 16)  # 4 blocks, 3 commits
+    assert nfe_report(block, 64, 8, cfg("greedy_tail")) == {
+        "block size": 16, "steps per block": 9, "NFE (all blocks)": 36, "NFE with KV-cache commits": 39}
+    assert nfe_report(block, 64, 8, cfg("ancestral"))["NFE with KV-cache commits"] == 35

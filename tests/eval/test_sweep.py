@@ -171,6 +171,18 @@ def test_ar_baseline_is_sampled_with_length_steps(teacher, ar, tmp_path):
     assert float(rows[1]["entropy"]) == pytest.approx(registry.load_metric("entropy")(expected)["value"], rel=1e-12)
 
 
+def test_greedy_tail_rows_count_its_extra_call(teacher, ar, tmp_path):
+    run_dir = tmp_path / "sweep"
+    assert main([*SWEEP, f"run_dir={run_dir}", "eval.metrics=[entropy]", "sweep.reference_rows=false",
+                 "sampling.noise_removal=greedy_tail", f"sweep.ar_baseline='{ar}'",
+                 methods({"name": "Teacher", "checkpoint": teacher, "steps": [2]})]) == 0
+    rows = read_rows(run_dir)
+    assert [(r["method"], r["steps"], r["nfe"]) for r in rows] == [("Teacher", "2", "3"), ("AR baseline", "64", "64")]
+    expected = Pipeline.from_checkpoint(teacher).generate(8, steps=2, generator=torch.Generator().manual_seed(3),
+                                                          noise_removal="greedy_tail")
+    assert float(rows[0]["entropy"]) == pytest.approx(registry.load_metric("entropy")(expected)["value"], rel=1e-12)
+
+
 def test_student_at_its_own_k_keeps_its_distillation_top_p(teacher, tmp_path):
     student = train(tmp_path / "student", "algo=dmmd", f"algo.teacher={teacher}", "algo.sampling_steps=2",
                     "algo.teacher_top_p=0.9", "trainer.max_steps=2", "trainer.limit_val_batches=0")

@@ -81,7 +81,8 @@ def write_markdown(run_dir: Path, cfg: DictConfig, rows: list[dict], metrics: li
         f"scored with {', '.join(cfg.eval.metrics or [])}"
         + (f" (options: `{options}`)" if options else "") + ". "
         "NFE = sampling steps (network calls; the AR baseline makes L; for block-diffusion models the steps are "
-        "per block and the `nfe` column of results.csv counts all blocks). "
+        "per block and the `nfe` column of results.csv counts all blocks; with `sampling.noise_removal=greedy_tail` "
+        "each k steps make one more call, which `nfe` counts and the tables' step columns do not). "
         "\"(p = 0.85)\": sampled with top-p 0.85; \"(p = 0.85/1.00)\": a student distilled with teacher top-p 0.85, "
         "sampled with top-p 1.00. \"Data\": the metrics of held-out data sequences themselves."
         + (f" Rows marked (quoted) are copied from `{literature}`, not measured." if literature else ""),

@@ -140,7 +140,7 @@ def measure(cfg: DictConfig, method: Method, steps: int, top_p: float, ranks: Ra
     report = nfe_report(method.pipeline.sampler, method.pipeline.length, int(steps), sampling_cfg)
     return {**row_keys(method, steps, top_p), **flatten(scored.metrics),
             "num_samples": int(cfg.sweep.num_samples), "sample_seconds": round(scored.seconds, 3),
-            "nfe": report.get("NFE (all blocks)", int(steps)),
+            "nfe": report.get("NFE (all blocks)", report.get("NFE", int(steps))),
             **({"entropy_redraws": method.pipeline.stats.get("entropy_redraws", 0)}
                if cfg.sampling.get("entropy_redraw") else {})}
 
