@@ -71,11 +71,13 @@ def teacher(tmp_path_factory):
 
 
 def one_and_two_processes_agree(tmp_path, algos: dict, rows: int) -> None:
-    """Each algo with `rows` rows per micro-batch on 1 process and rows / 2 on each of 2 sharded ones."""
+    """Each algo with `rows` rows per micro-batch (and validation batch) on 1 process and rows / 2
+    on each of 2 sharded ones."""
     quiet = ["sampling.num_samples=0", "trainer.max_steps=4"]
     for algo, overrides in algos.items():
-        train(tmp_path, f"{algo}_one", *overrides, *quiet, f"loader.batch_size={rows}")
-        train(tmp_path, f"{algo}_two", *overrides, *quiet, f"loader.batch_size={rows // 2}", *FSDP)
+        train(tmp_path, f"{algo}_one", *overrides, *quiet, f"loader.batch_size={rows}", f"loader.eval_batch_size={rows}")
+        train(tmp_path, f"{algo}_two", *overrides, *quiet, f"loader.batch_size={rows // 2}",
+              f"loader.eval_batch_size={rows // 2}", *FSDP)
         runs = weights(tmp_path / f"{algo}_one"), weights(tmp_path / f"{algo}_two")
         assert runs[1]["global_step"] == runs[0]["global_step"] == 4, algo
         assert max_difference(runs[0]["state_dict"], runs[1]["state_dict"]) < TOLERANCE, algo
@@ -85,15 +87,19 @@ def one_and_two_processes_agree(tmp_path, algos: dict, rows: int) -> None:
 
 
 def test_the_other_algos_sharded(tmp_path, teacher):
-    """bd3lm (buffers beside the shards), sdtt (a round swap at step 2 loads the student into the
-    sharded teacher) and idlm. Measured: 1.5e-8 each. udlm and ar share mdlm's path (Lightning's
-    optimisation; only the loss differs) and were measured once by hand: 1.5e-8 each."""
+    """bd3lm (buffers beside the shards, moved by the clip search, whose one all-gather makes the
+    sharded processes pick the interval of one process), sdtt (a round swap at step 2 loads the
+    student into the sharded teacher) and idlm. Measured: 1.5e-8 each. udlm and ar share mdlm's
+    path (Lightning's optimisation; only the loss differs) and were measured once by hand: 1.5e-8 each."""
     one_and_two_processes_agree(tmp_path, {
-        "bd3lm": ["algo=bd3lm", "block_size=16"],
+        "bd3lm": ["algo=bd3lm", "block_size=16", "algo.clip_search_widths=[0.3,1.0]"],
         "sdtt": ["algo=sdtt", f"algo.teacher={teacher}", "algo.initial_steps=16", "algo.final_steps=4",
                  "algo.steps_per_round=2"],
         "idlm": ["algo=idlm", f"algo.teacher={teacher}", "algo.lr_generator=1e-3", "algo.lr_fake=1e-3"],
     }, rows=8)
+    state = weights(tmp_path / "bd3lm_two")["state_dict"]
+    searched = (state["sampling_eps_min"].item(), state["sampling_eps_max"].item())
+    assert searched != pytest.approx((1e-3, 1.0))  # the search ran and moved the interval (measured: (0.7, 1.0))
 
 
 def test_gradient_accumulation_sharded(tmp_path, teacher):

@@ -68,23 +68,32 @@ def clip_intervals(widths, delta: float, eps: float) -> list[tuple[float, float]
     return out
 
 
-def spreads(losses: dict[tuple[float, float], list[Tensor]], gather=None) -> Tensor:
+def spreads(batches: list[Tensor], gather=None) -> Tensor:
     """Per interval, the variance of the per-(sequence, block) losses within each validation
-    batch, summed over batches. `gather` collects a batch's losses from every process (each
+    batch, summed over batches; `batches`: one [n_intervals, rows] tensor per batch (its losses
+    under each candidate interval). `gather` collects a tensor from every process ([W, ...]; each
     validates its own shard; BD3-LM's all-gather), so the variance is over the whole global
-    batch and every process gets the same numbers. [n_intervals] float64"""
-    gather = gather or (lambda b: b)
-    totals = []
-    for batches in losses.values():
-        whole = [gather(b).flatten() for b in batches]  # a collective on every process alike: before any test
-        totals.append(sum(b.var().item() for b in whole if b.numel() > 1))
-    return torch.tensor(totals, dtype=torch.float64)
+    batch and every process gets the same numbers; it is called once, on every batch at once
+    (the batch index rides along as an extra row). [n_intervals] float64"""
+    which = torch.cat([torch.full((b.shape[1],), i, dtype=torch.float64, device=b.device)
+                       for i, b in enumerate(batches)])
+    packed = torch.cat([which[None], torch.cat(batches, dim=1).double()])  # [1 + n_intervals, R]
+    if gather is not None:  # [W, 1 + n_intervals, R] → every process's rows, process by process
+        gathered = gather(packed)
+        packed = gathered.permute(1, 0, 2).reshape(packed.shape[0], -1)
+    which, losses = packed[0], packed[1:]
+    totals = torch.zeros(losses.shape[0], dtype=torch.float64, device=losses.device)
+    for i in range(len(batches)):
+        rows = losses[:, which == i]
+        if rows.shape[1] > 1:
+            totals += rows.var(dim=1)
+    return totals.cpu()
 
 
-def lowest_variance(losses: dict[tuple[float, float], list[Tensor]], gather=None) -> tuple[float, float]:
+def lowest_variance(intervals: list[tuple[float, float]], batches: list[Tensor], gather=None) -> tuple[float, float]:
     """The interval whose per-(sequence, block) losses vary least (BD3-LM's
-    `_clipped_schedule_search`); `gather`: see `spreads`."""
-    return list(losses)[int(torch.argmin(spreads(losses, gather)))]
+    `_clipped_schedule_search`); `batches` and `gather`: see `spreads`."""
+    return intervals[int(torch.argmin(spreads(batches, gather)))]
 
 
 @dataclass
@@ -196,21 +205,22 @@ class BD3LM(AlgoBase):
         self._val_sum += total.double()
         self._val_count += count.double()
         if self.intervals and batch_idx < SEARCH_BATCHES:
+            per_interval = []
             for interval in self.intervals:  # the training loss under each candidate interval
                 _, _, per_token = self.token_losses(batch, None, interval)
                 per_block = per_token.view(per_token.shape[0], -1, self.block).mean(-1)  # [B, n_blocks]
-                self._search.setdefault(interval, []).append(per_block.flatten().double())
+                per_interval.append(per_block.flatten().double())
+            self._search.append(torch.stack(per_interval))  # [n_intervals, B · n_blocks]
 
     def on_validation_epoch_start(self):
         super().on_validation_epoch_start()
-        self._search: dict[tuple[float, float], list[Tensor]] = {}
+        self._search: list[Tensor] = []
 
     def on_validation_epoch_end(self):
         super().on_validation_epoch_end()
-        if self._search:
+        if self._search:  # one collective for the whole search
             several = self.trainer.world_size > 1
-            interval = lowest_variance(self._search, (lambda b: self.all_gather(b.to(self.device)).cpu()) if several
-                                       else None)
+            interval = lowest_variance(self.intervals, self._search, self.all_gather if several else None)
             self.sampling_eps_min.fill_(interval[0])
             self.sampling_eps_max.fill_(interval[1])
             self.log("train/sampling_eps_min", interval[0])

@@ -250,18 +250,31 @@ def test_candidate_intervals_and_the_lowest_variance_pick():
     # BD3-LM's valid_vars start with the unclipped interval, so the search may keep it
     assert clip_intervals([0.5], 0.25, 1e-3) == [(1e-3, 1.0), (1e-3, 0.5), (0.25, 0.75), (0.5, 1.0)]
     assert clip_intervals([1.0], 0.05, 1e-3) == [(1e-3, 1.0)] and clip_intervals([], 0.05, 1e-3) == []
-    # per-batch variances summed: 2.0 for the first; 0.125 + 0.5 for the second (pooled, it would be 0.375 + ...)
-    losses = {(0.1, 0.6): [torch.tensor([1.0, 3.0])], (0.2, 0.7): [torch.tensor([1.0, 1.5]), torch.tensor([5.0, 6.0])]}
-    assert lowest_variance(losses) == (0.2, 0.7)
-    pooled_would_pick_the_first = torch.cat(losses[(0.2, 0.7)]).var() > torch.cat(losses[(0.1, 0.6)]).var()
-    assert pooled_would_pick_the_first  # the two rules differ here, so the test tells them apart
+    # per-batch variances summed (rows: intervals; one tensor per batch): 2 + 0 for the first,
+    # 0.125 + 0.5 for the second; pooled over the batches it would be 3.67 against 6.23
+    intervals = [(0.1, 0.6), (0.2, 0.7)]
+    batches = [torch.tensor([[1.0, 3.0], [1.0, 1.5]]), torch.tensor([[5.0, 5.0], [5.0, 6.0]])]
+    assert spreads(batches).tolist() == pytest.approx([2.0, 0.625])
+    assert lowest_variance(intervals, batches) == (0.2, 0.7)
+    pooled = torch.cat(batches, dim=1).var(dim=1)
+    assert pooled[0] < pooled[1]  # the two rules differ here, so the test tells them apart
     # two processes: each batch's variance is over both shards' rows (BD3-LM's all-gather), not a
-    # sum of each shard's own: shards [1, 3] and [5, 7] vary by 2 each, together by 6.67
-    shard = {(0.1, 0.6): [torch.tensor([1.0, 3.0])], (0.2, 0.7): [torch.tensor([1.0, 1.5])]}
-    other = {(0.1, 0.6): torch.tensor([5.0, 7.0]), (0.2, 0.7): torch.tensor([1.2, 1.4])}
-    gathered = iter([torch.stack([shard[k][0], other[k]]) for k in shard])
-    assert spreads(shard, lambda b: next(gathered)).tolist() == pytest.approx([torch.tensor([1.0, 3, 5, 7]).var().item(),
-                                                                             torch.tensor([1.0, 1.5, 1.2, 1.4]).var().item()])
+    # sum of each shard's own: shards [1, 3] and [5, 7] vary by 2 each, together by 6.67; one
+    # collective carries every batch (the batch index as an extra row)
+    shard = [torch.tensor([[1.0, 3.0], [1.0, 1.5]]), torch.tensor([[2.0], [4.0]])]
+    other = [torch.tensor([[5.0, 7.0], [1.2, 1.4]]), torch.tensor([[3.0], [9.0]])]
+    calls = []
+
+    def gather(packed):
+        calls.append(packed.shape)
+        theirs = torch.cat([torch.tensor([[0.0, 0.0, 1.0]]), torch.cat(other, dim=1)])
+        return torch.stack([packed, theirs])
+
+    got = spreads(shard, gather)
+    assert calls == [(3, 3)]
+    assert got.tolist() == pytest.approx([torch.tensor([1.0, 3, 5, 7]).var().item() + torch.tensor([2.0, 3]).var().item(),
+                                          torch.tensor([1.0, 1.5, 1.2, 1.4]).var().item() + torch.tensor([4.0, 9]).var().item()])
+    assert lowest_variance(intervals, shard, gather) == (0.1, 0.6)  # 6.67 + 0.5 against 0.043 + 12.5
 
 
 def test_times_stay_in_the_interval_and_validation_moves_it(monkeypatch):
@@ -275,15 +288,14 @@ def test_times_stay_in_the_interval_and_validation_moves_it(monkeypatch):
     assert t.min() >= 0.25 and t.max() <= 0.75 and t.shape == (4, 64)
     assert algo.intervals == [(1e-3, 1.0), (1e-3, 0.5), (0.25, 0.75), (0.5, 1.0)]
 
-    collected = {}
+    collected = []  # one [n_intervals, rows] tensor per validation batch
     search = BD3LM.on_validation_epoch_end
-    monkeypatch.setattr(BD3LM, "on_validation_epoch_end",
-                        lambda self: collected.update({k: list(v) for k, v in self._search.items()}) or search(self))
+    monkeypatch.setattr(BD3LM, "on_validation_epoch_end", lambda self: collected.extend(self._search) or search(self))
     _, valid_loader = make_loaders(data, batch_size=8, eval_batch_size=8, seed=0)
     L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
               limit_val_batches=3).validate(algo, valid_loader, verbose=False)
-    assert set(collected) == set(algo.intervals) and all([len(b) for b in v] == [8 * 4] * 3 for v in collected.values())
-    best = min(collected, key=lambda k: sum(b.var().item() for b in collected[k]))
+    assert [tuple(b.shape) for b in collected] == [(len(algo.intervals), 8 * 4)] * 3
+    best = min(algo.intervals, key=lambda k: sum(b[algo.intervals.index(k)].var().item() for b in collected))
     assert (float(algo.sampling_eps_min), float(algo.sampling_eps_max)) == best
     assert "sampling_eps_min" in algo.state_dict()  # saved with checkpoints
     t = algo.block_times(x)
@@ -313,4 +325,5 @@ def test_validation_scores_the_full_interval_and_groups_the_search_losses_by_blo
     algo.validation_step(batch(data), 0)
     assert asked[0] == ("elbo", (1e-3, 1.0)) and [i for _, i in asked[1:]] == algo.intervals
     expected = per_token.view(4, 4, 16).mean(-1).flatten().double()  # [B · n_blocks]: block j of row b at 4b + j
-    assert all(torch.equal(v[0], expected) for v in algo._search.values())
+    (only,) = algo._search  # one batch: its losses under each interval, [n_intervals, B · n_blocks]
+    assert only.shape == (len(algo.intervals), 16) and all(torch.equal(row, expected) for row in only)
