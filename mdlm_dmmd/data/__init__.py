@@ -45,7 +45,8 @@ Config keys read per dataset (`data.<key>`, default in brackets; null means "use
     wrap         [true]    as above (text8 always cuts plain `length`-character chunks)
     cache_dir    [null]    tokenized splits are saved here (`save_to_disk`) and loaded from here
                            first, which is the fully offline path
-    num_proc     [null]    processes for tokenization; null = min(8, CPUs)
+    num_proc     [null]    processes for tokenization; null = 8 on every machine (wrapped rows
+                           depend on it; another value is part of the cache's name)
     max_documents [null]   keep the first N raw rows of each split (smoke runs)
     valid_fraction [0.02]  openwebtext-split only: the last 2% of OWT is validation (D-MMD paper)
     hub_id, hub_config, hub_revision [per dataset]  override where `load_dataset` reads from

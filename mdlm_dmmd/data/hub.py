@@ -4,12 +4,15 @@ token ids, through `datasets.load_dataset`; `text.py` re-exports these names.
 They need the network or the HF cache the first time. Their tokenized splits are saved with
 `save_to_disk` under `data.cache_dir` (see `hub_cache_path`) and loaded from there first: that
 is the fully offline path. Like upstream, one remainder is dropped per `map` batch of 1000
-documents. wikitext and lm1b are detokenized (their spacing undone) before GPT-2 sees them.
+documents. `map` gives each of its `data.num_proc` processes a contiguous share of the documents
+and starts its batches at the share's start, so wrapped rows depend on the number of processes:
+it is 8 unless set (never the machine's CPU count, so that every machine builds the same rows),
+and any other value is part of the cache's name. wikitext and lm1b are detokenized (their spacing
+undone) before GPT-2 sees them.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -101,6 +104,7 @@ HUB_SOURCES = {
     # One row per split: 90M / 5M / 5M characters (the standard text8 split).
     "text8": HubSource("afmck/text8", None, "train", "validation"),
 }
+NUM_PROC = 8  # tokenizing processes when data.num_proc is null (the same on every machine)
 
 
 def _source(cfg: Mapping, name: str) -> HubSource:
@@ -132,7 +136,19 @@ def hub_cache_path(cfg: Mapping, length: int, split: str) -> Path:
     for key in ("hub_id", "hub_config", "hub_revision"):
         if option(cfg, key) is not None:
             parts.append(_slug(option(cfg, key)))
+    if not char_level and option(cfg, "wrap", True) and tokenizing_processes(cfg) != NUM_PROC:
+        parts.append(f"proc{tokenizing_processes(cfg)}")  # wrapped rows depend on it (module docstring)
     return cache_root(cfg) / "_".join(parts)
+
+
+def tokenizing_processes(cfg: Mapping) -> int:
+    """`data.num_proc`, `NUM_PROC` when null; one line naming the key when it is not an int ≥ 1."""
+    value = option(cfg, "num_proc")
+    if value is None:
+        return NUM_PROC
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"data.num_proc must be an int >= 1 (or null for {NUM_PROC}), got {value!r}")
+    return value
 
 
 def is_hub_failure(err: Exception) -> bool:
@@ -168,7 +184,9 @@ def _load_raw(cfg: Mapping, name: str, split: str, cache_path: Path):
         fraction = float(option(cfg, "valid_fraction", 0.02))
         if not 0.0 < fraction < 1.0:
             raise UserError(f"data.valid_fraction must be in (0, 1), got {fraction}")
-        n_valid = max(1, round(len(raw) * fraction))
+        if len(raw) < 2:
+            raise UserError(f"data=openwebtext-split: {len(raw)} document(s) cannot be split into train and valid")
+        n_valid = min(len(raw) - 1, max(1, round(len(raw) * fraction)))
         start, stop = (0, len(raw) - n_valid) if split == "train" else (len(raw) - n_valid,
                                                                            len(raw))
         raw = raw.select(range(start, stop))
@@ -192,7 +210,7 @@ def _tokenize_hub(raw, name: str, cfg: Mapping, length: int, tokenizer, bos: int
         input_ids, mask = pad_documents(ids, length, bos, eos)
         return {"input_ids": input_ids.tolist(), "attention_mask": mask.tolist()}
 
-    num_proc = int(option(cfg, "num_proc", min(8, os.cpu_count() or 1)))
+    num_proc = tokenizing_processes(cfg)
     return raw.map(rows, batched=True, batch_size=1000, remove_columns=raw.column_names,
                    num_proc=num_proc if num_proc > 1 and len(raw) > 1 else None,
                    desc=f"tokenizing {name}")

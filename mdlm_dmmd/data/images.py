@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from mdlm_dmmd.data import DataBundle, TokenDataset, image_shape_of, option
+from mdlm_dmmd.data.rows import split_indices
 from mdlm_dmmd.errors import UserError
 
 DIGITS_SHAPE = (8, 8, 1)  # (H, W, C)
@@ -47,12 +48,8 @@ def digits_arrays(split: str = "all", *, valid_fraction: float = 0.1,
         return pixels.copy(), labels.copy()
     if split not in ("train", "valid"):
         raise UserError(f"digits split must be 'train', 'valid' or 'all', got '{split}'")
-    if not 0.0 < valid_fraction < 1.0:
-        raise UserError(f"data.valid_fraction must be in (0, 1), got {valid_fraction}")
-    n = len(pixels)
-    n_valid = max(1, round(n * valid_fraction))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed)).numpy()
-    index = np.sort(perm[:n_valid] if split == "valid" else perm[n_valid:])
+    train, valid = split_indices(len(pixels), valid_fraction, split_seed)
+    index = valid if split == "valid" else train
     return pixels[index], labels[index]
 
 

@@ -32,10 +32,13 @@ POLL_SECONDS = 10.0  # how often a waiting process looks for the cache
 
 def launch_id() -> str:
     """The same in every process that one launch started on this machine, and in no other: the
-    SLURM job step, else the parent process (torchrun's agent)."""
+    SLURM job step, else the parent process (torchrun's agent) and, under torchrun, its restart
+    count (a restarted group has the same agent, and must not read the notes of the attempt
+    before it: a `failed` note or a `building` note of a dead builder)."""
     if os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_STEP_ID"):
         return f"slurm {os.environ['SLURM_JOB_ID']}.{os.environ['SLURM_STEP_ID']}"
-    return f"parent {os.getppid()}"
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    return f"parent {os.getppid()}" + (f" restart {restart}" if restart is not None else "")
 
 
 def note(path: Path, kind: str) -> Path:

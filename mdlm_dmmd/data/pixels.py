@@ -25,6 +25,7 @@ import torch
 
 from mdlm_dmmd.data import DataBundle, TokenDataset, option
 from mdlm_dmmd.data.hub import failure_reason, is_hub_failure
+from mdlm_dmmd.data.rows import split_indices
 from mdlm_dmmd.errors import UserError
 
 LEVELS = 256  # pixel values 0..255: the vocabulary (the masked process adds its mask)
@@ -120,11 +121,8 @@ def _hub_images(cfg: Mapping) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _split(images: np.ndarray, valid_fraction: float, split_seed: int) -> tuple[np.ndarray, np.ndarray]:
-    if not 0.0 < valid_fraction < 1.0:
-        raise UserError(f"data.valid_fraction must be in (0, 1), got {valid_fraction}")
-    n_valid = max(1, round(len(images) * valid_fraction))
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(split_seed)).numpy()
-    return images[np.sort(perm[n_valid:])], images[np.sort(perm[:n_valid])]
+    train, valid = split_indices(len(images), valid_fraction, split_seed)
+    return images[train], images[valid]
 
 
 def _centre_crop(images: np.ndarray, size) -> np.ndarray:

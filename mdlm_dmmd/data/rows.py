@@ -55,9 +55,12 @@ def pad_documents(docs: Sequence[Sequence[int]], length: int, bos_id: int,
 
 
 def split_indices(n: int, valid_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded split of n documents into sorted (train, valid) index lists, both non-empty."""
+    """Seeded split of n documents (or images) into sorted (train, valid) index lists, both
+    non-empty: the valid split takes round(n · valid_fraction) of them, at least 1 and at most n − 1."""
     if not 0.0 < valid_fraction < 1.0:
         raise UserError(f"data.valid_fraction must be in (0, 1), got {valid_fraction}")
+    if n < 2:
+        raise UserError(f"data: {n} document(s) or image(s) cannot be split into non-empty train and valid splits")
     n_valid = min(n - 1, max(1, round(n * valid_fraction)))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(perm[n_valid:]), sorted(perm[:n_valid])

@@ -13,7 +13,8 @@
 
 Deviations from upstream, on purpose: empty documents are skipped (upstream turns each blank
 line of wikitext into a lone EOS); local corpora drop one remainder at the end of the whole
-stream, while hub corpora, like upstream, drop one per `map` batch of 1000 documents.
+stream, while hub corpora, like upstream, drop one per `map` batch of 1000 documents (of each
+tokenizing process's share: `hub.py`).
 
 This module holds the local corpora (shakespeare, text_files), tokenized in memory on each run
 (Shakespeare with GPT-2 takes about two seconds; only a trained BPE is cached). Steps 3-4 and the
@@ -94,7 +95,7 @@ def expand_paths(patterns, key: str) -> list[Path]:
     files: list[Path] = []
     for pattern in patterns:
         pattern = os.path.expanduser(str(pattern))
-        if glob.has_magic(pattern):
+        if glob.has_magic(pattern) and not os.path.isfile(pattern):  # a file named "notes[v1].txt" is itself
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
             if not matches:
                 raise UserError(f"{key}: '{pattern}' matches no file")

@@ -1,5 +1,7 @@
 """Hub corpora without the hub: the offline error, the save_to_disk cache, a faked download."""
 
+import os
+
 import datasets
 import pytest
 import torch
@@ -36,6 +38,43 @@ def test_cache_dir_from_env(tmp_path, monkeypatch):
         tmp_path / "lm1b_valid_gpt2_L128_unwrapped"
     assert text.hub_cache_path({"name": "lm1b", "cache_dir": "/x", "tokenizer": "org/tok"},
                                128, "train") == text.Path("/x/lm1b_train_org-tok_L128_wrapped")
+
+
+def test_rows_never_depend_on_the_machines_cpu_count(monkeypatch):
+    """`map` restarts its 1000-document wrap batches at each process's share, so wrapped rows
+    depend on data.num_proc (measured: 2500 documents, L = 16, 1 vs 2 processes: the same 1689
+    rows in number, different rows). null is 8 on every machine; another value names the cache."""
+    from mdlm_dmmd.data import hub
+
+    for cpus in (1, 2, 64):
+        monkeypatch.setattr(os, "cpu_count", lambda cpus=cpus: cpus)
+        assert hub.tokenizing_processes({"name": "lm1b"}) == 8
+        assert hub.hub_cache_path({"name": "lm1b", "cache_dir": "/x"}, 128, "train") == text.Path(
+            "/x/lm1b_train_gpt2_L128_wrapped")
+    assert hub.hub_cache_path({"name": "lm1b", "cache_dir": "/x", "num_proc": 2}, 128, "train") == text.Path(
+        "/x/lm1b_train_gpt2_L128_wrapped_proc2")
+    assert hub.hub_cache_path({"name": "lm1b", "cache_dir": "/x", "num_proc": 8}, 128, "train").name.endswith("wrapped")
+    # one row per document (unwrapped) and text8's character chunks do not depend on it
+    assert hub.hub_cache_path({"name": "lm1b", "cache_dir": "/x", "num_proc": 2, "wrap": False}, 128,
+                              "valid").name == "lm1b_valid_gpt2_L128_unwrapped"
+    assert hub.hub_cache_path({"name": "text8", "cache_dir": "/x", "num_proc": 2}, 256, "train").name == \
+        "text8_train_char_L256_wrapped"
+    for bad in (0, -1, 1.5, True, "four"):
+        with pytest.raises(UserError, match=r"data.num_proc must be an int >= 1 \(or null for 8\), got"):
+            hub.hub_cache_path({"name": "lm1b", "num_proc": bad}, 128, "train")
+
+
+def test_openwebtext_split_keeps_a_training_document(tmp_path, monkeypatch):
+    """valid_fraction close to 1 leaves one document to train on; one document cannot be split."""
+    docs = [f"document {i}" for i in range(3)]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict({"text": docs}))
+    cfg = {"name": "openwebtext-split", "cache_dir": str(tmp_path), "wrap": False, "num_proc": 1,
+           "valid_fraction": 0.9}
+    bundle = build_data(cfg, 8)
+    assert len(bundle.train) == 1 and len(bundle.valid) == 2
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict({"text": docs[:1]}))
+    with pytest.raises(UserError, match="openwebtext-split: 1 document"):
+        build_data({**cfg, "cache_dir": str(tmp_path / "one")}, 8)
 
 
 def _save(cfg, length, split, rows):

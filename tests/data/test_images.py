@@ -42,6 +42,7 @@ def test_digits_split_deterministic_disjoint_and_complete():
     assert digits_arrays("valid", split_seed=1)[0].tolist() != valid.tolist()
     bundle = build_data({"name": "digits"}, 64)
     np.testing.assert_array_equal(bundle.valid[0]["input_ids"].numpy(), valid[0])
+    assert len(digits_arrays("train", valid_fraction=0.9999)[0]) == 1  # never an empty split
 
 
 def test_digits_length_error():

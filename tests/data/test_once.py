@@ -22,6 +22,7 @@ def quick(monkeypatch):
     monkeypatch.setattr(once, "POLL_SECONDS", 0.01)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("SLURM_LOCALID", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
 
 
 def write_cache(folder):
@@ -97,6 +98,29 @@ def test_notes_of_another_launch_are_ignored(tmp_path, monkeypatch):
     thread = later(0.1, lambda: write_cache(path))
     once.build_once(path, lambda tmp: None)
     thread.join()
+
+
+def test_notes_of_an_earlier_torchrun_attempt_are_ignored(tmp_path, monkeypatch):
+    """torchrun restarts a failed group from the same agent (the same parent pid): the restart
+    count tells the attempts apart, so attempt 1 waits instead of failing with attempt 0's notes."""
+    helper(monkeypatch)
+    path = tmp_path / "owt_1024_train"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    once.note(path, "failed").write_text(f"{once.launch_id()}\nUserError: attempt 0 failed")
+    once.note(path, "building").write_text(f"{once.launch_id()}\n{dead_pid()}")
+    assert once.read_note(once.note(path, "failed")) == "UserError: attempt 0 failed"  # its own attempt reads it
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert once.read_note(once.note(path, "failed")) is None
+    thread = later(0.1, lambda: write_cache(path))
+    once.build_once(path, lambda tmp: None)
+    thread.join()
+
+
+def test_a_successful_build_clears_a_failure_note_of_its_own_launch(tmp_path):
+    path = tmp_path / "owt_1024_train"
+    once.note(path, "failed").write_text(f"{once.launch_id()}\nUserError: an earlier try")
+    once.build_once(path, write_cache)
+    assert [p.name for p in tmp_path.iterdir()] == ["owt_1024_train"]
 
 
 def test_a_waiting_process_fails_when_the_builder_is_gone(tmp_path, monkeypatch):

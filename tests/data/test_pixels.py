@@ -29,6 +29,15 @@ def test_npy_images_become_channels_last_raster_tokens(tmp_path):
     assert rows == by_hand
 
 
+def test_a_split_keeps_an_image_on_each_side(tmp_path):
+    """3 images with valid_fraction 0.9: 2 validate, 1 trains (the cap of the text corpora's
+    split; an empty train split was a reshape traceback)."""
+    np.save(tmp_path / "x.npy", images(n=3))
+    bundle = build_data({"name": "cifar10_pixels", "source": "npy", "path": str(tmp_path / "x.npy"),
+                         "valid_fraction": 0.9}, 48)
+    assert (len(bundle.train), len(bundle.valid)) == (1, 2)
+
+
 def test_png_folder_and_centre_crop(tmp_path):
     array = images(n=4, h=6, w=6)
     for i, image in enumerate(array):

