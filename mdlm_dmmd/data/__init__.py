@@ -29,7 +29,8 @@ Config keys read per dataset (`data.<key>`, default in brackets; null means "use
                            `paragraph` = blank-line separated blocks. Documents are the unit of
                            the train/valid split and each one ends with EOS.
     valid_fraction [0.05]  share of documents held out for validation (at least one)
-    max_documents [null]   keep the first N documents (sorted by file name) before splitting
+    max_documents [null]   keep the first N documents (in the order of `paths`, a glob's matches
+                           sorted by name) before splitting
     tokenizer    [gpt2]    gpt2 (offline files) | bpe (trained here on the training documents)
                            | a hub id or local directory for AutoTokenizer
     bpe_vocab_size [4096]  vocabulary of `tokenizer=bpe`, <|endoftext|> included

@@ -13,6 +13,7 @@ undone) before GPT-2 sees them.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -118,16 +119,30 @@ def _slug(value) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", str(value)).strip("-")
 
 
+def tokenizer_tag(value: str) -> str:
+    """The tokenizer's part of a cache name: a hub id's slug (`org/tok` → `org-tok`), or for a
+    local directory (as `AutoTokenizer` reads it) its name and a hash of its files, so that two
+    directories whose names slug alike, or one edited in place, never share a cache."""
+    folder = Path(value)
+    if not folder.is_dir():
+        return _slug(value)
+    digest = hashlib.sha256()
+    for file in sorted(f for f in folder.rglob("*") if f.is_file()):
+        digest.update(f"{file.relative_to(folder)}\0{file.stat().st_size}\0".encode())
+        digest.update(file.read_bytes())
+    return f"{_slug(folder.name)}-{digest.hexdigest()[:12]}"
+
+
 def hub_cache_path(cfg: Mapping, length: int, split: str) -> Path:
     """Directory of the tokenized `split` ("train" | "valid") of a hub dataset, in `save_to_disk`
     format with an `input_ids` column (and `attention_mask` when unwrapped).
 
-    The name holds everything that changes the rows: dataset, split, tokenizer, length, wrap,
-    and the optional overrides, e.g. `wikitext103_valid_gpt2_L1024_wrapped`.
+    The name holds everything that changes the rows: dataset, split, tokenizer (`tokenizer_tag`),
+    length, wrap, and the optional overrides, e.g. `wikitext103_valid_gpt2_L1024_wrapped`.
     """
     name = option(cfg, "name")
     char_level = name == "text8"
-    parts = [name, split, "char" if char_level else _slug(option(cfg, "tokenizer", "gpt2")),
+    parts = [name, split, "char" if char_level else tokenizer_tag(str(option(cfg, "tokenizer", "gpt2"))),
              f"L{length}", "wrapped" if char_level or option(cfg, "wrap", True) else "unwrapped"]
     if option(cfg, "max_documents") is not None:
         parts.append(f"max{int(option(cfg, 'max_documents'))}")

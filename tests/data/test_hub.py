@@ -156,3 +156,46 @@ def test_openwebtext_split_and_text8_rows(tmp_path, monkeypatch):
                         lambda *a, **k: datasets.Dataset.from_dict({"text": ["ab cd efg h"]}))
     text8 = build_data({"name": "text8", "cache_dir": str(tmp_path)}, 3)
     assert text8.train.with_format(None)["input_ids"] == [[1, 2, 0], [3, 4, 0], [5, 6, 7]]
+
+
+def test_cache_name_holds_max_documents_valid_fraction_and_revision():
+    """Each of them changes the rows, so each is in the cache's name (hub_cache_path's docstring)."""
+    def name(**cfg):
+        return text.hub_cache_path({"cache_dir": "/x", **cfg}, 16, "train").name
+
+    assert name(name="openwebtext-split", max_documents=3) == "openwebtext-split_train_gpt2_L16_wrapped_max3_valid0.02"
+    assert name(name="openwebtext-split", valid_fraction=0.05) == "openwebtext-split_train_gpt2_L16_wrapped_valid0.05"
+    assert name(name="lm1b", hub_revision="v2") == "lm1b_train_gpt2_L16_wrapped_v2"
+
+
+def test_revision_override_and_max_documents_reach_the_download(tmp_path, monkeypatch):
+    """data.hub_revision is what load_dataset is asked for; max_documents keeps the first N rows."""
+    revisions = []
+
+    def fake_load_dataset(path, config=None, split=None, revision=None):
+        revisions.append(revision)
+        return datasets.Dataset.from_dict({"text": [f"document {i}" for i in range(10)]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    bundle = build_data({"name": "wikitext2", "cache_dir": str(tmp_path), "max_documents": 2,
+                         "hub_revision": "r1", "wrap": False, "num_proc": 1}, 8)
+    assert revisions == ["r1", "r1"]
+    assert (len(bundle.train), len(bundle.valid)) == (2, 2)
+
+
+def test_a_local_tokenizer_directory_names_the_cache_by_its_files(tmp_path, monkeypatch):
+    """Directories whose names slug alike (tok_v1, tok-v1) or one edited in place get their own
+    cache; a hub id keeps its slug."""
+    from mdlm_dmmd.data import hub
+
+    monkeypatch.chdir(tmp_path)
+    for name, vocab in (("tok_v1", "a b"), ("tok-v1", "a c")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "vocab.txt").write_text(vocab)
+    names = {hub.hub_cache_path({"name": "lm1b", "tokenizer": d, "cache_dir": "/x"}, 16, "train").name
+             for d in ("tok_v1", "tok-v1", str(tmp_path / "tok_v1"))}
+    assert len(names) == 2 and all(n.startswith("lm1b_train_tok-v1-") for n in names)  # relative = absolute
+    before = hub.tokenizer_tag("tok_v1")
+    (tmp_path / "tok_v1" / "vocab.txt").write_text("a b d")
+    assert hub.tokenizer_tag("tok_v1") != before
+    assert hub.tokenizer_tag("org/tok") == "org-tok"  # no such directory: a hub id

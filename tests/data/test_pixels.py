@@ -110,3 +110,42 @@ def test_a_masked_teacher_trains_on_pixel_tokens_through_the_cli(tmp_path, capsy
     assert cli.main(["debug=cpu", "data=cifar10_pixels", "data.source=npy", f"data.path={tmp_path / 'x.npy'}",
                      f"run_dir={tmp_path / 'bad'}"]) == 2  # natural length 3072 != 4·4·3
     assert "model.length (3072) must equal the images' H·W·C = 4·4·3 = 48" in capsys.readouterr().err
+
+
+def test_centre_crop_of_a_wide_image(tmp_path):
+    """4 x 6 cropped to 2: rows 1..2 ((4 - 2) // 2 = 1) and columns 2..3 ((6 - 2) // 2 = 2)."""
+    array = images(n=4, h=4, w=6)
+    np.save(tmp_path / "x.npy", array)
+    bundle = build_data({"name": "cifar10_pixels", "source": "npy", "path": str(tmp_path / "x.npy"),
+                         "image_size": 2, "valid_fraction": 0.25}, 12)
+    got = {tuple(row.tolist()) for row in torch.cat([bundle.train.input_ids, bundle.valid.input_ids])}
+    assert got == {tuple(image[1:3, 2:4].ravel().tolist()) for image in array}
+
+
+def test_greyscale_npy_has_one_channel(tmp_path):
+    """A 3-dim [N, H, W] array is greyscale: image_shape (H, W, 1), rows the raster of each image."""
+    array = images(n=4, h=4, w=6, c=1)[..., 0]
+    np.save(tmp_path / "x.npy", array)
+    bundle = build_data({"name": "cifar10_pixels", "source": "npy", "path": str(tmp_path / "x.npy"),
+                         "valid_fraction": 0.25}, 24)
+    assert bundle.image_shape == (4, 6, 1)
+    got = {tuple(row.tolist()) for row in torch.cat([bundle.train.input_ids, bundle.valid.input_ids])}
+    assert got == {tuple(image.ravel().tolist()) for image in array}
+
+
+def test_png_split_follows_split_seed_and_file_names(tmp_path):
+    """8 PNGs whose first value is 10 · their number, written out of order: data.split_seed picks
+    the validation images, and the training rows keep the sorted file names' order."""
+    for i in (5, 2, 7, 0, 3, 6, 1, 4):
+        image = np.zeros((2, 2, 3), dtype=np.uint8)
+        image[0, 0, 0] = 10 * i
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    valids = set()
+    for seed in range(4):
+        bundle = build_data({"name": "cifar10_pixels", "source": "png", "path": str(tmp_path),
+                             "valid_fraction": 0.25, "split_seed": seed}, 12)
+        train, valid = bundle.train.input_ids[:, 0].tolist(), bundle.valid.input_ids[:, 0].tolist()
+        assert len(valid) == 2 and sorted(train + valid) == [10 * i for i in range(8)]
+        assert train == sorted(train)
+        valids.add(frozenset(valid))
+    assert len(valids) > 1

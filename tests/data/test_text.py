@@ -186,3 +186,78 @@ def test_detokenizers():
     assert text.lm1b_detokenize('He said " it \'s $ 5 , or 10 % ( maybe ) . "') == \
         'He said "it\'s $5, or 10% (maybe)."'
     assert text.lm1b_detokenize("see http : / / example.com now") == "see http://example.com now"
+
+
+def test_a_tokenizers_own_special_tokens_are_not_added(tmp_path):
+    """Documents are tokenized without the tokenizer's post-processor: a BERT-style [CLS] $A [SEP]
+    template does not add a second CLS/SEP inside the row; BOS/EOS fall back to CLS = 1, SEP = 2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "hello": 3, "world": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]").save_pretrained(tmp_path / "tok")
+    doc = _write(tmp_path / "doc.txt", "hello world")
+    bundle = build_data({"name": "text_files", "paths": [doc], "valid_paths": [doc], "wrap": False,
+                         "tokenizer": str(tmp_path / "tok")}, 8)
+    assert (bundle.vocab_size, bundle.bos_id, bundle.eos_id) == (5, 1, 2)
+    assert bundle.train.input_ids.tolist() == [[1, 3, 4, 2, 2, 2, 2, 2]]
+    assert bundle.train.attention_mask.tolist() == [[1, 1, 1, 1, 0, 0, 0, 0]]
+
+
+def test_crlf_files_read_as_lf(tmp_path):
+    """A file with Windows line endings gives the rows of the same text with `\\n` endings."""
+    doc = _write(tmp_path / "crlf.txt", "alpha\r\nbeta\r\n" * 20)
+    ids = gpt2_tokenizer()("alpha\nbeta\n" * 20, add_special_tokens=False)["input_ids"]
+    length = len(ids) + 4  # nothing truncated, two EOS of padding
+    bundle = build_data({"name": "text_files", "paths": [doc], "valid_paths": [doc], "wrap": False}, length)
+    assert bundle.train.input_ids.tolist() == [[50256, *ids, 50256, 50256, 50256]]
+
+
+def test_paragraphs_split_at_lines_holding_only_whitespace(tmp_path):
+    """A line of spaces or a tab between paragraphs is a blank line too: three documents."""
+    doc = _write(tmp_path / "p.txt", "one\n   \ntwo\n\t\nthree")
+    bundle = build_data({"name": "text_files", "paths": [doc], "document": "paragraph", "wrap": False}, 8)
+    assert len(bundle.train) + len(bundle.valid) == 3
+    rows = bundle.decode(torch.cat([bundle.train.input_ids, bundle.valid.input_ids])[:, 1:2])
+    assert sorted(rows) == ["one", "three", "two"]
+
+
+def test_default_valid_fraction_is_five_percent(tmp_path):
+    """Without data.valid_fraction, 20 files give round(20 · 0.05) = 1 validation document."""
+    paths = [_write(tmp_path / f"{i:02d}.txt", f"file {i}") for i in range(20)]
+    bundle = build_data({"name": "text_files", "paths": paths, "wrap": False}, 8)
+    assert (len(bundle.train), len(bundle.valid)) == (19, 1)
+
+
+def test_a_file_named_twice_is_one_document(tmp_path):
+    """a listed twice and matched again by the glob is still one document: a and b, two rows."""
+    (tmp_path / "dir").mkdir()
+    a = _write(tmp_path / "dir" / "a.txt", "first file")
+    _write(tmp_path / "dir" / "b.txt", "second file")
+    bundle = build_data({"name": "text_files", "paths": [a, a, str(tmp_path / "dir" / "*.txt")],
+                         "valid_fraction": 0.5, "wrap": False}, 8)
+    assert (len(bundle.train), len(bundle.valid)) == (1, 1)
+
+
+def test_bpe_never_sees_the_validation_text(tmp_path):
+    """The BPE is trained on the training documents only: a word only the valid split holds is
+    not in its vocabulary, however frequent."""
+    train = _write(tmp_path / "train.txt", "the cat sat on the mat " * 200)
+    valid = _write(tmp_path / "valid.txt", "zyxwvu " * 500)
+    bundle = build_data({"name": "text_files", "paths": [train], "valid_paths": [valid], "tokenizer": "bpe",
+                         "bpe_vocab_size": 300, "cache_dir": str(tmp_path / "cache")}, 16)
+    vocab = bundle.tokenizer.get_vocab()
+    assert "Ġcat" in vocab  # trained merges do show up
+    assert "Ġzyxwvu" not in vocab and "zyxwvu" not in vocab
+
+
+def test_a_validation_split_too_short_for_one_row_is_refused(tmp_path):
+    train = _write(tmp_path / "train.txt", "Plenty of training text here. " * 50)
+    valid = _write(tmp_path / "valid.txt", "hi")
+    with pytest.raises(UserError, match=r"^data=text_files: the valid split has fewer than model.length=64 tokens"):
+        build_data({"name": "text_files", "paths": [train], "valid_paths": [valid]}, 64)

@@ -72,3 +72,10 @@ def test_special_ids_fallback_and_error():
     Bert.cls_token_id = None
     with pytest.raises(UserError, match="data.tokenizer 'bert'"):
         tk.special_ids(Bert(), "bert")
+
+
+def test_bpe_cache_key_keeps_text_boundaries(tmp_path):
+    """Two corpora with the same concatenation ("ab ab ab c c") but other documents are two caches."""
+    tk.train_bpe(["ab ab ab", " c c"], 300, tmp_path)
+    tk.train_bpe(["ab ab a", "b c c"], 300, tmp_path)
+    assert len(list((tmp_path / "tokenizers").glob("bpe-300-*.json"))) == 2
