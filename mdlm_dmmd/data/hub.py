@@ -124,7 +124,7 @@ def tokenizer_tag(value: str) -> str:
     local directory (as `AutoTokenizer` reads it) its name and a hash of its files, so that two
     directories whose names slug alike, or one edited in place, never share a cache."""
     folder = Path(value)
-    if not folder.is_dir():
+    if value == "gpt2" or not folder.is_dir():  # gpt2: the package's own files (`text_tokenizer`)
         return _slug(value)
     digest = hashlib.sha256()
     for file in sorted(f for f in folder.rglob("*") if f.is_file()):

@@ -12,12 +12,12 @@ dropped blocks, so the two differ).
 
 NFE: `steps` per block (`steps + 1` with `noise_removal="greedy_tail"`, whose k steps end at
 t = 1e-5 before one more call per block: `sampling.greedy_tail`), times `L / block_size` in
-all, plus (with the cache) one commit pass per finished block but the last (`nfe`); a commit pass stops at the last layer's keys and values
-(no output head), so it costs less than a denoising step. With a masked process the tokens a
-step reveals are drawn before the network is called (whether a token is revealed does not
-depend on x), the output head runs at those positions only, and a step that reveals nothing
-(possible when few masks are left, or a prompt fills the block) makes no call at all: `nfe` is
-then an upper bound.
+all, plus (with the cache) one commit pass per finished block but the last (`nfe`); a commit
+pass stops at the last layer's keys and values (no output head), so it costs less than a
+denoising step. With a masked process the tokens a step reveals are drawn before the network
+is called (whether a token is revealed does not depend on x), the output head runs at those
+positions only, and a step that reveals nothing (possible when few masks are left, or a prompt
+fills the block) makes no call at all: `nfe` is then an upper bound.
 
 Options of BD3-LM's sampler: `first_hitting` (masked process; Zheng et al. 2024): each step
 reveals exactly one masked token per sequence, chosen uniformly, at the time t·u^(1/n) when the
