@@ -145,11 +145,12 @@ class Pipeline:
         [num_samples, P], row i continues prompt i. `nucleus`: keep | drop the token that crosses
         top_p. `noise_removal`: ancestral | greedy | greedy_tail (Duo's, one more call after the
         k steps: `sampling.network_calls`). Block models only: `kv_cache` (None: the sampler's
-        setting, on by default) and `first_hitting` (BD3-LM's one-token-per-step rule, masked models) and `stop_at_eos` (a
-        sequence ends at its first EOS after position 0, EOS-filled after; needs the data's EOS id
-        in the checkpoint), `length` (longer than the model: a sliding window of the model's
-        length) and `entropy_redraw` (BD3-LM's re-draw of low-entropy samples; how many were
-        re-drawn is in `self.stats` and logged); `steps` is per block."""
+        setting, on by default) and `first_hitting` (BD3-LM's one-token-per-step rule, masked
+        models) and `stop_at_eos` (a sequence ends at its first EOS after position 0, EOS-filled
+        after; needs the data's EOS id in the checkpoint), `length` (longer than the model: a
+        sliding window of the model's length) and `entropy_redraw` (BD3-LM's re-draw of
+        low-entropy samples; how many were re-drawn is in `self.stats` and logged); `steps` is
+        per block."""
         if not isinstance(num_samples, int) or num_samples < 1:
             raise UserError(f"sampling.num_samples must be a positive int, got {num_samples!r}")
         extra = {"nucleus": nucleus}
