@@ -94,7 +94,8 @@ def check_block_size(cfg: DictConfig, pipeline: Pipeline, path: str) -> None:
         return
     own = pipeline.block_size
     if asked != (own if own is not None else pipeline.length):
-        have = f"block_size={own}" if own is not None else "no block size (plain diffusion)"
+        have = (f"block_size={own}" if own is not None else "no block size (an autoregressive model)"
+                if pipeline.is_autoregressive else "no block size (plain diffusion)")
         raise UserError(f"block_size={asked} but checkpoint '{path}' has {have}; leave block_size out to sample "
                         "it as trained")
 
@@ -114,9 +115,11 @@ def sampling_steps(cfg: DictConfig, meta: CheckpointMeta | None = None) -> int:
 
 def nfe_report(sampler, length: int, steps: int, cfg: DictConfig) -> dict[str, int]:
     """Report rows for a block model: its block size, steps per block and network evaluations in
-    all, without and with the passes that commit finished blocks to the KV cache. Other
-    diffusion models: the NFE where Duo's greedy tail adds a call to the steps; {} otherwise."""
+    all (over `sampling.length` tokens when given, else the model's `length`), without and with
+    the passes that commit finished blocks to the KV cache. Other diffusion models: the NFE where
+    Duo's greedy tail adds a call to the steps; {} otherwise."""
     s = cfg.sampling
+    length = int(s.get("length") or length)
     noise_removal = str(s.get("noise_removal", "ancestral"))
     if not getattr(sampler, "blockwise", False):
         calls = network_calls(steps, noise_removal)

@@ -70,8 +70,9 @@ def write_report(run_dir: Path, title: str, rows: dict[str, Any], files: list[st
     """`report.md` (a quantity | value table and the files written) and `metrics.json` of a run."""
     cells = []
     for key, value in rows.items():
-        if isinstance(value, dict) and "value" in value:
-            value = f"{value['value']:.4f} ± {value['stderr']:.4f}"
+        if isinstance(value, dict) and "value" in value:  # a metric; its stderr may be missing or None
+            error = value.get("stderr")
+            value = f"{value['value']:.4f}" + ("" if error is None else f" ± {error:.4f}")
         elif isinstance(value, float):
             value = f"{value:.4f}"
         cells.append([str(key), str(value)])

@@ -13,6 +13,7 @@ from mdlm_dmmd.diffusion.masked import MaskedProcess
 from mdlm_dmmd.diffusion.sampling import AutoregressiveSampler, DiffusionSampler
 from mdlm_dmmd.diffusion.schedules import LogLinear
 from mdlm_dmmd.eval.scoring import batch_seed, generate, nfe_report
+from mdlm_dmmd.eval.tables import write_report
 from mdlm_dmmd.ranks import Ranks
 
 
@@ -107,3 +108,17 @@ def test_nfe_rows_count_the_greedy_tails_extra_call():
     assert nfe_report(block, 64, 8, cfg("greedy_tail")) == {
         "block size": 16, "steps per block": 9, "NFE (all blocks)": 36, "NFE with KV-cache commits": 39}
     assert nfe_report(block, 64, 8, cfg("ancestral"))["NFE with KV-cache commits"] == 35
+    longer = OmegaConf.create({"sampling": {"noise_removal": "ancestral", "kv_cache": True, "length": 128}})
+    assert nfe_report(block, 64, 8, longer) == {  # a sliding window over 128 tokens: 8 blocks, 7 commits
+        "block size": 16, "steps per block": 8, "NFE (all blocks)": 64, "NFE with KV-cache commits": 71}
+    uncached = OmegaConf.create({"sampling": {"noise_removal": "ancestral", "kv_cache": False}})
+    assert nfe_report(block, 64, 8, uncached)["NFE with KV-cache commits"] == 32  # no commit passes
+
+
+def test_a_report_shows_a_metric_without_a_standard_error(tmp_path):
+    """A metric may return no stderr (or None): the report shows its value alone."""
+    write_report(tmp_path, "run", {"a": {"value": 1.5}, "b": {"value": 2.0, "stderr": None},
+                                   "c": {"value": 1.0, "stderr": 0.25}, "steps": 4}, ["x.pt"])
+    report = (tmp_path / "report.md").read_text()
+    for line in ("| a | 1.5000 |", "| b | 2.0000 |", "| c | 1.0000 ± 0.2500 |", "| steps | 4 |"):
+        assert line in report, line

@@ -183,6 +183,16 @@ def test_greedy_tail_rows_count_its_extra_call(teacher, ar, tmp_path):
     assert float(rows[0]["entropy"]) == pytest.approx(registry.load_metric("entropy")(expected)["value"], rel=1e-12)
 
 
+def test_an_ar_baseline_trained_on_other_data_is_refused(teacher, ar, tmp_path, capsys):
+    """The AR baseline's data is checked as each method's is: a digits AR model would score
+    Shakespeare's ids as pixels."""
+    run_dir = tmp_path / "sweep"
+    fails(capsys, ["mode=sweep", "data=shakespeare", "model.length=64", f"run_dir={run_dir}", "eval.metrics=[entropy]",
+                   f"sweep.ar_baseline='{ar}'", methods({"name": "T", "checkpoint": teacher, "steps": [2]})],
+          f"sweep.ar_baseline '{ar}' was trained on data 'digits' but the sweep scores against data=shakespeare",
+          f"sweep.methods.0.checkpoint '{teacher}' was trained on data 'digits'", run_dir=run_dir)
+
+
 def test_student_at_its_own_k_keeps_its_distillation_top_p(teacher, tmp_path):
     student = train(tmp_path / "student", "algo=dmmd", f"algo.teacher={teacher}", "algo.sampling_steps=2",
                     "algo.teacher_top_p=0.9", "trainer.max_steps=2", "trainer.limit_val_batches=0")
@@ -297,6 +307,7 @@ def test_sweep_resumes_from_its_results_csv(teacher, tmp_path, capsys):
     resumed, expected = read_rows(run_dir), read_rows(fresh)
     assert [(r["method"], r["steps"]) for r in resumed] == [("T", "2"), ("T", "4"), ("Data", "")]
     assert [r["entropy"] for r in resumed] == ["123.0", expected[1]["entropy"], "7.5"]
+    assert [r["nfe"] for r in resumed] == [r["nfe"] for r in expected] == ["2", "4", ""]  # kept ints stay ints
     assert "| T (p = 1.00) | 123 |" in (run_dir / "results.md").read_text()
 
     # another seed: refused in one line, results.csv untouched

@@ -77,7 +77,8 @@ def write_markdown(run_dir: Path, cfg: DictConfig, rows: list[dict], metrics: li
     lines = [
         f"# Sweep on {cfg.data.name}",
         "",
-        f"Each measured row: {int(cfg.sweep.num_samples)} samples of {length} tokens, seed {int(cfg.sampling.seed)}, "
+        f"Each measured row: {int(cfg.sweep.num_samples)} samples of {int(cfg.sampling.get('length') or length)} tokens, "
+        f"seed {int(cfg.sampling.seed)}, "
         f"scored with {', '.join(cfg.eval.metrics or [])}"
         + (f" (options: `{options}`)" if options else "") + ". "
         "NFE = sampling steps (network calls; the AR baseline makes L; for block-diffusion models the steps are "

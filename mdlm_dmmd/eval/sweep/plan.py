@@ -81,10 +81,7 @@ def load_methods(cfg: DictConfig, entries: list[dict]) -> tuple[list[Method], Me
         elif recorded is not None and given is not None and abs(float(recorded) - float(given)) > 1e-9:
             problems.append(f"{where}.distill_top_p={given} contradicts the checkpoint, distilled with "
                             f"teacher_top_p={recorded}; remove it")
-        trained_on = (meta.data or {}).get("name")
-        if trained_on is not None and trained_on != cfg.data.name:
-            problems.append(f"{where}.checkpoint '{path}' was trained on data '{trained_on}' but the sweep "
-                            f"scores against data={cfg.data.name}; pass data={trained_on}")
+        problems += other_data(cfg, meta, f"{where}.checkpoint '{path}'")
         lengths[where] = pipeline.network.config.length
         distill_top_p = recorded if recorded is not None else given  # None: a teacher, or not known
         methods.append(Method(entry["name"], path, steps, [float(p) for p in entry["top_p"]], float(entry["temperature"]),
@@ -97,6 +94,7 @@ def load_methods(cfg: DictConfig, entries: list[dict]) -> tuple[list[Method], Me
             problems.append(f"sweep.ar_baseline '{ar_path}' is a {pipeline.meta.process or 'diffusion'} "
                             f"diffusion checkpoint, not one of the `ar` algo")
         else:
+            problems += other_data(cfg, pipeline.meta, f"sweep.ar_baseline '{ar_path}'")
             length = pipeline.network.config.length
             lengths["sweep.ar_baseline"] = length
             ar = Method("AR baseline", str(ar_path), [length], [float(cfg.sweep.ar_top_p)],
@@ -107,6 +105,16 @@ def load_methods(cfg: DictConfig, entries: list[dict]) -> tuple[list[Method], Me
     if problems:
         raise UserError("; ".join(problems))
     return methods, ar, next(iter(lengths.values()))
+
+
+def other_data(cfg: DictConfig, meta: CheckpointMeta, what: str) -> list[str]:
+    """The refusal of a checkpoint trained on other data than the sweep scores against (none
+    when it matches or the checkpoint does not say)."""
+    trained_on = (meta.data or {}).get("name")
+    if trained_on is None or trained_on == cfg.data.name:
+        return []
+    return [f"{what} was trained on data '{trained_on}' but the sweep scores against data={cfg.data.name}; "
+            f"pass data={trained_on}"]
 
 
 def jobs(methods: list[Method], ar: Method | None) -> list[tuple[Method, int, float]]:

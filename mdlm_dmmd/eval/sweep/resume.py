@@ -21,6 +21,7 @@ from mdlm_dmmd.errors import UserError
 RESUME_KEYS = ("method", "steps", "distill_top_p", "top_p", "temperature", "checkpoint")  # a row's identity
 RESUME_SETTINGS = ("data", "sampling", "eval", "sweep.num_samples")  # what its numbers depend on
 TEXT_COLUMNS = ("method", "label", "source", "checkpoint", "note")
+INT_COLUMNS = ("steps", "num_samples", "nfe", "entropy_redraws")  # written as ints: read back as ints
 
 
 def _first_difference(old: Any, new: Any, key: str) -> str | None:
@@ -42,7 +43,7 @@ def resume_key(row: dict) -> tuple[str, ...]:
 def _parse_cell(column: str, cell: str) -> Any:
     if cell == "" or column in TEXT_COLUMNS:
         return cell
-    if column in ("steps", "num_samples"):
+    if column in INT_COLUMNS:
         return int(cell)
     try:
         return float(cell)
