@@ -74,7 +74,11 @@ class BlockDenoiser(Denoiser):
     noisy tokens only (zeros on clean ones).
     """
 
-    block_size: int = 0
+    block_size: int = 0  # required; a default only because the fields before it have one
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"BlockDenoiser needs block_size, a positive int; got {self.block_size!r}")
 
     def log_probs(self, z_t: Tensor, t: Tensor, generator: torch.Generator | None = None, *,
                   clean: Tensor | None = None, at: Tensor | None = None) -> Tensor:

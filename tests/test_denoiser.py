@@ -1,6 +1,7 @@
 """Denoiser + sampler = pipeline: the same denoiser object serves losses and samplers, the
 sampler is picked once, and the pipeline runs diffusion and AR models through one path."""
 
+import pytest
 import torch
 
 from mdlm_dmmd.denoiser import BlockDenoiser, CausalDenoiser, Denoiser
@@ -138,3 +139,20 @@ def test_the_denoiser_hands_logits_over_only_to_processes_that_take_them():
         plain = Denoiser(network(), Plain(LogLinear(), mask_id=V))(z, t)
         handed = Denoiser(network(), Recording(LogLinear(), mask_id=V))(z, t)
     assert calls == ["plain", True] and torch.equal(plain, handed)
+
+
+def test_the_causal_denoiser_scores_the_real_tokens_columns():
+    """An AR network's head has a start token's column after the V real ones: x̂ is over 0..V−1."""
+    net = DiT(DiTConfig(vocab_size=V + 1, length=L, hidden_dim=16, cond_dim=8, n_blocks=1, n_heads=2, causal=True))
+    with torch.no_grad():
+        net.output_layer.linear.weight.zero_()
+        net.output_layer.linear.bias.copy_(torch.tensor([0.0] * 3 + [50.0] + [0.0] * (V - 3)))  # token 3 always
+    log_p = CausalDenoiser(net, V)(torch.zeros(2, L, dtype=torch.long))
+    assert log_p.shape == (2, L, V) and (log_p.argmax(-1) == 3).all()
+
+
+def test_a_block_denoiser_needs_its_block_size():
+    for bad in (0, -4, 2.0, True):
+        with pytest.raises(ValueError, match="BlockDenoiser needs block_size, a positive int"):
+            BlockDenoiser(network(), PROCESS, block_size=bad)
+    assert BlockDenoiser(network(), PROCESS, block_size=3).block_size == 3

@@ -50,17 +50,28 @@ def rotate_half(x: Tensor) -> Tensor:
 
 class Rotary(nn.Module):
     """Non-interleaved rotary over the full head dim (host-pattern §3.4). `inv_freq` is persistent
-    because public checkpoints store it (`rotary_emb.inv_freq`); recomputable, so it may be missing."""
+    because public checkpoints store it (`rotary_emb.inv_freq`); recomputable, so it may be missing.
+
+    Angles are always float32, and `inv_freq` stays float32 when the model is cast (`.to(bf16)`,
+    Lightning's `bf16-true`): in bf16 (8 mantissa bits) integer positions above 256 round together
+    (256 and 257 would share a position) and the frequencies lose 3 digits. Upstream's
+    `type_as(inv_freq)` rounds them so in a bf16 model."""
 
     def __init__(self, head_dim: int, base: float = 10_000.0):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=True)  # [hd/2]
 
+    def _apply(self, fn, recurse: bool = True):
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:  # a dtype cast: keep the float32 values, follow the device
+            self.inv_freq = inv_freq.to(device=self.inv_freq.device, dtype=torch.float32)
+        return self
+
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin [S, hd] for int positions [S] (or [B, S, hd] for [B, S]), in inv_freq's dtype
-        (float32 like the upstream cache)."""
-        freqs = positions.to(self.inv_freq.dtype)[..., None] * self.inv_freq  # [(B,) S, hd/2]
+        """cos, sin [S, hd] for int positions [S] (or [B, S, hd] for [B, S]), float32."""
+        freqs = positions.float()[..., None] * self.inv_freq.float()  # [(B,) S, hd/2]
         angles = torch.cat((freqs, freqs), dim=-1)  # [(B,) S, hd]
         return angles.cos(), angles.sin()
 

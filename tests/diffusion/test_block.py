@@ -4,6 +4,7 @@ layouts, and cached vs uncached sampling (same numbers, same tokens under one se
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from mdlm_dmmd.denoiser import BlockDenoiser
@@ -549,3 +550,37 @@ def test_greedy_tail_blocks_end_their_k_steps_at_the_schedules_alpha():
     for z in tail_inputs:
         noisy = (z != x).double().mean().item()
         assert abs(noisy - (1 - alpha_tail)) < 0.04, (noisy, alpha_tail)
+
+
+def test_one_hot_soft_input_equals_ids_in_the_training_layout():
+    """Soft z_t (D-MMD's generator input) in the [z_t, x_0] layout: x_0 stays the clean ids."""
+    denoiser = uniform_denoiser()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, V, (2, L), generator=g)
+    t = block.per_token(torch.rand(2, L // K, generator=g), K)
+    z = denoiser.process.corrupt(x0, t, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(denoiser(F.one_hot(z, V).float(), t, clean=x0), denoiser(z, t, clean=x0),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_the_sliding_window_keeps_exactly_context_minus_one_block(monkeypatch):
+    """3L tokens with a context of L: every block starts at its own position (the cache's end),
+    and the cache holds min(end, L − K) tokens once it can."""
+    denoiser = masked_denoiser()
+    seen = []
+    forward = denoiser.network.forward
+    monkeypatch.setattr(denoiser.network, "forward", lambda x, *a, kv_cache=None, **k: seen.append(
+        (kv_cache.length, kv_cache.end)) or forward(x, *a, kv_cache=kv_cache, **k))
+    sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(2, 3 * L), context=L, kv_cache=True,
+                  generator=torch.Generator().manual_seed(7))
+    assert sorted({end for _, end in seen}) == list(range(0, 3 * L - K + 1, K))
+    assert all(length == min(end, L - K) for length, end in seen)
+
+
+def test_a_context_of_one_block_samples_cached_as_uncached():
+    """context = block_size: every block sees no prefix, so the cache drops all it holds."""
+    denoiser = masked_denoiser()
+    out = [sample_blocks(denoiser, denoiser.process, block_size=K, steps=2, shape=(2, 2 * L), context=K,
+                         kv_cache=cached, generator=torch.Generator().manual_seed(3)) for cached in (True, False)]
+    assert torch.equal(out[0], out[1])

@@ -76,6 +76,18 @@ def test_resolve_backend():
         resolve_backend("flash", cpu, has_mask=False, same_length=True)
 
 
+def test_auto_picks_flash_only_for_unmasked_uncached_cuda_calls(monkeypatch):
+    """With flash-attn installed (faked: this machine has neither it nor CUDA)."""
+    from mdlm_dmmd.models import attention as module
+
+    monkeypatch.setattr(module, "flash_attn_available", lambda: True)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_backend("auto", cuda, has_mask=False, same_length=True) == "flash"
+    assert resolve_backend("auto", cuda, has_mask=True, same_length=True) == "sdpa"
+    assert resolve_backend("auto", cuda, has_mask=False, same_length=False) == "sdpa"
+    assert resolve_backend("auto", cpu, has_mask=False, same_length=True) == "sdpa"
+
+
 def test_compiled_flex_runs_the_block_diffusion_masks_as_sdpa_does():
     """The compiled flex path (used on CUDA) traced and compiled by inductor's CPU backend: the
     BD3-LM training mask over [x_t, x_0] and the block-causal sampling mask with a KV-cache

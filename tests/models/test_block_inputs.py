@@ -252,6 +252,49 @@ def test_kv_cache_with_mask_and_explicit_positions():
     close(rest, full[:, K:])
 
 
+def test_drop_first_twice_counts_every_dropped_token():
+    """`dropped` accumulates, so `end` (where the next call's positions start) stays the number
+    of tokens committed in all; dropping every cached token is allowed (context = one block)."""
+    model, cache = random_model(tiny_config()), KVCache()
+    with torch.no_grad():
+        for start in range(0, 3 * K, K):
+            model(tokens()[:, start:start + K], torch.zeros(B), kv_cache=cache)
+            cache.commit()
+    cache.drop_first(K)
+    cache.drop_first(K)
+    assert (cache.dropped, cache.length, cache.end) == (2 * K, K, 3 * K)
+    cache.drop_first(K)
+    assert (cache.length, cache.end) == (0, 3 * K)
+
+
+def test_a_commit_is_used_up():
+    model, cache = random_model(tiny_config()), KVCache()
+    with torch.no_grad():
+        model(tokens()[:, :K], torch.zeros(B), kv_cache=cache)
+    cache.commit()
+    with pytest.raises(ValueError, match="no complete forward call"):
+        cache.commit()  # not the same block appended twice
+    assert cache.length == K
+
+
+def test_checkpointed_training_through_a_kv_cache():
+    """Activation checkpointing is off where a cache is fed (it would replay the cache's layer
+    order): the gradient through a cached call is the one without checkpointing."""
+    model, x = random_model(tiny_config()), tokens(2 * K)
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = recompute
+        cache = KVCache()
+        with torch.no_grad():
+            model(x[:, :K], torch.zeros(B), kv_cache=cache)
+            cache.commit()
+        model(x[:, K:], torch.zeros(B), kv_cache=cache).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_kv_cache_errors():
     model = random_model(tiny_config())
     with pytest.raises(ValueError, match="no complete forward call"):

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.attention import flash_attn_available
-from mdlm_dmmd.models.dit import DiT, DiTConfig
+from mdlm_dmmd.models.dit import DiT, DiTConfig, Rotary
+from mdlm_dmmd.models.kv_cache import KVCache
 
 from conftest import fixture_path, random_model
 
@@ -163,6 +164,56 @@ def test_bf16_params_return_fp32_logits():
     model = random_model(config).to(torch.bfloat16)
     logits = model(tokens(config), torch.zeros(2))
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_bf16_rotary_keeps_positions_apart():
+    """Cast to bf16, rotary still tells positions 256/257 and 1000/1001 apart: its angles and
+    inv_freq stay float32 (bf16 would round the positions together)."""
+    positions = torch.tensor([256, 257, 1000, 1001])
+    cos32, sin32 = Rotary(16)(positions)
+    cast = Rotary(16).to(torch.bfloat16)
+    assert cast.inv_freq.dtype == torch.float32
+    cos, sin = cast(positions)
+    assert torch.equal(cos, cos32) and torch.equal(sin, sin32)
+    model = random_model(tiny_config()).to(torch.bfloat16)
+    assert model.rotary_emb.inv_freq.dtype == torch.float32 and model.blocks[0].attn_qkv.weight.dtype == torch.bfloat16
+
+
+def test_a_fresh_rotary_has_the_public_frequencies():
+    """inv_freq = 1 / 10000^(2i / hd), as the public checkpoints store it (the fixture's)."""
+    public = load_file(str(fixture_path("bd3lm-dit") / "bd3lm_tiny_state_dict.safetensors"))["rotary_emb.inv_freq"]
+    fresh = DiT(DiTConfig(vocab_size=101, length=16, hidden_dim=64, cond_dim=32, n_blocks=2, n_heads=4)).rotary_emb.inv_freq
+    torch.testing.assert_close(fresh, torch.tensor([1 / 10000 ** (2 * i / 16) for i in range(8)]))
+    torch.testing.assert_close(fresh, public.float())
+
+
+def test_dropout_runs_on_both_branch_outputs():
+    config = tiny_config(dropout=0.3)
+    model = random_model(config).train()
+    calls = []
+    for block in model.blocks:
+        block.dropout.register_forward_hook(lambda module, inputs, output: calls.append(tuple(inputs[0].shape)))
+    model(tokens(config), torch.zeros(2))
+    assert calls == [(2, config.length, config.hidden_dim)] * 4  # attention and MLP branch of each of 2 blocks
+
+
+def test_the_dit_tells_resolve_backend_about_masks_and_cached_keys(monkeypatch):
+    """A masked call, the first call on an empty cache and a call with cached keys: flash takes
+    none but the second (the backend rule itself is in test_attention.py)."""
+    from mdlm_dmmd.models import dit as module
+
+    seen = []
+    real = module.resolve_backend
+    monkeypatch.setattr(module, "resolve_backend",
+                        lambda *a, **k: seen.append((k["has_mask"], k["same_length"])) or real(*a, **k))
+    config = tiny_config()
+    model, cache, x = random_model(config), KVCache(), tokens(config)[:, :4]
+    with torch.no_grad():
+        model(x, torch.zeros(2), attn_mask=torch.ones(4, 4, dtype=torch.bool))
+        model(x, torch.zeros(2), kv_cache=cache)
+        cache.commit()
+        model(x, torch.zeros(2), kv_cache=cache)
+    assert seen == [(True, True), (False, True), (False, False)]
 
 
 # ---------------------------------------------------------------------------------------------
