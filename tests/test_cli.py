@@ -112,6 +112,14 @@ def test_bad_sampling_values_fail_before_training(capsys, run_dir, override, key
     fails(capsys, TINY + [override, f"run_dir={run_dir}"], key, run_dir=run_dir)
 
 
+@pytest.mark.parametrize("mode", ["sample", "eval"])
+def test_sampling_modes_need_at_least_one_sample(capsys, tmp_path, run_dir, mode):
+    """Only mode=train takes sampling.num_samples=0 (no samples after fitting); refused before the
+    checkpoint is opened."""
+    fails(capsys, [f"mode={mode}", f"checkpoint={tmp_path / 'run.ckpt'}", "sampling.num_samples=0", f"run_dir={run_dir}"],
+          "sampling.num_samples must be an int >= 1, got 0", run_dir=run_dir)
+
+
 @pytest.mark.parametrize("accelerator", ["gpu", "cuda"])
 def test_a_gpu_accelerator_without_a_gpu_is_one_line(capsys, run_dir, monkeypatch, accelerator):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

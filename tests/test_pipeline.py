@@ -113,6 +113,25 @@ def test_mode_sample_writes_samples(run, tmp_path):
     assert torch.equal(samples, Pipeline.from_checkpoint(ckpt).generate(3, steps=5, generator=seeded(11)))
 
 
+def test_prompts_follow_their_rows_across_batches(run):
+    """With batch_size < num_samples, each chunk continues its own rows of the prompts."""
+    prompts = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]])
+    samples = Pipeline.from_checkpoint(run / "checkpoints" / "final.ckpt").generate(
+        4, steps=2, batch_size=2, prompts=prompts, generator=seeded(0))
+    assert torch.equal(samples[:, :3], prompts)
+
+
+def test_an_explicit_block_size_must_be_a_plain_checkpoints_length(run, tmp_path, capsys):
+    ckpt = run / "checkpoints" / "final.ckpt"
+    args = ["mode=sample", f"checkpoint={ckpt}", "sampling.num_samples=2", "sampling.steps=2", "sampling.device=cpu"]
+    assert main([*args, "block_size=16", f"run_dir={tmp_path / 'b16'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"block_size=16 but checkpoint '{ckpt}' has no block size (plain diffusion)" in err, err
+    assert not (tmp_path / "b16").exists()
+    assert main([*args, "block_size=64", f"run_dir={tmp_path / 'b64'}"]) == 0  # its length: plain diffusion
+    assert (tmp_path / "b64" / "samples.pt").is_file()
+
+
 def test_mode_eval_writes_report_with_requested_metrics(run, tmp_path):
     out = tmp_path / "evaluated"
     ckpt = run / "checkpoints" / "final.ckpt"
@@ -130,6 +149,39 @@ def test_mode_eval_writes_report_with_requested_metrics(run, tmp_path):
     assert rows["entropy"]["value"] == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-9)
     assert "per_sample" not in rows["entropy"]
     assert "| entropy |" in (out / "report.md").read_text()
+
+
+# -- a student's own k -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def student(run, tmp_path_factory) -> Path:
+    """A D-MMD student of `run` with k = 2 (2 updates), its training report sampled with
+    sampling.steps=null (its own k) and 4 samples."""
+    run_dir = tmp_path_factory.mktemp("student") / "run"
+    assert main(TINY + ["algo=dmmd", f"algo.teacher={run / 'checkpoints' / 'final.ckpt'}", "algo.sampling_steps=2",
+                        "trainer.max_steps=2", "trainer.limit_val_batches=0", "sampling.steps=null",
+                        f"run_dir={run_dir}"]) == 0
+    return run_dir
+
+
+def test_a_students_training_report_samples_at_its_own_k(student):
+    rows = json.loads((student / "metrics.json").read_text())
+    assert rows["sampling steps"] == 2 and "| sampling steps | 2 |" in (student / "report.md").read_text()
+    written = torch.load(student / "samples.pt", weights_only=True)  # seed = 1, 4 samples
+    pipe = Pipeline.from_checkpoint(student / "checkpoints" / "final.ckpt")
+    assert torch.equal(written, pipe.generate(4, steps=2, generator=seeded(1)))
+
+
+@pytest.mark.parametrize("steps, expected", [("null", 2), ("4", 4)])
+def test_sample_and_eval_use_sampling_steps_or_the_students_own_k(student, tmp_path, steps, expected):
+    ckpt = student / "checkpoints" / "final.ckpt"
+    args = [f"checkpoint={ckpt}", "sampling.num_samples=4", "sampling.seed=5", "sampling.device=cpu",
+            f"sampling.steps={steps}"]
+    by_hand = Pipeline.from_checkpoint(ckpt).generate(4, steps=expected, generator=seeded(5))
+    assert main(["mode=eval", *args, "eval.metrics=[entropy]", f"run_dir={tmp_path / 'eval'}"]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["sampling steps"] == expected
+    assert torch.equal(torch.load(tmp_path / "eval" / "samples.pt", weights_only=True), by_hand)
+    assert main(["mode=sample", *args, f"run_dir={tmp_path / 'sample'}"]) == 0
+    assert torch.equal(torch.load(tmp_path / "sample" / "samples.pt", weights_only=True), by_hand)
 
 
 # -- resume --------------------------------------------------------------------------------

@@ -122,3 +122,29 @@ def test_a_report_shows_a_metric_without_a_standard_error(tmp_path):
     report = (tmp_path / "report.md").read_text()
     for line in ("| a | 1.5000 |", "| b | 2.0000 |", "| c | 1.0000 ± 0.2500 |", "| steps | 4 |"):
         assert line in report, line
+
+
+def test_table_cells_show_value_then_standard_error():
+    from mdlm_dmmd.eval.tables import as_number, cell, value_stderr
+
+    assert value_stderr(12.345, 0.41) == "12.35 ± 0.41"
+    assert value_stderr(12.345, 0.4123) == "12.35 ± 0.41"  # the value to 4 significant digits, its error to 2
+    assert value_stderr(12.345) == "12.35" and value_stderr(None, 0.41) == ""
+    assert cell({"x": 1.5, "x_stderr": 0.25}, "x") == "1.5 ± 0.25"
+    assert cell({"x": 1.5}, "x") == "1.5"
+    # NaN is a missing cell: no "± nan" after a value
+    assert as_number("nan") is None and as_number(float("nan")) is None and as_number("2.5") == 2.5
+    assert cell({"x": 1.0, "x_stderr": float("nan")}, "x") == "1"
+
+
+def test_prompted_sampling_needs_one_held_out_row_per_sample():
+    """digits has 180 validation rows: 180 prompted samples are fine, 181 are refused."""
+    from mdlm_dmmd.eval.scoring import prompt_rows
+
+    def cfg(n):
+        return cli.compose(["mode=sample", "data=digits", "sampling.prompt_length=8", f"sampling.num_samples={n}"])
+
+    assert prompt_rows(cfg(180), 64).shape == (180, 64)
+    with pytest.raises(UserError, match=r"^sampling.prompt_length needs one held-out row per sample: 181 samples "
+                                        r"but data=digits has 180 validation rows$"):
+        prompt_rows(cfg(181), 64)

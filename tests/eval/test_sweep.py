@@ -183,6 +183,43 @@ def test_greedy_tail_rows_count_its_extra_call(teacher, ar, tmp_path):
     assert float(rows[0]["entropy"]) == pytest.approx(registry.load_metric("entropy")(expected)["value"], rel=1e-12)
 
 
+def entropy_of(path: Path, steps: int, **options) -> float:
+    """Entropy of 8 samples drawn through Pipeline with seed 3 (a sweep row's draw, done by hand)."""
+    samples = Pipeline.from_checkpoint(path).generate(8, steps=steps, generator=torch.Generator().manual_seed(3), **options)
+    return registry.load_metric("entropy")(samples)["value"]
+
+
+def test_entries_default_to_sampling_top_p_and_temperature_and_each_keeps_its_own(teacher, ar, tmp_path, monkeypatch):
+    """A takes sampling.top_p and sampling.temperature; B sets its own temperature (a separate
+    draw, though checkpoint, steps and top-p are A's); the AR baseline samples with sweep.ar_top_p
+    and sampling.temperature; a metric only quoted (gen_ppl) gets its column from the first
+    results.csv on (a sweep that dies keeps the quoted numbers) and its table."""
+    snapshots = []  # results.csv after each write (after every row, then the final one)
+    write_csv = output.write_csv
+    monkeypatch.setattr(output, "write_csv", lambda d, *a: write_csv(d, *a) or snapshots.append(read_rows(d)))
+    literature = tmp_path / "literature.csv"
+    literature.write_text("method,steps,gen_ppl\nQ,8,40.0\n")
+    run_dir = tmp_path / "sweep"
+    assert main([*SWEEP, f"run_dir={run_dir}", "eval.metrics=[entropy]", "sweep.reference_rows=false",
+                 "sampling.top_p=0.9", "sampling.temperature=0.5", f"sweep.ar_baseline='{ar}'", "sweep.ar_top_p=0.8",
+                 f"sweep.literature_csv={literature}",
+                 methods({"name": "A", "checkpoint": teacher, "steps": [2]},
+                         {"name": "B", "checkpoint": teacher, "steps": [2], "top_p": [0.9], "temperature": 1.0})]) == 0
+    a, b, baseline, quoted = read_rows(run_dir)
+    assert [(r["label"], r["top_p"], r["temperature"]) for r in (a, b, baseline)] == [
+        ("A (p = 0.90, T = 0.5)", "0.9", "0.5"), ("B (p = 0.90)", "0.9", "1.0"),
+        ("AR baseline (p = 0.80, T = 0.5)", "0.8", "0.5")]
+    assert float(a["entropy"]) == pytest.approx(entropy_of(teacher, 2, top_p=0.9, temperature=0.5), rel=1e-12)
+    assert float(b["entropy"]) == pytest.approx(entropy_of(teacher, 2, top_p=0.9), rel=1e-12)
+    assert float(a["entropy"]) != float(b["entropy"])
+    assert float(baseline["entropy"]) == pytest.approx(entropy_of(ar, 64, top_p=0.8, temperature=0.5), rel=1e-12)
+    assert quoted["label"] == "Q (quoted)" and float(quoted["gen_ppl"]) == 40.0 and quoted["entropy"] == ""
+    assert len(snapshots) == 4 and all(rows[-1].get("gen_ppl") == "40.0" for rows in snapshots)
+    report = (run_dir / "results.md").read_text()
+    assert "## gen_ppl vs NFE\n\n| method | 8 |\n|---|---|\n| Q (quoted) | 40 |" in report
+    assert (run_dir / "nfe_gen_ppl.png").is_file()
+
+
 def test_an_ar_baseline_trained_on_other_data_is_refused(teacher, ar, tmp_path, capsys):
     """The AR baseline's data is checked as each method's is: a digits AR model would score
     Shakespeare's ids as pixels."""
@@ -204,6 +241,18 @@ def test_student_at_its_own_k_keeps_its_distillation_top_p(teacher, tmp_path):
         ("2", "0.9", "1.0", "D-MMD (p = 0.90/1.00)"), ("2", "0.9", "0.8", "D-MMD (p = 0.90/0.80)")]
 
 
+def test_a_students_distill_top_p_comes_from_the_entry_when_its_checkpoint_records_none(teacher, tmp_path):
+    """An SDTT student records its teacher (and k) but no teacher_top_p: the entry's labels it."""
+    student = train(tmp_path / "sdtt", "algo=sdtt", f"algo.teacher={teacher}", "algo.initial_steps=4",
+                    "algo.final_steps=2", "algo.steps_per_round=2", "trainer.max_steps=2", "trainer.limit_val_batches=0")
+    assert Pipeline.from_checkpoint(student).meta.teacher_top_p is None
+    run_dir = tmp_path / "sweep"
+    assert main([*SWEEP, f"run_dir={run_dir}", "eval.metrics=[entropy]", "sweep.reference_rows=false",
+                 methods({"name": "SDTT", "checkpoint": student, "steps": None, "distill_top_p": 0.9})]) == 0
+    (row,) = read_rows(run_dir)
+    assert (row["steps"], row["distill_top_p"], row["top_p"], row["label"]) == ("2", "0.9", "1.0", "SDTT (p = 0.90/1.00)")
+
+
 def test_plots_without_steps_or_with_quoted_rows(tmp_path):
     rows = [
         {"method": "A", "label": "A", "source": "measured", "steps": 4, "gen_ppl": 30.0, "entropy": 5.1, "gradient_moment": 0.3,
@@ -216,6 +265,35 @@ def test_plots_without_steps_or_with_quoted_rows(tmp_path):
     assert written == ["nfe_gradient_moment.png", "nfe_gen_ppl.png", "nfe_entropy.png",
                        "gen_ppl_vs_entropy.png", "gm_vs_gen_ppl.png"]
     assert all((tmp_path / name).stat().st_size > 0 for name in written)
+
+
+def test_plots_draw_steps_in_order_quoted_rows_dotted_and_tradeoff_axes_as_named(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from mdlm_dmmd.eval import plots
+
+    calls = []
+    for name in ("plot", "errorbar", "scatter"):
+        real = getattr(Axes, name)
+        monkeypatch.setattr(Axes, name, lambda self, *a, _name=name, _real=real, **k:
+                            calls.append((_name, a, k)) or _real(self, *a, **k))
+    rows = [
+        {"method": "A", "source": "measured", "steps": 8, "gen_ppl": 25.0, "entropy": 5.2},
+        {"method": "A", "source": "measured", "steps": 4, "gen_ppl": 30.0, "entropy": 5.1},
+        {"method": "B", "source": "quoted", "steps": 4, "gen_ppl": 80.0, "gen_ppl_stderr": 2.0, "entropy": 5.0},
+    ]
+    plots.metric_vs_steps(rows, "gen_ppl", tmp_path / "nfe.png")
+    assert [(n, a, k["label"], k["marker"], k.get("linestyle")) for n, a, k in calls] == [
+        ("plot", ((4, 8), (30.0, 25.0)), "A", "o", None), ("plot", ((4,), (80.0,)), "B", "x", ":")]
+    calls.clear()
+    plots.metric_vs_steps(rows, "gen_ppl", tmp_path / "nfe_err.png", errorbars=True)
+    (name, args, options) = calls[-1]  # B has a stderr: error bars, still dotted with x markers
+    assert name == "errorbar" and args == ((4,), (80.0,)) and options["yerr"] == [2.0]
+    assert (options["marker"], options["linestyle"]) == ("x", ":")
+    calls.clear()
+    plots.tradeoff(rows, "entropy", "gen_ppl", tmp_path / "tradeoff.png")
+    assert [(n, a, k["marker"]) for n, a, k in calls] == [
+        ("scatter", ([5.2, 5.1], [25.0, 30.0]), "o"), ("scatter", ([5.0], [80.0]), "x")]
 
 
 # -- refusals ---------------------------------------------------------------------------------------
@@ -239,10 +317,51 @@ def test_reference_model_never_judges_itself(teacher, ar, tmp_path, capsys):
           f"eval.metric_options.gen_ppl.reference '{teacher}'", "sweep.methods.0.checkpoint", run_dir=run_dir)
 
 
-def bad_cases(teacher: Path, ar: Path, tmp: Path):
+def test_an_exported_directory_is_not_judged_by_its_own_weights_file(teacher, tmp_path, capsys):
+    """A reference `DIR/model.safetensors` loads the same weights as the evaluated directory DIR."""
+    from mdlm_dmmd.checkpoints import load_backbone, save_backbone
+
+    loaded = load_backbone(teacher)
+    exported = save_backbone(tmp_path / "export", loaded.model, loaded.meta)
+    run_dir = tmp_path / "sweep"
+    fails(capsys, [*SWEEP, f"run_dir={run_dir}", "eval.metrics=[gen_ppl]",
+                   f"+eval.metric_options.gen_ppl.reference='{exported / 'model.safetensors'}'",
+                   methods({"name": "Exported", "checkpoint": exported, "steps": [2]})],
+          "eval.metric_options.gen_ppl.reference", "sweep.methods.0.checkpoint", "must not judge itself", run_dir=run_dir)
+
+
+def test_checkpoints_of_other_lengths_are_refused(teacher, tmp_path, capsys):
+    from conftest import write_ar_checkpoint
+
+    short = write_ar_checkpoint(tmp_path / "ar32", vocab=17, length=32)
+    run_dir = tmp_path / "sweep"
+    fails(capsys, [*SWEEP, f"run_dir={run_dir}", "eval.metrics=[entropy]", f"sweep.ar_baseline='{short}'",
+                   methods({"name": "T", "checkpoint": teacher, "steps": [2]})],
+          "all checkpoints of a sweep must share one sequence length, got sweep.methods.0: 64, sweep.ar_baseline: 32",
+          run_dir=run_dir)
+
+
+def test_a_metric_that_cannot_run_stops_the_sweep_before_sampling(teacher, tmp_path, capsys, monkeypatch):
+    from mdlm_dmmd.errors import UserError
+
+    def not_ready(**options):
+        raise UserError("entropy: not ready (test)")
+
+    monkeypatch.setattr(registry.load_metric("entropy"), "check_ready", not_ready, raising=False)
+    monkeypatch.setattr(plan, "measure", lambda *a, **k: pytest.fail("sampled"))
+    run_dir = tmp_path / "sweep"
+    fails(capsys, [*SWEEP, f"run_dir={run_dir}", "eval.metrics=[entropy]",
+                   methods({"name": "T", "checkpoint": teacher, "steps": [2]})],
+          "entropy: not ready (test)", run_dir=run_dir)
+
+
+def bad_cases(teacher: Path, ar: Path, tmp: Path, write: bool = True):
+    """case -> (arguments, needles); `write`: the literature files the cases read, under tmp."""
     ok = {"name": "T", "checkpoint": teacher, "steps": [2]}
-    bad_csv = tmp / "bad.csv"
-    bad_csv.write_text("method,steps,inception_score\nX,4,1.0\n")
+    bad_csv, zero_csv = tmp / "bad.csv", tmp / "zero_steps.csv"
+    if write:
+        bad_csv.write_text("method,steps,inception_score\nX,4,1.0\n")
+        zero_csv.write_text("method,steps,entropy\nX,0,1.0\n")
     return {
         "missing checkpoint": ([methods({**ok, "checkpoint": tmp / "nope.ckpt"})], ["sweep.methods.0.checkpoint", "does not exist"]),
         "no checkpoint": ([methods({"name": "T", "steps": [2]})], ["sweep.methods.0.checkpoint is required"]),
@@ -260,11 +379,13 @@ def bad_cases(teacher: Path, ar: Path, tmp: Path):
         "num_samples": ([methods(ok), "sweep.num_samples=0"], ["sweep.num_samples"]),
         "resume": ([methods(ok), "sweep.resume=3"], ["sweep.resume must be true or false"]),
         "literature column": ([methods(ok), f"sweep.literature_csv={bad_csv}"], ["sweep.literature_csv", "unknown column(s) inception_score"]),
+        "literature steps 0": ([methods(ok), f"sweep.literature_csv={zero_csv}"],
+                               ["sweep.literature_csv", "line 2: steps must be an int >= 1, got '0'"]),
         "two problems at once": ([methods({**ok, "steps": [0], "top_p": [2.0]})], ["sweep.methods.0.steps", "sweep.methods.0.top_p"]),
     }
 
 
-CASES = list(bad_cases(Path("t"), Path("a"), Path("/tmp")))
+CASES = list(bad_cases(Path("t"), Path("a"), Path("tmp"), write=False))  # the names, at collection
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -318,6 +439,26 @@ def test_sweep_resumes_from_its_results_csv(teacher, tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "other settings: sampling.seed (3 there, 4 now)" in err and "sweep.resume=false" in err
     assert (run_dir / "results.csv").read_text() == before
+    # another number of samples: refused too (SWEEP has 8)
+    code = main([*args, f"run_dir={run_dir}", "sweep.num_samples=4", methods({**entry, "steps": [2]})])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "other settings: sweep.num_samples (8 there, 4 now)" in err, err
+    assert (run_dir / "results.csv").read_text() == before
+
+    # the same name and steps from another checkpoint file (a copy: the same numbers as a fresh
+    # row) are measured again, not taken for the marked row; quoted rows come from
+    # sweep.literature_csv each time, never twice
+    copy = tmp_path / "copy.ckpt"
+    copy.write_bytes(teacher.read_bytes())
+    literature = tmp_path / "literature.csv"
+    literature.write_text("method,steps,entropy\nOld method,8,4.5\n")
+    quoted_args = [*args, f"run_dir={run_dir}", f"sweep.literature_csv={literature}"]
+    assert main([*quoted_args, methods({**entry, "checkpoint": copy, "steps": [2]})]) == 0
+    again = read_rows(run_dir)
+    assert [(r["method"], r["entropy"], r["checkpoint"]) for r in again] == [
+        ("T", expected[0]["entropy"], str(copy)), ("Data", "7.5", "data=digits (valid split)"), ("Old method", "4.5", "")]
+    assert main([*quoted_args, methods({**entry, "checkpoint": copy, "steps": [2]})]) == 0
+    assert read_rows(run_dir) == again  # resumed: every row kept, the quoted one once
 
     # sweep.resume=false measures every row again
     assert main([*args, f"run_dir={run_dir}", "sweep.resume=false", methods({**entry, "steps": [2, 4]})]) == 0
