@@ -81,6 +81,15 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     return None if path is None else str(path)
 
 
+# what a resumed run must share with its checkpoint (when both record it): the process, schedule
+# and what defines the network's inputs and outputs; a round-dependent key (SDTT's current k) is
+# not here, the algo checks its own (`check_resume_meta`)
+RESUME_META_KEYS = ("algo", "process", "schedule", "schedule_eps", "schedule_gamma_min", "schedule_gamma_max",
+                    "schedule_num_points", "schedule_vocab_size", "time_conditioning", "block_size", "mask_id",
+                    "vocab_size", "start_id", "cross_attn", "noise_dim", "loss", "teacher_top_p",
+                    "teacher_temperature")
+
+
 def check_resume(path: str, algo: L.LightningModule) -> None:
     """A resume checkpoint must be a Lightning .ckpt whose weights fit `algo`; checked before the
     run folder exists, since Lightning would only fail inside `fit`, with a traceback.
@@ -95,8 +104,7 @@ def check_resume(path: str, algo: L.LightningModule) -> None:
     typed = CheckpointMeta.from_dict(ckpt.get("mdlm_dmmd") or {}, source=f"checkpoint '{path}'")  # newer: refused
     recorded = typed.to_dict()
     current = algo.checkpoint_meta() if isinstance(algo, AlgoBase) else {}  # third-party modules: no meta
-    for key in ("algo", "process", "schedule", "schedule_eps", "schedule_gamma_min", "schedule_gamma_max",
-                "schedule_num_points", "schedule_vocab_size"):
+    for key in RESUME_META_KEYS:
         if key in recorded and key in current and recorded[key] != current[key]:
             raise UserError(f"checkpoint '{path}' was trained with {key}={recorded[key]!r} but this config has "
                             f"{key}={current[key]!r}; resume with the config it was trained with")

@@ -301,6 +301,8 @@ def test_resume_from_checkpoint_of_another_config(capsys, run_dir, trained_ckpt)
 @pytest.mark.parametrize("override,message", [
     ("noise.eps=0.01", "trained with schedule_eps=0.001 but this config has schedule_eps=0.01"),
     ("algo=udlm", "trained with algo='mdlm' but this config has algo='udlm'"),
+    # the network's inputs: a resumed run trained half its steps without time conditioning
+    ("algo.time_conditioning=true", "trained with time_conditioning=False but this config has time_conditioning=True"),
 ])
 def test_resume_with_another_process_or_schedule(capsys, run_dir, trained_ckpt, override, message):
     fails(capsys, TINY + [override, f"checkpoint={trained_ckpt}", f"run_dir={run_dir}"], message, run_dir=run_dir)

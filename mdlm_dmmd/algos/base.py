@@ -301,9 +301,20 @@ class AlgoBase(L.LightningModule):
     def on_validation_epoch_end(self):
         self._val_rng.__exit__(None, None, None)
         self._val_weights.__exit__(None, None, None)
-        nll = (self._val_sum / self._val_count.clamp_min(1)).float()
-        self.log("val/nll", nll, prog_bar=True, sync_dist=True)
-        self.log("val/ppl", torch.exp(nll.clamp(max=50)), sync_dist=True)
+        nll = self.validation_nll()
+        self.log("val/nll", nll, prog_bar=True)  # the same on every process: no averaging of per-process values
+        self.log("val/ppl", torch.exp(nll.clamp(max=50)))
+
+    def validation_nll(self) -> Tensor:
+        """The validation NELBO per token over every process's tokens: the sums and counts are
+        reduced before the division (an average of per-process ratios, or of their exp, would
+        weigh a process with fewer tokens as much as one with more). float32 scalar."""
+        total, count = self._val_sum, self._val_count
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            total = trainer.strategy.reduce(total.clone(), reduce_op="sum")
+            count = trainer.strategy.reduce(count.clone(), reduce_op="sum")
+        return (total / count.clamp_min(1)).float()
 
     def configure_optimizers(self):
         return self.build_optimizer(self.ema_module().parameters(), self.cfg.optim)

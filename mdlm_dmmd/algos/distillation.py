@@ -375,7 +375,9 @@ class Alternation:
         does (`found_inf`: the fused kernel leaves weights and state as they were), and
         `after_update(keep=...)` gets the device flag: the decision adds no host sync; the
         return value is then that flag, a bool tensor. Otherwise the decision is one host sync
-        per update (free on a CPU), none per micro-batch."""
+        per update (free on a CPU), none per micro-batch, and a skipped update calls
+        `after_update(keep=False)`: on both paths a skipped update leaves the EMA's shadow as it is
+        and advances its warm-up count, so a run's EMA does not depend on the device."""
         bad = (~torch.isfinite(loss.detach())).any().to(torch.float32)
         self._nonfinite_losses = bad if self._nonfinite_losses is None else self._nonfinite_losses + bad
         backward(loss / self.accumulate)  # a non-finite loss poisons the gradient; the update is skipped below
@@ -401,8 +403,8 @@ class Alternation:
         optimizer.step()  # called either way: Lightning counts its steps (max_steps, checkpoint intervals)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        if stepped and after_update is not None:
-            after_update()
+        if after_update is not None:  # skipped: the shadow stays, its warm-up count advances (as `_device_step`'s)
+            after_update() if stepped else after_update(keep=torch.zeros((), dtype=torch.bool, device=norm.device))
         return stepped
 
     def _device_step(self, params, norm: Tensor, bad_loss: Tensor, optimizer, inner, scheduler, after_update) -> Tensor:

@@ -1,5 +1,6 @@
-"""`Alternation.step` with a fused optimiser: the skip of a non-finite update is decided on the
-device (fused AdamW's `found_inf`), with no host sync; it must equal not taking that update."""
+"""`Alternation.step`: with a fused optimiser the skip of a non-finite update is decided on the
+device (fused AdamW's `found_inf`), with no host sync; on either path it must equal not taking
+that update."""
 
 import pytest
 import torch
@@ -35,6 +36,7 @@ def test_a_nonfinite_update_is_skipped_on_the_device_as_if_it_never_happened():
         assert isinstance(kept, torch.Tensor) and bool(kept) is finite  # the device flag
         shadows.append({k: v.clone() for k, v in ema.shadow.items()})
     assert all(torch.equal(shadows[1][k], shadows[0][k]) for k in shadows[0])  # the EMA did not move either
+    assert ema.num_updates == 3  # its warm-up count advances, as on the host path (below)
     assert alternation.guard.total == 0 and float(alternation.guard.count()) == 1.0  # counted on the device
     alternation.guard.check()
     assert (alternation.guard.total, alternation.guard.in_a_row) == (1, 0)
@@ -48,6 +50,31 @@ def test_a_nonfinite_update_is_skipped_on_the_device_as_if_it_never_happened():
         ref_optimizer.step()
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), reference.parameters()))
     assert optimizer.state[net.weight]["step"] == 2  # the skipped update left AdamW's step count alone
+
+
+def test_the_host_path_skips_a_nonfinite_update_as_the_device_path_does():
+    """Without a fused optimiser (CPU users, every test run): the same kept flags, the EMA
+    unmoved by the skipped update with its warm-up count advanced, the schedule stepped every
+    update, and the weights of the two finite updates alone, clipped by hand."""
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    net, optimizer, scheduler = parts(fused=False)
+    ema = EMA(net, 0.5)
+    alternation = Alternation(PhaseSchedule("gen", 1), accumulate=1, clip=0.05, max_nonfinite=5, check_every=10)
+    kept, shadows = [], []
+    for finite in (True, False, True):
+        kept.append(alternation.step(loss_of(net, x, finite), backward=lambda loss: loss.backward(), network=net,
+                                     optimizer=optimizer, scheduler=scheduler,
+                                     after_update=lambda keep=None: ema.update(net, keep)))
+        shadows.append({k: v.clone() for k, v in ema.shadow.items()})
+    assert kept == [True, False, True] and ema.num_updates == 3 and scheduler.last_epoch == 3
+    assert all(torch.equal(shadows[1][k], shadows[0][k]) for k in shadows[0])
+    reference, ref_optimizer, _ = parts(fused=False)
+    for _ in range(2):
+        ref_optimizer.zero_grad()
+        loss_of(reference, x).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        ref_optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), reference.parameters()))
 
 
 def test_too_many_nonfinite_updates_stop_at_the_next_check():

@@ -210,3 +210,23 @@ def test_load_backbone_gives_the_ema_network(trained):
     with torch.no_grad():  # and not the live network (the EMA lags after 30 steps)
         assert not torch.allclose(got, algo.backbone.eval()(z, sigma), atol=1e-4)
     algo.backbone.train()
+
+
+def test_validation_nll_divides_the_summed_tokens_of_every_process():
+    """Under DDP the validation NELBO is Σ losses / Σ tokens over the processes, not the mean of
+    each process's ratio (100 tokens at 6.0 and 300 at 3.33: 4.0, where averaging gives 4.67)."""
+    from types import SimpleNamespace
+
+    cfg, _ = digits_config()
+    algo = MDLM(cfg)
+    algo._val_sum = torch.tensor(600.0, dtype=torch.float64)  # this process: 100 tokens at 6.0
+    algo._val_count = torch.tensor(100.0, dtype=torch.float64)
+    other = {600.0: 1000.0, 100.0: 300.0}  # the other process: 300 tokens at 3.33
+
+    def reduce(tensor, reduce_op):
+        assert reduce_op == "sum"
+        return tensor + other[float(tensor)]
+
+    assert float(algo.validation_nll()) == 6.0  # one process
+    algo._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=reduce))
+    assert float(algo.validation_nll()) == pytest.approx(1600.0 / 400.0)
