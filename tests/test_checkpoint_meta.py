@@ -43,7 +43,8 @@ def test_checkpoint_written_before_the_change_loads_and_samples_identically(run,
 
 def test_fields_round_trip_and_unknown_keys_are_kept():
     stored = {"process": "masked", "mask_id": 17, "schedule": "loglinear", "schedule_eps": 1e-3,
-              "time_conditioning": False, "sampling_steps": 4, "family": "mdlm"}
+              "time_conditioning": False, "sampling_steps": 4, "family": "mdlm", "teacher_top_p": 0.9,
+              "teacher_temperature": 0.7, "block_size": 4, "cross_attn": True, "noise_dim": 8}
     meta = CheckpointMeta.from_dict(stored)
     assert meta.mask_id == 17 and meta.sampling_steps == 4 and meta.time_conditioning is False
     assert meta.schedule == {"schedule": "loglinear", "schedule_eps": 1e-3} and meta.extra == {"family": "mdlm"}

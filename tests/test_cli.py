@@ -537,6 +537,7 @@ def test_dataset_with_a_natural_length_sets_model_length(tmp_path, capsys):
 @pytest.mark.parametrize("override, needle", [
     ("trainer.max_steps=abc", "trainer.max_steps must be an int, got 'abc'"),
     ("trainer.max_steps=2.5", "trainer.max_steps must be an int, got 2.5"),
+    ("trainer.max_steps=true", "trainer.max_steps must be an int, got True"),  # a bool is no int here
     ("trainer.log_every_n_steps=often", "trainer.log_every_n_steps must be an int"),
     ("trainer.limit_val_batches=all", "trainer.limit_val_batches must be an int or a float"),
 ])

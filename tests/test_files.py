@@ -67,3 +67,37 @@ def test_a_teacher_directorys_hash_skips_a_leftover_temporary(tmp_path):
     assert content_hash(tmp_path) == clean
     (tmp_path / "README.md").write_text("a real file counts")
     assert content_hash(tmp_path) != clean
+
+
+def test_a_directory_hash_tells_names_from_contents(tmp_path):
+    """File `a` holding "bc" is not file `ab` holding "c" (the legacy hash ran them together); an
+    edited config.json or a renamed file changes the hash."""
+    from mdlm_dmmd.algos.distillation import content_hash
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    (one / "a").write_text("bc")
+    (two / "ab").write_text("c")
+    assert content_hash(one) != content_hash(two)
+    assert content_hash(one, legacy=True) == content_hash(two, legacy=True)
+    (one / "config.json").write_text('{"time_conditioning": false}')
+    before = content_hash(one)
+    (one / "config.json").write_text('{"time_conditioning": true}')
+    assert content_hash(one) != before
+    edited = content_hash(one)
+    (one / "a").rename(one / "b")
+    assert content_hash(one) != edited
+
+
+def test_a_resume_accepts_a_teacher_directory_recorded_with_the_legacy_hash(tmp_path):
+    from types import SimpleNamespace
+
+    from mdlm_dmmd.algos.distillation import Teacher, content_hash
+    from mdlm_dmmd.errors import UserError
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    teacher = SimpleNamespace(path=str(tmp_path), sha256=content_hash(tmp_path))
+    for recorded in (content_hash(tmp_path), content_hash(tmp_path, legacy=True)):
+        Teacher.check_moved(teacher, SimpleNamespace(teacher_sha256=recorded, teacher="old"), "ckpt")
+    with pytest.raises(UserError, match="has other contents"):
+        Teacher.check_moved(teacher, SimpleNamespace(teacher_sha256="0" * 64, teacher="old"), "ckpt")

@@ -320,9 +320,11 @@ class AlgoBase(L.LightningModule):
         return self.build_optimizer(self.ema_module().parameters(), self.cfg.optim)
 
     def build_optimizer(self, params, optim: DictConfig, lr: float | None = None) -> dict:
-        """AdamW with linear warmup to a constant rate (MDLM/Duo `constant_warmup`); `lr`
-        overrides `optim.lr` (distillation gives each network its own rate). Fused (one kernel
-        for all parameters) when they are on CUDA; the default implementation elsewhere."""
+        """AdamW with linear warmup to a constant rate; `lr` overrides `optim.lr` (distillation
+        gives each network its own rate). Update k (from 0) takes lr · min(1, (k + 1)/(W + 1)):
+        MDLM/Duo's `constant_warmup` takes k/W, whose first update has rate 0; both reach lr at
+        update W. Fused (one kernel for all parameters) when they are on CUDA; the default
+        implementation elsewhere."""
         params = list(params)
         tensors = [t for group in params for t in (group["params"] if isinstance(group, dict) else [group])]
         opt = torch.optim.AdamW(

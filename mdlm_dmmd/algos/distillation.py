@@ -213,14 +213,17 @@ def copy_of(teacher: DiT, *, noise_dim: int = 0, noise_grid: list[int] | None = 
     return network.train()
 
 
-def content_hash(path: str | Path) -> str:
-    """SHA-256 of a checkpoint file, or of a directory's files (names and bytes, sorted; not the
-    temporaries an export killed mid-write may have left)."""
+def content_hash(path: str | Path, legacy: bool = False) -> str:
+    """SHA-256 of a checkpoint file, or of a directory's files (each name, size and bytes, sorted;
+    not the temporaries an export killed mid-write may have left). `legacy`: the directory hash of
+    earlier versions (names and bytes run together, so file `a` holding "bc" hashed as `ab`
+    holding "c"), which a resume still accepts."""
     path = Path(path)
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file() and not is_temporary(p)) if path.is_dir() else [path]
     for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else "").encode())
+        name = str(file.relative_to(path)) if path.is_dir() else ""
+        digest.update(name.encode() if legacy or not path.is_dir() else f"{name}\0{file.stat().st_size}\0".encode())
         with open(file, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
@@ -299,7 +302,7 @@ class Teacher:
         """On resume: the teacher now given must be the one the run started from, by content, not
         by path (the run folder or the teacher may have moved); names both paths if it is not."""
         want = recorded.teacher_sha256
-        if want and want != self.sha256:
+        if want and want != self.sha256 and not (Path(self.path).is_dir() and want == content_hash(self.path, legacy=True)):
             raise UserError(f"{source} was distilled from teacher '{recorded.teacher}' (sha256 {want[:12]}…) "
                             f"but algo.teacher='{self.path}' has other contents (sha256 {self.sha256[:12]}…); "
                             "pass that teacher (a moved copy with the same bytes is accepted)")

@@ -230,3 +230,20 @@ def test_validation_nll_divides_the_summed_tokens_of_every_process():
     assert float(algo.validation_nll()) == 6.0  # one process
     algo._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=reduce))
     assert float(algo.validation_nll()) == pytest.approx(1600.0 / 400.0)
+
+
+def test_adamw_takes_the_optim_keys_and_warms_up_linearly():
+    """Update k takes lr · min(1, (k + 1)/(W + 1)): 0.1, 0.2, 0.3, 0.3 for lr 0.3 and W = 2."""
+    cfg, _ = digits_config("optim.lr=0.3", "optim.warmup_steps=2", "optim.weight_decay=0.05", "optim.beta1=0.8",
+                           "optim.beta2=0.95", "optim.eps=1e-6")
+    algo = MDLM(cfg)
+    built = algo.build_optimizer(algo.backbone.parameters(), OmegaConf.create(cfg["optim"]))
+    optimizer, scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
+    assert (optimizer.defaults["betas"], optimizer.defaults["weight_decay"], optimizer.defaults["eps"]) == (
+        (0.8, 0.95), 0.05, 1e-6)
+    rates = []
+    for _ in range(4):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([0.1, 0.2, 0.3, 0.3])
