@@ -163,10 +163,15 @@ class NonFiniteGuard:
 
     def check(self) -> None:
         """Fold the device counts into the host ones (one sync) and stop if over the limit."""
+        self.fold()
+        self._stop_if_over()
+
+    def fold(self) -> None:
+        """Fold the device counts into the host ones (one sync), without stopping: a checkpoint
+        (a crash checkpoint too) is written whatever the counts say."""
         if self._device is not None:
             in_a_row, total = (int(v) for v in self._device)
             self.in_a_row, self.total, self._device, self._pending = in_a_row, self.total + total, None, 0
-        self._stop_if_over()
 
     def count(self) -> Tensor | float:
         """Non-finite updates so far, for logging without a sync (a device tensor while uncounted)."""
@@ -427,12 +432,14 @@ class Alternation:
         return ~bad
 
     def state_dict(self) -> dict:
-        self.guard.check()  # one sync per checkpoint: the device counts become host ones
-        return {"micro_step": self.micro_step, "nonfinite_total": self.guard.total}
+        self.guard.fold()  # one sync per checkpoint: the device counts become host ones
+        return {"micro_step": self.micro_step, "nonfinite_total": self.guard.total,
+                "nonfinite_in_a_row": self.guard.in_a_row}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.micro_step = int(state.get("micro_step", 0))
         self.guard.total = int(state.get("nonfinite_total", 0))
+        self.guard.in_a_row = int(state.get("nonfinite_in_a_row", 0))  # older checkpoints: 0
 
 
 def check_schedule(noise_cfg, data_vocab_size: int, process) -> None:

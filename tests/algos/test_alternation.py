@@ -86,3 +86,51 @@ def test_too_many_nonfinite_updates_stop_at_the_next_check():
     step(), step(), step()  # checked after 2: 2 in a row, under the limit
     with pytest.raises(UserError, match="NaN/Inf for 4 steps in a row"):
         step()  # checked after 4
+
+
+def test_the_nonfinite_counts_survive_a_checkpoint_and_saving_never_stops_training():
+    """state_dict folds the device counts (without the stop a check would raise: a crash
+    checkpoint must still be written) and load_state_dict restores the total and the run."""
+    x = torch.randn(5, 4)
+    net, optimizer, scheduler = parts(fused=True)
+    alternation = Alternation(PhaseSchedule("gen", 1), accumulate=1, clip=None, max_nonfinite=2, check_every=10)
+    for _ in range(3):
+        alternation.step(loss_of(net, x, False), backward=lambda loss: loss.backward(), network=net,
+                         optimizer=optimizer, scheduler=scheduler)
+    state = alternation.state_dict()  # 3 in a row, over the limit of 2: saved, not raised
+    assert (state["nonfinite_total"], state["nonfinite_in_a_row"]) == (3, 3)
+    resumed = Alternation(PhaseSchedule("gen", 1), accumulate=1, clip=None, max_nonfinite=2, check_every=10)
+    resumed.load_state_dict(state)
+    assert (resumed.guard.total, resumed.guard.in_a_row) == (3, 3)
+    with pytest.raises(UserError, match="NaN/Inf for 3 steps in a row"):
+        alternation.guard.check()
+
+
+def test_micro_batches_average_their_gradients():
+    """accumulate = 2: one update with the gradient of the mean of the two micro-batch losses
+    (plain SGD, so that the scale shows: Adam would hide a factor 2)."""
+    x1, x2 = torch.randn(5, 4, generator=torch.Generator().manual_seed(2)), torch.randn(5, 4)
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    reference = nn.Linear(4, 3)
+    reference.load_state_dict(net.state_dict())
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0)
+    alternation = Alternation(PhaseSchedule("gen", 1), accumulate=2, clip=None, max_nonfinite=5, check_every=10)
+    for x in (x1, x2):
+        alternation.step(loss_of(net, x), backward=lambda loss: loss.backward(), network=net, optimizer=sgd,
+                         scheduler=scheduler)
+    ((loss_of(reference, x1) + loss_of(reference, x2)) / 2).backward()
+    for mine, theirs in zip(net.parameters(), reference.parameters()):
+        torch.testing.assert_close(mine, theirs - 0.1 * theirs.grad)
+
+
+def test_a_finite_loss_with_an_infinite_gradient_is_skipped_on_the_device():
+    x = torch.randn(5, 4)
+    net, optimizer, scheduler = parts(fused=True)
+    before = [p.detach().clone() for p in net.parameters()]
+    net.weight.register_hook(lambda grad: grad * float("inf"))
+    alternation = Alternation(PhaseSchedule("gen", 1), accumulate=1, clip=None, max_nonfinite=5, check_every=10)
+    kept = alternation.step(loss_of(net, x), backward=lambda loss: loss.backward(), network=net, optimizer=optimizer,
+                            scheduler=scheduler)
+    assert not bool(kept) and all(torch.equal(a, b) for a, b in zip(net.parameters(), before))
