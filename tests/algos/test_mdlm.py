@@ -247,3 +247,20 @@ def test_adamw_takes_the_optim_keys_and_warms_up_linearly():
         optimizer.step()
         scheduler.step()
     assert rates == pytest.approx([0.1, 0.2, 0.3, 0.3])
+
+
+def test_validation_sums_losses_and_counts_tokens():
+    """Validation adds each batch's loss sum and its token count (3 + 5 rows of 64 tokens: 512),
+    so val/nll is a per-token mean, not a per-batch one."""
+    cfg, data = digits_config()
+    algo = MDLM(cfg)
+    algo._val_sum = torch.zeros((), dtype=torch.float64)
+    algo._val_count = torch.zeros((), dtype=torch.float64)
+    rows = torch.stack([data.valid[i]["input_ids"] for i in range(8)])
+    expected = 0.0
+    for part in (rows[:3], rows[3:]):
+        torch.manual_seed(0)
+        expected += float(algo.loss({"input_ids": part})[0])
+        torch.manual_seed(0)
+        algo.validation_step({"input_ids": part}, 0)
+    assert float(algo._val_count) == 512 and float(algo._val_sum) == pytest.approx(expected, rel=1e-6)
