@@ -307,10 +307,13 @@ class Teacher:
         """On resume: the teacher now given must be the one the run started from, by content, not
         by path (the run folder or the teacher may have moved); names both paths if it is not."""
         want = recorded.teacher_sha256
-        if want and want != self.sha256 and not (Path(self.path).is_dir() and want == content_hash(self.path, legacy=True)):
-            raise UserError(f"{source} was distilled from teacher '{recorded.teacher}' (sha256 {want[:12]}…) "
-                            f"but algo.teacher='{self.path}' has other contents (sha256 {self.sha256[:12]}…); "
-                            "pass that teacher (a moved copy with the same bytes is accepted)")
+        if not want or want == self.sha256:
+            return
+        if Path(self.path).is_dir() and want == content_hash(self.path, legacy=True):
+            return  # recorded with the directory hash of an earlier version
+        raise UserError(f"{source} was distilled from teacher '{recorded.teacher}' (sha256 {want[:12]}…) "
+                        f"but algo.teacher='{self.path}' has other contents (sha256 {self.sha256[:12]}…); "
+                        "pass that teacher (a moved copy with the same bytes is accepted)")
 
 
 def average_gradients(parameters, extra: Tensor) -> Tensor:
