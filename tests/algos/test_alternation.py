@@ -23,6 +23,17 @@ def loss_of(net, x, finite=True):
     return loss if finite else loss * float("nan")
 
 
+def two_clipped_updates(x, fused: bool) -> nn.Module:
+    """The network after two finite AdamW updates on `x`, each clipped to norm 0.05 by hand."""
+    reference, optimizer, _ = parts(fused=fused)
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss_of(reference, x).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        optimizer.step()
+    return reference
+
+
 def test_a_nonfinite_update_is_skipped_on_the_device_as_if_it_never_happened():
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
     net, optimizer, scheduler = parts(fused=True)
@@ -42,13 +53,7 @@ def test_a_nonfinite_update_is_skipped_on_the_device_as_if_it_never_happened():
     assert (alternation.guard.total, alternation.guard.in_a_row) == (1, 0)
 
     # the same two finite updates alone, clipped by hand: the same weights, bit for bit
-    reference, ref_optimizer, _ = parts(fused=True)
-    for _ in range(2):
-        ref_optimizer.zero_grad()
-        loss_of(reference, x).backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
-        ref_optimizer.step()
-    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), reference.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), two_clipped_updates(x, fused=True).parameters()))
     assert optimizer.state[net.weight]["step"] == 2  # the skipped update left AdamW's step count alone
 
 
@@ -68,13 +73,7 @@ def test_the_host_path_skips_a_nonfinite_update_as_the_device_path_does():
         shadows.append({k: v.clone() for k, v in ema.shadow.items()})
     assert kept == [True, False, True] and ema.num_updates == 3 and scheduler.last_epoch == 3
     assert all(torch.equal(shadows[1][k], shadows[0][k]) for k in shadows[0])
-    reference, ref_optimizer, _ = parts(fused=False)
-    for _ in range(2):
-        ref_optimizer.zero_grad()
-        loss_of(reference, x).backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
-        ref_optimizer.step()
-    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), reference.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), two_clipped_updates(x, fused=False).parameters()))
 
 
 def test_too_many_nonfinite_updates_stop_at_the_next_check():
