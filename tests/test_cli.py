@@ -308,6 +308,22 @@ def test_resume_with_another_process_or_schedule(capsys, run_dir, trained_ckpt, 
     fails(capsys, TINY + [override, f"checkpoint={trained_ckpt}", f"run_dir={run_dir}"], message, run_dir=run_dir)
 
 
+def test_resume_from_a_checkpoint_with_an_extra_weight_is_refused(capsys, tmp_path, run_dir, trained_ckpt):
+    """Refused before the run folder exists (Lightning's strict load would fail inside fit)."""
+    ckpt = torch.load(trained_ckpt, map_location="cpu", weights_only=False)
+    ckpt["state_dict"]["backbone.extra"] = torch.zeros(1)
+    torch.save(ckpt, tmp_path / "extra.ckpt")
+    fails(capsys, TINY + [f"checkpoint={tmp_path / 'extra.ckpt'}", f"run_dir={run_dir}"],
+          "does not fit this config (unexpected backbone.extra)", run_dir=run_dir)
+
+
+def test_periodic_checkpoints_do_not_need_validation(tmp_path):
+    """trainer.val_check_interval=2 writes step2.ckpt and step4.ckpt even with validation off."""
+    assert main(TINY + ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=0",
+                        "sampling.num_samples=0", f"run_dir={tmp_path}"]) == 0
+    assert {"step2.ckpt", "step4.ckpt", "last.ckpt"} <= {p.name for p in (tmp_path / "checkpoints").iterdir()}
+
+
 def test_resume_from_exported_dir_is_refused(capsys, tmp_path, run_dir, trained_ckpt):
     loaded = load_backbone(trained_ckpt)
     exported = save_backbone(tmp_path / "export", loaded.model, loaded.meta)

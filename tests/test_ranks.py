@@ -26,3 +26,11 @@ def test_each_launched_process_takes_the_gpu_of_its_local_rank(monkeypatch):
     assert ranks.local_device("cuda:3") == "cuda:3"  # a device the user named is kept
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU visible per process: it is cuda:0
     assert ranks.local_device("cuda") == "cuda:0"
+
+
+def test_each_process_draws_every_world_th_batch():
+    """Process 1 of 2 draws batches 1 and 3 of 5; process 0 draws 0, 2, 4; together each once."""
+    from mdlm_dmmd.ranks import Ranks
+
+    assert list(Ranks(1, 2).mine(5)) == [1, 3] and list(Ranks(0, 2).mine(5)) == [0, 2, 4]
+    assert list(Ranks().mine(3)) == [0, 1, 2]
