@@ -309,11 +309,11 @@ class AlgoBase(L.LightningModule):
         """The validation NELBO per token over every process's tokens: the sums and counts are
         reduced before the division (an average of per-process ratios, or of their exp, would
         weigh a process with fewer tokens as much as one with more). float32 scalar."""
-        total, count = self._val_sum, self._val_count
+        both = torch.stack([self._val_sum, self._val_count])
         trainer = self._trainer
         if trainer is not None and trainer.world_size > 1:
-            total = trainer.strategy.reduce(total.clone(), reduce_op="sum")
-            count = trainer.strategy.reduce(count.clone(), reduce_op="sum")
+            both = trainer.strategy.reduce(both, reduce_op="sum")  # one all-reduce for the two
+        total, count = both
         return (total / count.clamp_min(1)).float()
 
     def configure_optimizers(self):

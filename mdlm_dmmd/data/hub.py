@@ -151,8 +151,9 @@ def hub_cache_path(cfg: Mapping, length: int, split: str) -> Path:
     for key in ("hub_id", "hub_config", "hub_revision"):
         if option(cfg, key) is not None:
             parts.append(_slug(option(cfg, key)))
-    if not char_level and option(cfg, "wrap", True) and tokenizing_processes(cfg) != NUM_PROC:
-        parts.append(f"proc{tokenizing_processes(cfg)}")  # wrapped rows depend on it (module docstring)
+    processes = tokenizing_processes(cfg)
+    if not char_level and option(cfg, "wrap", True) and processes != NUM_PROC:
+        parts.append(f"proc{processes}")  # wrapped rows depend on it (module docstring)
     return cache_root(cfg) / "_".join(parts)
 
 

@@ -184,10 +184,9 @@ def sample(
         s = times[j + 1].expand(shape[0])
         updated = process.draw_updated_positions(z, t, s, generator) if sparse else None
         if updated is not None:  # x̂ at the revealed tokens of the sequences that reveal any
-            rows = updated.any(dim=1)
-            if not rows.any():
+            if not updated.any():
                 continue
-            log_p = denoise(z[rows], t[rows], at=updated[rows])  # [N, V], row-major like z[updated]
+            log_p = log_probs_at(denoise, z, t, updated, sparse)  # [N, V], row-major like z[updated]
         else:
             log_p = denoise(z, t)
         if noise_removal == "greedy" and j == steps - 1:
@@ -197,11 +196,17 @@ def sample(
                      generator=generator, updated=updated, last=j == steps - 1 and noise_removal != "greedy_tail")
         z = keep_prompt(z, prompt)
     if noise_removal == "greedy_tail":
-        def log_probs_at(z_: Tensor, t_: Tensor, at: Tensor) -> Tensor:  # the sequences with a token to decode
-            rows = at.any(dim=1)
-            return denoise(z_[rows], t_[rows], at=at[rows]) if sparse else denoise(z_, t_)[at]
-        z = keep_prompt(greedy_tail(log_probs_at, process, z), prompt)
+        z = keep_prompt(greedy_tail(lambda z_, t_, at: log_probs_at(denoise, z_, t_, at, sparse), process, z), prompt)
     return z
+
+
+def log_probs_at(denoise: Denoiser, z: Tensor, t: Tensor, at: Tensor, sparse: bool) -> Tensor:
+    """x̂ [N, V] at the `at` positions (bool [B, L]) of z, row-major: a denoiser that takes
+    positions is called on the sequences with any, with its head there only; another densely."""
+    if not sparse:
+        return denoise(z, t)[at]
+    rows = at.any(dim=1)
+    return denoise(z[rows], t[rows], at=at[rows])
 
 
 def time_grid(steps: int, noise_removal: str, device: torch.device | str = "cpu") -> Tensor:

@@ -221,11 +221,11 @@ def test_validation_nll_divides_the_summed_tokens_of_every_process():
     algo = MDLM(cfg)
     algo._val_sum = torch.tensor(600.0, dtype=torch.float64)  # this process: 100 tokens at 6.0
     algo._val_count = torch.tensor(100.0, dtype=torch.float64)
-    other = {600.0: 1000.0, 100.0: 300.0}  # the other process: 300 tokens at 3.33
+    other = torch.tensor([1000.0, 300.0], dtype=torch.float64)  # the other process: 300 tokens at 3.33
 
-    def reduce(tensor, reduce_op):
+    def reduce(tensor, reduce_op):  # (loss sum, token count) of this process, summed with the other's
         assert reduce_op == "sum"
-        return tensor + other[float(tensor)]
+        return tensor + other
 
     assert float(algo.validation_nll()) == 6.0  # one process
     algo._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=reduce))
