@@ -31,6 +31,7 @@ from mdlm_dmmd.checkpoints import _torch_load
 from mdlm_dmmd.data import DataBundle, build_data, make_loaders
 from mdlm_dmmd.errors import UserError
 from mdlm_dmmd.models.shards import is_sharded
+from mdlm_dmmd.preemption import SaveOnCrash, StopOnSigterm
 
 
 def vocab_info(data: DataBundle) -> dict:
@@ -141,25 +142,6 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     raise UserError(f"logger must be one of csv, tensorboard, wandb, none; got '{kind}'")
 
 
-class SaveOnCrash(L.Callback):
-    """Write `checkpoints/crash.ckpt` when training raises (including Ctrl-C): nothing is lost.
-
-    Not under `trainer.strategy=fsdp` with several processes: its checkpoint is gathered from
-    every process, and one that failed alone would wait for the others, which are inside the
-    network's own collectives (a hang on NCCL); `last.ckpt` is then the latest state."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-
-    def on_exception(self, trainer, pl_module, exception):
-        if trainer.world_size > 1 and pl_module.device_mesh is not None:
-            print(f"rank {trainer.global_rank}: no crash.ckpt under trainer.strategy=fsdp (it needs every process); "
-                  f"resume from {self.directory / 'last.ckpt'}", file=sys.stderr, flush=True)
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(str(self.directory / "crash.ckpt"))
-
-
 SIMPLE_TYPES = {int: "an int", float: "a float", bool: "true or false", str: "a string", type(None): None}
 
 
@@ -197,6 +179,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, algo: L.LightningModule) -> L.
             # and would write last-v1.ckpt beside it: last.ckpt must always be the latest state.
             enable_version_counter=False,
         ),
+        StopOnSigterm(),
         SaveOnCrash(ckpt_dir),
     ]
     logger = build_logger(cfg, run_dir)

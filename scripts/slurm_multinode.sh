@@ -11,14 +11,18 @@
 # The global batch is nodes x GPUs per node x loader.batch_size x trainer.accumulate_grad_batches:
 # divide a config's accumulation by the number of GPUs to keep its global batch. A job that SLURM
 # stops (time limit, preemption: SIGTERM) saves RUN_DIR/checkpoints/crash.ckpt and exits with 143
-# (tested on one CPU process, not under SLURM); it resumes with the same command plus
-# checkpoint=RUN_DIR/checkpoints/crash.ckpt (or last.ckpt, the latest periodic one).
+# (tested with one process and with 2 DDP or FSDP processes under torchrun, not under SLURM); it
+# resumes with the same command plus checkpoint=RUN_DIR/checkpoints/crash.ckpt (or last.ckpt, the
+# latest periodic one). The processes stop together two optimizer steps after the signal at most
+# (and after a validation in progress): --signal below sends SIGTERM to every task 120 s before the
+# time limit, since SLURM's KillWait before its SIGKILL is often only 30 s.
 #SBATCH --job-name=mdlm-dmmd
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=8
 #SBATCH --time=24:00:00
+#SBATCH --signal=TERM@120
 
 set -euo pipefail
 # The job's arguments come last, so they win over these defaults (e.g. trainer.strategy=fsdp,

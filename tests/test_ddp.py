@@ -252,6 +252,7 @@ def _share_samples(rank: int, port: int, results):
     try:
         samples = generate(BatchEcho(), OmegaConf.create(SEVEN_IN_FOURS), steps=2, progress=False, ranks=Ranks(rank, 2))
         results[rank] = samples.tolist()
+        results[("total", rank)] = Ranks(rank, 2).total(3 + 4 * rank)  # e.g. each process's re-drawn samples
     finally:
         torch.distributed.destroy_process_group()
 
@@ -263,6 +264,7 @@ def test_rank_0_alone_receives_the_samples_the_processes_share():
     assert len(alone) == 7 and len({row[0] for row in alone}) == 4  # 4 batches, each from its own seed
     assert results[0] == alone  # batches 0, 2 drawn by rank 0 and 1, 3 by rank 1, in batch order
     assert results[1] == []  # the helping process keeps no copy
+    assert results[("total", 0)] == results[("total", 1)] == 3 + 7  # a count summed over both, known to both
 
 
 def test_torchrun_launch_as_the_readme_gives_it(tmp_path):

@@ -346,6 +346,10 @@ def test_bad_teacher(tmp_path, teacher_dir):
     other = make_teacher(tmp_path / "other", vocab=9)
     with pytest.raises(UserError, match="vocab_size 10 does not match the data"):
         DMMD(dmmd_config(other))
+    shorter = host_config({"name": "dmmd", "teacher": str(teacher_dir), "sampling_steps": 4},
+                          vocab=VOCAB, length=LENGTH // 2, ema=0.999)  # the teacher's positions are 64
+    with pytest.raises(UserError, match=r"model.length \(32\) must equal the teacher's length \(64\)"):
+        DMMD(shorter)
 
 
 def test_cli_distils_a_teacher_and_student_checkpoint_restores_noise(tmp_path, teacher_dir):

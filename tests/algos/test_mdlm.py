@@ -264,3 +264,36 @@ def test_validation_sums_losses_and_counts_tokens():
         torch.manual_seed(0)
         algo.validation_step({"input_ids": part}, 0)
     assert float(algo._val_count) == 512 and float(algo._val_sum) == pytest.approx(expected, rel=1e-6)
+
+
+def validate(algo, rows) -> float:
+    """val/nll of one validation epoch over `rows`, as Lightning runs its hooks (the end hook,
+    which logs through a trainer, is replaced by its own exits)."""
+    algo.on_validation_epoch_start()
+    algo.validation_step({"input_ids": rows}, 0)
+    total, count = float(algo._val_sum), float(algo._val_count)
+    algo._val_rng.__exit__(None, None, None)
+    algo._val_weights.__exit__(None, None, None)
+    return total / count
+
+
+def test_validation_draws_from_the_seed_wherever_training_is():
+    """Every validation draws its t and masks from the run's seed alone: the same NELBO after
+    any amount of training randomness, and the training RNG continues as if it had not run.
+    A fresh run's training draws start from seed + 1, not validation's first draws."""
+    cfg, data = digits_config("seed=5")
+    algo = MDLM(cfg)
+    randomise(algo.backbone)
+    rows = torch.stack([data.valid[i]["input_ids"] for i in range(8)])
+    torch.manual_seed(123)
+    first = validate(algo, rows)
+    torch.rand(1000)  # training moved the global RNG on
+    before = torch.random.get_rng_state()
+    assert validate(algo, rows) == first
+    assert torch.equal(torch.random.get_rng_state(), before)  # training's next draw is untouched
+    torch.manual_seed(5)  # validation's own draws, by hand: the seed itself, with the EMA weights
+    with algo.evaluation_weights():
+        expected = algo.loss({"input_ids": rows})
+    assert first == pytest.approx(float(expected[0]) / float(expected[1]), rel=1e-6)
+    algo.on_train_start()  # a fresh run (nothing to restore)
+    assert torch.equal(torch.random.get_rng_state(), torch.manual_seed(6).get_state())
