@@ -94,7 +94,8 @@ class CheckpointMeta:
         Block diffusion is BD3-LM's layout (`cross_attn`: trained on [x_t, x_0], sampled block by
         block); a block size below the length without it is no layout this package knows.
         """
-        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 1
+        if self.block_size is not None and (not isinstance(self.block_size, int) or isinstance(self.block_size, bool)
+                                            or self.block_size < 1
                                             or length % self.block_size):
             raise UserError(f"{source}: block_size={self.block_size!r} must be a positive int dividing the model "
                             f"length {length}")

@@ -88,3 +88,17 @@ def test_public_block_models_load_as_block_models_never_as_plain_diffusion(tmp_p
     assert isinstance(block.sampler, BlockSampler) and block.block_size == 4
     assert load_backbone(_public_dir(tmp_path / "c", block_size=16)).meta.block_size == 16  # = length: plain
     assert isinstance(Pipeline.from_checkpoint(_public_dir(tmp_path / "e", block_size=16)).sampler, DiffusionSampler)
+
+
+@pytest.mark.parametrize("version", [-1, True, "1", 1.0])
+def test_a_bad_meta_version_is_one_line(version):
+    with pytest.raises(UserError, match=rf"^ckpt: metadata meta_version must be an int >= 0, got {version!r}$"):
+        CheckpointMeta.from_dict({"meta_version": version, "process": "masked"}, source="ckpt")
+
+
+@pytest.mark.parametrize("block_size", [0, -4, "4", 4.0, True])
+def test_a_bad_block_size_is_one_line(block_size):
+    meta = CheckpointMeta.from_dict({"process": "masked", "block_size": block_size, "cross_attn": True})
+    with pytest.raises(UserError, match=rf"^ckpt: block_size={block_size!r} must be a positive int dividing the "
+                                        "model length 16$"):
+        meta.refuse_unsupported("ckpt", 16)

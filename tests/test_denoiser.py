@@ -156,3 +156,30 @@ def test_a_block_denoiser_needs_its_block_size():
         with pytest.raises(ValueError, match="BlockDenoiser needs block_size, a positive int"):
             BlockDenoiser(network(), PROCESS, block_size=bad)
     assert BlockDenoiser(network(), PROCESS, block_size=3).block_size == 3
+
+
+def test_log_probs_at_positions_equal_the_full_ones_there_clean_tokens_included():
+    """`at` may cover clean tokens too: each gathered row gets its own z_t (SUBS carries a clean
+    token over), so x̂ at `at` is the full x̂ read there."""
+    net = network()
+    for parameter in net.parameters():  # the zero-initialised output layer would make every row alike
+        torch.nn.init.normal_(parameter, std=0.3)
+    denoiser = Denoiser(net, PROCESS)
+    z = torch.tensor([[1, V, 2, V, 3, 4], [V, 5, V, 6, 7, V]])
+    at = torch.tensor([[True, True, True, False, True, False], [True, True, False, True, False, True]])
+    t = torch.full((2,), 0.5)
+    with torch.no_grad():
+        full = denoiser(z, t)
+        part = denoiser(z, t, at=at)
+    torch.testing.assert_close(part, full[at], rtol=1e-5, atol=1e-5)
+    assert (part[:, :V].exp().sum(-1) - 1).abs().max() < 1e-5
+
+
+def test_block_log_probs_refuses_a_partial_prefix_or_both_prefix_and_cache():
+    denoiser = BlockDenoiser(network(), PROCESS, block_size=2)
+    z = torch.full((1, 2), V)
+    with pytest.raises(ValueError, match="must be whole blocks of 2"):
+        denoiser.block_log_probs(z, torch.ones(1), prefix=torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="not both"):
+        denoiser.block_log_probs(z, torch.ones(1), prefix=torch.zeros(1, 2, dtype=torch.long),
+                                 kv_cache=denoiser.new_cache())

@@ -301,3 +301,32 @@ def test_samples_are_logged_to_wandb_as_table_or_image(tmp_path, monkeypatch, da
     assert code == 0
     assert calls and calls[-1][:2] == ("samples", kind)
     assert calls[-1][2] == 4 if kind == "text" else calls[-1][2][-1] == 3  # 4 texts / an RGB grid
+
+
+def test_sampling_rule_of_checkpoints_without_one():
+    """Only a CE-trained uniform teacher gets the generator rule when none is recorded."""
+    from mdlm_dmmd.checkpoint_meta import CheckpointMeta
+    from mdlm_dmmd.pipeline import first_token, sampling_rule
+
+    rule = lambda **stored: sampling_rule(CheckpointMeta.from_dict(stored))
+    assert rule(process="uniform", loss="ce") == "generator"
+    assert rule(process="uniform", loss="elbo") == rule(process="uniform") == rule(process="masked") == "ancestral"
+    assert rule(process="uniform", loss="ce", sampling_rule="ancestral") == "ancestral"
+    assert rule(process="masked", sampling_rule="generator") == "generator"
+    bos = lambda **stored: first_token(CheckpointMeta.from_dict(stored))
+    assert bos(vocab={"bos_id": 5}) is None  # a BOS in the data, but the model saw noisy BOS tokens
+    assert bos(vocab={"bos_id": 5}, ignore_bos=True) == 5 and bos(ignore_bos=True) is None
+
+
+def test_pipeline_from_checkpoint_without_ema_and_bad_sample_counts(run):
+    from mdlm_dmmd.errors import UserError
+
+    ckpt = run / "checkpoints" / "final.ckpt"
+    live = {k.removeprefix("backbone."): v for k, v in load(ckpt)["state_dict"].items() if k.startswith("backbone.")}
+    pipe = Pipeline.from_checkpoint(ckpt, use_ema=False)
+    assert pipe.meta.ema is False
+    for name, param in pipe.network.state_dict().items():
+        assert torch.equal(param, live[name]), name
+    for bad in (0, -1, 2.0):
+        with pytest.raises(UserError, match=rf"^sampling.num_samples must be a positive int, got {bad!r}$"):
+            pipe.generate(bad, steps=2)

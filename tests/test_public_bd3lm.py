@@ -74,3 +74,34 @@ def test_public_gpt2_bd3lm_starts_samples_with_bos():
     assert first_token(meta) == 50256 and meta.mask_id == 50257
     plain = CheckpointMeta.from_dict(public_meta({"model_type": "mdlm", "vocab_size": 50258}, config))
     assert first_token(plain) is None
+
+
+def test_block_pipeline_starts_with_bos_stops_at_eos_and_slides(tmp_path):
+    """Our own export of a block model trained with ignore_bos: samples start with its BOS;
+    stop_at_eos EOS-fills a row after its first EOS past position 0 and needs the EOS id;
+    `length` beyond the model's slides a window of the model's length."""
+    from mdlm_dmmd.checkpoints import save_backbone
+
+    model = load_backbone(public_dir(tmp_path)).model
+    meta = {"process": "masked", "mask_id": 100, "schedule": "loglinear", "time_conditioning": False,
+            "block_size": 4, "cross_attn": True, "ignore_bos": True, "vocab": {"size": 100, "bos_id": 7}}
+    pipe = Pipeline.from_checkpoint(save_backbone(tmp_path / "no_eos", model, meta))
+    free = pipe.generate(4, steps=2, generator=torch.Generator().manual_seed(0))
+    assert (free[:, 0] == 7).all()
+    with pytest.raises(UserError, match=r"^sampling.stop_at_eos needs the data's EOS id"):
+        pipe.generate(2, steps=2, stop_at_eos=True)
+    # an EOS that some row draws at position >= 1 with other tokens after it
+    eos = next(int(row[i]) for row in free for i in range(1, 15) if (row[i + 1:] != row[i]).any())
+    pipe = Pipeline.from_checkpoint(save_backbone(tmp_path / "eos", model, {**meta, "vocab": {"size": 100, "bos_id": 7,
+                                                                                              "eos_id": eos}}))
+    stopped = pipe.generate(4, steps=2, generator=torch.Generator().manual_seed(0), stop_at_eos=True)
+    assert not torch.equal(stopped, free)
+    for row in stopped.tolist():
+        ends = [i for i in range(1, 16) if row[i] == eos]
+        assert not ends or set(row[ends[0]:]) == {eos}, row
+    widths = []  # tokens the network reads per call (no cache: the whole window)
+    hook = pipe.network.vocab_embed.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+    long = pipe.generate(2, steps=2, generator=torch.Generator().manual_seed(0), length=32, kv_cache=False)
+    hook.remove()
+    assert long.shape == (2, 32) and (long[:, 0] == 7).all() and int(long.max()) < 100
+    assert max(widths) == 16  # never more than the model's length

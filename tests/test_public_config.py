@@ -44,3 +44,35 @@ def test_from_public_accepts_upstream_hydra_names_and_refuses_adaln_false():
     assert (config.length, config.hidden_dim) == (16, 64)
     with pytest.raises(UserError, match="adaln=false"):
         dit_config_from_public(dict(hydra, adaln=False))
+
+
+def test_from_public_refuses_bad_values():
+    """A bad value is refused when the config is read, in one line naming the field."""
+    good = {"vocab_size": 101, "model_length": 16, "hidden_dim": 64, "cond_dim": 32, "n_blocks": 2, "n_heads": 4}
+    with pytest.raises(UserError, match=r"^model.hidden_dim \(64\) must be divisible by model.n_heads \(3\)$"):
+        dit_config_from_public(dict(good, n_heads=3))
+    with pytest.raises(UserError, match=r"^model.n_blocks must be a positive int, got 0$"):
+        dit_config_from_public(dict(good, n_blocks=0))
+
+
+def test_public_bd3lm_metadata():
+    """GPT-2 BD3-LM (V = 50258 with the mask): data tokens 0..50256, BOS = EOS = <|endoftext|> 50256;
+    without cross_attn no BOS rule is inferred (the model is not sampled block by block)."""
+    from mdlm_dmmd.public_config import public_meta
+
+    config = tiny_config(vocab_size=50258, length=16)
+    meta = public_meta({"model_type": "bd3lm", "block_size": 4, "cross_attn": True}, config)
+    assert meta["vocab"] == {"size": 50257, "bos_id": 50256, "eos_id": 50256} and meta["ignore_bos"] is True
+    assert meta["mask_id"] == 50257 and meta["block_size"] == 4 and meta["cross_attn"] is True
+    plain = public_meta({"model_type": "bd3lm", "block_size": 16, "cross_attn": False}, config)
+    assert "ignore_bos" not in plain and "vocab" not in plain
+
+
+def test_sdtt_hub_configs_are_told_apart_and_take_the_weights_vocabulary():
+    from mdlm_dmmd.public_config import is_sdtt_hub_config, sdtt_hub_config
+
+    assert is_sdtt_hub_config({"model": {"length": 8}, "parameterization": {"name": "multi-round-sdtt"}})
+    assert not is_sdtt_hub_config({"model": {"length": 8}})  # a nested model node alone is not SDTT's tree
+    assert not is_sdtt_hub_config({"model": "dit", "parameterization": {"name": "subs"}})
+    hub = {"model": {"length": 8, "hidden_size": 16, "vocab_size": 5}, "parameterization": {}}
+    assert sdtt_hub_config(hub, 11) == {"length": 8, "hidden_size": 16, "vocab_size": 11}

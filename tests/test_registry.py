@@ -107,3 +107,55 @@ def test_third_party_algo_runs_through_the_host(fake_plugins, tmp_path, monkeypa
     assert (run_dir / "checkpoints" / "final.ckpt").is_file() and (run_dir / "report.md").is_file()
     assert sys.modules["toy_algo.algo"].ToyAlgo.loads == 1
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["algo"] == {"name": "toy", "scale": 0.5, "time_conditioning": False}
+
+
+def test_the_first_distribution_of_a_name_wins(fake_plugins):
+    """Two installs exposing the same entry point name (editable + regular): the first listed is kept."""
+    catalogue = yaml.safe_load((REPO / "algo_registry.yaml").read_text())
+    shipped = {a["name"]: a["entry_point"] for a in catalogue["algos"]}["mdlm"]
+    fake_plugins[registry.ALGO_GROUP] = [EntryPoint("mdlm", "os.path:join", registry.ALGO_GROUP)]
+    assert registry.plugins(registry.ALGO_GROUP)["mdlm"].target == shipped
+    assert registry.load_algo("mdlm").__name__ == "MDLM"
+
+
+def test_no_installed_plugin_is_said(monkeypatch):
+    monkeypatch.setattr(registry, "_entry_points", lambda group: [])
+    with pytest.raises(UserError, match=r"^unknown metric 'entropy'; installed: none$"):
+        registry.check_metric_name("entropy")
+
+
+def test_a_plugin_failing_with_any_error_at_import_is_one_line(fake_plugins, tmp_path, monkeypatch):
+    pkg = tmp_path / "crashing_plugin"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "algo.py").write_text("raise RuntimeError('boom at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fake_plugins[registry.ALGO_GROUP] = [EntryPoint("crashing", "crashing_plugin.algo:Algo", registry.ALGO_GROUP)]
+    with pytest.raises(UserError, match=r"algo 'crashing' \(package .*\) failed to import: boom at import"):
+        registry.load_algo("crashing")
+
+
+def test_plugins_of_the_wrong_kind_are_refused(fake_plugins):
+    fake_plugins[registry.ALGO_GROUP] = [EntryPoint("plainclass", "collections:OrderedDict", registry.ALGO_GROUP)]
+    fake_plugins[registry.METRIC_GROUP] = [EntryPoint("constant", "os:sep", registry.METRIC_GROUP)]
+    with pytest.raises(UserError, match=r"algo 'plainclass' .*points to collections:OrderedDict, which is not a "
+                                        r"lightning.LightningModule subclass"):
+        registry.load_algo("plainclass")
+    with pytest.raises(UserError, match=r"metric 'constant' \(package .*\) is not callable: os:sep"):
+        registry.load_metric("constant")
+
+
+def test_a_plugins_config_folder_is_found_without_arguments(fake_plugins, tmp_path, monkeypatch):
+    """`algo_config` (a study's student algo) reads a third-party algo's config from its package;
+    a package whose configs/ has no algo/ folder adds nothing to the search path."""
+    for module in ("toy_algo", "toy_algo.algo"):  # imported from another folder by an earlier test
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    make_toy_package(tmp_path)
+    (tmp_path / "no_algo_configs" / "configs").mkdir(parents=True)
+    (tmp_path / "no_algo_configs" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fake_plugins[registry.ALGO_GROUP] = [EntryPoint("toy", "toy_algo.algo:ToyAlgo", registry.ALGO_GROUP),
+                                         EntryPoint("other", "no_algo_configs.algo:Other", registry.ALGO_GROUP)]
+    assert registry.config_search_paths() == [f"file://{(tmp_path / 'toy_algo' / 'configs').resolve()}"]
+    registry.check_algo_config("toy")
+    assert dict(registry.algo_config("toy")) == {"name": "toy", "scale": 1.0, "time_conditioning": False}

@@ -54,3 +54,31 @@ def test_a_masked_step_with_a_share_draws_each_rows_own_tokens():
         torch.manual_seed(0)
         mine = step(process, log_p[rank::2], z_t[rank::2], t[rank::2], s[rank::2], generator=rng.BatchShare(2, rank))
         assert torch.equal(mine, whole[rank::2])
+
+
+def test_every_draw_of_a_share_keeps_its_rows_of_the_global_draw():
+    """randn, randint and rand with a dtype on 2 ranks: rank r's row j is global row j·2 + r."""
+    draws = {"randn": (lambda g: rng.randn((3, 2, 2), g), lambda: torch.randn(6, 2, 2)),
+             "randint": (lambda g: rng.randint(0, 9, (3, 4), g), lambda: torch.randint(0, 9, (6, 4))),
+             "rand64": (lambda g: rng.rand((3, 5), g, dtype=torch.float64), lambda: torch.rand(6, 5, dtype=torch.float64))}
+    for name, (draw, whole) in draws.items():
+        torch.manual_seed(0)
+        global_rows, after = whole(), torch.rand(3)
+        for rank in (0, 1):
+            torch.manual_seed(0)
+            mine = draw(rng.BatchShare(2, rank))
+            assert mine.dtype == global_rows.dtype and torch.equal(mine, global_rows[rank::2]), (name, rank)
+            assert torch.equal(torch.rand(3), after), (name, rank)  # every rank's generator moved alike
+
+
+def test_a_plain_generator_is_used_for_permuted_positions():
+    where, total = rng.positions(6, torch.Generator().manual_seed(3), permuted=True)
+    assert torch.equal(where, torch.randperm(6, generator=torch.Generator().manual_seed(3))) and total == 6
+
+
+def test_a_share_refuses_a_rank_outside_its_world():
+    import pytest
+
+    for rank in (-1, 2):
+        with pytest.raises(ValueError, match=rf"rank {rank} is not in 0..1"):
+            rng.BatchShare(2, rank)

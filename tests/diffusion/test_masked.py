@@ -71,7 +71,7 @@ def test_posterior_soft_is_mixture_of_hard():
 def test_sample_posterior_keeps_unmasked_and_matches_rate():
     g = torch.Generator().manual_seed(0)
     z_t = torch.tensor([[0, MASK, 2, MASK]]).repeat(4000, 1)
-    x = torch.tensor([[0, 1, 2, 0]]).repeat(4000, 1)
+    x = torch.tensor([[1, 1, 0, 0]]).repeat(4000, 1)  # x differs from z_t at the clean positions 0 and 2
     t, s = torch.full((4000,), 0.8), torch.full((4000,), 0.2)
     z_s = process.sample_posterior(z_t, x, t, s, g)
     assert torch.equal(z_s[:, [0, 2]], z_t[:, [0, 2]])
@@ -95,3 +95,43 @@ def test_nelbo_weight_is_one_over_t_for_loglinear():
     log_p = torch.log(torch.full((1, 2, V), 0.25))
     loss = process.nelbo(log_p, torch.tensor([[0, 1]]), torch.tensor([[MASK, 1]]), torch.tensor([0.5]))
     assert torch.allclose(loss, torch.tensor([[2 * torch.log(torch.tensor(4.0)), 0.0]]))
+
+
+def test_reveal_probability_is_exact_at_small_times():
+    """(α_s − α_t)/(1 − α_t) = (t − s)/t for log-linear, also where 1 − α_t is ~1e-4 (a
+    1000-step sampler's last step): s = 0 reveals every masked token."""
+    z_t = torch.full((1, 3), MASK)
+    t = torch.tensor([[1e-4, 2e-4, 0.5]], dtype=torch.float64)
+    s = torch.tensor([[0.0, 1e-4, 0.25]], dtype=torch.float64)
+    torch.testing.assert_close(process.reveal_probability(z_t, t, s),
+                               torch.tensor([[1.0, 0.5, 0.5]], dtype=torch.float64), rtol=1e-9, atol=1e-12)
+    z_s = process.sample_posterior(torch.full((1000, 1), MASK), torch.ones(1000, 1, dtype=torch.long),
+                                   torch.full((1000,), 1e-4, dtype=torch.float64), torch.zeros(1000, dtype=torch.float64),
+                                   torch.Generator().manual_seed(0))
+    assert (z_s == 1).all()
+
+
+def test_denoising_positions_of_a_soft_z_are_those_with_any_mask_mass():
+    z = torch.tensor([[[0.7, 0.0, 0.0, 0.3], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [0.0, 0.9, 0.0, 0.1]]])
+    assert process.denoising_positions(z).tolist() == [[True, False, True, True]]
+
+
+def test_marginal_keeps_the_mask_absorbing():
+    """q(z_t | m) = m: a mask stays a mask; rows of any x in the simplex sum to 1."""
+    t = torch.tensor([0.4], dtype=torch.float64)
+    got = process.marginal_probs(torch.tensor([[MASK, 1]]), t)[0]
+    a = 1 - 0.999 * 0.4
+    torch.testing.assert_close(got, torch.tensor([[0, 0, 0, 1.0], [0, a, 0, 1 - a]], dtype=torch.float64))
+    soft = process.marginal_probs(torch.tensor([[[0.2, 0.3, 0.1, 0.4]]], dtype=torch.float64), t)[0, 0]
+    torch.testing.assert_close(soft, torch.tensor([0.2 * a, 0.3 * a, 0.1 * a, 0.4 * a + 1 - a], dtype=torch.float64))
+
+
+def test_soft_nelbo_with_per_token_times():
+    """w(t) = 1/t per token (block diffusion's times) times −Σ_c x̂_c log p_c on masked tokens:
+    a uniform x̂_θ over the three real tokens gives log 3 / t."""
+    log_p = torch.log(torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0])).clamp_min(NEG_INF).expand(1, 3, V)
+    x_hat = torch.tensor([0.5, 0.25, 0.25, 0.0]).expand(1, 3, V)
+    z_t = torch.tensor([[MASK, 1, MASK]])
+    t = torch.tensor([[0.2, 0.4, 0.8]])
+    expected = torch.tensor([[torch.log(torch.tensor(3.0)) / 0.2, 0.0, torch.log(torch.tensor(3.0)) / 0.8]])
+    torch.testing.assert_close(process.nelbo_soft(log_p, x_hat, z_t, t), expected, rtol=1e-5, atol=1e-6)

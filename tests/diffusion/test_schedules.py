@@ -204,3 +204,18 @@ def test_duo_integral_cache_first_built_while_sampling_stays_usable_in_training(
         table = schedules._integral_cache(7, -3.0, 3.0, 64, "cpu")
     assert not table.is_inference()
     schedules._integral_cache.cache_clear()
+
+
+def test_build_schedule_eps_bounds():
+    """noise.eps ∈ [0, 1): 0 is a valid log-linear schedule (α(1) = 0); 1 and negatives are refused."""
+    assert build_schedule(OmegaConf.create({"type": "loglinear", "eps": 0.0})) == LogLinear(eps=0.0)
+    for bad in (1.0, -0.1):
+        with pytest.raises(UserError, match="noise.eps must be in"):
+            build_schedule(OmegaConf.create({"type": "loglinear", "eps": bad}))
+
+
+def test_duo_schedule_refuses_a_single_token_vocabulary():
+    """α = (V p − 1)/(V − 1) divides by V − 1: V = 1 is refused at construction."""
+    with pytest.raises(ValueError, match="vocab_size >= 2"):
+        DuoSchedule(1)
+    assert DuoSchedule(2).vocab_size == 2

@@ -297,3 +297,17 @@ def test_a_posterior_step_to_time_0_is_the_schedules_own_step():
     assert stay.min().item() > 0.999
     to_data = process.posterior_probs(z, x_hat, s, zero, final=True)
     assert to_data.gather(-1, z[..., None]).max().item() < 0.9  # a real change: toward x̂
+
+
+def test_corrupt_soft_temperature():
+    """softmax(latent / τ) for the same latent: z_τ ∝ z_1^(1/τ) under one seed; τ must be > 0."""
+    from mdlm_dmmd.errors import UserError
+
+    duo = UniformProcess(DuoSchedule(V), vocab_size=V)
+    x, t = torch.randint(0, V, (3, 4), generator=torch.Generator().manual_seed(0)), torch.full((3,), 0.5)
+    z1 = duo.corrupt_soft(x, t, generator=torch.Generator().manual_seed(1)).double()
+    z_half = duo.corrupt_soft(x, t, generator=torch.Generator().manual_seed(1), temperature=0.5).double()
+    torch.testing.assert_close(z_half, z1**2 / (z1**2).sum(-1, keepdim=True), rtol=1e-4, atol=1e-6)
+    for bad in (0.0, -1.0):
+        with pytest.raises(UserError, match="temperature must be > 0"):
+            duo.corrupt_soft(x, t, temperature=bad)
