@@ -151,7 +151,7 @@ class Pipeline:
         sliding window of the model's length) and `entropy_redraw` (BD3-LM's re-draw of
         low-entropy samples; how many were re-drawn is in `self.stats` and logged); `steps` is
         per block."""
-        if not isinstance(num_samples, int) or num_samples < 1:
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise UserError(f"sampling.num_samples must be a positive int, got {num_samples!r}")
         extra = {"nucleus": nucleus}
         self.stats = {}
@@ -164,7 +164,8 @@ class Pipeline:
             raise UserError(f"sampling.{key} is an option of the block sampler; this model is not block diffusion")
         device = self.device
         length = self.length if length is None else length
-        if self.sampler.blockwise and (not isinstance(length, int) or length < 1 or length % self.sampler.block_size):
+        whole = isinstance(length, int) and not isinstance(length, bool) and length >= 1
+        if self.sampler.blockwise and (not whole or length % self.sampler.block_size):
             raise UserError(f"sampling.length must be a positive multiple of the block size {self.sampler.block_size}, "
                             f"got {length!r}")
         if prompts is not None:

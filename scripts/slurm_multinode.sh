@@ -13,9 +13,11 @@
 # stops (time limit, preemption: SIGTERM) saves RUN_DIR/checkpoints/crash.ckpt and exits with 143
 # (tested with one process and with 2 DDP or FSDP processes under torchrun, not under SLURM); it
 # resumes with the same command plus checkpoint=RUN_DIR/checkpoints/crash.ckpt (or last.ckpt, the
-# latest periodic one). The processes stop together two optimizer steps after the signal at most
-# (and after a validation in progress): --signal below sends SIGTERM to every task 120 s before the
-# time limit, since SLURM's KillWait before its SIGKILL is often only 30 s.
+# latest periodic one). The processes stop together within two optimizer steps of the signal (a
+# validation or periodic checkpoint due before then still runs): --signal below sends SIGTERM to
+# every task 120 s before the time limit, since SLURM's KillWait before its SIGKILL is often only
+# 30 s. Not --signal=USR1: Lightning's SLURM auto-requeue handler for it saves a checkpoint from
+# inside the signal handler, the hazard the SIGTERM handling here avoids.
 #SBATCH --job-name=mdlm-dmmd
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8

@@ -327,6 +327,6 @@ def test_pipeline_from_checkpoint_without_ema_and_bad_sample_counts(run):
     assert pipe.meta.ema is False
     for name, param in pipe.network.state_dict().items():
         assert torch.equal(param, live[name]), name
-    for bad in (0, -1, 2.0):
+    for bad in (0, -1, 2.0, True):
         with pytest.raises(UserError, match=rf"^sampling.num_samples must be a positive int, got {bad!r}$"):
             pipe.generate(bad, steps=2)

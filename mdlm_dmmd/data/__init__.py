@@ -55,9 +55,16 @@ Config keys read per dataset (`data.<key>`, default in brackets; null means "use
 
 from __future__ import annotations
 
+import atexit
 import difflib
+import functools
 import importlib
+import multiprocessing
 import operator
+import os
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -305,7 +312,64 @@ class EpochShuffle(DistributedSampler):
         return self.size // ranks.current()[1]
 
 
-class ResumableLoader(DataLoader):
+_EXITING = None  # shared with the loaders' worker processes: 1 once this process has begun to exit
+
+
+class WorkerLoader(DataLoader):
+    """A DataLoader whose worker processes ignore a SIGTERM while the training process runs.
+
+    torchrun and SLURM signal every process of a job, loader workers too. A worker killed by it
+    stopped training wherever it was ("DataLoader worker exited unexpectedly"), where the run
+    should stop after a step (`preemption.py`); a worker ends when its loader shuts it down or its
+    training process is gone. Once that process exits (an `atexit` hook, run before
+    multiprocessing's, which terminates the workers and then joins them), a SIGTERM ends a worker,
+    which would otherwise be joined for ever. Workers start with SIGTERM blocked (inherited from
+    the thread that starts them) until they have their handler: one signalled while starting up
+    died of torch's own handler. The loaders draw nothing in their workers, so Lightning's worker
+    seeding, which a `worker_init_fn` of one's own turns off, has nothing to seed."""
+
+    def __init__(self, *args, **kwargs):
+        global _EXITING
+        if _EXITING is None:
+            _EXITING = multiprocessing.RawValue("b", 0)
+            atexit.register(_begin_exit)
+        # Lightning builds the loader again (with a distributed sampler), passing this one's arguments
+        kwargs.setdefault("worker_init_fn", functools.partial(_handle_sigterm_in_worker, _EXITING))
+        super().__init__(*args, **kwargs)
+
+    def __iter__(self):
+        with _sigterm_blocked():  # the workers start here (persistent ones on the first pass)
+            return super().__iter__()
+
+
+def _begin_exit() -> None:
+    _EXITING.value = 1
+
+
+def _handle_sigterm_in_worker(exiting, worker_id: int) -> None:
+    def handler(signum, frame):
+        if exiting.value:
+            os._exit(0)  # the loader's own terminate(), as the training process exits: quietly, as torch's workers do
+
+    signal.signal(signal.SIGTERM, handler)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+@contextmanager
+def _sigterm_blocked():
+    """SIGTERM held back in this thread (and so in the processes it starts) inside the block."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+class ResumableLoader(WorkerLoader):
     """The training loader: `EpochShuffle` order, `drop_last`, and a position that survives restarts.
 
     `state_dict()` is {"epoch", "rows"}: rows of the global order handed out so far in that
@@ -378,11 +442,11 @@ def make_loaders(bundle: DataBundle, *, batch_size: int, eval_batch_size: int,
     train = ResumableLoader(bundle.train, batch_size=batch_size, seed=seed, num_workers=num_workers)
     # A generator here too: even an unshuffled loader draws a base seed on every pass, from the
     # global RNG without one, and validation must not move the training noise.
-    valid = DataLoader(bundle.valid, batch_size=eval_batch_size, shuffle=False, drop_last=False,
-                       num_workers=num_workers, persistent_workers=num_workers > 0,
-                       generator=torch.Generator().manual_seed(seed))
+    valid = WorkerLoader(bundle.valid, batch_size=eval_batch_size, shuffle=False, drop_last=False,
+                         num_workers=num_workers, persistent_workers=num_workers > 0,
+                         generator=torch.Generator().manual_seed(seed))
     return train, valid
 
 
-__all__ = ["DataBundle", "EpochShuffle", "ResumableLoader", "TokenDataset", "available_datasets", "build_data",
-           "image_shape_of", "make_loaders", "option"]
+__all__ = ["DataBundle", "EpochShuffle", "ResumableLoader", "TokenDataset", "WorkerLoader", "available_datasets",
+           "build_data", "image_shape_of", "make_loaders", "option"]
