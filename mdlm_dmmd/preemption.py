@@ -145,7 +145,7 @@ class SaveOnCrash(L.Callback):
     def on_exception(self, trainer, pl_module, exception):
         if trainer.world_size > 1 and not isinstance(exception, StoppedTogether):
             print(f"rank {trainer.global_rank}: no crash.ckpt: the run has several processes and this error may be "
-                  f"in one of them only (a SIGTERM stops them all after one step, with a crash.ckpt); "
+                  f"in one of them only (a SIGTERM stops them all together, with a crash.ckpt); "
                   f"resume from {self.directory / 'last.ckpt'}", file=sys.stderr, flush=True)
             return
         self.directory.mkdir(parents=True, exist_ok=True)
