@@ -44,7 +44,8 @@ class StopOnSigterm(L.Callback):
     each other (on a GPU, the flag is read through an event: no wait for the step's kernels either).
     One process stops after the step in progress. Validations and periodic checkpoints due before
     that still run. A signal in the last steps, or in the last validation, stops the run at its end
-    (after `on_train_end`), so a SIGTERM always ends in crash.ckpt and exit status 143."""
+    (raised from this `on_train_end`, before later ones), so a SIGTERM during training always ends
+    in crash.ckpt and exit status 143."""
 
     def __init__(self):
         self.signalled = False

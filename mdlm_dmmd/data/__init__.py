@@ -55,16 +55,9 @@ Config keys read per dataset (`data.<key>`, default in brackets; null means "use
 
 from __future__ import annotations
 
-import atexit
 import difflib
-import functools
 import importlib
-import multiprocessing
 import operator
-import os
-import signal
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -75,6 +68,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from mdlm_dmmd import ranks
+from mdlm_dmmd.data.workers import WorkerLoader
 from mdlm_dmmd.errors import UserError
 
 # name -> (module, builder). Builders take (cfg, length, seed=...) and return a DataBundle.
@@ -310,63 +304,6 @@ class EpochShuffle(DistributedSampler):
 
     def __len__(self) -> int:
         return self.size // ranks.current()[1]
-
-
-_EXITING = None  # shared with the loaders' worker processes: 1 once this process has begun to exit
-
-
-class WorkerLoader(DataLoader):
-    """A DataLoader whose worker processes ignore a SIGTERM while the training process runs.
-
-    torchrun and SLURM signal every process of a job, loader workers too. A worker killed by it
-    stopped training wherever it was ("DataLoader worker exited unexpectedly"), where the run
-    should stop after a step (`preemption.py`); a worker ends when its loader shuts it down or its
-    training process is gone. Once that process exits (an `atexit` hook, run before
-    multiprocessing's, which terminates the workers and then joins them), a SIGTERM ends a worker,
-    which would otherwise be joined for ever. Workers start with SIGTERM blocked (inherited from
-    the thread that starts them) until they have their handler: one signalled while starting up
-    died of torch's own handler. The loaders draw nothing in their workers, so Lightning's worker
-    seeding, which a `worker_init_fn` of one's own turns off, has nothing to seed."""
-
-    def __init__(self, *args, **kwargs):
-        global _EXITING
-        if _EXITING is None:
-            _EXITING = multiprocessing.RawValue("b", 0)
-            atexit.register(_begin_exit)
-        # Lightning builds the loader again (with a distributed sampler), passing this one's arguments
-        kwargs.setdefault("worker_init_fn", functools.partial(_handle_sigterm_in_worker, _EXITING))
-        super().__init__(*args, **kwargs)
-
-    def __iter__(self):
-        with _sigterm_blocked():  # the workers start here (persistent ones on the first pass)
-            return super().__iter__()
-
-
-def _begin_exit() -> None:
-    _EXITING.value = 1
-
-
-def _handle_sigterm_in_worker(exiting, worker_id: int) -> None:
-    def handler(signum, frame):
-        if exiting.value:
-            os._exit(0)  # the loader's own terminate(), as the training process exits: quietly, as torch's workers do
-
-    signal.signal(signal.SIGTERM, handler)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-
-
-@contextmanager
-def _sigterm_blocked():
-    """SIGTERM held back in this thread (and so in the processes it starts) inside the block."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class ResumableLoader(WorkerLoader):

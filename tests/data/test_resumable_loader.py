@@ -110,51 +110,6 @@ def test_batches_are_counted_as_served_not_as_prefetched_by_workers():
     del it
 
 
-def test_workers_outlive_a_sigterm_to_every_process_until_their_process_exits():
-    """torchrun and SLURM signal every process of the job: a worker keeps serving batches (the
-    training process stops after a step); once that process exits, a SIGTERM (multiprocessing
-    terminates its workers then) ends the worker, which would otherwise be joined for ever."""
-    import multiprocessing
-    import os
-    import signal
-    import time
-
-    import mdlm_dmmd.data as data_module
-
-    expected = epoch_batches(loader(), 0)
-    it = iter(loader(num_workers=1))
-    assert next(it)["input_ids"][:, 0].tolist() == expected[0]
-    (worker,) = multiprocessing.active_children()
-    os.kill(worker.pid, signal.SIGTERM)
-    time.sleep(0.5)
-    assert worker.is_alive()
-    assert next(it)["input_ids"][:, 0].tolist() == expected[1]  # the pass goes on
-    try:
-        data_module._begin_exit()
-        os.kill(worker.pid, signal.SIGTERM)
-        worker.join(10)
-        assert not worker.is_alive() and worker.exitcode == 0  # quietly, as torch's workers leave when asked
-    finally:
-        data_module._EXITING.value = 0
-
-
-def test_workers_start_with_sigterm_held_back(monkeypatch):
-    """A worker signalled before its handler is in place died of torch's own handler (measured:
-    2 of 25 runs under load): workers start with SIGTERM blocked, inherited from the thread that
-    starts them, and unblock it once the handler is in place."""
-    import signal
-
-    from torch.utils.data import DataLoader
-
-    masks = []
-    monkeypatch.setattr(DataLoader, "__iter__", lambda self: masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
-                        or iter([]))
-    bundle = DataBundle(rows(), rows(8), vocab_size=ROWS, tokenizer=None, modality="image", bos_id=None, eos_id=None)
-    iter(make_loaders(bundle, batch_size=4, eval_batch_size=4)[1])  # the validation loader
-    assert len(masks) == 1 and signal.SIGTERM in masks[0]
-    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # restored after
-
-
 def test_a_state_from_before_rows_were_kept_resumes_by_batches():
     expected = epoch_batches(loader(), 1)
     resumed = loader()
