@@ -11,9 +11,9 @@ torchrun, lightning 2.6): the processes hung until torchrun killed them 30 s lat
 crash.ckpt. Its other checks (in validation, at the end of a step or epoch) act on one process's
 signal alone, where the others may be elsewhere. Lightning still registers its handler first: a
 signal between that and the sanity check or the start of training (its first barrier, the data's
-setup) meets it. Lightning (2.5 and later) also broadcasts its own, now always unset, SIGTERM flag
-at every training batch with several processes: a host sync per step on GPUs, with no public way
-to turn it off (lightning issue 21487).
+setup) meets it. Lightning (2.6 here, since its PR #20825) also broadcasts its own, now always
+unset, SIGTERM flag at every training batch with several processes: a host sync per step on
+GPUs, with no public way to turn it off (lightning issue 21487).
 """
 
 from __future__ import annotations

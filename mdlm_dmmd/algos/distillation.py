@@ -414,8 +414,10 @@ class Alternation:
         optimizer.step()  # called either way: Lightning counts its steps (max_steps, checkpoint intervals)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        if after_update is not None:  # skipped: the shadow stays, its warm-up count advances (as `_device_step`'s)
-            after_update() if stepped else after_update(keep=torch.zeros((), dtype=torch.bool, device=norm.device))
+        if after_update is not None and stepped:
+            after_update()
+        elif after_update is not None:  # skipped: the shadow stays, its warm-up count advances (as `_device_step`'s)
+            after_update(keep=torch.zeros((), dtype=torch.bool, device=norm.device))
         return stepped
 
     def _device_step(self, params, norm: Tensor, bad_loss: Tensor, optimizer, inner, scheduler, after_update) -> Tensor:
